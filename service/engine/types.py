@@ -1,0 +1,176 @@
+"""The engine's typed contracts: what a request asks for and what comes back.
+
+These dataclasses are the seam between the HTTP layer and the engine. The engine speaks token ids
+only; text, stop strings and JSON live in the API layer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class EngineError(Exception):
+    """Base class for errors the engine reports to its callers."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request parameter is out of range; ``param`` names it (the API's 400 ``param``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at its bound (the API answers 503 with Retry-After)."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine is draining or stopped and accepts no new work."""
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"  # max_tokens reached
+    STOP = "stop"  # eos or a stop token id (the API also uses it for stop strings)
+    ABORT = "abort"  # cancelled by the caller or a disconnect
+    ERROR = "error"  # the engine failed while running this request
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings, validated by ``validate``. ``temperature`` 0 = greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    min_p: float = 0.0  # 0.0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1.0 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token_id, bias) pairs
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None  # None: no logprobs; k in 0..5: chosen token's + top-k
+
+    @classmethod
+    def create(cls, *, logit_bias: Mapping[int, float] | None = None, **kwargs) -> SamplingParams:
+        """Build from keyword arguments, accepting ``logit_bias`` as a mapping."""
+        pairs = tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items()))
+        stop_ids = tuple(kwargs.pop("stop_token_ids", ()) or ())
+        return cls(logit_bias=pairs, stop_token_ids=stop_ids, **kwargs)
+
+    def validate(self, vocab_size: int, max_n: int = 16) -> None:
+        """Raise ``InvalidRequestError`` naming the first bad parameter."""
+        _int_range("max_tokens", self.max_tokens, 1, 1_000_000)
+        _float_range("temperature", self.temperature, 0.0, 100.0)
+        _int_range("top_k", self.top_k, 0, 1_000_000)
+        _float_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _float_range("min_p", self.min_p, 0.0, 1.0)
+        _float_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _float_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _float_range("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
+        _int_range("n", self.n, 1, max_n)
+        if self.logprobs is not None:
+            _int_range("logprobs", self.logprobs, 0, 5)
+        if self.seed is not None:
+            _int_range("seed", self.seed, 0, 2**63 - 1)
+        for token_id, bias in self.logit_bias:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequestError(
+                    "logit_bias", f"logit_bias token id {token_id} is outside [0, {vocab_size})"
+                )
+            _float_range("logit_bias", bias, -100.0, 100.0)
+        for token_id in self.stop_token_ids:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequestError(
+                    "stop_token_ids", f"stop token id {token_id} is outside [0, {vocab_size})"
+                )
+
+
+def _int_range(param: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidRequestError(param, f"{param} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _float_range(
+    param: str, value: object, low: float, high: float, *, low_open: bool = False
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise InvalidRequestError(
+            param, f"{param} must be a finite number in {bracket}{low}, {high}], got {value!r}"
+        )
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request: prompt token ids and sampling settings."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One event on a request's stream: a new token of choice ``index``, or its end.
+
+    A finishing event has ``finish_reason`` set and may carry no token (``token_id`` None), e.g. an
+    abort. ``crops`` counts the sliding-window crops this choice has needed so far (0 = never
+    cropped); ``prompt_cropped`` says the prompt itself was longer than the window.
+    """
+
+    request_id: str
+    index: int
+    token_id: int | None
+    logprob: float | None = None
+    top_logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    crops: int = 0
+    prompt_cropped: bool = False
+    metrics: RequestMetrics | None = None  # set on the finishing event
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Per-request timings (seconds), reported once when a choice finishes."""
+
+    queue_time: float
+    time_to_first_token: float | None
+    inter_token_times: tuple[float, ...]
+    e2e_latency: float
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine after a step; the metrics module turns it into series."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1, fraction of slots or blocks in use
+    step_time: float  # seconds of the last step
+    batch_size: int  # sequences in the last step
+    prompt_tokens: int  # prompt tokens processed in the last step
+    generation_tokens: int  # tokens generated in the last step
+    crops: int  # sliding-window crops performed in the last step
+    total_steps: int
