@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from model.config import GPTConfig
 from model.kv_cache import KVCache
@@ -92,7 +92,7 @@ class Block(nn.Module):
 class CachedBatch:
     """What one cached forward needs in every layer, computed once per forward."""
 
-    __slots__ = ("kv", "slots", "positions", "length", "mask")
+    __slots__ = ("kv", "length", "mask", "positions", "slots")
 
     def __init__(self, kv: KVCache, slots: torch.Tensor | None, positions: torch.Tensor) -> None:
         self.kv = kv

@@ -74,7 +74,7 @@ class KVCache:
         ``slots`` None means row b is slot b (then the result is a view, not a gather).
         ``length`` is one past the largest position in the batch: keys beyond it are never read.
         """
-        B, nh, T, hs = k.shape
+        B, T = positions.shape
         valid = positions >= 0  # (B, T)
         if slots is None:
             slots_or_rows = torch.arange(B, device=positions.device)

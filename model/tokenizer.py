@@ -104,7 +104,14 @@ class TiktokenTokenizer:
         if name not in _ENCODING_ALIASES:
             raise TokenizerError(f"unknown tiktoken encoding {name!r}; known: gpt2, r50k_base")
         canonical = _ENCODING_ALIASES[name]
-        return cls(tiktoken.get_encoding(canonical), {"type": "tiktoken", "encoding": canonical})
+        try:
+            encoding = tiktoken.get_encoding(canonical)
+        except Exception as err:  # tiktoken downloads the ranks on first use; offline that fails
+            raise TokenizerError(
+                f"cannot load the {canonical} BPE ranks ({type(err).__name__}); with no network, "
+                "point TIKTOKEN_CACHE_DIR at a tiktoken cache that holds them"
+            ) from None
+        return cls(encoding, {"type": "tiktoken", "encoding": canonical})
 
     @classmethod
     def from_ranks_file(cls, path: Path, spec: dict[str, Any]) -> TiktokenTokenizer:

@@ -17,6 +17,7 @@ from model.checkpoint.common import Checkpoint, CheckpointError
 from model.checkpoint.huggingface import export_huggingface, is_huggingface, load_huggingface
 from model.checkpoint.nanogpt import load_nanogpt
 from model.checkpoint.native import is_native, load_native, read_json, save_checkpoint
+from model.tokenizer import TokenizerError
 
 __all__ = [
     "Checkpoint",
@@ -33,7 +34,10 @@ def load_checkpoint(
     """Load any supported checkpoint; the model comes back in eval mode on ``device``/``dtype``."""
     path = Path(path)
     recover_interrupted_swap(path)
-    checkpoint = _detect_and_load(path)
+    try:
+        checkpoint = _detect_and_load(path)
+    except TokenizerError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     checkpoint.model.to(device=device, dtype=dtype)
     return checkpoint
 
