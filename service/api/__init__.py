@@ -1,0 +1,1 @@
+"""The HTTP layer: routes, protocol models, serving logic, SSE framing and errors."""

@@ -1,0 +1,129 @@
+"""HTTP routes: thin handlers that delegate to the serving logic and the server state."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from model.tokenizer import TokenizerError
+from service.api.errors import APIError, not_ready
+from service.api.protocol import (
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from service.api.serving import CompletionServing
+from service.api.state import ServerState, server_state
+from service.metrics import CONTENT_TYPE
+
+router = APIRouter()
+StateDep = Annotated[ServerState, Depends(server_state)]
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+
+
+def _engine_or_503(state: ServerState):
+    if not state.has_engine:
+        raise not_ready()
+    return state.engine
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    served = state.settings.served_model_name
+    if model is not None and model != served:
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; this server serves {served!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses=_ERRORS,
+    summary="Create a completion (OpenAI-compatible; SSE when stream is true)",
+)
+async def create_completion(body: CompletionRequest, request: Request, state: StateDep) -> Response:
+    return await CompletionServing(state).create(body, request)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(state: StateDep) -> ModelList:
+    engine = _engine_or_503(state)
+    return ModelList(
+        data=[
+            ModelCard(
+                id=state.settings.served_model_name,
+                created=state.started,
+                max_model_len=engine.model_config.block_size,
+            )
+        ]
+    )
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
+    engine = _engine_or_503(state)
+    _check_model(state, body.model)
+    try:
+        ids = engine.tokenizer.encode(body.prompt)
+    except TokenizerError as err:
+        raise APIError(400, str(err), param="prompt", code="invalid_value") from None
+    return TokenizeResponse(
+        tokens=ids, count=len(ids), max_model_len=engine.model_config.block_size
+    )
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+async def detokenize(body: DetokenizeRequest, state: StateDep) -> DetokenizeResponse:
+    engine = _engine_or_503(state)
+    _check_model(state, body.model)
+    bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise APIError(
+            400,
+            f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})",
+            param="tokens",
+            code="invalid_value",
+        )
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+
+
+@router.get("/health", summary="Liveness: the process is up")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/ready",
+    summary="Readiness: 200 once the engine has taken a step, 503 while loading or draining",
+    responses={503: {"model": ErrorResponse}},
+)
+async def ready(state: StateDep) -> JSONResponse:
+    if not state.ready:
+        reason = "draining" if state.draining else "loading"
+        return not_ready(f"not ready: {reason}").response()
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(state: StateDep) -> Response:
+    if state.has_engine:
+        state.metrics.set_load(state.engine.stats())
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    html = resources.files("service.web").joinpath("index.html").read_text(encoding="utf-8")
+    return HTMLResponse(html, headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,94 @@
+"""What the running app holds: the live engine, readiness, and the requests in flight.
+
+``ServerState`` is the one place the rest of the app reaches the engine through
+(``state.engine``), so swapping engines (live checkpoint reload) is a local change: replace it with
+``swap_engine``. It also owns draining: after SIGTERM, readiness turns false, new work is refused,
+and in-flight requests get ``shutdown_timeout`` seconds before they are aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+
+from service.metrics import Metrics
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.engine import Engine
+
+log = logging.getLogger("service")
+
+
+class ServerState:
+    """Owns the engine reference, the draining flag and the set of in-flight engine requests."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._engine = engine
+        self.draining = False
+        self.started = int(time.time())
+        self._inflight: dict[str, Any] = {}  # engine request id -> engine that runs it
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("no engine is loaded yet")
+        return self._engine
+
+    @property
+    def has_engine(self) -> bool:
+        return self._engine is not None
+
+    def swap_engine(self, engine: Engine) -> Engine | None:
+        """Make ``engine`` serve new requests; returns the previous one (requests already running
+        keep the engine they started on)."""
+        old, self._engine = self._engine, engine
+        return old
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and bool(self._engine.ready) and not self.draining
+
+    def track(self, request_id: str, engine: Engine) -> None:
+        self._inflight[request_id] = engine
+        self._idle.clear()
+
+    def untrack(self, request_id: str) -> None:
+        self._inflight.pop(request_id, None)
+        if not self._inflight:
+            self._idle.set()
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work, wait up to ``timeout`` s for in-flight requests, abort the rest."""
+        self.draining = True
+        log.info(
+            "draining: %d request(s) in flight, waiting up to %.1fs", len(self._inflight), timeout
+        )
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.warning("shutdown timeout: aborting %d request(s)", len(self._inflight))
+            for request_id, engine in list(self._inflight.items()):
+                engine.abort(request_id)
+            try:
+                await asyncio.wait_for(self._idle.wait(), 5.0)
+            except TimeoutError:
+                log.error("%d request(s) did not end after abort", len(self._inflight))
+        log.info("drained")
+
+
+def server_state(request: Request) -> ServerState:
+    """The app's ``ServerState`` (FastAPI dependency)."""
+    return request.app.state.server

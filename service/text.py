@@ -1,0 +1,122 @@
+"""Text lives at the edges: token ids in, UTF-8-safe text deltas out, stop strings cut exactly.
+
+The engine speaks token ids. For each choice the API layer keeps one ``TextStream`` that turns the
+ids into text incrementally (never splitting a multi-byte character, via the model package's
+``IncrementalDecoder``) and finds stop strings across token boundaries. Text that might be the
+start of a stop string is held back, so a stop string is never partly emitted: a stop string can
+only begin inside the held-back tail, because everything released earlier was, at release time,
+not a prefix of any stop string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Text released by one ``push``/``finish``, and how many pushed tokens it completes.
+
+    ``num_tokens`` counts tokens (oldest first) whose text is now fully released; with a stop,
+    tokens that only spelled the stop string are dropped (``num_dropped``).
+    """
+
+    text: str
+    num_tokens: int
+    stopped: bool = False
+    num_dropped: int = 0
+    offsets: tuple[int, ...] = ()  # where each released token's text starts in the full text
+
+
+@dataclass
+class TextStream:
+    """Owns one choice's detokenizer state, held-back text and per-token text offsets."""
+
+    tokenizer: Tokenizer
+    stop: tuple[str, ...] = ()
+    _decoder: IncrementalDecoder = field(init=False)
+    _text: str = field(init=False, default="")  # everything decoded so far
+    _released: int = field(init=False, default=0)  # chars of _text already emitted
+    _token_ends: list[int] = field(init=False, default_factory=list)  # per pending token
+    _token_starts: list[int] = field(init=False, default_factory=list)
+    _done: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        self._decoder = IncrementalDecoder(self.tokenizer)
+        self._longest_stop = max((len(s) for s in self.stop), default=0)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def text(self) -> str:
+        """All text released so far."""
+        return self._text[: self._released]
+
+    def push(self, token_id: int) -> TextDelta:
+        """Add one generated token; returns the text now safe to emit."""
+        if self._done:
+            raise RuntimeError("push after the stream finished")
+        start = len(self._text)
+        self._text += self._decoder.push(token_id)
+        self._token_starts.append(start)
+        self._token_ends.append(len(self._text))
+        if self.stop:
+            hit = self._find_stop()
+            if hit is not None:
+                return self._release(hit, stopped=True)
+            return self._release(len(self._text) - self._held_suffix())
+        return self._release(len(self._text))
+
+    def finish(self) -> TextDelta:
+        """The generation ended (length/eos/abort): release everything, flushing partial bytes."""
+        if self._done:
+            return TextDelta("", 0)
+        tail = self._decoder.flush()
+        if tail:
+            self._text += tail
+            if self._token_ends:
+                self._token_ends[-1] = len(self._text)
+        hit = self._find_stop() if self.stop else None
+        return self._release(
+            len(self._text) if hit is None else hit, stopped=hit is not None, final=True
+        )
+
+    def _find_stop(self) -> int | None:
+        """Start of the earliest stop string in the unreleased text, if any."""
+        window = self._text[self._released :]
+        starts = [i for i in (window.find(s) for s in self.stop) if i >= 0]
+        return self._released + min(starts) if starts else None
+
+    def _held_suffix(self) -> int:
+        """Length of the longest unreleased suffix that is a proper prefix of a stop string."""
+        window = self._text[self._released :]
+        for k in range(min(len(window), self._longest_stop - 1), 0, -1):
+            tail = window[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0
+
+    def _release(self, upto: int, *, stopped: bool = False, final: bool = False) -> TextDelta:
+        text = self._text[self._released : upto]
+        self._released = upto
+        if stopped or final:
+            self._done = True
+            kept = (
+                sum(1 for s in self._token_starts if s < upto) if stopped else len(self._token_ends)
+            )
+            offsets = tuple(self._token_starts[:kept])
+            dropped = len(self._token_ends) - kept
+            self._token_starts.clear()
+            self._token_ends.clear()
+            return TextDelta(text, kept, stopped=stopped, num_dropped=dropped, offsets=offsets)
+        done = sum(1 for e in self._token_ends if e <= upto)
+        offsets = tuple(self._token_starts[:done])
+        del self._token_starts[:done]
+        del self._token_ends[:done]
+        return TextDelta(text, done, offsets=offsets)
