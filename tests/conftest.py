@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny checkpoints and a fake engine behind the real engine's interface."""
+"""Shared fixtures: tiny checkpoints, live servers, and a fake engine with the real interface."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from service.engine.types import (
     TokenLogprob,
 )
 
-ALPHABET = "\n !',.?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZé€"
+ALPHABET = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZé€"
 
 
 @dataclass(frozen=True)
@@ -221,10 +221,10 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
+        deadline = time.monotonic() + 60
+        while not (self.server.started and self.state.ready):
             if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
+                raise RuntimeError("the server did not become ready")
             time.sleep(0.01)
         return self
 
@@ -232,3 +232,59 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+
+
+def save_tiny_checkpoint(
+    path,
+    *,
+    chars: str = ALPHABET,
+    block_size: int = 32,
+    n_layer: int = 2,
+    n_embd: int = 32,
+    seed: int = 0,
+):
+    """A random char-level GPT saved as a native checkpoint (tiny: fast on a busy CPU)."""
+    import torch
+
+    from model import GPT, GPTConfig, save_checkpoint
+
+    torch.manual_seed(seed)
+    tokenizer = CharTokenizer(list(chars))
+    config = GPTConfig(
+        block_size=block_size,
+        vocab_size=tokenizer.vocab_size,
+        n_layer=n_layer,
+        n_head=2,
+        n_embd=n_embd,
+    )
+    return save_checkpoint(path, GPT(config), tokenizer.spec(), {"note": "random test model"})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Path of a random 2-layer char model with a 32-token window (shared by the session)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def live_server(checkpoint, **overrides) -> LiveServer:
+    """A real uvicorn server loading ``checkpoint`` through the app's own lifespan."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    options = {
+        "model_name": "tiny",
+        "device": "cpu",
+        "max_batch_size": 8,
+        "max_queue": 16,
+        "shutdown_timeout": 5.0,
+    }
+    options.update(overrides)
+    return LiveServer(create_app(Settings(checkpoint=checkpoint, **options)))
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

@@ -1,0 +1,103 @@
+"""Settings: every flag has a GPTSERVE_* twin, flags win over the environment, --help explains."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.settings import DEFAULT_CHECKPOINT, Settings, build_parser, parse_settings
+
+FLAGS = {
+    "--checkpoint": ("/tmp/ckpt", Path("/tmp/ckpt")),
+    "--host": ("0.0.0.0", "0.0.0.0"),
+    "--port": ("9001", 9001),
+    "--device": ("cpu", "cpu"),
+    "--dtype": ("bfloat16", "bfloat16"),
+    "--model-name": ("bard", "bard"),
+    "--max-batch-size": ("7", 7),
+    "--max-queue": ("9", 9),
+    "--kv-memory": ("64M", 64 * 1024 * 1024),
+    "--window-shift": ("4", 4),
+    "--api-key": ("k3y", "k3y"),
+    "--cors-origins": ("http://a.test, http://b.test", ("http://a.test", "http://b.test")),
+    "--request-timeout": ("12.5", 12.5),
+    "--shutdown-timeout": ("3", 3.0),
+    "--log-level": ("debug", "debug"),
+    "--max-request-bytes": ("2k", 2048),
+    "--max-n": ("4", 4),
+}
+
+
+def _field(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _env(flag: str) -> str:
+    return "GPTSERVE_" + _field(flag).upper()
+
+
+def test_every_settings_field_has_a_flag():
+    fields = set(Settings.__dataclass_fields__)
+    assert fields == {_field(f) for f in FLAGS}, "a Settings field lacks a flag (or the test)"
+
+
+@pytest.mark.parametrize("flag", sorted(FLAGS))
+def test_each_flag_and_its_env_twin_set_the_same_field(flag):
+    raw, value = FLAGS[flag]
+    from_flag = parse_settings([flag, raw], environ={})
+    from_env = parse_settings([], environ={_env(flag): raw})
+    assert getattr(from_flag, _field(flag)) == value
+    assert getattr(from_env, _field(flag)) == value
+
+
+def test_flag_overrides_environment():
+    settings = parse_settings(["--port", "1234"], environ={"GPTSERVE_PORT": "999"})
+    assert settings.port == 1234
+
+
+def test_defaults_serve_shipped_weights_on_loopback_8000():
+    settings = parse_settings([], environ={})
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.checkpoint == DEFAULT_CHECKPOINT
+    assert DEFAULT_CHECKPOINT.parent.name == "weights" and DEFAULT_CHECKPOINT.is_absolute()
+    assert settings.served_model_name == "shakespeare-char"
+
+
+def test_invalid_values_exit_with_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(["--max-batch-size", "0"], environ={})
+    assert exc.value.code == 2
+    assert "max_batch_size" in capsys.readouterr().err
+
+
+def test_help_explains_every_flag_and_never_shows_the_key():
+    text = build_parser({"GPTSERVE_API_KEY": "do-not-print"}).format_help()
+    for flag in FLAGS:
+        assert flag in text and _env(flag) in text, f"--help does not explain {flag}"
+    assert "do-not-print" not in text
+    assert "do-not-print" not in repr(
+        parse_settings([], environ={"GPTSERVE_API_KEY": "do-not-print"})
+    )
+
+
+@pytest.mark.timeout(60)
+def test_console_entry_points_print_help():
+    for cmd in ([sys.executable, "-m", "service", "--help"], ["gptserve", "--help"]):
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "--shutdown-timeout" in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_missing_checkpoint_fails_fast_with_a_clear_message(tmp_path):
+    proc = subprocess.run(  # noqa: PLW1510 - the exit code is the assertion
+        [sys.executable, "-m", "service", "--checkpoint", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "cannot load checkpoint" in proc.stderr and "nope" in proc.stderr

@@ -1,0 +1,158 @@
+"""The real ``openai`` client against a real uvicorn server running the real engine."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from conftest import live_server
+
+from model import load_checkpoint, reference_generate
+
+pytestmark = pytest.mark.timeout(120)
+PROMPT = "ROMEO: what light"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    with live_server(tiny_checkpoint, window_shift=1) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _greedy(client, prompt=PROMPT, **kw):
+    return client.completions.create(model="tiny", prompt=prompt, temperature=0, **kw)
+
+
+def test_non_streaming_completion_has_openai_shape_and_usage(client):
+    resp = _greedy(client, max_tokens=12)
+    assert resp.object == "text_completion" and resp.model == "tiny"
+    (choice,) = resp.choices
+    assert choice.finish_reason == "length" and len(choice.text) == 12  # char model
+    assert resp.usage.prompt_tokens == len(PROMPT)
+    assert resp.usage.completion_tokens == 12
+    assert resp.usage.total_tokens == len(PROMPT) + 12
+
+
+def test_streamed_chunks_concatenate_to_the_same_text_and_end_with_usage(client):
+    full = _greedy(client, max_tokens=20).choices[0].text
+    chunks = list(
+        _greedy(client, max_tokens=20, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == full
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-2])
+
+
+def test_raw_stream_is_sse_with_usage_then_done(server):
+    body = {
+        "model": "tiny",
+        "prompt": PROMPT,
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read()
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert all(e.startswith(b"data: ") for e in events), raw
+    assert events[-1] == b"data: [DONE]"
+    usage = json.loads(events[-2][6:].decode("utf-8"))
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+
+
+def test_n_choices_come_back_indexed_and_seeded_choices_differ(client):
+    resp = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=16, n=3, seed=7, temperature=1.0
+    )
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2]
+    assert len({c.text for c in resp.choices}) > 1, "n seeded choices all sampled the same text"
+    assert resp.usage.completion_tokens == 48
+
+
+def test_same_seed_same_text_different_seed_different_text(client):
+    def run(seed):
+        return (
+            client.completions.create(
+                model="tiny", prompt=PROMPT, max_tokens=24, seed=seed, temperature=1.0
+            )
+            .choices[0]
+            .text
+        )
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_logprobs_report_the_chosen_token_and_top_k(client):
+    resp = _greedy(client, max_tokens=6, logprobs=3)
+    lp = resp.choices[0].logprobs
+    assert "".join(lp.tokens) == resp.choices[0].text
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 3
+        assert logprob <= 0 and max(top.values()) == pytest.approx(logprob, abs=1e-5)
+        assert top[token] == pytest.approx(logprob, abs=1e-5), "greedy picks the top token"
+    assert lp.text_offset == list(range(6))
+
+
+def test_stop_string_cuts_the_text_before_it(client):
+    full = _greedy(client, max_tokens=24).choices[0].text
+    stop = full[9:12]
+    resp = _greedy(client, max_tokens=24, stop=[stop, "never-there"])
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.choices[0].text == full[: full.index(stop)]
+    streamed = "".join(
+        c.choices[0].text for c in _greedy(client, max_tokens=24, stop=stop, stream=True)
+    )
+    assert streamed == resp.choices[0].text
+
+
+def test_echo_prepends_the_prompt(client):
+    plain = _greedy(client, max_tokens=5).choices[0].text
+    echoed = _greedy(client, max_tokens=5, echo=True).choices[0].text
+    assert echoed == PROMPT + plain
+
+
+def test_prompt_lists_and_token_ids_give_one_choice_block_per_prompt(client, server):
+    tokenizer = server.state.engine.tokenizer
+    resp = _greedy(client, prompt=[PROMPT, "abc"], max_tokens=4, n=2)
+    assert [c.index for c in sorted(resp.choices, key=lambda c: c.index)] == [0, 1, 2, 3]
+    by_ids = _greedy(client, prompt=tokenizer.encode(PROMPT), max_tokens=4)
+    assert by_ids.choices[0].text == resp.choices[0].text
+    assert resp.usage.prompt_tokens == len(PROMPT) + 3
+
+
+def test_greedy_text_over_http_equals_the_reference_generator_past_the_window(
+    client, tiny_checkpoint
+):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    block = ckpt.config.block_size
+    max_tokens = 2 * block + 5  # well past the 32-token window
+    ids = reference_generate(
+        ckpt.model, ckpt.tokenizer.encode(PROMPT), max_tokens, vocab_size=ckpt.tokenizer.vocab_size
+    )
+    resp = _greedy(client, max_tokens=max_tokens)
+    assert resp.choices[0].text == ckpt.tokenizer.decode(ids)
+    window = resp.choices[0].model_extra["context_window"]
+    assert window["crops"] > 0 and window["prompt_cropped"] is False
+
+
+def test_prompt_longer_than_the_window_is_reported_cropped(client):
+    resp = _greedy(client, prompt="a" * 40, max_tokens=2)
+    assert resp.choices[0].model_extra["context_window"]["prompt_cropped"] is True
+
+
+def test_models_tokenize_detokenize_round_trip(client, server):
+    (card,) = client.models.list().data
+    assert card.id == "tiny"
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "héllo €"}).json()["tokens"]
+    text = httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert text == "héllo €"
