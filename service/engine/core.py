@@ -1,0 +1,178 @@
+"""The synchronous engine: one ``step`` = schedule, run the model, sample, post-process.
+
+No threads here: the threaded facade (``service.engine.engine.Engine``) drives this from its
+loop, and tests and benchmarks drive it directly through ``run``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from model.gpt import GPT
+from service.engine.config import EngineConfig
+from service.engine.runner import ModelRunner
+from service.engine.sampler import SampledToken, Sampler
+from service.engine.scheduler import Scheduler
+from service.engine.sequence import Sequence
+from service.engine.types import (
+    EngineStats,
+    FinishReason,
+    Request,
+    RequestMetrics,
+    RequestOutput,
+)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    outputs: list[RequestOutput]
+    stats: EngineStats
+
+
+class EngineCore:
+    """Owns the scheduler, the model runner and the sampler, and every live ``Sequence``."""
+
+    def __init__(
+        self, model: GPT, vocab_size: int, eos_token_id: int | None, config: EngineConfig,
+        n_slots: int, device: torch.device, dtype: torch.dtype,
+    ) -> None:
+        block_size = model.config.block_size
+        self.window_shift = min(config.window_shift, max(1, block_size // 2))
+        self.block_size = block_size
+        self.eos_token_id = eos_token_id
+        self.runner = ModelRunner(model, n_slots, device, dtype, config.batch_invariant)
+        self.scheduler = Scheduler(n_slots, config.prefill_chunk, config.max_tokens_per_step)
+        self.sampler = Sampler(n_slots, model.config.vocab_size, vocab_size, device)
+        self._seq_ids = itertools.count()
+        self.total_steps = 0
+
+    def add_request(self, request: Request) -> None:
+        """Queue every choice of an already validated request (FIFO)."""
+        for index in range(request.params.n):
+            seq = Sequence(
+                next(self._seq_ids), request, index, self.block_size, self.window_shift
+            )
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Finish every live choice of a request with ``abort``; their slots are free at once."""
+        now = time.monotonic()
+        outputs = []
+        for seq in self.scheduler.find(request_id):
+            self._finish(seq, FinishReason.ABORT, now)
+            outputs.append(_output(seq, None, now=now))
+        return outputs
+
+    def abort_all(self, reason: FinishReason) -> list[RequestOutput]:
+        now = time.monotonic()
+        outputs = []
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            self._finish(seq, reason, now)
+            outputs.append(_output(seq, None, now=now))
+        return outputs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> StepResult:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        crops = 0
+        for seq in plan.admitted:
+            self.sampler.start(seq)
+            crops += seq.prompt_cropped  # a prompt longer than the window was cropped
+        rows: list[Sequence] = []
+        logits: list[torch.Tensor] = []
+        if plan.decode:
+            logits.append(self.runner.decode(plan.decode))
+            rows.extend(plan.decode)
+            for seq in plan.decode:
+                seq.num_cached = seq.window_len
+        for chunk in plan.prefill:
+            seq = chunk.seq
+            last = self.runner.prefill(seq.window(chunk.start, chunk.end), chunk.start, seq.slot)
+            seq.num_cached = chunk.end
+            if chunk.is_last:
+                logits.append(last.unsqueeze(0))
+                rows.append(seq)
+        sampled = self.sampler(torch.cat(logits), rows) if rows else []
+        now = time.monotonic()
+        outputs = []
+        for seq, token in zip(rows, sampled, strict=True):
+            seq.append_token(token.token_id, now)
+            reason = seq.check_stop(self.eos_token_id)
+            if reason is not None:
+                self._finish(seq, reason, now)
+            else:
+                crops += seq.crop_if_full()
+            outputs.append(_output(seq, token, now=now))
+        self.total_steps += 1
+        stats = EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.scheduler.slots.usage,
+            step_time=time.perf_counter() - t0,
+            batch_size=len(plan.decode) + len(plan.prefill),
+            prompt_tokens=plan.num_prefill_tokens,
+            generation_tokens=len(rows),
+            crops=crops,
+            total_steps=self.total_steps,
+        )
+        return StepResult(outputs, stats)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
+        self.scheduler.finish(seq, reason, now)
+        self.sampler.release(seq)
+
+    def run(self, requests: Iterable[Request], arrival_steps: Iterable[int] | None = None
+            ) -> dict[str, list[RequestOutput]]:
+        """Serve ``requests`` to completion; request i joins before step ``arrival_steps[i]``.
+
+        Returns every output event, per request id, in order.
+        """
+        requests = list(requests)
+        arrivals = list(arrival_steps) if arrival_steps is not None else [0] * len(requests)
+        pending = sorted(zip(arrivals, range(len(requests)), strict=True))
+        events: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        step = 0
+        while pending or self.has_work():
+            while pending and pending[0][0] <= step:
+                self.add_request(requests[pending.pop(0)[1]])
+            if self.has_work():
+                for out in self.step().outputs:
+                    events[out.request_id].append(out)
+            step += 1
+        return events
+
+
+def _output(seq: Sequence, token: SampledToken | None, *, now: float) -> RequestOutput:
+    finished = seq.finish_reason is not None
+    return RequestOutput(
+        request_id=seq.request_id,
+        index=seq.index,
+        token_id=None if token is None else token.token_id,
+        logprob=None if token is None else token.logprob,
+        top_logprobs=None if token is None else token.top_logprobs,
+        finish_reason=seq.finish_reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_generated_tokens=seq.num_generated,
+        crops=seq.crops,
+        prompt_cropped=seq.prompt_cropped,
+        metrics=_metrics(seq, now) if finished else None,
+    )
+
+
+def _metrics(seq: Sequence, now: float) -> RequestMetrics:
+    arrival = seq.request.arrival_time
+    times = seq.token_times
+    return RequestMetrics(
+        queue_time=(seq.admitted_at if seq.admitted_at is not None else now) - arrival,
+        time_to_first_token=times[0] - arrival if times else None,
+        inter_token_times=tuple(b - a for a, b in itertools.pairwise(times)),
+        e2e_latency=(seq.finished_at or now) - arrival,
+    )

@@ -1,0 +1,253 @@
+"""The engine facade the HTTP layer calls: a model resident on its device, served by one thread.
+
+``add_request`` (from a coroutine) validates and queues a request and returns its
+``RequestStream``; the engine thread loops schedule -> run -> sample -> post-process and hands
+each request's events to its stream with ``loop.call_soon_threadsafe``. The event loop never runs
+model code. ``run``/``generate`` drive the same core synchronously (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from model.checkpoint import Checkpoint
+from service.engine.config import EngineConfig
+from service.engine.core import EngineCore
+from service.engine.kv_cache import plan_slots
+from service.engine.stream import RequestStream
+from service.engine.types import (
+    EngineStats,
+    EngineStoppedError,
+    FinishReason,
+    InvalidRequestError,
+    QueueFullError,
+    Request,
+    RequestOutput,
+)
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class Engine:
+    """Owns the model runner/scheduler core, the engine thread, and the streams of live requests.
+
+    Read-only attributes: ``tokenizer``, ``model_config``, ``vocab_size`` (the tokenizer's),
+    ``eos_token_id``, ``checkpoint``, ``device``, ``dtype``, ``config``, ``n_slots``,
+    ``window_shift`` (in force), ``ready`` (the thread has taken its warm-up step).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.checkpoint = checkpoint
+        self.tokenizer = checkpoint.tokenizer
+        self.model_config = checkpoint.config
+        self.vocab_size = checkpoint.tokenizer.vocab_size
+        self.eos_token_id = checkpoint.tokenizer.eot_id
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.dtype, self.device)
+        self.n_slots = plan_slots(
+            self.model_config, self.dtype, self.config.max_batch_size, self.config.kv_memory
+        )
+        self._core = EngineCore(
+            checkpoint.model, self.vocab_size, self.eos_token_id, self.config, self.n_slots,
+            self.device, self.dtype,
+        )
+        self.window_shift = self._core.window_shift
+        self.ready = False
+        self._cond = threading.Condition()
+        self._state = "new"  # new -> running -> draining -> stopped
+        self._deadline: float | None = None
+        self._inbox: list[Request] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, RequestStream] = {}
+        self._remaining: dict[str, int] = {}  # unfinished choices per live request
+        self._num_waiting = 0  # requests in the core still waiting for a slot (queue bound)
+        self._listeners: list[Callable[[EngineStats], None]] = []
+        self._stats = EngineStats(0, 0, 0.0, 0.0, 0, 0, 0, 0, 0)
+        self._thread: threading.Thread | None = None
+
+    # ---- the API side (any thread / the event loop) ----------------------------------------
+
+    def validate(self, request: Request) -> None:
+        """Raise ``InvalidRequestError`` naming the first bad parameter of ``request``."""
+        if not request.prompt_token_ids:
+            raise InvalidRequestError("prompt", "the prompt must hold at least one token")
+        for token_id in request.prompt_token_ids:
+            if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
+                raise InvalidRequestError(
+                    "prompt", f"prompt token id {token_id!r} is outside [0, {self.vocab_size})"
+                )
+        request.params.validate(self.vocab_size)
+
+    def add_request(self, request: Request) -> RequestStream:
+        """Queue a request from a coroutine; its events arrive on the returned stream."""
+        loop = asyncio.get_running_loop()
+        self.validate(request)
+        stream = RequestStream(request.request_id, request.params.n, loop, self.abort)
+        with self._cond:
+            if self._state in ("draining", "stopped"):
+                raise EngineStoppedError("the engine is shutting down and accepts no new requests")
+            if request.request_id in self._streams:
+                raise InvalidRequestError(
+                    "request_id", f"request id {request.request_id!r} is already in flight"
+                )
+            if len(self._inbox) + self._num_waiting >= self.config.max_queue:
+                raise QueueFullError(
+                    f"the waiting queue is full ({self.config.max_queue} requests)"
+                )
+            self._streams[request.request_id] = stream
+            self._remaining[request.request_id] = request.params.n
+            self._inbox.append(request)
+            self._cond.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request wherever it is; its slot is free before the next step."""
+        with self._cond:
+            if request_id in self._streams:
+                self._aborts.append(request_id)
+                self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def add_stats_listener(self, fn: Callable[[EngineStats], None]) -> None:
+        """``fn(stats)`` is called from the engine thread after every step."""
+        self._listeners.append(fn)
+
+    def start(self) -> None:
+        with self._cond:
+            if self._state != "new":
+                raise RuntimeError(f"the engine cannot start: it is {self._state}")
+            self._state = "running"
+            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting requests; let in-flight ones finish for up to ``timeout`` seconds
+        (None: abort them at once), abort the rest, and join the engine thread."""
+        with self._cond:
+            if self._state in ("new", "running"):
+                self._deadline = time.monotonic() + (timeout or 0.0)
+                self._state = "draining" if self._thread is not None else "stopped"
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self._state = "stopped"
+
+    # ---- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            self._core.runner.warm_up()
+        self.ready = True
+        while True:
+            with self._cond:
+                while self._idle():
+                    self._cond.wait()
+                for request in self._inbox:
+                    self._core.add_request(request)
+                self._inbox.clear()
+                self._num_waiting = self._count_waiting()
+                aborts, self._aborts = self._aborts, []
+                draining = self._state == "draining"
+            outputs: list[RequestOutput] = []
+            for request_id in aborts:
+                outputs += self._core.abort(request_id)
+            if draining and time.monotonic() >= self._deadline:
+                outputs += self._core.abort_all(FinishReason.ABORT)
+            if self._core.has_work():
+                outputs += self._step()
+            self._dispatch(outputs)
+            if draining and not self._core.has_work():
+                return
+
+    def _idle(self) -> bool:
+        if self._inbox or self._aborts or self._core.has_work():
+            return False
+        return self._state == "running"
+
+    def _count_waiting(self) -> int:
+        return len({s.request_id for s in self._core.scheduler.waiting})
+
+    def _step(self) -> list[RequestOutput]:
+        try:
+            result = self._core.step()
+        except Exception:  # a failed step fails the requests in it, not the server
+            log.exception("engine step failed; failing every in-flight request")
+            return self._core.abort_all(FinishReason.ERROR)
+        self._stats = result.stats
+        for fn in self._listeners:
+            try:
+                fn(result.stats)
+            except Exception:
+                log.exception("engine stats listener failed")
+        return result.outputs
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        by_request: dict[str, list[RequestOutput]] = {}
+        for out in outputs:
+            by_request.setdefault(out.request_id, []).append(out)
+        with self._cond:
+            self._num_waiting = self._count_waiting()
+            streams = []
+            for request_id, outs in by_request.items():
+                streams.append((self._streams[request_id], outs))
+                self._remaining[request_id] -= sum(o.finish_reason is not None for o in outs)
+                if self._remaining[request_id] == 0:
+                    del self._streams[request_id], self._remaining[request_id]
+        for stream, outs in streams:
+            stream.put(outs)
+
+    # ---- synchronous use (tests, benchmarks; no thread) --------------------------------------
+
+    def run(
+        self, requests: Iterable[Request], arrival_steps: Iterable[int] | None = None
+    ) -> dict[str, list[RequestOutput]]:
+        """Serve ``requests`` to completion on the calling thread; every event per request id.
+
+        Request i joins the batch before step ``arrival_steps[i]`` (default: all at step 0).
+        """
+        if self._thread is not None:
+            raise RuntimeError("run() drives the engine synchronously; the thread is started")
+        requests = list(requests)
+        for request in requests:
+            self.validate(request)
+        with torch.inference_mode():
+            return self._core.run(requests, arrival_steps)
+
+    def generate(
+        self, requests: Iterable[Request], arrival_steps: Iterable[int] | None = None
+    ) -> list[list[int]]:
+        """Token ids generated for each choice of each request, in request then choice order."""
+        requests = list(requests)
+        events = self.run(requests, arrival_steps)
+        result = []
+        for request in requests:
+            choices: list[list[int]] = [[] for _ in range(request.params.n)]
+            for out in events[request.request_id]:
+                if out.token_id is not None:
+                    choices[out.index].append(out.token_id)
+            result.extend(choices)
+        return result

@@ -1,0 +1,115 @@
+"""One choice of one request as it moves through the engine: tokens, window, slot, timings.
+
+Plain Python (no torch), so the scheduler that drives it is unit-tested in milliseconds.
+
+The *window* is the part of the token list the model sees: ``tokens[window_start:]``, at most
+``block_size`` long, encoded at positions ``0..len-1`` (the model's positions are absolute and
+learned, so a cropped window must be re-encoded from scratch). ``num_cached`` of its tokens have
+keys/values in the sequence's KV slot.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+
+from service.engine.types import FinishReason, Request
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"  # no slot yet
+    PREFILL = "prefill"  # encoding its window in chunks (a new prompt, or after a crop)
+    DECODE = "decode"  # one token per step
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Per-choice state: the token list, the encoded window, the KV slot, counters and times."""
+
+    def __init__(
+        self, seq_id: int, request: Request, index: int, block_size: int, window_shift: int
+    ) -> None:
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index
+        self.params = request.params
+        self.block_size = block_size
+        self.window_shift = window_shift
+        self.tokens: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.tokens)
+        self.status = SequenceStatus.WAITING
+        self.slot: int | None = None
+        self.num_cached = 0
+        self.crops = 0
+        self.window_start = 0
+        overflow = self.num_prompt_tokens - block_size
+        if overflow > 0:  # crop the prompt from the left, window_shift tokens at a time
+            steps = -(-overflow // window_shift)
+            self.window_start = steps * window_shift
+            self.crops = 1
+        self.prompt_cropped = overflow > 0
+        self.finish_reason: FinishReason | None = None
+        # timings (time.monotonic seconds)
+        self.admitted_at: float | None = None
+        self.token_times: list[float] = []
+        self.finished_at: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.num_prompt_tokens
+
+    @property
+    def window_len(self) -> int:
+        return len(self.tokens) - self.window_start
+
+    def window(self, start: int, end: int) -> list[int]:
+        """Window tokens ``start..end-1`` (positions in the window)."""
+        return self.tokens[self.window_start + start : self.window_start + end]
+
+    def next_chunk(self, chunk: int) -> tuple[int, int]:
+        """The next prefill chunk ``(start, end)``: boundaries depend only on this sequence."""
+        return self.num_cached, min(self.num_cached + chunk, self.window_len)
+
+    def admit(self, slot: int, now: float | None = None) -> None:
+        self.slot = slot
+        self.status = SequenceStatus.PREFILL
+        self.admitted_at = time.monotonic() if now is None else now
+
+    def append_token(self, token: int, now: float | None = None) -> None:
+        """Record a sampled token (the whole window is encoded: ``num_cached == window_len``)."""
+        self.tokens.append(token)
+        self.token_times.append(time.monotonic() if now is None else now)
+        self.status = SequenceStatus.DECODE
+
+    def crop_if_full(self) -> bool:
+        """Before feeding the last token at position ``window_len - 1``: if that is past the
+        model's block, drop ``window_shift`` tokens from the left and re-encode the window
+        (positions are absolute, so cached keys cannot be reused). Returns True on a crop."""
+        if self.window_len <= self.block_size:
+            return False
+        self.window_start += self.window_shift
+        self.num_cached = 0
+        self.crops += 1
+        self.status = SequenceStatus.PREFILL
+        return True
+
+    def check_stop(self, eos_token_id: int | None) -> FinishReason | None:
+        """Why this sequence must stop after its last token, or None (stop ids beat length)."""
+        last = self.tokens[-1]
+        if last in self.params.stop_token_ids:
+            return FinishReason.STOP
+        if eos_token_id is not None and last == eos_token_id and not self.params.ignore_eos:
+            return FinishReason.STOP
+        if self.num_generated >= self.params.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def finish(self, reason: FinishReason, now: float | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.finished_at = time.monotonic() if now is None else now
+        self.slot = None

@@ -1,0 +1,55 @@
+"""The asyncio side of a request: an async iterator over its ``RequestOutput`` events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from service.engine.types import RequestOutput
+
+
+class RequestStream:
+    """Async iterator of a request's events, all ``n`` choices interleaved; it ends after the
+    last choice's finishing event.
+
+    The engine thread calls ``put`` (from any thread); it hands the events to the event loop with
+    ``loop.call_soon_threadsafe``, so the loop only ever runs cheap queue operations.
+    """
+
+    def __init__(
+        self, request_id: str, n: int, loop: asyncio.AbstractEventLoop,
+        on_abort: Callable[[str], None],
+    ) -> None:
+        self.request_id = request_id
+        self._remaining = n
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._on_abort = on_abort
+        self.finished = False
+
+    def put(self, outputs: list[RequestOutput]) -> None:
+        """Hand events over from the engine thread (thread-safe)."""
+        try:
+            self._loop.call_soon_threadsafe(self._put_many, outputs)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._on_abort(self.request_id)
+
+    def _put_many(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._queue.put_nowait(out)
+
+    def abort(self) -> None:
+        """Cancel the request (e.g. the client went away); a final ``abort`` event follows."""
+        self._on_abort(self.request_id)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._remaining == 0:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if out.finish_reason is not None:
+            self._remaining -= 1
+            self.finished = self._remaining == 0
+        return out

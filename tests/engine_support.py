@@ -1,0 +1,57 @@
+"""Tiny random checkpoints for the engine tests (CPU, fp32, built in milliseconds)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+from model import GPT, CharTokenizer, Checkpoint, GPTConfig
+from service.engine import Engine, EngineConfig, Request, SamplingParams
+
+CHARS = list(string.ascii_letters + string.digits + " .,;:!?\n")  # 70 characters
+
+
+def tiny_checkpoint(block_size: int = 32, vocab_size: int = 72, seed: int = 0) -> Checkpoint:
+    """A 2-layer, 32-wide char model with large position and token embeddings: its logits are
+    peaked (greedy has clear winners, so rounding differences between the cached and the full
+    forward cannot flip an argmax) and depend on position, so a wrong crop shows."""
+    torch.manual_seed(seed)
+    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2,
+                       n_embd=32, bias=True)
+    model = GPT(config)
+    with torch.no_grad():
+        model.transformer.wpe.weight.mul_(30.0)
+        model.transformer.wte.weight.mul_(10.0)  # tied with lm_head
+    tokenizer = CharTokenizer(CHARS)  # 70 < vocab_size: the embedding rows 70, 71 are padding
+    return Checkpoint(model.eval(), tokenizer, config, "gptserve", Path("tiny"), {"test": True})
+
+
+def engine(checkpoint: Checkpoint | None = None, **config) -> Engine:
+    config.setdefault("device", "cpu")
+    return Engine(checkpoint or tiny_checkpoint(), EngineConfig(**config))
+
+
+def request(rid: str, prompt: list[int] | str, **params) -> Request:
+    if isinstance(prompt, str):
+        prompt = [CHARS.index(c) for c in prompt]
+    return Request(rid, tuple(prompt), SamplingParams.create(**params))
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, len(CHARS), (length,), generator=g).tolist()
+
+
+class EosCharTokenizer(CharTokenizer):
+    """A char tokenizer whose newline doubles as an end-of-text token (char models have none)."""
+
+    @property
+    def eot_id(self) -> int | None:
+        return CHARS.index("\n")
+
+
+def with_eos(checkpoint: Checkpoint) -> Checkpoint:
+    return Checkpoint(checkpoint.model, EosCharTokenizer(CHARS), checkpoint.config,
+                      checkpoint.source_format, checkpoint.path, checkpoint.provenance)

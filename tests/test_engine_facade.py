@@ -1,0 +1,119 @@
+"""The threaded facade, driven from asyncio as the HTTP layer drives it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from engine_support import engine, prompt_of, request, tiny_checkpoint
+
+from service.engine import (
+    EngineStoppedError,
+    FinishReason,
+    InvalidRequestError,
+    QueueFullError,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _collect(stream):
+    return [out async for out in stream]
+
+
+def test_concurrent_streams_match_the_synchronous_engine():
+    ck = tiny_checkpoint()
+    reqs = [request(f"r{i}", prompt_of(4 + 5 * i, i), max_tokens=12 + i, seed=i, n=1 + i % 2)
+            for i in range(6)]
+    want = engine(ck, max_batch_size=4).generate(reqs)
+    eng = engine(ck, max_batch_size=4)
+    seen = []
+    eng.add_stats_listener(seen.append)
+    eng.start()
+
+    async def main():
+        streams = [eng.add_request(r) for r in reqs]
+        return await asyncio.gather(*(_collect(s) for s in streams))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        eng.shutdown(timeout=5)
+    got = []
+    for req, events in zip(reqs, results, strict=True):
+        assert sum(e.finish_reason is not None for e in events) == req.params.n
+        for i in range(req.params.n):
+            got.append([e.token_id for e in events if e.index == i])
+    assert got == want, "the threaded engine differs from the synchronous one"
+    assert eng.ready and seen and seen[-1].total_steps >= 12
+    assert eng.stats().num_running == 0 and eng.stats().kv_cache_usage == 0.0
+
+
+def test_abort_from_the_stream_ends_it_with_an_abort_event():
+    eng = engine(max_batch_size=2)
+    eng.start()
+
+    async def main():
+        stream = eng.add_request(request("a", "hello", max_tokens=100_000, temperature=1.0))
+        events = []
+        async for out in stream:
+            events.append(out)
+            if len(events) == 3:
+                stream.abort()
+        return events
+
+    try:
+        events = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert events[-1].finish_reason is FinishReason.ABORT
+    assert all(e.finish_reason is None for e in events[:-1]) and len(events) < 1000
+
+
+def test_queue_full_and_invalid_requests_raise_before_queueing():
+    eng = engine(max_batch_size=1, max_queue=2)  # not started: everything stays queued
+
+    async def main():
+        eng.add_request(request("a", "ab", max_tokens=1))
+        eng.add_request(request("b", "ab", max_tokens=1))
+        with pytest.raises(QueueFullError):
+            eng.add_request(request("c", "ab", max_tokens=1))
+        with pytest.raises(InvalidRequestError) as err:
+            eng.add_request(request("d", "ab", max_tokens=0))
+        assert err.value.param == "max_tokens"
+        with pytest.raises(InvalidRequestError) as err:
+            eng.add_request(request("a", "ab", max_tokens=1))
+        assert err.value.param == "request_id"
+
+    asyncio.run(main())
+
+
+def test_shutdown_aborts_in_flight_work_and_refuses_new_requests():
+    eng = engine(max_batch_size=2)
+    eng.start()
+
+    async def main():
+        stream = eng.add_request(request("a", "hi", max_tokens=100_000))
+        first = await stream.__anext__()
+        await asyncio.get_running_loop().run_in_executor(None, eng.shutdown, None)
+        rest = await _collect(stream)
+        with pytest.raises(EngineStoppedError):
+            eng.add_request(request("b", "hi", max_tokens=1))
+        return first, rest
+
+    first, rest = asyncio.run(main())
+    assert first.token_id is not None
+    assert rest[-1].finish_reason is FinishReason.ABORT
+
+
+def test_shutdown_with_a_timeout_lets_short_requests_finish():
+    eng = engine(max_batch_size=2)
+    eng.start()
+
+    async def main():
+        stream = eng.add_request(request("a", "hi", max_tokens=20))
+        await asyncio.get_running_loop().run_in_executor(None, eng.shutdown, 30.0)
+        return await _collect(stream)
+
+    events = asyncio.run(main())
+    assert events[-1].finish_reason is FinishReason.LENGTH and len(events) == 20
