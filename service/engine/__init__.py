@@ -1,8 +1,15 @@
 """The inference engine: continuous batching over a slot KV cache, chunked prefill,
-sliding-window context, a batch-invariant sampler, and a threaded asyncio-friendly facade."""
+sliding-window context, a batch-invariant sampler, and a threaded asyncio-friendly facade.
+
+``Engine`` is imported lazily, so the plain-Python parts (scheduler, sequence, types, config)
+import without torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from service.engine.config import EngineConfig
-from service.engine.engine import Engine
 from service.engine.stream import RequestStream
 from service.engine.types import (
     EngineError,
@@ -34,3 +41,14 @@ __all__ = [
     "SamplingParams",
     "TokenLogprob",
 ]
+
+if TYPE_CHECKING:
+    from service.engine.engine import Engine
+
+
+def __getattr__(name: str):
+    if name == "Engine":
+        from service.engine.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

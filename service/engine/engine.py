@@ -98,7 +98,8 @@ class Engine:
                 raise InvalidRequestError(
                     "prompt", f"prompt token id {token_id!r} is outside [0, {self.vocab_size})"
                 )
-        request.params.validate(self.vocab_size)
+        # n is bounded by the API (its --max-n); each choice is just one more sequence here
+        request.params.validate(self.vocab_size, max_n=max(16, self.config.max_queue))
 
     def add_request(self, request: Request) -> RequestStream:
         """Queue a request from a coroutine; its events arrive on the returned stream."""
