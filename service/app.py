@@ -14,11 +14,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from service.api.admin import router as admin_router
 from service.api.errors import install_error_handlers
 from service.api.middleware import GateMiddleware
 from service.api.routes import router
 from service.api.state import ServerState
 from service.metrics import Metrics
+from service.reload import server_reloader
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -63,6 +65,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         current = state.engine
         current.add_stats_listener(metrics.observe_step)
         current.start()
+        reloader = app.state.reloader = server_reloader(state, engine_config)
+        reloader.start(current)  # live checkpoint reload: --watch and POST /admin/reload
         log.info(
             "serving %s as %r on %s",
             settings.checkpoint,
@@ -73,6 +77,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             yield
         finally:
             state.draining = True
+            await reloader.stop()
             await asyncio.to_thread(state.engine.shutdown, settings.shutdown_timeout)
 
     app = FastAPI(
@@ -83,6 +88,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     )
     app.state.server = state
     app.include_router(router)
+    app.include_router(admin_router)
     install_error_handlers(app)
     app.add_middleware(
         GateMiddleware,

@@ -131,6 +131,23 @@ class Metrics:
         self.crops = Counter(
             "gptserve_context_crops", "Sliding-window crops of a sequence's context.", registry=r
         )
+        # Live checkpoint reload (service/reload.py): which checkpoint serves, and reload results.
+        self.model_info = Gauge(
+            "gptserve_model_info",
+            "The live checkpoint (value 1) with its provenance: iteration and val loss.",
+            ["checkpoint", "format", "iteration", "val_loss"],
+            registry=r,
+        )
+        self.model_loaded = Gauge(
+            "gptserve_model_loaded_timestamp_seconds",
+            "Unix time the live checkpoint started serving.",
+            registry=r,
+        )
+        self.reloads = Counter(
+            "gptserve_model_reloads", "Checkpoint reloads by result.", ["result"], registry=r
+        )
+        for result in ("success", "failed"):
+            self.reloads.labels(result=result)
         for reason in FINISH_REASONS:  # export every label value from the start
             self.success.labels(finish_reason=reason)
         for reason in REJECT_REASONS:
@@ -176,6 +193,27 @@ class Metrics:
 
     def disconnect(self) -> None:
         self.disconnects.inc()
+
+    def set_model(
+        self,
+        checkpoint: str,
+        source_format: str,
+        iteration: int | None,
+        val_loss: float | None,
+        loaded_at: float,
+    ) -> None:
+        """Show which checkpoint is live: one ``gptserve_model_info`` series at a time."""
+        self.model_info.clear()
+        self.model_info.labels(
+            checkpoint=checkpoint,
+            format=source_format,
+            iteration="" if iteration is None else str(iteration),
+            val_loss="" if val_loss is None else f"{val_loss:.4f}",
+        ).set(1)
+        self.model_loaded.set(loaded_at)
+
+    def reload_result(self, ok: bool) -> None:
+        self.reloads.labels(result="success" if ok else "failed").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -44,6 +44,8 @@ class Settings:
     log_level: str = "info"
     max_request_bytes: int = 1024 * 1024
     max_n: int = 16
+    watch: bool = False  # reload the checkpoint when the trainer swaps in a new one
+    watch_interval: float = 2.0  # seconds between two looks at the checkpoint folder
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -59,6 +61,8 @@ class Settings:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.request_timeout < 0 or self.shutdown_timeout < 0:
             raise ValueError("request_timeout and shutdown_timeout must be >= 0")
+        if self.watch_interval <= 0:
+            raise ValueError(f"watch_interval must be > 0, got {self.watch_interval}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset to disable auth)")
 
@@ -73,6 +77,18 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512M, 2GiB)")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def parse_flag(text: str | bool) -> bool:
+    """A boolean from ``1/true/yes/on`` or ``0/false/no/off`` (for env twins of switches)."""
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r} (use 1/0, true/false)")
 
 
 def _origins(text: str) -> tuple[str, ...]:
@@ -178,6 +194,21 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=parse_size,
     )
     add("--max-n", "largest n (choices per prompt) a request may ask for", d.max_n, type=int)
+    add(
+        "--watch",
+        "reload the checkpoint live when a new one appears in its folder (the trainer's atomic "
+        "save): requests in flight finish on the old weights, new ones get the new weights",
+        d.watch,
+        type=parse_flag,
+        nargs="?",
+        const=True,
+    )
+    add(
+        "--watch-interval",
+        "seconds between two looks at the checkpoint folder when --watch is on",
+        d.watch_interval,
+        type=float,
+    )
     return parser
 
 

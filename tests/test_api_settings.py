@@ -28,6 +28,8 @@ FLAGS = {
     "--log-level": ("debug", "debug"),
     "--max-request-bytes": ("2k", 2048),
     "--max-n": ("4", 4),
+    "--watch": ("1", True),
+    "--watch-interval": ("0.5", 0.5),
 }
 
 

@@ -155,6 +155,8 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    # which checkpoint served the request: changes when a new checkpoint goes live
+    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):
@@ -163,6 +165,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "gptserve"
     max_model_len: int
+    # gptserve extension: the live checkpoint and its provenance (iteration, val_loss, ...)
+    checkpoint: dict | None = None
 
 
 class ModelList(BaseModel):

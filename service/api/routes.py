@@ -58,14 +58,17 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
-async def list_models(state: StateDep) -> ModelList:
+async def list_models(request: Request, state: StateDep) -> ModelList:
     engine = _engine_or_503(state)
+    reloader = getattr(request.app.state, "reloader", None)
+    live = reloader.info if reloader is not None else None
     return ModelList(
         data=[
             ModelCard(
                 id=state.settings.served_model_name,
                 created=state.started,
                 max_model_len=engine.model_config.block_size,
+                checkpoint=live.to_dict() if live is not None else None,
             )
         ]
     )

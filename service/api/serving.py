@@ -39,6 +39,7 @@ from service.engine.types import (
     RequestOutput,
     SamplingParams,
 )
+from service.reload import system_fingerprint
 from service.text import TextDelta, TextStream
 
 log = logging.getLogger("service.api")
@@ -105,6 +106,7 @@ class Job:
     choices: list[ChoiceState]
     streams: list[AsyncIterator[RequestOutput]]
     finished_requests: set[str] = field(default_factory=set)
+    system_fingerprint: str | None = None  # which checkpoint served it (service.reload)
 
     def usage(self) -> Usage:
         completion = sum(c.num_tokens for c in self.choices)
@@ -172,6 +174,7 @@ class CompletionServing:
             id=cid,
             created=int(time.time()),
             model=self.state.settings.served_model_name,
+            system_fingerprint=system_fingerprint(engine),
             request_ids=[],
             n=params.n,
             prompt_tokens=sum(len(p) for p in prompts),
@@ -390,7 +393,12 @@ class CompletionServing:
         ]
         return Response(
             CompletionResponse(
-                id=job.id, created=job.created, model=job.model, choices=choices, usage=job.usage()
+                id=job.id,
+                created=job.created,
+                model=job.model,
+                choices=choices,
+                usage=job.usage(),
+                system_fingerprint=job.system_fingerprint,
             )
             .model_dump_json()
             .encode(),
@@ -403,6 +411,7 @@ class CompletionServing:
             "object": "text_completion",
             "created": job.created,
             "model": job.model,
+            "system_fingerprint": job.system_fingerprint,
         }
         completed = False
         try:

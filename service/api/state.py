@@ -70,6 +70,10 @@ class ServerState:
     def num_inflight(self) -> int:
         return len(self._inflight)
 
+    def num_inflight_on(self, engine: Engine) -> int:
+        """Requests in flight on ``engine`` (a live reload retires an engine when this is 0)."""
+        return sum(1 for e in self._inflight.values() if e is engine)
+
     async def drain(self, timeout: float) -> None:
         """Refuse new work, wait up to ``timeout`` s for in-flight requests, abort the rest."""
         self.draining = True
