@@ -9,6 +9,7 @@ model code. ``run``/``generate`` drive the same core synchronously (tests, bench
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -180,6 +181,8 @@ class Engine:
                 outputs += self._core.abort_all(FinishReason.ABORT)
             if self._core.has_work():
                 outputs += self._step()
+            elif outputs:  # aborts emptied the engine: publish the idle load (no step will)
+                self._stats = self._idle_stats()
             self._dispatch(outputs)
             if draining and not self._core.has_work():
                 return
@@ -188,6 +191,14 @@ class Engine:
         if self._inbox or self._aborts or self._core.has_work():
             return False
         return self._state == "running"
+
+    def _idle_stats(self) -> EngineStats:
+        scheduler = self._core.scheduler
+        return dataclasses.replace(
+            self._stats, num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
+            kv_cache_usage=scheduler.slots.usage, batch_size=0, prompt_tokens=0,
+            generation_tokens=0, crops=0,
+        )
 
     def _count_waiting(self) -> int:
         return len({s.request_id for s in self._core.scheduler.waiting})
