@@ -201,7 +201,7 @@ class CompletionServing:
                         )
                     )
         except BaseException:
-            self._release(job, engine, abort=True)
+            self._release(job, engine, abort=True, count=False)
             raise
         for choice in job.choices:
             if choice.want_logprobs:
@@ -308,7 +308,12 @@ class CompletionServing:
             job.finished_requests.add(request_id)
             self.state.untrack(request_id)
 
-    def _release(self, job: Job, engine, *, abort: bool) -> None:
+    def _release(self, job: Job, engine, *, abort: bool, count: bool = True) -> None:
+        """Abort whatever is still running (disconnect, timeout, error) and stop tracking it."""
+        for choice in job.choices:
+            if count and not choice.done:  # nobody reads its abort event: count the finish here
+                choice.finish_reason = "abort"
+                self.state.metrics.observe_finished("abort", None, choice.num_tokens)
         for request_id in job.request_ids:
             if request_id not in job.finished_requests:
                 if abort:

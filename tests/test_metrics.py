@@ -1,0 +1,107 @@
+"""/metrics: every series the issue names, in the right type, and valid for promtool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import httpx
+import pytest
+from conftest import live_server
+
+pytestmark = pytest.mark.timeout(120)
+HISTOGRAMS = [
+    "gptserve_time_to_first_token_seconds",
+    "gptserve_inter_token_latency_seconds",
+    "gptserve_e2e_request_latency_seconds",
+    "gptserve_request_queue_time_seconds",
+    "gptserve_engine_step_seconds",
+    "gptserve_batch_size",
+    "gptserve_request_prompt_tokens",
+    "gptserve_request_generation_tokens",
+]
+GAUGES = [
+    "gptserve_num_requests_running",
+    "gptserve_num_requests_waiting",
+    "gptserve_kv_cache_usage_ratio",
+]
+COUNTERS = [
+    "gptserve_prompt_tokens_total",
+    "gptserve_generation_tokens_total",
+    "gptserve_request_success_total",
+    "gptserve_request_rejected_total",
+    "gptserve_client_disconnects_total",
+    "gptserve_context_crops_total",
+]
+
+
+@pytest.fixture(scope="module")
+def exposition(tiny_checkpoint) -> str:
+    with live_server(tiny_checkpoint, window_shift=1) as srv:
+        post = lambda body: httpx.post(srv.url + "/v1/completions", json=body, timeout=30)  # noqa: E731
+        assert post({"prompt": "abc", "max_tokens": 40}).status_code == 200  # past the window
+        assert post({"prompt": "abc", "max_tokens": 4, "stream": True}).status_code == 200
+        assert post({"prompt": "abc", "max_tokens": 4, "n": 2, "stop": "a"}).status_code == 200
+        assert post({"prompt": ""}).status_code == 400
+        return httpx.get(srv.url + "/metrics", timeout=30).text
+
+
+def _types(text: str) -> dict[str, str]:
+    return {
+        line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE")
+    }
+
+
+def test_every_named_series_is_exported_with_its_type(exposition):
+    types = _types(exposition)
+    for name in HISTOGRAMS:
+        assert types.get(name) == "histogram", name
+    for name in GAUGES:
+        assert types.get(name) == "gauge", name
+    for name in COUNTERS:
+        assert types.get(name) == "counter", name
+        assert f"\n{name}" in exposition, f"{name} has no sample"
+
+
+def test_series_are_fed_by_real_traffic(exposition):
+    samples = {}
+    for line in exposition.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    assert samples["gptserve_generation_tokens_total"] >= 40 + 4 + 2
+    assert samples["gptserve_prompt_tokens_total"] >= 3
+    assert samples["gptserve_context_crops_total"] > 0, "40 tokens past a 32-token window"
+    assert samples['gptserve_request_success_total{finish_reason="length"}'] >= 2
+    assert samples['gptserve_request_rejected_total{reason="invalid"}'] == 1
+    assert samples["gptserve_time_to_first_token_seconds_count"] >= 2
+    assert samples["gptserve_engine_step_seconds_count"] > 0
+
+
+def test_names_have_no_colons_and_labels_stay_low_cardinality(exposition):
+    for line in exposition.splitlines():
+        if line.startswith("gptserve"):
+            name = line.split("{")[0].split(" ")[0]
+            assert ":" not in name, line
+            if "{" in line:
+                labels = line[line.index("{") + 1 : line.index("}")]
+                keys = {kv.split("=")[0] for kv in labels.split(",")}
+                allowed = {"le", "finish_reason", "reason", "result"}
+                if name == "gptserve_model_info":  # one series: the live checkpoint
+                    allowed = {"checkpoint", "format", "iteration", "val_loss"}
+                assert keys <= allowed, line
+
+
+def test_promtool_accepts_the_exposition(exposition, tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package 'prometheus'; CI installs it)")
+    proc = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=exposition,
+        text=True,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
