@@ -178,8 +178,9 @@ def system_fingerprint(engine: object) -> str | None:
     if not isinstance(checkpoint, Checkpoint):
         return None
     info = ModelInfo.of(checkpoint, checkpoint.path)
-    blob = json.dumps([checkpoint.provenance, checkpoint.config.to_dict()], sort_keys=True,
-                      default=str)
+    blob = json.dumps(
+        [checkpoint.provenance, checkpoint.config.to_dict()], sort_keys=True, default=str
+    )
     digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
     return f"it{info.iteration}-{digest}" if info.iteration is not None else f"ck-{digest}"
 
@@ -374,13 +375,15 @@ def server_reloader(state: ServerState, engine_config: Callable[[Any], Any]) -> 
         return engine
 
     def on_model(info: ModelInfo) -> None:
-        state.metrics.set_model(info.checkpoint, info.source_format, info.iteration,
-                                info.val_loss, info.loaded_at)
+        state.metrics.set_model(
+            info.checkpoint, info.source_format, info.iteration, info.val_loss, info.loaded_at
+        )
 
     config = ReloadConfig(
         watch=settings.watch,
         interval=settings.watch_interval,
         retire_timeout=settings.request_timeout or ReloadConfig.retire_timeout,
     )
-    return Reloader(state, settings.checkpoint, config, build_engine, on_model,
-                    state.metrics.reload_result)
+    return Reloader(
+        state, settings.checkpoint, config, build_engine, on_model, state.metrics.reload_result
+    )

@@ -40,7 +40,9 @@ def make_tiny_checkpoint(path: Path, *, seed: int = 0, provenance: dict | None =
     """A random 2-layer char model saved with the real (atomic) checkpoint writer."""
     torch.manual_seed(seed)
     tokenizer = CharTokenizer(list(ALPHABET))
-    config = GPTConfig(block_size=32, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=16)
+    config = GPTConfig(
+        block_size=32, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=16
+    )
     return save_checkpoint(path, GPT(config), tokenizer.spec(), provenance or {})
 
 
@@ -65,11 +67,24 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServerProcess:
-        argv = [sys.executable, "-m", "service", "--checkpoint", str(self.checkpoint),
-                "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *self.args]
+        argv = [
+            sys.executable,
+            "-m",
+            "service",
+            "--checkpoint",
+            str(self.checkpoint),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--device",
+            "cpu",
+            *self.args,
+        ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=child_env(), stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env=child_env(), stdout=self._log, stderr=subprocess.STDOUT
+        )
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -115,43 +130,75 @@ class StreamResult:
     model: str | None
     headers: dict[str, str]
     error: str | None = None
+    fingerprint: str | None = None  # system_fingerprint: which checkpoint answered
 
     @property
     def complete(self) -> bool:
         return self.done and self.finish_reason is not None and self.error is None
 
 
-def stream_completion(client: httpx.Client, url: str, prompt: str, max_tokens: int,
-                      headers: dict[str, str] | None = None, **params) -> StreamResult:
+def stream_completion(
+    client: httpx.Client,
+    url: str,
+    prompt: str,
+    max_tokens: int,
+    headers: dict[str, str] | None = None,
+    **params,
+) -> StreamResult:
     """POST a streaming /v1/completions and read the SSE stream to its end (or its break)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, **params}
-    text, finish, done, model, got_headers = [], None, False, None, {}
+    text, finish, done, model, got_headers, fingerprint = [], None, False, None, {}, None
     try:
         with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
             got_headers = dict(resp.headers)
             if resp.status_code != 200:
                 resp.read()
-                return StreamResult("", None, False, None, got_headers,
-                                    f"HTTP {resp.status_code}: {resp.text[:200]}")
+                return StreamResult(
+                    "",
+                    None,
+                    False,
+                    None,
+                    got_headers,
+                    f"HTTP {resp.status_code}: {resp.text[:200]}",
+                )
             for line in resp.iter_lines():
                 if not line.startswith("data: "):
                     continue
-                data = line[len("data: "):]
+                data = line[len("data: ") :]
                 if data == "[DONE]":
                     done = True
                     continue
                 chunk = json.loads(data)
                 model = chunk.get("model", model)
+                fingerprint = chunk.get("system_fingerprint", fingerprint)
                 for choice in chunk.get("choices", []):
                     text.append(choice.get("text") or "")
                     finish = choice.get("finish_reason") or finish
     except (httpx.TransportError, httpx.RemoteProtocolError) as err:
-        return StreamResult("".join(text), finish, done, model, got_headers, repr(err))
-    return StreamResult("".join(text), finish, done, model, got_headers)
+        return StreamResult("".join(text), finish, done, model, got_headers, repr(err), fingerprint)
+    return StreamResult("".join(text), finish, done, model, got_headers, None, fingerprint)
 
 
-def write_nginx_conf(prefix: Path, *, listen_port: int, upstreams: list[str],
-                     extra_server_lines: tuple[str, ...] = ()) -> Path:
+def corpus_file(tmp_path: Path, chars: int = 20_000) -> Path:
+    """A small training text: the head of $GPTSERVE_TEST_CORPUS, else a text written here."""
+    source = os.environ.get("GPTSERVE_TEST_CORPUS")
+    if source and Path(source).is_file():
+        text = Path(source).read_text(encoding="utf-8")[:chars]
+    else:
+        line = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind.\n"
+        text = line * (chars // len(line) + 1)
+    out = tmp_path / "corpus.txt"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def write_nginx_conf(
+    prefix: Path,
+    *,
+    listen_port: int,
+    upstreams: list[str],
+    extra_server_lines: tuple[str, ...] = (),
+) -> Path:
     """Render the shipped deploy/nginx/gptserve.conf for a local nginx under ``prefix``.
 
     Only what a container would supply differs: the upstream addresses (loopback ports instead of
@@ -165,7 +212,8 @@ def write_nginx_conf(prefix: Path, *, listen_port: int, upstreams: list[str],
     assert n == 1, "deploy/nginx/gptserve.conf: expected one `server replica:8000` line"
     server_conf = server_conf.replace("listen 8080;", f"listen 127.0.0.1:{listen_port};")
     server_conf = server_conf.replace(
-        "/etc/nginx/gptserve-proxy.inc", str(NGINX_DIR / "gptserve-proxy.inc"))
+        "/etc/nginx/gptserve-proxy.inc", str(NGINX_DIR / "gptserve-proxy.inc")
+    )
     extra = "".join(f"        {line}\n" for line in extra_server_lines)
     server_conf = server_conf.replace("    location / {\n", "    location / {\n" + extra)
     (prefix / "gptserve.conf").write_text(server_conf)

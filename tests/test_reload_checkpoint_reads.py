@@ -9,8 +9,8 @@ import threading
 
 import pytest
 import torch
-
 from deploy_support import make_tiny_checkpoint
+
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.tokenizer import CharTokenizer
 from service.reload import Fingerprint, ModelInfo, _FolderChanged, check_compatible, load_consistent
@@ -47,7 +47,8 @@ def test_reader_never_mixes_config_and_weights_of_two_checkpoints(tmp_path):
                 continue
             it = ck.provenance["iterations"]
             assert torch.equal(ck.model.transformer.wte.weight, refs[it]), (
-                f"config.json said iteration {it} but the weights are another checkpoint's")
+                f"config.json said iteration {it} but the weights are another checkpoint's"
+            )
             assert ck.path == live, "the checkpoint must report the watched path, not the handle"
             loads += 1
     finally:

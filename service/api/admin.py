@@ -44,14 +44,21 @@ async def reload_checkpoint(
     request: Request, state: StateDep, body: ReloadRequest | None = None
 ) -> ReloadResponse:
     if state.settings.api_key is None:
-        raise APIError(403, "POST /admin/reload is disabled: start the server with --api-key",
-                       code="admin_disabled")
+        raise APIError(
+            403,
+            "POST /admin/reload is disabled: start the server with --api-key",
+            code="admin_disabled",
+        )
     if state.draining or not state.has_engine:
         raise not_ready()
     target = Path(body.checkpoint) if body is not None and body.checkpoint else None
     try:
         outcome = await request.app.state.reloader.reload(target)
     except ReloadError as err:
-        raise APIError(400, f"checkpoint refused, the old model keeps serving: {err}",
-                       param="checkpoint", code="invalid_checkpoint") from None
+        raise APIError(
+            400,
+            f"checkpoint refused, the old model keeps serving: {err}",
+            param="checkpoint",
+            code="invalid_checkpoint",
+        ) from None
     return ReloadResponse(status=outcome.status, model=outcome.model.to_dict())
