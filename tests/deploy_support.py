@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,14 +144,20 @@ def stream_completion(
     prompt: str,
     max_tokens: int,
     headers: dict[str, str] | None = None,
+    on_headers: Callable[[dict[str, str]], None] | None = None,
     **params,
 ) -> StreamResult:
-    """POST a streaming /v1/completions and read the SSE stream to its end (or its break)."""
+    """POST a streaming /v1/completions and read the SSE stream to its end (or its break).
+
+    ``on_headers`` is called with the response headers as soon as they arrive.
+    """
     body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, **params}
     text, finish, done, model, got_headers, fingerprint = [], None, False, None, {}, None
     try:
         with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
             got_headers = dict(resp.headers)
+            if on_headers is not None:
+                on_headers(got_headers)
             if resp.status_code != 200:
                 resp.read()
                 return StreamResult(
