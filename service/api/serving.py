@@ -125,7 +125,7 @@ class CompletionServing:
 
     async def create(self, body: CompletionRequest, http: HTTPRequest) -> Response:
         state = self.state
-        if not state.has_engine or state.draining:
+        if not state.ready:  # loading, warming up or draining: a balancer should go elsewhere
             state.metrics.reject("not_ready")
             raise not_ready()
         engine = state.engine
