@@ -1,0 +1,92 @@
+"""Every series the dashboard, the alert rules and the autoscaler query exists in real /metrics.
+
+A real server on a tiny checkpoint serves a streamed completion and refuses a bad request; then
+its /metrics text is scraped and every ``gptserve_*`` name (and every label a panel groups or
+names by) in deploy/grafana, deploy/prometheus/rules.yml and deploy/k8s must appear in it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+import yaml
+from deploy_support import ROOT, ServerProcess, make_tiny_checkpoint, stream_completion
+
+DEPLOY = ROOT / "deploy"
+METRIC = re.compile(r"\bgptserve_[a-z0-9_]+\b")
+GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+LEGEND_LABEL = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
+TARGET_LABELS = {"instance", "job", "le"}  # added by Prometheus or the histogram itself
+
+
+def _scrape_after_traffic(tmp_path) -> dict[str, set[str]]:
+    """Sample name -> label names, from a live server that has served and refused requests."""
+    checkpoint = make_tiny_checkpoint(tmp_path / "ckpt", provenance={"iterations": 7})
+    server = ServerProcess(checkpoint, tmp_path / "server.log").start()
+    try:
+        server.wait_ready()
+        with httpx.Client(timeout=30) as client:
+            assert stream_completion(client, server.url, "ab", max_tokens=8).complete
+            bad = client.post(f"{server.url}/v1/completions", json={"prompt": "ab", "n": 0})
+            assert bad.status_code == 400
+            text = client.get(f"{server.url}/metrics").text
+    finally:
+        server.stop()
+    series: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.partition("{")
+        name = name.split(" ")[0]
+        labels = set(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', rest)) if rest else set()
+        series.setdefault(name, set()).update(labels)
+    return series
+
+
+def _dashboard_queries() -> list[tuple[str, str, str]]:
+    """(where, expr, legendFormat) for every panel target of every provisioned dashboard."""
+    out = []
+    for path in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for t in panel["targets"]:
+                out.append((f"{path.name}: {panel['title']}", t["expr"], t.get("legendFormat", "")))
+    return out
+
+
+def _rule_queries() -> list[tuple[str, str, str]]:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    return [
+        (f"rules.yml: {r.get('alert') or r.get('record')}", r["expr"], "")
+        for group in rules["groups"]
+        for r in group["rules"]
+    ]
+
+
+def _autoscaler_queries() -> list[tuple[str, str, str]]:
+    hpa = yaml.safe_load((DEPLOY / "k8s" / "hpa.yaml").read_text())
+    names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    return [("k8s/hpa.yaml", name, "") for name in names]
+
+
+@pytest.mark.timeout(120)
+def test_every_queried_series_and_label_exists_in_real_metrics_output(tmp_path):
+    series = _scrape_after_traffic(tmp_path)
+    queries = _dashboard_queries() + _rule_queries() + _autoscaler_queries()
+    assert len(queries) > 20, "expected the dashboard, the rules and the HPA to query metrics"
+    problems = []
+    for where, expr, legend in queries:
+        names = METRIC.findall(expr)
+        if not names and not expr.startswith("up{"):  # `up` is Prometheus' own series
+            problems.append(f"{where}: queries no gptserve series: {expr}")
+        for name in names:
+            if name not in series:
+                problems.append(f"{where}: {name} is not in /metrics")
+        labels = {lab.strip() for group in GROUPING.findall(expr) for lab in group.split(",")}
+        labels |= set(LEGEND_LABEL.findall(legend))
+        available = set().union(*(series.get(n, set()) for n in names)) | TARGET_LABELS
+        for label in labels - available - {""}:
+            problems.append(f"{where}: label {label!r} is on none of {names}")
+    assert not problems, "\n".join(problems)
