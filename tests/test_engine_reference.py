@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from engine_support import engine, prompt_of, request, tiny_checkpoint
 
-from model import reference_generate
+from model import load_checkpoint, reference_generate
 
 # (prompt length, max_tokens, arrival step): block_size is 32, so some prompts overflow the
 # window and most generations run far past it.
@@ -75,3 +77,42 @@ def test_prompt_longer_than_window_is_cropped_from_the_left():
     assert events[0].prompt_cropped and events[0].crops >= 1
     assert [e.token_id for e in events] == _reference(ck, req)
     assert events[-1].num_prompt_tokens == 50
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "shakespeare-char"
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no shipped weights yet")
+def test_shipped_weights_greedy_batch_matches_reference_past_block_size():
+    ck = load_checkpoint(SHIPPED)
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+    block = ck.config.block_size
+    prompts = [ck.tokenizer.encode(text[:n]) for n in (3, 17, len(text))]
+    reqs = [request(f"w{i}", p, max_tokens=m, temperature=0.0)
+            for i, (p, m) in enumerate(zip(prompts, (block + 20, 40, block), strict=True))]
+    eng = engine(ck, max_batch_size=2, window_shift=1, prefill_chunk=64, max_tokens_per_step=96)
+    got = eng.generate(reqs, arrival_steps=[0, 2, 5])
+    for req, tokens in zip(reqs, got, strict=True):
+        assert tokens == _reference(ck, req), f"{req.request_id}: shipped model diverged"
+
+
+def test_step_stats_count_tokens_crops_and_slots():
+    eng = engine(max_batch_size=3, window_shift=4, prefill_chunk=8, max_tokens_per_step=16)
+    core = eng._core
+    for i in range(4):
+        core.add_request(request(f"r{i}", prompt_of(20 + i, i), max_tokens=30, temperature=0.0))
+    crops = generated = prompt_tokens = 0
+    finals = {}
+    while core.has_work():
+        result = core.step()
+        s = result.stats
+        assert s.num_running <= 3 and 0.0 <= s.kv_cache_usage <= 1.0
+        assert s.kv_cache_usage == pytest.approx(s.num_running / 3)
+        crops += s.crops
+        generated += s.generation_tokens
+        prompt_tokens += s.prompt_tokens
+        finals.update({o.request_id: o for o in result.outputs if o.finish_reason})
+    assert generated == 4 * 30
+    assert crops == sum(o.crops for o in finals.values()) > 0
+    assert prompt_tokens >= sum(20 + i for i in range(4))
+    assert s.kv_cache_usage == 0.0 and s.total_steps == core.total_steps

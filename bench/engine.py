@@ -1,0 +1,240 @@
+"""Engine benchmark: ratios measured side by side in one run, printed as a table.
+
+Run (the shipped weights, or a random stand-in of the same shape when they are absent):
+    OMP_NUM_THREADS=2 python3 bench/engine.py --checkpoint weights/shakespeare-char
+
+Prints, for ``--requests`` concurrent requests with mixed prompt lengths and ``--new-tokens``
+new tokens each (greedy, eos ignored):
+1. engine throughput vs the same engine serving them one at a time (max_batch_size=1);
+2. engine vs Hugging Face ``transformers`` ``generate`` (KV cache, greedy) on the same weights
+   exported with ``model.export_huggingface``, same batch; HF cannot run past its
+   ``n_positions``, so this comparison caps new tokens to fit the window;
+3. decode FLOP/s at batch ``--decode-batch`` as a fraction of this machine's measured fp32
+   matmul peak (best of square ``torch.mm``), FLOPs per token =
+   2 * (12 * n_layer * n_embd^2 + vocab * n_embd) + 4 * n_layer * n_embd * context;
+4. tokens/s inside vs past the context window for window_shift 1 and the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import GPT, CharTokenizer, Checkpoint, GPTConfig, export_huggingface, load_checkpoint
+from service.engine import Engine, EngineConfig, Request, SamplingParams
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    checkpoint: str | None
+    requests: int = 32
+    new_tokens: int = 128
+    decode_batch: int = 64
+    window_tokens: int = 64
+    shifts: tuple[int, ...] = ()
+    skip_hf: bool = False
+    seed: int = 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default="weights/shakespeare-char",
+                   help="checkpoint folder; a random stand-in of the same shape if missing")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--decode-batch", type=int, default=64)
+    p.add_argument("--window-tokens", type=int, default=64,
+                   help="tokens per request for the inside/past-window comparison")
+    p.add_argument("--shifts", type=int, nargs="*", default=[],
+                   help="extra window_shift values to compare past the window")
+    p.add_argument("--skip-hf", action="store_true")
+    return p
+
+
+def load_or_stand_in(path: str | None) -> tuple[Checkpoint, str]:
+    if path and Path(path).exists():
+        return load_checkpoint(path), f"{path} (shipped weights)"
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=192, bias=False)
+    chars = sorted(set("\n !$&',-.3:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
+    ck = Checkpoint(GPT(config).eval(), CharTokenizer(chars), config, "gptserve", Path("random"))
+    return ck, f"random stand-in {config} ({path} not found)"
+
+
+def make_prompts(ck: Checkpoint, n: int, max_len: int, seed: int) -> list[list[int]]:
+    """Mixed-length prompts (1..max_len tokens), from the corpus when GPTSERVE_TEST_CORPUS is set."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1 + (i * 37) % max_len for i in range(n)]
+    corpus = os.environ.get("GPTSERVE_TEST_CORPUS")
+    if corpus and Path(corpus).is_file():
+        text = Path(corpus).read_text(encoding="utf-8")[:200_000]
+        ids = [i for i in ck.tokenizer.encode(text)] if all(
+            c in getattr(ck.tokenizer, "chars", c) for c in set(text)) else None
+        if ids:
+            starts = torch.randint(0, len(ids) - max_len, (n,), generator=g).tolist()
+            return [ids[s : s + k] for s, k in zip(starts, lengths, strict=True)]
+    return [torch.randint(0, ck.tokenizer.vocab_size, (k,), generator=g).tolist() for k in lengths]
+
+
+def requests(prompts, new_tokens: int, tag: str) -> list[Request]:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    return [Request(f"{tag}{i}", tuple(p), params) for i, p in enumerate(prompts)]
+
+
+def time_engine(ck, config: EngineConfig, reqs) -> tuple[float, list[list[int]]]:
+    engine = Engine(ck, config)
+    engine.generate(requests([[1, 2, 3]], 4, "warm"))  # warm-up
+    t0 = time.perf_counter()
+    out = engine.generate(reqs)
+    return sum(len(o) for o in out) / (time.perf_counter() - t0), out
+
+
+def time_hf(ck, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+    from transformers import GPT2LMHeadModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_huggingface(ck.model, Path(tmp) / "hf")
+        hf = GPT2LMHeadModel.from_pretrained(Path(tmp) / "hf", attn_implementation="sdpa").eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: the new tokens line up on the right
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+              pad_token_id=0, eos_token_id=None, use_cache=True)
+    with torch.no_grad():
+        hf.generate(ids[:2, -4:], attention_mask=mask[:2, -4:], **{**kw, "max_new_tokens": 4,
+                    "min_new_tokens": 4})
+        t0 = time.perf_counter()
+        out = hf.generate(ids, attention_mask=mask, **kw)
+        dt = time.perf_counter() - t0
+    return len(prompts) * new_tokens / dt, out[:, width:].tolist()
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 FLOP/s of an n x n x n torch.mm on this machine (same thread count)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def decode_flops_per_token(cfg: GPTConfig, context: int) -> int:
+    matmul = 12 * cfg.n_layer * cfg.n_embd**2 + cfg.vocab_size * cfg.n_embd
+    return 2 * matmul + 4 * cfg.n_layer * cfg.n_embd * context
+
+
+def decode_throughput(ck, batch: int, steps: int = 20) -> tuple[float, float, float]:
+    """(tokens/s of whole engine steps, tokens/s of the runner's decode alone, mean context)."""
+    engine = Engine(ck, EngineConfig(max_batch_size=batch, max_tokens_per_step=max(batch, 128),
+                                     device="cpu"))
+    core = engine._core
+    ctx0 = ck.config.block_size // 2
+    prompts = make_prompts(ck, batch, ctx0, seed=1)
+    prompts = [(p * ctx0)[:ctx0] for p in prompts]
+    with torch.inference_mode():
+        for r in requests(prompts, 10**6, "d"):
+            core.add_request(r)
+        while any(s.status.value != "decode" for s in core.scheduler.running) or \
+                core.scheduler.waiting:
+            core.step()
+        seqs = list(core.scheduler.running)
+        ctx = sum(s.window_len for s in seqs) / len(seqs)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            core.step()
+        full = batch * steps / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            core.runner.decode(seqs)
+        runner = batch * steps / (time.perf_counter() - t0)
+    return full, runner, ctx + steps / 2
+
+
+def window_rates(ck, shift: int, n: int, tokens: int) -> tuple[float, float]:
+    """Steady-state generation tokens/s of ``n`` sequences inside the window and past it.
+
+    Inside: 1-token prompts, timing ``tokens`` decode tokens that all fit the window. Past: the
+    prompt fills the window, so every timed token is past it and the timed span (``tokens``,
+    at least one shift) includes the crops and re-encodes it costs. Prompt prefill is untimed.
+    """
+    block = ck.config.block_size
+    base = make_prompts(ck, n, block, seed=2)
+    rates = []
+    for prompts in ([p[:1] for p in base], [(p * block)[:block] for p in base]):
+        engine = Engine(ck, EngineConfig(max_batch_size=n, window_shift=shift, device="cpu"))
+        core = engine._core
+        with torch.inference_mode():
+            for r in requests(prompts, tokens + 1, "w"):
+                core.add_request(r)
+            while core.scheduler.waiting or any(s.num_generated == 0 for s in core.scheduler.running):
+                core.step()  # untimed: prompt prefill up to every sequence's first token
+            t0, generated = time.perf_counter(), 0
+            while core.has_work():
+                generated += core.step().stats.generation_tokens
+        rates.append(generated / (time.perf_counter() - t0))
+    return rates[0], rates[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    cfg = BenchConfig(a.checkpoint, a.requests, a.new_tokens, a.decode_batch, a.window_tokens,
+                      tuple(a.shifts), a.skip_hf)
+    ck, source = load_or_stand_in(cfg.checkpoint)
+    mc = ck.config
+    print(f"model: {source}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32")
+    default = EngineConfig(device="cpu")
+    prompts = make_prompts(ck, cfg.requests, mc.block_size // 2, cfg.seed)
+    reqs = requests(prompts, cfg.new_tokens, "r")
+
+    batched, out = time_engine(ck, EngineConfig(max_batch_size=cfg.requests, device="cpu"), reqs)
+    single, out1 = time_engine(ck, EngineConfig(max_batch_size=1, device="cpu"), reqs)
+    print(f"\n1. {cfg.requests} requests x {cfg.new_tokens} new tokens (prompts 1..{mc.block_size // 2}"
+          f", window_shift {default.window_shift}):\n   engine batched {batched:8.1f} tok/s | one at "
+          f"a time {single:8.1f} tok/s | ratio {batched / single:5.2f}x (target >= 8x)"
+          f" | same tokens: {out == out1}")
+
+    if not cfg.skip_hf:
+        hf_new = min(cfg.new_tokens, mc.block_size - max(len(p) for p in prompts))
+        hf_reqs = requests(prompts, hf_new, "h")
+        eng, eng_out = time_engine(ck, EngineConfig(max_batch_size=cfg.requests, device="cpu"),
+                                   hf_reqs)
+        loose, _ = time_engine(ck, EngineConfig(max_batch_size=cfg.requests, device="cpu",
+                                                batch_invariant=False), hf_reqs)
+        hf, hf_out = time_hf(ck, prompts, hf_new)
+        same = sum(a == b for a, b in zip(eng_out, hf_out, strict=True))
+        print(f"\n2. vs HF transformers generate (greedy, KV cache), {cfg.requests} x {hf_new} new "
+              f"tokens (inside the window):\n   engine {eng:8.1f} tok/s | HF {hf:8.1f} tok/s | "
+              f"ratio {eng / hf:5.2f}x (target >= 1.5x) | identical outputs {same}/{len(prompts)}\n"
+              f"   engine with batch_invariant=False {loose:8.1f} tok/s | ratio {loose / hf:5.2f}x")
+
+    peak = matmul_peak()
+    full, runner, ctx = decode_throughput(ck, cfg.decode_batch)
+    fpt = decode_flops_per_token(mc, round(ctx))
+    print(f"\n3. decode at batch {cfg.decode_batch} (context ~{ctx:.0f}), "
+          f"{fpt / 1e6:.2f} MFLOP/token; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s\n"
+          f"   engine step {full:8.1f} tok/s = {full * fpt / 1e9:6.2f} GFLOP/s = "
+          f"{100 * full * fpt / peak:5.1f}% of peak | runner.decode alone {runner:8.1f} tok/s = "
+          f"{100 * runner * fpt / peak:5.1f}% (target >= 30%)")
+
+    print(f"\n4. tokens/s inside vs past the window ({cfg.requests} requests x "
+          f"{cfg.window_tokens} tokens):")
+    for shift in sorted({1, default.window_shift, *cfg.shifts}):
+        rate_in, rate_past = window_rates(ck, shift, cfg.requests, cfg.window_tokens)
+        print(f"   window_shift {shift:4d}: inside {rate_in:8.1f} tok/s | past {rate_past:8.1f}"
+              f" tok/s | past/inside {rate_past / rate_in:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
