@@ -13,7 +13,7 @@ from deploy_support import make_tiny_checkpoint
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.tokenizer import CharTokenizer
-from service.reload import Fingerprint, ModelInfo, _FolderChanged, check_compatible, load_consistent
+from service.reload import Fingerprint, FolderChanged, ModelInfo, check_compatible, load_consistent
 
 
 @pytest.mark.timeout(60)
@@ -42,7 +42,7 @@ def test_reader_never_mixes_config_and_weights_of_two_checkpoints(tmp_path):
         while loads < 30:
             try:
                 ck = load_consistent(live)
-            except _FolderChanged:
+            except FolderChanged:
                 races += 1
                 continue
             it = ck.provenance["iterations"]

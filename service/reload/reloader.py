@@ -1,0 +1,262 @@
+"""Live checkpoint reload: load a new checkpoint beside the running model, then switch to it.
+
+The trainer writes a checkpoint folder atomically (one ``renameat2`` exchange swaps the whole
+folder), so a change of the folder's identity *is* the signal that a complete new checkpoint is
+there. With ``--watch`` the server polls that identity; ``POST /admin/reload`` asks for the same
+thing by hand. A reload:
+
+1. reads the checkpoint through an open handle on the folder (``/proc/self/fd/N``), so config and
+   weights come from the same folder even if the trainer swaps in yet another one mid-read, and
+   gives up (to retry on the next poll) if the folder changed while it was being read;
+2. refuses a bad checkpoint (unreadable, wrong shapes, non-finite weights, another tokenizer) with
+   a log line and ``gptserve_model_reloads_total{result="failed"}``; the old model keeps serving;
+3. builds and starts a second ``Engine``, waits for its first step, and switches the app's current
+   engine (``ServerState.swap_engine``): requests in flight finish on the old weights, new ones get
+   the new weights;
+4. retires the old engine once its last in-flight request has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from model.checkpoint import Checkpoint, CheckpointError
+from service.reload.snapshot import (
+    Fingerprint,
+    FolderChanged,
+    ModelInfo,
+    check_compatible,
+    folder_swapped,
+    load_consistent,
+)
+
+if TYPE_CHECKING:
+    from service.api.state import ServerState
+    from service.engine import Engine
+
+log = logging.getLogger("service.reload")
+
+
+@dataclass(frozen=True)
+class ReloadConfig:
+    """How the server follows its checkpoint: watching on or off, and the timings."""
+
+    watch: bool = False
+    interval: float = 2.0  # seconds between two looks at the checkpoint folder
+    ready_timeout: float = 120.0  # seconds a new engine gets to take its first step
+    retire_timeout: float = 600.0  # seconds the old engine waits for its last request
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0 or self.ready_timeout <= 0 or self.retire_timeout <= 0:
+            raise ValueError("reload interval and timeouts must be > 0")
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What a reload did: ``reloaded``, or ``unchanged`` when the live checkpoint is the same."""
+
+    status: str
+    model: ModelInfo
+
+
+class ReloadError(Exception):
+    """The new checkpoint was refused; the message says why. The old model keeps serving."""
+
+
+class Reloader:
+    """Owns the live ``ModelInfo``, the reload lock, the watch task and the retiring engines.
+
+    ``build_engine(checkpoint)`` returns a started ``Engine`` (the app factory's recipe);
+    ``on_model(info)`` is told which checkpoint is live, ``on_reload(ok)`` how each reload ended.
+    """
+
+    def __init__(
+        self,
+        state: ServerState,
+        path: Path,
+        config: ReloadConfig,
+        build_engine: Callable[[Checkpoint], Engine],
+        on_model: Callable[[ModelInfo], None] = lambda info: None,
+        on_reload: Callable[[bool], None] = lambda ok: None,
+    ) -> None:
+        self.state = state
+        self.path = Path(path)
+        self.config = config
+        self._build_engine = build_engine
+        self._on_model = on_model
+        self._on_reload = on_reload
+        self._lock = asyncio.Lock()
+        self._live: Fingerprint | None = None
+        self._refused: Fingerprint | None = None  # a bad checkpoint is reported once, not per poll
+        self._tasks: set[asyncio.Task] = set()
+        self._retiring: set[Engine] = set()
+        self.info: ModelInfo | None = None
+
+    def adopt(self, checkpoint: Checkpoint, fingerprint: Fingerprint | None) -> ModelInfo:
+        """Record the checkpoint the app started with as the live one."""
+        self._live = fingerprint
+        self.info = ModelInfo.of(checkpoint, self.path)
+        self._on_model(self.info)
+        return self.info
+
+    def start(self, engine: Engine) -> None:
+        """Adopt the engine the app started with as the live model; start watching if asked.
+
+        Its fingerprint is taken now, after its load: a checkpoint swapped in between is picked up
+        by the next swap, never half-read.
+        """
+        checkpoint = getattr(engine, "checkpoint", None)
+        if isinstance(checkpoint, Checkpoint):
+            self.adopt(checkpoint, Fingerprint.of(self.path))
+        if self.config.watch:
+            self._spawn(self._watch())
+
+    async def stop(self) -> None:
+        """Stop watching; shut down engines still retiring (the app shuts the live one)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for engine in list(self._retiring):
+            await asyncio.to_thread(engine.shutdown, 1.0)
+        self._retiring.clear()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self) -> None:
+        log.info("watching %s for new checkpoints every %.1fs", self.path, self.config.interval)
+        seen: Fingerprint | None = None
+        while True:
+            await asyncio.sleep(self.config.interval)
+            now = Fingerprint.of(self.path)
+            # A new folder (the trainer's atomic swap) is read at once; files changed in place
+            # are read only once two looks in a row agree, giving such a writer time to finish.
+            stable, seen = now == seen, now
+            if now is None or now in (self._live, self._refused):
+                continue
+            if not stable and not folder_swapped(now, self._live):
+                continue
+            try:
+                await self.reload()
+            except ReloadError:
+                pass  # logged and counted in reload(); the old model keeps serving
+
+    async def reload(self, path: Path | None = None) -> ReloadOutcome:
+        """Load ``path`` (default: the watched checkpoint) and switch to it; see the module doc."""
+        async with self._lock:
+            if self.state.draining:
+                raise ReloadError("the server is shutting down")
+            target = Path(path) if path is not None else self.path
+            for _attempt in range(3):
+                fingerprint = Fingerprint.of(target)
+                if target == self.path and fingerprint == self._live and self.info is not None:
+                    return ReloadOutcome("unchanged", self.info)
+                try:
+                    checkpoint = await asyncio.to_thread(load_consistent, target)
+                    break
+                except FolderChanged as err:
+                    log.info(
+                        "checkpoint %s changed while loading (%s); reading it again", target, err
+                    )
+                    await asyncio.sleep(0.2)
+                except CheckpointError as err:
+                    self._refuse(fingerprint, f"{err}")
+            else:
+                self._refuse(None, f"{target} kept changing while it was read")
+            return await self._switch(checkpoint, fingerprint, target)
+
+    def _refuse(self, fingerprint: Fingerprint | None, why: str) -> None:
+        self._refused = fingerprint
+        self._on_reload(False)
+        log.error("checkpoint refused, the old model keeps serving: %s", why)
+        raise ReloadError(why)
+
+    async def _switch(
+        self, checkpoint: Checkpoint, fingerprint: Fingerprint | None, target: Path
+    ) -> ReloadOutcome:
+        old = self.state.engine if self.state.has_engine else None
+        live_spec = old.tokenizer.spec() if old is not None else None
+        try:
+            check_compatible(checkpoint, live_spec)
+            engine = await asyncio.to_thread(self._build_engine, checkpoint)
+        except (CheckpointError, ValueError, RuntimeError) as err:
+            self._refuse(fingerprint, str(err))
+        if not await self._wait_ready(engine):
+            await asyncio.to_thread(engine.shutdown, 0.0)
+            self._refuse(
+                fingerprint,
+                f"{target}: the new engine took no step within {self.config.ready_timeout:.0f}s",
+            )
+        self.path, self._live, self._refused = target, fingerprint, None
+        previous = self.state.swap_engine(engine)
+        self.info = ModelInfo.of(checkpoint, target)
+        self._on_model(self.info)
+        self._on_reload(True)
+        log.info(
+            "now serving %s (iteration %s, val_loss %s)",
+            target,
+            self.info.iteration,
+            self.info.val_loss,
+        )
+        if previous is not None:
+            self._retiring.add(previous)
+            self._spawn(self._retire(previous))
+        return ReloadOutcome("reloaded", self.info)
+
+    async def _wait_ready(self, engine: Engine) -> bool:
+        deadline = time.monotonic() + self.config.ready_timeout
+        while not engine.ready:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _retire(self, engine: Engine) -> None:
+        """Shut ``engine`` down once no request in flight runs on it (bounded by retire_timeout)."""
+        deadline = time.monotonic() + self.config.retire_timeout
+        while self.state.num_inflight_on(engine) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(engine.shutdown, 5.0)
+        self._retiring.discard(engine)
+        log.info("retired the previous engine")
+
+
+def server_reloader(state: ServerState, engine_config: Callable[[Any], Any]) -> Reloader:
+    """The app's reloader: engines built like the first one, results reported to the metrics.
+
+    ``engine_config(settings)`` is the app factory's recipe for the ``EngineConfig``.
+    """
+    settings = state.settings
+
+    def build_engine(checkpoint: Checkpoint) -> Engine:
+        from service.engine import Engine
+
+        engine = Engine(checkpoint, engine_config(settings))
+        engine.add_stats_listener(state.metrics.observe_step)
+        engine.start()
+        return engine
+
+    def on_model(info: ModelInfo) -> None:
+        state.metrics.set_model(
+            info.checkpoint, info.source_format, info.iteration, info.val_loss, info.loaded_at
+        )
+
+    config = ReloadConfig(
+        watch=settings.watch,
+        interval=settings.watch_interval,
+        retire_timeout=settings.request_timeout or ReloadConfig.retire_timeout,
+    )
+    return Reloader(
+        state, settings.checkpoint, config, build_engine, on_model, state.metrics.reload_result
+    )
