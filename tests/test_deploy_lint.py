@@ -9,6 +9,7 @@ A check whose tool is not installed is skipped with the reason; CI installs them
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -177,3 +178,23 @@ def test_grafana_dashboard_uses_the_provisioned_datasource():
         assert panel["targets"], f"panel {panel['title']!r} queries nothing"
         for target in panel["targets"]:
             assert target["datasource"]["uid"] in uids, f"{panel['title']}: unknown datasource"
+
+
+def test_every_gptserve_variable_in_the_deploy_files_is_a_server_flag():
+    """A misspelt GPTSERVE_* variable would be silently ignored by the server: catch it here."""
+    from service.settings import ENV_PREFIX, build_parser
+
+    flags = {
+        ENV_PREFIX + opt[2:].replace("-", "_").upper()
+        for action in build_parser(environ={})._actions
+        for opt in action.option_strings
+        if opt.startswith("--") and opt != "--help"
+    }
+    files = [ROOT / "Dockerfile", *ROOT.glob("docker-compose*.yml"), *K8S.rglob("*.yaml")]
+    used = {}
+    for path in files:
+        for name in re.findall(r"\bGPTSERVE_[A-Z_]+\b", path.read_text()):
+            used.setdefault(name, path.name)
+    assert "GPTSERVE_CHECKPOINT" in used, "the deploy files should set the checkpoint"
+    unknown = {name: where for name, where in used.items() if name not in flags}
+    assert not unknown, f"not server flags: {unknown}"
