@@ -1,0 +1,95 @@
+"""A few-iteration training run on tiny data, end to end through ``main([...])``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from trainer_support import TINY, write_corpus
+
+from model.checkpoint import load_checkpoint
+from trainer.cli import main
+from trainer.config import PRESETS, build_train_spec
+from trainer.optim import learning_rate
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Prepare the corpus and train 30 steps; shared by the tests below."""
+    root = tmp_path_factory.mktemp("train")
+    corpus = write_corpus(root)
+    assert main(["prepare", "--input", str(corpus), "--out", str(root / "data")]) == 0
+    args = ["train", "--data", str(root / "data"), "--out", str(root / "run"), *TINY,
+            "--max-iters", "30", "--eval-interval", "10"]  # fmt: skip
+    assert main(args) == 0
+    return root
+
+
+def test_run_folder_holds_best_latest_log_and_curve(tiny_run):
+    run = tiny_run / "run"
+    assert (run / "best" / "model.safetensors").is_file()
+    assert (run / "latest" / "train_state.pt").is_file()
+    assert not (run / "best" / "train_state.pt").exists(), "best/ is for serving: no optimizer"
+    assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 10, 20, 30]
+    assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.5, f"no learning: {records}"
+    assert records[-1]["tokens_seen"] == 30 * 8 * 32
+
+
+def test_best_checkpoint_loads_with_provenance_and_matches_logged_val_loss(tiny_run):
+    ckpt = load_checkpoint(tiny_run / "run" / "best")
+    records = [
+        json.loads(line) for line in (tiny_run / "run" / "log.jsonl").read_text().splitlines()
+    ]
+    best = min(records, key=lambda r: r["val_loss"])
+    prov = ckpt.provenance
+    assert prov["iterations"] == best["step"] and prov["val_loss"] == pytest.approx(
+        best["val_loss"]
+    )
+    assert prov["dataset"].endswith("data") and prov["tokens_seen"] == best["tokens_seen"]
+    assert prov["hyperparameters"]["n_embd"] == 32 and "date" in prov
+    assert ckpt.config.n_layer == 2 and ckpt.config.vocab_size == ckpt.tokenizer.vocab_size
+
+
+def test_sample_and_export_hf_work_on_the_trained_checkpoint(tiny_run, capsys):
+    best = str(tiny_run / "run" / "best")
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", best, "--prompt", "First", "--max-tokens", "20"]) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    assert text.startswith("First") and len(text) == len("First") + 20, repr(text)
+    assert main(["export-hf", "--checkpoint", best, "--out", str(tiny_run / "hf")]) == 0
+    hf = load_checkpoint(tiny_run / "hf")
+    assert hf.source_format == "huggingface" and hf.config.n_embd == 32
+
+
+def test_fresh_run_refuses_to_overwrite_an_existing_run(tiny_run, capsys):
+    before = (tiny_run / "run" / "latest" / "model.safetensors").read_bytes()
+    args = ["train", "--data", str(tiny_run / "data"), "--out", str(tiny_run / "run"), *TINY]
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tiny_run / "run" / "latest" / "model.safetensors").read_bytes() == before
+
+
+def test_presets_layer_under_explicit_flags_and_unknown_keys_are_errors():
+    spec = build_train_spec("shakespeare-char", batch_size=12)
+    assert (spec.model.n_layer, spec.model.n_embd, spec.model.block_size) == (6, 384, 256)
+    assert (
+        spec.loop.batch_size == 12
+        and spec.loop.max_iters == PRESETS["shakespeare-char"]["max_iters"]
+    )
+    with pytest.raises(ValueError, match="unknown hyperparameters: n_layers"):
+        build_train_spec(None, n_layers=3)
+    with pytest.raises(ValueError, match="divisible"):
+        build_train_spec(None, n_embd=30, n_head=4)
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    optim = build_train_spec("cpu-small").optim
+    lrs = [learning_rate(s, optim, 1000) for s in range(1001)]
+    warm = optim.warmup_iters
+    assert lrs[0] < lrs[warm // 2] < lrs[warm - 1] <= optim.learning_rate
+    assert all(a >= b for a, b in zip(lrs[warm:-1], lrs[warm + 1 :], strict=True)), (
+        "cosine must not increase"
+    )
+    assert lrs[1000] == optim.min_lr and lrs[warm] == pytest.approx(optim.learning_rate)

@@ -1,0 +1,276 @@
+"""The training loop: one ``Trainer`` per run, driven by a ``TrainSpec`` and a prepared data folder.
+
+Each optimizer step: ``grad_accum_steps`` micro-batches under autocast, gradient clipping, AdamW
+with the warmup + cosine learning rate. Every ``eval_interval`` steps (and at the end): mean loss on
+fixed train/val batches, a log line, the loss curve, ``best/`` when val improved, and ``latest/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from model.gpt import GPT
+from trainer.checkpointing import Provenance, load_latest, save_best, save_latest
+from trainer.config import TrainSpec
+from trainer.data import BatchSampler, TokenData
+from trainer.distributed import DistContext, all_mean, gather_objects
+from trainer.errors import TrainerError
+from trainer.flops import measure_matmul_flops
+from trainer.optim import learning_rate, make_optimizer
+from trainer.progress import EvalLog, EvalRecord, ProgressBar
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EVAL_SEED_OFFSET = 1  # eval batches come from their own generator: the same batches every eval
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run reports."""
+
+    best_val_loss: float
+    best_step: int
+    final_step: int
+    tokens_seen: int
+    wall_s: float
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    """Round a large vocabulary up to a multiple of 64 for faster matmuls (nanoGPT: 50257->50304)."""
+    return vocab_size if vocab_size <= 256 else -(-vocab_size // 64) * 64
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+class Trainer:
+    """Owns one run: the model (DDP-wrapped under torchrun), optimizer, grad scaler, samplers, the
+    step and token counters, and the run folder (``best/``, ``latest/``, ``log.jsonl``, PNG)."""
+
+    def __init__(
+        self,
+        spec: TrainSpec,
+        data: TokenData,
+        run_dir: Path,
+        *,
+        resume: bool,
+        ctx: DistContext,
+        device: torch.device,
+        progress: bool = True,
+    ) -> None:
+        data.check_block_size(spec.model.block_size)
+        self.spec, self.data, self.run_dir, self.ctx, self.device = spec, data, run_dir, ctx, device
+        self.progress = progress and ctx.is_main
+        self.dtype = resolve_dtype(spec.loop.dtype, device)
+        self.gpt_config = spec.model.gpt_config(padded_vocab_size(data.vocab_size))
+        loop = spec.loop
+        self.tokens_per_step = (
+            loop.batch_size * loop.grad_accum_steps * spec.model.block_size * ctx.world_size
+        )
+        self.step, self.tokens_seen = 0, 0
+        self.best_val, self.best_step = math.inf, -1
+        self.log = EvalLog(run_dir)
+        self.sampler = BatchSampler(
+            data.splits["train"],
+            spec.model.block_size,
+            loop.batch_size,
+            loop.seed,
+            ctx.rank,
+            ctx.world_size,
+        )
+
+        torch.manual_seed(loop.seed)  # identical init on every rank
+        self.raw_model = GPT(self.gpt_config)
+        train_state = self._load_resume_state() if resume else None
+        self.raw_model.to(device)
+        self.optimizer = make_optimizer(self.raw_model, spec.optim, device.type)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        torch.manual_seed(loop.seed + ctx.rank)  # dropout differs across ranks
+        if train_state is not None:
+            self._restore(train_state)
+        elif ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.log.start_fresh()
+        self.model: torch.nn.Module = self.raw_model
+        if loop.compile:
+            self.model = torch.compile(self.model)
+        if ctx.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
+
+    # --- resume --------------------------------------------------------------------------------
+    def _load_resume_state(self) -> dict:
+        model, state = load_latest(
+            self.run_dir, self.data.tokenizer_spec, self.gpt_config.to_dict()
+        )
+        self.raw_model.load_state_dict(model.state_dict())
+        return state
+
+    def _restore(self, state: dict) -> None:
+        rng = state["rng"]
+        if len(rng) != self.ctx.world_size:
+            raise TrainerError(
+                f"--resume: the checkpoint was written by {len(rng)} processes, "
+                f"this job has {self.ctx.world_size}"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.sampler.restore(state["sampler"])
+        torch.set_rng_state(rng[self.ctx.rank]["cpu"])
+        if self.device.type == "cuda" and rng[self.ctx.rank].get("cuda") is not None:
+            torch.cuda.set_rng_state(rng[self.ctx.rank]["cuda"], self.device)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.best_val, self.best_step = state["best_val"], state["best_step"]
+        if self.ctx.is_main:
+            self.log.resume_at(self.step)
+
+    def _train_state(self) -> dict:
+        rng = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.state(),
+            "rng": gather_objects(rng, self.ctx),  # every rank's dropout RNG
+        }
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        loop, start = self.spec.loop, time.perf_counter()
+        peak = loop.peak_flops or measure_matmul_flops(self.device, self.dtype)
+        flops_per_token = self.raw_model.estimate_flops_per_token()
+        if self.ctx.is_main:
+            print(
+                f"model: {self.raw_model.num_params() / 1e6:.2f}M params, "
+                f"{self.tokens_per_step:,} tokens/step, {self.device} {self.dtype}, "
+                f"peak {peak / 1e9:.1f} GFLOP/s per device "
+                f"({'given' if loop.peak_flops else 'measured matmul'})",
+                file=sys.stderr,
+                flush=True,
+            )
+        bar = ProgressBar(
+            self.step,
+            loop.max_iters,
+            self.tokens_per_step,
+            flops_per_token,
+            peak * self.ctx.world_size,
+            self.progress,
+        )
+        if self.step == 0:
+            self._evaluate_and_save(bar, start, save=False)
+        while self.step < loop.max_iters:
+            lr = learning_rate(self.step, self.spec.optim, self.spec.lr_decay_iters)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = self._optimizer_step()
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            bar.step(loss)
+            if self.step % loop.eval_interval == 0 or self.step == loop.max_iters:
+                self._evaluate_and_save(bar, start, save=True)
+                bar.pause()
+        bar.close()
+        return TrainResult(
+            self.best_val, self.best_step, self.step, self.tokens_seen, time.perf_counter() - start
+        )
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _optimizer_step(self) -> float:
+        accum = self.spec.loop.grad_accum_steps
+        for micro in range(accum):
+            x, y = self.sampler.next_batch(self.device)
+            # under DDP, all-reduce gradients only on the last micro-step (nanoGPT)
+            sync = (
+                self.model.no_sync()
+                if self.ctx.enabled and micro < accum - 1
+                else contextlib.nullcontext()
+            )
+            with sync, self._autocast():
+                _, loss = self.model(x, y)
+                loss = loss / accum
+            self.scaler.scale(loss).backward()
+        if self.spec.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.spec.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item() * accum
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over ``eval_iters`` batches per split: the same batches at every eval."""
+        self.raw_model.eval()
+        out = {}
+        for split, tokens in self.data.splits.items():
+            sampler = BatchSampler(
+                tokens,
+                self.spec.model.block_size,
+                self.spec.loop.batch_size,
+                self.spec.loop.seed + EVAL_SEED_OFFSET,
+                self.ctx.rank,
+                self.ctx.world_size,
+            )
+            total = 0.0
+            for _ in range(self.spec.loop.eval_iters):
+                x, y = sampler.next_batch(self.device)
+                with self._autocast():
+                    _, loss = self.raw_model(x, y)
+                total += loss.item()
+            out[split] = all_mean(total / self.spec.loop.eval_iters, self.ctx, self.device)
+        self.raw_model.train()
+        return out
+
+    def _evaluate_and_save(self, bar: ProgressBar, start: float, save: bool) -> None:
+        losses = self.evaluate()
+        improved = losses["val"] < self.best_val
+        if improved:
+            self.best_val, self.best_step = losses["val"], self.step
+        lr = learning_rate(self.step, self.spec.optim, self.spec.lr_decay_iters)
+        record = EvalRecord(
+            self.step,
+            round(losses["train"], 6),
+            round(losses["val"], 6),
+            lr,
+            self.tokens_seen,
+            round(time.perf_counter() - start, 2),
+        )
+        state = self._train_state() if save else None  # a collective: every rank takes part
+        if not self.ctx.is_main:
+            return
+        self.log.append(record)
+        bar.write(
+            f"step {self.step}: train loss {losses['train']:.4f}, "
+            f"val loss {losses['val']:.4f}{' (best)' if improved else ''}"
+        )
+        if not save:
+            return
+        provenance = Provenance(
+            str(self.data.folder), self.step, losses["val"], self.tokens_seen, self.spec.flat()
+        )
+        spec = self.data.tokenizer_spec
+        if improved:
+            save_best(self.run_dir, self.raw_model, spec, provenance, self.spec.loop.save_dtype)
+        save_latest(self.run_dir, self.raw_model, spec, provenance, state)
