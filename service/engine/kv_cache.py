@@ -51,10 +51,26 @@ class WindowKVCache(KVCache):
             device=device, dtype=dtype,
         )
         self.fixed_length = fixed_length
+        self._indexed_positions: torch.Tensor | None = None
+        self._index: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def attention_mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
         return super().attention_mask(positions, self.max_len if self.fixed_length else length)
 
     def update(self, layer, slots, positions, k, v, length):
+        """``KVCache.update``, with the write indices worked out once per forward, not per
+        layer (every layer of a forward passes the same ``positions`` tensor)."""
         length = self.max_len if self.fixed_length else length
-        return super().update(layer, slots, positions, k, v, length)
+        if positions is not self._indexed_positions:
+            B, T = positions.shape
+            valid = positions >= 0  # (B, T); padding tokens are not written
+            rows = torch.arange(B, device=positions.device) if slots is None else slots
+            self._index = (valid, rows.view(B, 1).expand(B, T)[valid], positions[valid])
+            self._indexed_positions = positions
+        valid, rows, pos = self._index
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)[valid].to(self.k.dtype)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)[valid].to(self.v.dtype)
+        if slots is None:
+            B = positions.shape[0]
+            return self.k[layer, :B, :, :length], self.v[layer, :B, :, :length]
+        return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
