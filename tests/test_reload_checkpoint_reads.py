@@ -41,7 +41,7 @@ def test_reader_never_mixes_config_and_weights_of_two_checkpoints(tmp_path):
     try:
         while loads < 30:
             try:
-                ck = load_consistent(live)
+                ck = load_consistent(live).checkpoint
             except FolderChanged:
                 races += 1
                 continue
@@ -86,10 +86,10 @@ def test_nan_weights_and_a_different_tokenizer_are_refused(tmp_path):
         model.transformer.wte.weight[0, 0] = float("nan")
     save_checkpoint(tmp_path / "nan", model, spec, {})
     with pytest.raises(CheckpointError, match="NaN"):
-        check_compatible(load_consistent(tmp_path / "nan"), spec)
+        check_compatible(load_consistent(tmp_path / "nan").checkpoint, spec)
 
 
 def test_model_info_reads_the_trainers_provenance(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "best", provenance={"iterations": 250, "val_loss": 1.5})
-    info = ModelInfo.of(load_consistent(path), path)
+    info = ModelInfo.of(load_consistent(path).checkpoint, path)
     assert (info.iteration, info.val_loss, info.checkpoint) == (250, 1.5, str(path))

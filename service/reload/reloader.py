@@ -163,7 +163,7 @@ class Reloader:
                 if target == self.path and fingerprint == self._live and self.info is not None:
                     return ReloadOutcome("unchanged", self.info)
                 try:
-                    checkpoint = await asyncio.to_thread(load_consistent, target)
+                    snapshot = await asyncio.to_thread(load_consistent, target)
                     break
                 except FolderChanged as err:
                     log.info(
@@ -174,7 +174,7 @@ class Reloader:
                     self._refuse(fingerprint, f"{err}")
             else:
                 self._refuse(None, f"{target} kept changing while it was read")
-            return await self._switch(checkpoint, fingerprint, target)
+            return await self._switch(snapshot.checkpoint, snapshot.fingerprint, target)
 
     def _refuse(self, fingerprint: Fingerprint | None, why: str) -> None:
         self._refused = fingerprint

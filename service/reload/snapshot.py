@@ -92,33 +92,42 @@ class FolderChanged(Exception):
     """The checkpoint was swapped again while being read: not a bad checkpoint, just retry."""
 
 
-def load_consistent(path: Path) -> Checkpoint:
+@dataclass(frozen=True)
+class Snapshot:
+    """A checkpoint read whole, with the fingerprint of the very folder it was read from."""
+
+    checkpoint: Checkpoint
+    fingerprint: Fingerprint
+
+
+def load_consistent(path: Path) -> Snapshot:
     """Load ``path`` as one consistent snapshot, or raise ``FolderChanged`` / ``CheckpointError``.
 
-    The folder is opened first and read through ``/proc/self/fd/N``: every file comes from the
-    folder that was opened, whatever the trainer renames meanwhile.
+    A folder is opened first and read through ``/proc/self/fd/N``: every file comes from the folder
+    that was opened, whatever the trainer renames meanwhile, so a load that succeeds is consistent
+    even if a newer checkpoint arrived during it (the watcher picks that one up next). Without
+    ``/proc`` (or for a single-file checkpoint) the path is read and checked unchanged afterwards.
     """
-    before = Fingerprint.of(path)
-    if before is None:
+    if not path.exists():
         raise FolderChanged(f"{path} does not exist right now")
-    handle = Path(f"/proc/self/fd/{os.open(path, os.O_RDONLY)}") if path.is_dir() else None
+    fd = os.open(path, os.O_RDONLY)
     try:
-        if handle is not None and not handle.is_dir():  # no /proc: read by path
-            os.close(int(handle.name))
-            handle = None
+        handle = Path(f"/proc/self/fd/{fd}")
+        source = handle if path.is_dir() and handle.is_dir() else path
+        fingerprint = Fingerprint.of(source)
         try:
-            checkpoint = load_checkpoint(handle or path)
+            checkpoint = load_checkpoint(source)
         except (CheckpointError, OSError) as err:
-            message = str(err).replace(str(handle), str(path)) if handle else str(err)
-            if Fingerprint.of(path) != before:
+            message = str(err).replace(str(handle), str(path))
+            # Deleted under the read, or superseded by a newer checkpoint: not this one's fault.
+            if Fingerprint.of(source) != fingerprint or Fingerprint.of(path) != fingerprint:
                 raise FolderChanged(message) from err
             raise CheckpointError(message) from err
+        if source is path and Fingerprint.of(path) != fingerprint:
+            raise FolderChanged(f"{path} changed while it was read")
     finally:
-        if handle is not None:
-            os.close(int(handle.name))
-    if Fingerprint.of(path) != before:
-        raise FolderChanged(f"{path} changed while it was read")
-    return dataclasses.replace(checkpoint, path=path)
+        os.close(fd)
+    return Snapshot(dataclasses.replace(checkpoint, path=path), fingerprint)
 
 
 def system_fingerprint(engine: object) -> str | None:
