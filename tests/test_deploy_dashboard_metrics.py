@@ -1,4 +1,7 @@
-"""Every series the dashboard, the alert rules and the autoscaler query exists in real /metrics.
+"""The container and monitoring files hold against a real server.
+
+Every series the dashboard, the alert rules and the autoscaler query exists in real /metrics;
+the image's HEALTHCHECK and ENTRYPOINT work.
 
 A real server on a tiny checkpoint serves a streamed completion and refuses a bad request; then
 its /metrics text is scraped and every ``gptserve_*`` name (and every label a panel groups or
@@ -9,11 +12,21 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 
 import httpx
 import pytest
 import yaml
-from deploy_support import ROOT, ServerProcess, make_tiny_checkpoint, stream_completion
+from deploy_support import (
+    ROOT,
+    ServerProcess,
+    child_env,
+    free_port,
+    make_tiny_checkpoint,
+    stream_completion,
+)
 
 DEPLOY = ROOT / "deploy"
 METRIC = re.compile(r"\bgptserve_[a-z0-9_]+\b")
@@ -22,19 +35,26 @@ LEGEND_LABEL = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 TARGET_LABELS = {"instance", "job", "le"}  # added by Prometheus or the histogram itself
 
 
-def _scrape_after_traffic(tmp_path) -> dict[str, set[str]]:
-    """Sample name -> label names, from a live server that has served and refused requests."""
-    checkpoint = make_tiny_checkpoint(tmp_path / "ckpt", provenance={"iterations": 7})
-    server = ServerProcess(checkpoint, tmp_path / "server.log").start()
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory):
+    """A real server on a tiny checkpoint (the container's entrypoint, run from source)."""
+    tmp = tmp_path_factory.mktemp("server")
+    checkpoint = make_tiny_checkpoint(tmp / "ckpt", provenance={"iterations": 7})
+    server = ServerProcess(checkpoint, tmp / "server.log").start()
     try:
         server.wait_ready()
-        with httpx.Client(timeout=30) as client:
-            assert stream_completion(client, server.url, "ab", max_tokens=8).complete
-            bad = client.post(f"{server.url}/v1/completions", json={"prompt": "ab", "n": 0})
-            assert bad.status_code == 400
-            text = client.get(f"{server.url}/metrics").text
+        yield server
     finally:
         server.stop()
+
+
+def _scrape_after_traffic(server: ServerProcess) -> dict[str, set[str]]:
+    """Sample name -> label names, after the server has served and refused requests."""
+    with httpx.Client(timeout=30) as client:
+        assert stream_completion(client, server.url, "ab", max_tokens=8).complete
+        bad = client.post(f"{server.url}/v1/completions", json={"prompt": "ab", "n": 0})
+        assert bad.status_code == 400
+        text = client.get(f"{server.url}/metrics").text
     series: dict[str, set[str]] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -72,8 +92,8 @@ def _autoscaler_queries() -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.timeout(120)
-def test_every_queried_series_and_label_exists_in_real_metrics_output(tmp_path):
-    series = _scrape_after_traffic(tmp_path)
+def test_every_queried_series_and_label_exists_in_real_metrics_output(live_server):
+    series = _scrape_after_traffic(live_server)
     queries = _dashboard_queries() + _rule_queries() + _autoscaler_queries()
     assert len(queries) > 20, "expected the dashboard, the rules and the HPA to query metrics"
     problems = []
@@ -90,3 +110,33 @@ def test_every_queried_series_and_label_exists_in_real_metrics_output(tmp_path):
         for label in labels - available - {""}:
             problems.append(f"{where}: label {label!r} is on none of {names}")
     assert not problems, "\n".join(problems)
+
+
+def _healthcheck_command() -> list[str]:
+    """The Dockerfile's HEALTHCHECK CMD (exec form), with `python` as this interpreter."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    match = re.search(r"HEALTHCHECK .*?CMD (\[.*\])", text)
+    assert match, "no exec-form HEALTHCHECK CMD in the Dockerfile"
+    argv = json.loads(match.group(1))
+    assert argv[0] == "python", argv
+    return [sys.executable, *argv[1:]]
+
+
+@pytest.mark.timeout(60)
+def test_the_image_healthcheck_passes_on_a_live_server_and_fails_on_a_dead_port(live_server):
+    argv = _healthcheck_command()
+    env = child_env(GPTSERVE_PORT=str(live_server.port))
+    ok = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert ok.returncode == 0, f"HEALTHCHECK failed against a live server: {ok.stderr[-500:]}"
+    env["GPTSERVE_PORT"] = str(free_port())
+    dead = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert dead.returncode != 0, "HEALTHCHECK passed with nothing listening"
+
+
+def test_the_image_entrypoint_is_an_installed_command_that_takes_gptserve_env():
+    entry = re.search(r'^ENTRYPOINT \["([^"]+)"', (ROOT / "Dockerfile").read_text(), re.M)
+    assert entry, "no exec-form ENTRYPOINT"
+    assert shutil.which(entry.group(1)), f"{entry.group(1)} is not an installed command"
+    out = subprocess.run([entry.group(1), "--help"], capture_output=True, text=True, timeout=60,
+                         check=False)  # fmt: skip
+    assert out.returncode == 0 and "GPTSERVE_CHECKPOINT" in out.stdout, out.stderr[-500:]
