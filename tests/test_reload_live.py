@@ -54,6 +54,7 @@ TINY = [
     "--no-progress",
 ]
 FINAL_ITER = 60
+LONG = 1500  # tokens: a greedy stream long enough to be running across a switch
 
 
 def _trainer(argv: list[str]) -> list[str]:
@@ -255,5 +256,52 @@ def test_admin_reload_needs_the_api_key_and_refuses_a_bad_checkpoint(tmp_path):
             answer = stream_completion(client, server.url, "ab", max_tokens=4)
         assert answer.complete and _iteration(answer) == 200, answer
         assert _metric(server, 'gptserve_model_reloads_total{result="failed"}') == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_stream_in_flight_finishes_on_the_old_weights_while_new_requests_get_the_new(tmp_path):
+    from deploy_support import make_tiny_checkpoint
+
+    old = make_tiny_checkpoint(tmp_path / "old", seed=1, provenance={"iterations": 1})
+    new = make_tiny_checkpoint(tmp_path / "new", seed=2, provenance={"iterations": 2})
+    server = ServerProcess(old, tmp_path / "server.log", ("--api-key", API_KEY))
+    server.start()
+    request = {"prompt": "ab", "max_tokens": LONG, "temperature": 0}
+    try:
+        server.wait_ready()
+        with httpx.Client(timeout=120, headers=AUTH) as client:
+            alone = client.post(f"{server.url}/v1/completions", json=request).json()
+            old_text = alone["choices"][0]["text"]
+            assert len(old_text) == LONG, alone
+
+            got_tokens = threading.Event()
+            streamed: list[StreamResult] = []
+
+            def stream() -> None:
+                with httpx.Client(timeout=120, headers=AUTH) as c:
+                    streamed.append(
+                        stream_completion(c, server.url, "ab", LONG, temperature=0,
+                                          on_headers=lambda h: got_tokens.set())
+                    )  # fmt: skip
+
+            reader = threading.Thread(target=stream)
+            reader.start()
+            assert got_tokens.wait(60), "the stream never started"
+            switched = client.post(
+                f"{server.url}/admin/reload", json={"checkpoint": str(new)}
+            ).json()
+            assert switched["status"] == "reloaded", switched
+            still_running = reader.is_alive()
+            fresh = client.post(f"{server.url}/v1/completions", json=request).json()
+            reader.join(120)
+        assert still_running, "the stream ended before the switch: make it longer"
+        (result,) = streamed
+        assert result.complete, result
+        assert result.text == old_text, "the in-flight stream changed weights mid-way"
+        assert _iteration(result) == 1
+        assert fresh["system_fingerprint"].startswith("it2-"), fresh["system_fingerprint"]
+        assert fresh["choices"][0]["text"] != old_text, "the new weights gave the old text"
     finally:
         server.stop()
