@@ -58,13 +58,18 @@ class ChoiceState:
     pending: list[tuple[int, float | None, dict[str, float] | None]] = field(default_factory=list)
     num_tokens: int = 0
     finish_reason: str | None = None
-    window: ContextWindow = field(default_factory=ContextWindow)
+    crops: int = 0  # sliding-window crops so far (engine-reported)
+    prompt_cropped: bool = False
     parts: list[str] = field(default_factory=list)
     lp_sent: int = 0  # logprob entries already sent in stream chunks
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def window(self) -> ContextWindow:
+        return ContextWindow(prompt_cropped=self.prompt_cropped, crops=self.crops)
 
     @property
     def has_unsent_logprobs(self) -> bool:
@@ -106,6 +111,8 @@ class Job:
     choices: list[ChoiceState]
     streams: list[AsyncIterator[RequestOutput]]
     finished_requests: set[str] = field(default_factory=set)
+    prompt_index: dict[str, int] = field(default_factory=dict)  # engine request id -> prompt
+    num_done: int = 0  # finished choices
     system_fingerprint: str | None = None  # which checkpoint served it (service.reload)
 
     def usage(self) -> Usage:
@@ -187,6 +194,7 @@ class CompletionServing:
                 request_id = f"{cid}-{i}"
                 stream = engine.add_request(Request(request_id, tuple(prompt), params))
                 job.request_ids.append(request_id)
+                job.prompt_index[request_id] = i
                 job.streams.append(stream)
                 self.state.track(request_id, engine)
                 self.state.metrics.observe_prompt(len(prompt))
@@ -253,11 +261,10 @@ class CompletionServing:
 
     def _apply(self, job: Job, out: RequestOutput, engine) -> tuple[ChoiceState, str] | None:
         """Feed one engine event to its choice; returns (choice, new text) or None if ignored."""
-        prompt_index = job.request_ids.index(out.request_id)
-        choice = job.choices[prompt_index * job.n + out.index]
+        choice = job.choices[job.prompt_index[out.request_id] * job.n + out.index]
         if choice.done:
             return None  # already ended by a stop string; the engine may run a step longer
-        choice.window = ContextWindow(prompt_cropped=out.prompt_cropped, crops=out.crops)
+        choice.crops, choice.prompt_cropped = out.crops, out.prompt_cropped
         text = ""
         if out.token_id is not None:
             choice.num_tokens += 1
@@ -298,8 +305,9 @@ class CompletionServing:
         self, job: Job, choice: ChoiceState, reason: str, out: RequestOutput, engine
     ) -> None:
         choice.finish_reason = reason
+        job.num_done += 1
         self.state.metrics.observe_finished(reason, out.metrics, choice.num_tokens)
-        prompt_index = job.request_ids.index(out.request_id)
+        prompt_index = job.prompt_index[out.request_id]
         siblings = job.choices[prompt_index * job.n : (prompt_index + 1) * job.n]
         if all(c.done for c in siblings):
             request_id = job.request_ids[prompt_index]
@@ -321,12 +329,11 @@ class CompletionServing:
                 job.finished_requests.add(request_id)
                 self.state.untrack(request_id)
 
-    async def _events(self, job: Job) -> AsyncIterator[RequestOutput]:
+    def _events(self, job: Job) -> AsyncIterator[RequestOutput]:
         """All engine events of the job's requests, interleaved as they arrive."""
-        if len(job.streams) == 1:
-            async for out in job.streams[0]:
-                yield out
-            return
+        return job.streams[0] if len(job.streams) == 1 else self._merged(job)
+
+    async def _merged(self, job: Job) -> AsyncIterator[RequestOutput]:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(stream: AsyncIterator[RequestOutput]) -> None:
@@ -354,7 +361,7 @@ class CompletionServing:
                 task.cancel()
 
     def _all_done(self, job: Job) -> bool:
-        return all(c.done for c in job.choices)
+        return job.num_done == len(job.choices)
 
     # -- responses --------------------------------------------------------------------------
 
@@ -411,31 +418,33 @@ class CompletionServing:
         )
 
     async def _stream(self, job: Job, engine, include_usage: bool) -> AsyncIterator[bytes]:
-        head = {
-            "id": job.id,
-            "object": "text_completion",
-            "created": job.created,
-            "model": job.model,
-            "system_fingerprint": job.system_fingerprint,
-        }
+        frame = sse.ChunkFramer(
+            {
+                "id": job.id,
+                "object": "text_completion",
+                "created": job.created,
+                "model": job.model,
+                "system_fingerprint": job.system_fingerprint,
+            }
+        )
         completed = False
         try:
             timeout = self.state.settings.request_timeout or None
             async with asyncio.timeout(timeout):
                 for c in job.choices:
                     if c.prefix:
-                        yield sse.event({**head, "choices": [c.chunk(c.prefix)]})
+                        yield frame.choice(c.chunk(c.prefix))
                 async for out in self._events(job):
                     applied = self._apply(job, out, engine)
                     if applied is None:
                         continue
                     choice, text = applied
                     if text or choice.done or choice.has_unsent_logprobs:
-                        yield sse.event({**head, "choices": [choice.chunk(text)]})
+                        yield frame.choice(choice.chunk(text))
                     if self._all_done(job):
                         break
             if include_usage:
-                yield sse.event({**head, "choices": [], "usage": job.usage().model_dump()})
+                yield frame.usage(job.usage().model_dump())
             yield sse.DONE
             completed = True
         except TimeoutError:

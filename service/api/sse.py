@@ -11,7 +11,27 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 
 
+def _json(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
 def event(data: Any) -> bytes:
     """One SSE event carrying ``data`` as compact JSON (UTF-8; strings are always valid)."""
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return b"data: " + payload.encode("utf-8") + b"\n\n"
+    return b"data: " + _json(data) + b"\n\n"
+
+
+class ChunkFramer:
+    """Frames a completion's stream chunks; the fields every chunk repeats are encoded once
+    (the per-token path is the server's hottest Python code)."""
+
+    def __init__(self, head: dict[str, Any]) -> None:
+        self._head = head
+        self._prefix = b"data: " + _json(head)[:-1] + b',"choices":['
+
+    def choice(self, choice: dict[str, Any]) -> bytes:
+        """A chunk carrying one choice's delta."""
+        return self._prefix + _json(choice) + b"]}\n\n"
+
+    def usage(self, usage: dict[str, Any]) -> bytes:
+        """The final usage chunk: ``choices`` is empty."""
+        return event({**self._head, "choices": [], "usage": usage})

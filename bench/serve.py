@@ -1,0 +1,379 @@
+"""HTTP serving benchmark: streaming clients against a live server vs the engine in-process.
+
+Run (starts its own server on the shipped weights; a random stand-in of the same shape when they
+are absent):
+    OMP_NUM_THREADS=2 python3 bench/serve.py --checkpoint weights/shakespeare-char
+Against a server that is already running (same checkpoint and engine flags for a fair ratio):
+    python3 bench/serve.py --url http://127.0.0.1:8000 --checkpoint weights/shakespeare-char
+
+One workload (``--requests`` prompts of mixed length, ``--max-tokens`` new tokens each, greedy
+by default) is served twice in the same run, alternating ``--rounds`` times:
+1. over HTTP: ``--concurrency`` streaming clients (closed loop: each sends its next request when
+   the previous stream ends), or Poisson arrivals at ``--rate`` requests/s (open loop);
+2. in-process: the same ``Engine`` API the server uses, driven by the same client pattern.
+It prints TTFT and inter-token latency (p50/p99), output tokens/s and requests/s for both, and
+the ratio HTTP tokens/s / in-process tokens/s (target at 32 streams: >= 0.85).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from service.app import engine_config
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    checkpoint: Path
+    url: str | None = None
+    requests: int = 96
+    concurrency: int = 32
+    rate: float | None = None  # Poisson arrivals per second; None = closed loop
+    max_tokens: int = 128
+    prompt_tokens: tuple[int, int] = (16, 64)
+    temperature: float = 0.0
+    rounds: int = 3
+    seed: int = 0
+
+
+@dataclass
+class Trace:
+    """One request as a client saw it: send time, token arrival times, token count."""
+
+    sent: float
+    arrivals: list[float] = field(default_factory=list)
+    tokens: int = 0
+    done: float = 0.0
+
+
+@dataclass(frozen=True)
+class Summary:
+    wall: float
+    requests: int
+    tokens: int
+    ttft: list[float]
+    itl: list[float]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.wall
+
+
+def summarize(traces: list[Trace], wall: float) -> Summary:
+    ttft = [t.arrivals[0] - t.sent for t in traces if t.arrivals]
+    itl = [b - a for t in traces for a, b in zip(t.arrivals, t.arrivals[1:], strict=False)]
+    return Summary(wall, len(traces), sum(t.tokens for t in traces), ttft, itl)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+# -- the two ways of serving one request ----------------------------------------------------
+
+
+async def http_request(base: tuple[str, int], prompt: list[int], cfg: BenchConfig) -> Trace:
+    """One streamed completion over a fresh HTTP/1.1 connection, with a lean SSE reader.
+
+    The client shares this machine's CPU with the server, so it does as little as it can: it
+    de-chunks the body and looks for SSE events, parsing JSON only for the final usage chunk.
+    """
+    body = json.dumps(
+        {
+            "prompt": prompt,
+            "max_tokens": cfg.max_tokens,
+            "temperature": cfg.temperature,
+            "seed": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    trace = Trace(sent=time.perf_counter())
+    reader, writer = await asyncio.open_connection(*base)
+    try:
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        status = await reader.readline()
+        if b" 200 " not in status:
+            raise RuntimeError(f"server answered {status!r}")
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass  # headers (the body is chunked)
+        pending = b""
+        while True:
+            size = int((await reader.readline()).strip() or b"0", 16)
+            if size == 0:
+                break
+            pending += await reader.readexactly(size + 2)
+            pending = pending[:-2]
+            *events, pending = pending.split(b"\n\n")
+            now = time.perf_counter()
+            for event in events:
+                if event == b"data: [DONE]":
+                    continue
+                if event.startswith(b"data: {") and b'"choices":[]' in event:
+                    trace.tokens = json.loads(event[6:])["usage"]["completion_tokens"]
+                elif b'"text":""' not in event:
+                    trace.arrivals.append(now)
+    finally:
+        writer.close()
+    trace.done = time.perf_counter()
+    return trace
+
+
+def engine_request(
+    engine, counter: list[int]
+) -> Callable[[list[int], BenchConfig], Awaitable[Trace]]:
+    from service.engine import Request, SamplingParams
+
+    async def run(prompt: list[int], cfg: BenchConfig) -> Trace:
+        counter[0] += 1
+        params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=0)
+        trace = Trace(sent=time.perf_counter())
+        async for out in engine.add_request(Request(f"bench-{counter[0]}", tuple(prompt), params)):
+            if out.token_id is not None:
+                trace.arrivals.append(time.perf_counter())
+                trace.tokens += 1
+        trace.done = time.perf_counter()
+        return trace
+
+    return run
+
+
+async def drive(serve_one, prompts: list[list[int]], cfg: BenchConfig) -> Summary:
+    """Closed loop (``concurrency`` workers) or Poisson arrivals; returns the summary."""
+    traces: list[Trace] = []
+    start = time.perf_counter()
+    if cfg.rate is None:
+        queue = list(prompts)
+
+        async def worker() -> None:
+            while queue:
+                traces.append(await serve_one(queue.pop(0), cfg))
+
+        await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
+    else:
+        rng = random.Random(cfg.seed)
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(serve_one(prompt, cfg)))
+            await asyncio.sleep(rng.expovariate(cfg.rate))
+        traces = list(await asyncio.gather(*tasks))
+    return summarize(traces, time.perf_counter() - start)
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+
+def make_prompts(tokenizer, cfg: BenchConfig) -> list[list[int]]:
+    """Mixed-length prompts cut from the corpus (GPTSERVE_TEST_CORPUS) or random vocab ids."""
+    rng = random.Random(cfg.seed)
+    low, high = cfg.prompt_tokens
+    corpus = os.environ.get("GPTSERVE_TEST_CORPUS")
+    ids: list[int] = []
+    if corpus and Path(corpus).is_file():
+        try:
+            ids = tokenizer.encode(Path(corpus).read_text(encoding="utf-8")[:100_000])
+        except ValueError:
+            ids = []
+    prompts = []
+    for _ in range(cfg.requests):
+        n = rng.randint(low, high)
+        if len(ids) > n:
+            start = rng.randrange(len(ids) - n)
+            prompts.append(ids[start : start + n])
+        else:
+            prompts.append([rng.randrange(tokenizer.vocab_size) for _ in range(n)])
+    return prompts
+
+
+def checkpoint_or_stand_in(path: Path, tmp: Path) -> tuple[Path, str]:
+    if path.exists():
+        return path, str(path)
+    import torch
+
+    from model import GPT, CharTokenizer, GPTConfig, save_checkpoint
+
+    torch.manual_seed(0)
+    chars = sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"))
+    config = GPTConfig(block_size=128, vocab_size=len(chars), n_layer=4, n_head=4, n_embd=192)
+    out = save_checkpoint(tmp / "stand-in", GPT(config), CharTokenizer(chars).spec())
+    return out, f"random stand-in {config} ({path} not found)"
+
+
+def start_server(checkpoint: Path, settings: Settings) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(settings.max_batch_size),
+        "--max-queue",
+        str(settings.max_queue),
+        "--device",
+        settings.device,
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not become ready in 120 s")
+
+
+def print_table(cfg: BenchConfig, http: Summary, local: Summary) -> None:
+    rows = [
+        ("output tokens/s", f"{http.tokens_per_s:,.0f}", f"{local.tokens_per_s:,.0f}"),
+        ("requests/s", f"{http.requests_per_s:.2f}", f"{local.requests_per_s:.2f}"),
+        (
+            "TTFT p50 / p99 (ms)",
+            f"{pct(http.ttft, 50) * 1e3:.1f} / {pct(http.ttft, 99) * 1e3:.1f}",
+            f"{pct(local.ttft, 50) * 1e3:.1f} / {pct(local.ttft, 99) * 1e3:.1f}",
+        ),
+        (
+            "ITL p50 / p99 (ms)",
+            f"{pct(http.itl, 50) * 1e3:.1f} / {pct(http.itl, 99) * 1e3:.1f}",
+            f"{pct(local.itl, 50) * 1e3:.1f} / {pct(local.itl, 99) * 1e3:.1f}",
+        ),
+        ("tokens generated", f"{http.tokens}", f"{local.tokens}"),
+    ]
+    print(f"| {'':22} | {'HTTP (SSE clients)':>20} | {'in-process engine':>20} |")
+    print(f"|{'-' * 24}|{'-' * 22}|{'-' * 22}|")
+    for name, a, b in rows:
+        print(f"| {name:22} | {a:>20} | {b:>20} |")
+    ratio = http.tokens_per_s / local.tokens_per_s
+    print(f"\nHTTP / in-process output tokens/s (best rounds): {ratio:.3f} (target >= 0.85)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=Path("weights/shakespeare-char"))
+    p.add_argument("--url", help="a running server (default: start one)")
+    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--rate", type=float, help="Poisson arrivals per second (open loop)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--rounds", type=int, default=3, help="alternations of HTTP and in-process")
+    args = p.parse_args(argv)
+
+    from model import load_checkpoint
+    from service.engine import Engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, label = checkpoint_or_stand_in(args.checkpoint, Path(tmp))
+        cfg = BenchConfig(
+            checkpoint=checkpoint,
+            url=args.url,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            rate=args.rate,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            rounds=args.rounds,
+        )
+        settings = Settings(
+            checkpoint=checkpoint,
+            device="cpu",
+            max_batch_size=max(32, cfg.concurrency),
+            max_queue=max(256, cfg.requests),
+        )
+        engine = Engine(load_checkpoint(checkpoint), engine_config(settings))
+        prompts = make_prompts(engine.tokenizer, cfg)
+        mode = (
+            f"Poisson {cfg.rate}/s"
+            if cfg.rate
+            else f"closed loop, {cfg.concurrency} concurrent streams"
+        )
+        print(
+            f"checkpoint: {label}\nworkload: {cfg.requests} requests, {mode}, prompts "
+            f"{cfg.prompt_tokens[0]}-{cfg.prompt_tokens[1]} tokens, {cfg.max_tokens} new "
+            f"tokens, temperature {cfg.temperature}; torch threads "
+            f"{os.environ.get('OMP_NUM_THREADS', 'default')}; {cfg.rounds} round(s), best "
+            "of each reported\n"
+        )
+        proc, url = (None, cfg.url) if cfg.url else start_server(checkpoint, settings)
+        try:
+            best_http = best_local = None
+            counter = [0]
+            ratios: list[float] = []
+
+            async def run_all() -> tuple[Summary, Summary]:
+                nonlocal best_http, best_local
+                engine.start()
+                base = (httpx.URL(url).host, httpx.URL(url).port)
+                serve_http = lambda pr, c: http_request(base, pr, c)  # noqa: E731
+                serve_local = engine_request(engine, counter)
+                warm = BenchConfig(**{**cfg.__dict__, "requests": 4, "max_tokens": 8})
+                await drive(serve_http, prompts[:4], warm)
+                await drive(serve_local, prompts[:4], warm)
+                for r in range(cfg.rounds):
+                    local = await drive(serve_local, prompts, cfg)
+                    http = await drive(serve_http, prompts, cfg)
+                    ratios.append(http.tokens_per_s / local.tokens_per_s)
+                    print(
+                        f"round {r + 1}: HTTP {http.tokens_per_s:,.0f} tok/s, in-process "
+                        f"{local.tokens_per_s:,.0f} tok/s, ratio {ratios[-1]:.3f}"
+                    )
+                    if best_http is None or http.tokens_per_s > best_http.tokens_per_s:
+                        best_http = http
+                    if best_local is None or local.tokens_per_s > best_local.tokens_per_s:
+                        best_local = local
+                return best_http, best_local
+
+            http, local = asyncio.run(run_all())
+            print()
+            print_table(cfg, http, local)
+            print(f"median of the per-round ratios: {statistics.median(ratios):.3f}")
+        finally:
+            engine.shutdown(5)
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
