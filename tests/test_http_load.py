@@ -143,3 +143,17 @@ def test_overload_burst_gets_clean_503s_and_every_accepted_request_completes(tin
         m = _scrape(srv.url)
         assert m['gptserve_request_rejected_total{reason="queue_full"}'] == len(rejected)
         assert m['gptserve_request_success_total{finish_reason="length"}'] == len(ok)
+
+
+def test_request_timeout_cancels_the_request_with_a_clean_error(tiny_checkpoint):
+    with live_server(tiny_checkpoint, request_timeout=0.5) as srv:
+        idle_kv = _scrape(srv.url)["gptserve_kv_cache_usage_ratio"]
+        body = {"prompt": "abc", "max_tokens": 10**6}
+        resp = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 504 and resp.json()["error"]["code"] == "timeout"
+        with httpx.stream(
+            "POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as stream:
+            events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert '"code":"timeout"' in events[-2] and events[-1] == "data: [DONE]"
+        wait_until(_settled(srv, idle_kv), what="timed-out requests to leave the engine")
