@@ -30,8 +30,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:  # runs in the main (event loop) thread
         if self._drain_task is not None:
-            if sig == signal.SIGINT:
-                self.force_exit = True
+            if sig == signal.SIGINT:  # a second Ctrl-C: stop now, without waiting
+                self.should_exit = self.force_exit = True
             return
         log.info("received %s: draining", signal.Signals(sig).name)
         loop = asyncio.get_running_loop()
