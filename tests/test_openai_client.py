@@ -7,7 +7,7 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import live_server
+from conftest import live_server, wait_until
 
 from model import load_checkpoint, reference_generate
 
@@ -156,3 +156,18 @@ def test_models_tokenize_detokenize_round_trip(client, server):
     ids = httpx.post(server.url + "/tokenize", json={"prompt": "héllo €"}).json()["tokens"]
     text = httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
     assert text == "héllo €"
+
+
+def test_n_choices_stop_independently_and_free_the_engine(client, server):
+    resp = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=200, n=4, seed=11, temperature=1.0, stop=["e", "a"]
+    )
+    for choice in resp.choices:
+        assert "e" not in choice.text and "a" not in choice.text, choice.text
+        assert choice.finish_reason in ("stop", "length")
+    assert any(c.finish_reason == "stop" for c in resp.choices)
+    engine = server.state.engine
+    wait_until(
+        lambda: engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0,
+        what="stopped choices to leave the engine",
+    )

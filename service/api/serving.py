@@ -1,33 +1,29 @@
 """Serving logic for ``/v1/completions``: prompts in, engine requests out, OpenAI shapes back.
 
 ``CompletionServing`` validates a request, tokenizes its prompts, submits one engine request per
-prompt (each with ``n`` choices), and turns the engine's token events into text through one
-``TextStream`` per choice (stop strings, UTF-8 safety) and ``ChoiceState`` (logprobs, usage). A
-client disconnect, a timeout or the end of the response aborts whatever is still running, at once.
+prompt (each with ``n`` choices) and answers with one JSON response or an SSE stream, folding the
+engine's token events into choices with ``service.api.choices.Job``. A client disconnect, a
+timeout, or the end of the response aborts whatever is still running in the engine, at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 
 from model.tokenizer import TokenizerError
 from service.api import sse
+from service.api.choices import ChoiceState, Job
 from service.api.errors import APIError, not_ready
 from service.api.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    ContextWindow,
-    Logprobs,
-    Usage,
     completion_id,
 )
 from service.api.state import ServerState
@@ -40,88 +36,9 @@ from service.engine.types import (
     SamplingParams,
 )
 from service.reload import system_fingerprint
-from service.text import TextDelta, TextStream
 
 log = logging.getLogger("service.api")
 _END = object()
-
-
-@dataclass
-class ChoiceState:
-    """One choice's running text, pending logprobs, usage and finish."""
-
-    index: int
-    stream: TextStream
-    prefix: str = ""  # echoed prompt text
-    want_logprobs: bool = False
-    logprobs: Logprobs | None = None
-    pending: list[tuple[int, float | None, dict[str, float] | None]] = field(default_factory=list)
-    num_tokens: int = 0
-    finish_reason: str | None = None
-    crops: int = 0  # sliding-window crops so far (engine-reported)
-    prompt_cropped: bool = False
-    parts: list[str] = field(default_factory=list)
-    lp_sent: int = 0  # logprob entries already sent in stream chunks
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def window(self) -> ContextWindow:
-        return ContextWindow(prompt_cropped=self.prompt_cropped, crops=self.crops)
-
-    @property
-    def has_unsent_logprobs(self) -> bool:
-        return self.logprobs is not None and len(self.logprobs.tokens) > self.lp_sent
-
-    def chunk(self, text: str) -> dict:
-        """This choice's part of a stream chunk: ``text`` plus logprob entries not yet sent."""
-        logprobs = None
-        if self.logprobs is not None:
-            lp, k = self.logprobs, self.lp_sent
-            logprobs = {
-                "tokens": lp.tokens[k:],
-                "token_logprobs": lp.token_logprobs[k:],
-                "top_logprobs": lp.top_logprobs[k:],
-                "text_offset": lp.text_offset[k:],
-            }
-            self.lp_sent = len(lp.tokens)
-        out = {
-            "index": self.index,
-            "text": text,
-            "logprobs": logprobs,
-            "finish_reason": self.finish_reason,
-        }
-        if self.done:
-            out["context_window"] = self.window.model_dump()
-        return out
-
-
-@dataclass
-class Job:
-    """One admitted ``/v1/completions`` call: its engine requests and choices."""
-
-    id: str
-    created: int
-    model: str
-    request_ids: list[str]
-    n: int
-    prompt_tokens: int
-    choices: list[ChoiceState]
-    streams: list[AsyncIterator[RequestOutput]]
-    finished_requests: set[str] = field(default_factory=set)
-    prompt_index: dict[str, int] = field(default_factory=dict)  # engine request id -> prompt
-    num_done: int = 0  # finished choices
-    system_fingerprint: str | None = None  # which checkpoint served it (service.reload)
-
-    def usage(self) -> Usage:
-        completion = sum(c.num_tokens for c in self.choices)
-        return Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=self.prompt_tokens + completion,
-        )
 
 
 class CompletionServing:
@@ -181,41 +98,27 @@ class CompletionServing:
             id=cid,
             created=int(time.time()),
             model=self.state.settings.served_model_name,
-            system_fingerprint=system_fingerprint(engine),
-            request_ids=[],
             n=params.n,
-            prompt_tokens=sum(len(p) for p in prompts),
-            choices=[],
-            streams=[],
+            tokenizer=engine.tokenizer,
+            system_fingerprint=system_fingerprint(engine),
         )
-        tokenizer = engine.tokenizer
         try:
             for i, prompt in enumerate(prompts):
                 request_id = f"{cid}-{i}"
                 stream = engine.add_request(Request(request_id, tuple(prompt), params))
-                job.request_ids.append(request_id)
-                job.prompt_index[request_id] = i
-                job.streams.append(stream)
                 self.state.track(request_id, engine)
+                job.add_prompt(
+                    request_id,
+                    stream,
+                    prompt,
+                    stop=stop,
+                    echo=body.echo,
+                    logprobs=body.logprobs is not None,
+                )
                 self.state.metrics.observe_prompt(len(prompt))
-                prefix = tokenizer.decode(list(prompt)) if body.echo else ""
-                for j in range(params.n):
-                    job.choices.append(
-                        ChoiceState(
-                            index=i * params.n + j,
-                            stream=TextStream(tokenizer, stop),
-                            prefix=prefix,
-                            want_logprobs=body.logprobs is not None,
-                        )
-                    )
         except BaseException:
-            self._release(job, engine, abort=True, count=False)
+            self._release(job, engine, count=False)
             raise
-        for choice in job.choices:
-            if choice.want_logprobs:
-                choice.logprobs = Logprobs()
-                if choice.prefix:  # echoed prompt tokens: the engine does not score prompts
-                    self._echo_logprobs(choice, prompts[choice.index // params.n], tokenizer)
         return job
 
     def _prompt_ids(self, prompt, engine) -> list[list[int]]:
@@ -246,129 +149,43 @@ class CompletionServing:
             out.append(ids)
         return out
 
-    @staticmethod
-    def _echo_logprobs(choice: ChoiceState, prompt: Sequence[int], tokenizer) -> None:
-        offset = 0
-        for token_id in prompt:
-            text = _token_text(tokenizer, token_id)
-            choice.logprobs.tokens.append(text)
-            choice.logprobs.token_logprobs.append(None)
-            choice.logprobs.top_logprobs.append(None)
-            choice.logprobs.text_offset.append(offset)
-            offset += len(text)
-
     # -- engine events -----------------------------------------------------------------------
 
     def _apply(self, job: Job, out: RequestOutput, engine) -> tuple[ChoiceState, str] | None:
-        """Feed one engine event to its choice; returns (choice, new text) or None if ignored."""
-        choice = job.choices[job.prompt_index[out.request_id] * job.n + out.index]
-        if choice.done:
-            return None  # already ended by a stop string; the engine may run a step longer
-        choice.crops, choice.prompt_cropped = out.crops, out.prompt_cropped
-        text = ""
-        if out.token_id is not None:
-            choice.num_tokens += 1
-            top = None
-            if out.top_logprobs is not None:
-                top = {
-                    _token_text(engine.tokenizer, t.token_id): t.logprob
-                    for t in out.top_logprobs
-                    if math.isfinite(t.logprob)
-                }
-            logprob = (
-                out.logprob if out.logprob is not None and math.isfinite(out.logprob) else None
+        """Fold one engine event into the job; record finishes, free engine work at once."""
+        update = job.apply(out)
+        if update is None:
+            return None
+        if update.finished:
+            choice = update.choice
+            self.state.metrics.observe_finished(
+                choice.finish_reason, out.metrics, choice.num_tokens
             )
-            choice.pending.append((out.token_id, logprob, top))
-            delta = choice.stream.push(out.token_id)
-            text += self._take(choice, delta, engine)
-            if delta.stopped:
-                self._finish(job, choice, "stop", out, engine)
-        if out.finish_reason is not None and not choice.done:
-            text += self._take(choice, choice.stream.finish(), engine)
-            self._finish(job, choice, out.finish_reason.value, out, engine)
-        choice.parts.append(text)
-        return choice, text
+        if update.request_done:
+            # Choices ended by a stop string are still running in the engine: free their slots
+            # now (a no-op when the engine finished them itself).
+            engine.abort(out.request_id)
+            self.state.untrack(out.request_id)
+        return update.choice, update.text
 
-    def _take(self, choice: ChoiceState, delta: TextDelta, engine) -> str:
-        released = choice.pending[: delta.num_tokens]
-        del choice.pending[: delta.num_tokens + delta.num_dropped]
-        if choice.logprobs is not None:
-            base = len(choice.prefix)
-            for (token_id, logprob, top), start in zip(released, delta.offsets, strict=True):
-                choice.logprobs.tokens.append(_token_text(engine.tokenizer, token_id))
-                choice.logprobs.token_logprobs.append(logprob)
-                choice.logprobs.top_logprobs.append(top)
-                choice.logprobs.text_offset.append(base + start)
-        return delta.text
-
-    def _finish(
-        self, job: Job, choice: ChoiceState, reason: str, out: RequestOutput, engine
-    ) -> None:
-        choice.finish_reason = reason
-        job.num_done += 1
-        self.state.metrics.observe_finished(reason, out.metrics, choice.num_tokens)
-        prompt_index = job.prompt_index[out.request_id]
-        siblings = job.choices[prompt_index * job.n : (prompt_index + 1) * job.n]
-        if all(c.done for c in siblings):
-            request_id = job.request_ids[prompt_index]
-            if out.finish_reason is None:  # ended by a stop string: free the engine's slots now
-                engine.abort(request_id)
-            job.finished_requests.add(request_id)
-            self.state.untrack(request_id)
-
-    def _release(self, job: Job, engine, *, abort: bool, count: bool = True) -> None:
+    def _release(self, job: Job, engine, *, count: bool = True) -> None:
         """Abort whatever is still running (disconnect, timeout, error) and stop tracking it."""
         for choice in job.choices:
             if count and not choice.done:  # nobody reads its abort event: count the finish here
-                choice.finish_reason = "abort"
+                job.finish(choice, "abort")
                 self.state.metrics.observe_finished("abort", None, choice.num_tokens)
         for request_id in job.request_ids:
             if request_id not in job.finished_requests:
-                if abort:
-                    engine.abort(request_id)
+                engine.abort(request_id)
                 job.finished_requests.add(request_id)
                 self.state.untrack(request_id)
-
-    def _events(self, job: Job) -> AsyncIterator[RequestOutput]:
-        """All engine events of the job's requests, interleaved as they arrive."""
-        return job.streams[0] if len(job.streams) == 1 else self._merged(job)
-
-    async def _merged(self, job: Job) -> AsyncIterator[RequestOutput]:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(stream: AsyncIterator[RequestOutput]) -> None:
-            try:
-                async for item in stream:
-                    queue.put_nowait(item)
-            except Exception as err:  # noqa: BLE001 - handed to the consumer
-                queue.put_nowait(err)
-            finally:
-                queue.put_nowait(_END)
-
-        tasks = [asyncio.create_task(pump(s)) for s in job.streams]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                item = await queue.get()
-                if item is _END:
-                    remaining -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    def _all_done(self, job: Job) -> bool:
-        return job.num_done == len(job.choices)
 
     # -- responses --------------------------------------------------------------------------
 
     async def _collect(self, job: Job, engine) -> None:
-        async for out in self._events(job):
+        async for out in _events(job):
             self._apply(job, out, engine)
-            if self._all_done(job):
+            if job.all_done:
                 break
 
     async def _respond(self, job: Job, engine, http: HTTPRequest) -> Response:
@@ -392,11 +209,11 @@ class CompletionServing:
         finally:
             gone.cancel()
             work.cancel()
-            self._release(job, engine, abort=True)
+            self._release(job, engine)
         choices = [
             CompletionChoice(
                 index=c.index,
-                text=c.prefix + "".join(c.parts),
+                text=c.text,
                 logprobs=c.logprobs,
                 finish_reason=c.finish_reason,
                 context_window=c.window,
@@ -434,14 +251,14 @@ class CompletionServing:
                 for c in job.choices:
                     if c.prefix:
                         yield frame.choice(c.chunk(c.prefix))
-                async for out in self._events(job):
+                async for out in _events(job):
                     applied = self._apply(job, out, engine)
                     if applied is None:
                         continue
                     choice, text = applied
                     if text or choice.done or choice.has_unsent_logprobs:
                         yield frame.choice(choice.chunk(text))
-                    if self._all_done(job):
+                    if job.all_done:
                         break
             if include_usage:
                 yield frame.usage(job.usage().model_dump())
@@ -455,11 +272,7 @@ class CompletionServing:
         finally:
             if not completed:  # cancelled by a client disconnect
                 self.state.metrics.disconnect()
-            self._release(job, engine, abort=True)
-
-
-def _token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+            self._release(job, engine)
 
 
 async def _wait_disconnect(http: HTTPRequest) -> None:
@@ -468,3 +281,36 @@ async def _wait_disconnect(http: HTTPRequest) -> None:
         message = await http.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _events(job: Job) -> AsyncIterator[RequestOutput]:
+    """All engine events of the job's requests, interleaved as they arrive."""
+    return job.streams[0] if len(job.streams) == 1 else _merged(job.streams)
+
+
+async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[RequestOutput]:
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait(item)
+        except Exception as err:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait(err)
+        finally:
+            queue.put_nowait(_END)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()

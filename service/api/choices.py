@@ -1,0 +1,215 @@
+"""Folding engine events into OpenAI choices: text, logprobs, usage and finish per choice.
+
+A ``Job`` is one admitted ``/v1/completions`` call: one engine request per prompt, ``n`` choices
+each. ``Job.apply`` feeds one engine event to its choice's ``TextStream`` (stop strings, UTF-8
+safety) and logprob bookkeeping, and says what changed; the serving layer acts on that (metrics,
+aborting the engine request). Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from service.api.protocol import ContextWindow, Logprobs, Usage
+from service.engine.types import RequestOutput
+from service.text import TextDelta, TextStream
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's own text for logprobs (bytes of a split character show as U+FFFD)."""
+    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+@dataclass
+class ChoiceState:
+    """One choice's running text, pending logprobs, usage and finish."""
+
+    index: int
+    stream: TextStream
+    prefix: str = ""  # echoed prompt text
+    logprobs: Logprobs | None = None
+    pending: list[tuple[int, float | None, dict[str, float] | None]] = field(default_factory=list)
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    crops: int = 0  # sliding-window crops so far (engine-reported)
+    prompt_cropped: bool = False
+    parts: list[str] = field(default_factory=list)
+    lp_sent: int = 0  # logprob entries already sent in stream chunks
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.prefix + "".join(self.parts)
+
+    @property
+    def window(self) -> ContextWindow:
+        return ContextWindow(prompt_cropped=self.prompt_cropped, crops=self.crops)
+
+    @property
+    def has_unsent_logprobs(self) -> bool:
+        return self.logprobs is not None and len(self.logprobs.tokens) > self.lp_sent
+
+    def echo_logprobs(self, prompt: Sequence[int], tokenizer) -> None:
+        """List the echoed prompt tokens, with null logprobs: the engine does not score prompts."""
+        offset = 0
+        for token_id in prompt:
+            text = token_text(tokenizer, token_id)
+            self.logprobs.tokens.append(text)
+            self.logprobs.token_logprobs.append(None)
+            self.logprobs.top_logprobs.append(None)
+            self.logprobs.text_offset.append(offset)
+            offset += len(text)
+
+    def chunk(self, text: str) -> dict:
+        """This choice's part of a stream chunk: ``text`` plus logprob entries not yet sent."""
+        logprobs = None
+        if self.logprobs is not None:
+            lp, k = self.logprobs, self.lp_sent
+            logprobs = {
+                "tokens": lp.tokens[k:],
+                "token_logprobs": lp.token_logprobs[k:],
+                "top_logprobs": lp.top_logprobs[k:],
+                "text_offset": lp.text_offset[k:],
+            }
+            self.lp_sent = len(lp.tokens)
+        out = {
+            "index": self.index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": self.finish_reason,
+        }
+        if self.done:
+            out["context_window"] = self.window.model_dump()
+        return out
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one engine event changed: new text for a choice, and whether things ended."""
+
+    choice: ChoiceState
+    text: str
+    finished: bool = False  # this event ended the choice
+    request_done: bool = False  # ...and with it every choice of its engine request
+
+
+@dataclass
+class Job:
+    """One admitted ``/v1/completions`` call: its engine requests, streams and choices."""
+
+    id: str
+    created: int
+    model: str
+    n: int
+    tokenizer: object
+    system_fingerprint: str | None = None  # which checkpoint served it (service.reload)
+    request_ids: list[str] = field(default_factory=list)
+    streams: list[AsyncIterator[RequestOutput]] = field(default_factory=list)
+    choices: list[ChoiceState] = field(default_factory=list)
+    prompt_tokens: int = 0
+    finished_requests: set[str] = field(default_factory=set)
+    prompt_index: dict[str, int] = field(default_factory=dict)  # engine request id -> prompt
+    num_done: int = 0  # finished choices
+
+    def add_prompt(
+        self,
+        request_id: str,
+        stream,
+        prompt: Sequence[int],
+        *,
+        stop: tuple[str, ...],
+        echo: bool,
+        logprobs: bool,
+    ) -> None:
+        """Register one engine request (already admitted) and its ``n`` choices."""
+        index = len(self.request_ids)
+        self.request_ids.append(request_id)
+        self.prompt_index[request_id] = index
+        self.streams.append(stream)
+        self.prompt_tokens += len(prompt)
+        prefix = self.tokenizer.decode(list(prompt)) if echo else ""
+        for j in range(self.n):
+            choice = ChoiceState(
+                index=index * self.n + j, stream=TextStream(self.tokenizer, stop), prefix=prefix
+            )
+            if logprobs:
+                choice.logprobs = Logprobs()
+                if echo:
+                    choice.echo_logprobs(prompt, self.tokenizer)
+            self.choices.append(choice)
+
+    @property
+    def all_done(self) -> bool:
+        return self.num_done == len(self.choices)
+
+    def usage(self) -> Usage:
+        completion = sum(c.num_tokens for c in self.choices)
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+        )
+
+    def apply(self, out: RequestOutput) -> Update | None:
+        """Feed one engine event to its choice; None if the choice had already ended."""
+        prompt = self.prompt_index[out.request_id]
+        choice = self.choices[prompt * self.n + out.index]
+        if choice.done:
+            return None  # ended by a stop string; the engine may run a step longer
+        choice.crops, choice.prompt_cropped = out.crops, out.prompt_cropped
+        text, reason = "", None
+        if out.token_id is not None:
+            choice.num_tokens += 1
+            choice.pending.append((out.token_id, _finite(out.logprob), self._top(out)))
+            delta = choice.stream.push(out.token_id)
+            text += self._take(choice, delta)
+            if delta.stopped:
+                reason = "stop"
+        if reason is None and out.finish_reason is not None:
+            text += self._take(choice, choice.stream.finish())
+            reason = out.finish_reason.value
+        choice.parts.append(text)
+        if reason is None:
+            return Update(choice, text)
+        self.finish(choice, reason)
+        siblings = self.choices[prompt * self.n : (prompt + 1) * self.n]
+        done = all(c.done for c in siblings)
+        if done:
+            self.finished_requests.add(out.request_id)
+        return Update(choice, text, finished=True, request_done=done)
+
+    def finish(self, choice: ChoiceState, reason: str) -> None:
+        choice.finish_reason = reason
+        self.num_done += 1
+
+    def _top(self, out: RequestOutput) -> dict[str, float] | None:
+        if out.top_logprobs is None:
+            return None
+        # Masked tokens have logprob -inf, which JSON cannot carry: they are left out.
+        return {
+            token_text(self.tokenizer, t.token_id): t.logprob
+            for t in out.top_logprobs
+            if math.isfinite(t.logprob)
+        }
+
+    def _take(self, choice: ChoiceState, delta: TextDelta) -> str:
+        """Move the tokens whose text ``delta`` releases from pending into the logprobs."""
+        released = choice.pending[: delta.num_tokens]
+        del choice.pending[: delta.num_tokens + delta.num_dropped]
+        if choice.logprobs is not None:
+            base = len(choice.prefix)
+            for (token_id, logprob, top), start in zip(released, delta.offsets, strict=True):
+                choice.logprobs.tokens.append(token_text(self.tokenizer, token_id))
+                choice.logprobs.token_logprobs.append(logprob)
+                choice.logprobs.top_logprobs.append(top)
+                choice.logprobs.text_offset.append(base + start)
+        return delta.text
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
