@@ -117,3 +117,15 @@ def test_shutdown_with_a_timeout_lets_short_requests_finish():
 
     events = asyncio.run(main())
     assert events[-1].finish_reason is FinishReason.LENGTH and len(events) == 20
+
+
+def test_shutdown_of_an_engine_never_started_ends_queued_streams():
+    eng = engine(max_batch_size=1)
+
+    async def main():
+        stream = eng.add_request(request("a", "ab", max_tokens=3, n=2))
+        eng.shutdown()
+        return await _collect(stream)
+
+    events = asyncio.run(main())
+    assert [e.finish_reason for e in events] == [FinishReason.ABORT] * 2

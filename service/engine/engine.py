@@ -156,6 +156,14 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
+        else:  # never started: requests queued so far end with an abort event
+            with self._cond:
+                pending, self._inbox = self._inbox, []
+            self._dispatch([
+                RequestOutput(r.request_id, i, None, finish_reason=FinishReason.ABORT,
+                              num_prompt_tokens=len(r.prompt_token_ids))
+                for r in pending for i in range(r.params.n)
+            ])
         self._state = "stopped"
 
     # ---- the engine thread -------------------------------------------------------------------
