@@ -34,7 +34,7 @@ class EngineStoppedError(EngineError):
     """The engine is draining or stopped and accepts no new work."""
 
 
-class FinishReason(str, Enum):
+class FinishReason(str, Enum):  # noqa: UP042 (str() of members is part of the contract)
     LENGTH = "length"  # max_tokens reached
     STOP = "stop"  # eos or a stop token id (the API also uses it for stop strings)
     ABORT = "abort"  # cancelled by the caller or a disconnect
