@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+from conftest import wait_until
 
 from service.settings import DEFAULT_CHECKPOINT, Settings, build_parser, parse_settings
 
@@ -103,3 +108,50 @@ def test_missing_checkpoint_fails_fast_with_a_clear_message(tmp_path):
     )
     assert proc.returncode == 2
     assert "cannot load checkpoint" in proc.stderr and "nope" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_python_m_service_serves_the_shipped_weights_from_any_directory(tmp_path):
+    """No --checkpoint: the path comes from the package, not the working directory."""
+
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "log").open("w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        if not DEFAULT_CHECKPOINT.exists():
+            assert proc.wait(60) == 2
+            assert str(DEFAULT_CHECKPOINT) in (tmp_path / "log").read_text()
+            return
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            assert proc.poll() is None, (tmp_path / "log").read_text()
+            try:
+                return httpx.get(url + "/ready", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, timeout=90, what="the shipped weights to load")
+        models = httpx.get(url + "/v1/models").json()["data"]
+        assert models[0]["id"] == "shakespeare-char"
+        resp = httpx.post(
+            url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 8}, timeout=60
+        )
+        assert resp.status_code == 200 and len(resp.json()["choices"][0]["text"]) > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
