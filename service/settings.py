@@ -20,6 +20,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # The shipped weights, found next to the package (not the working directory).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "shakespeare-char"
+MAX_N = 16  # SamplingParams.validate's default bound on n, which the engine applies
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -57,6 +58,8 @@ class Settings:
         for name in ("max_batch_size", "max_queue", "max_request_bytes", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_n > MAX_N:
+            raise ValueError(f"max_n must be <= {MAX_N} (the engine's limit), got {self.max_n}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.request_timeout < 0 or self.shutdown_timeout < 0:
@@ -193,7 +196,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         d.max_request_bytes,
         type=parse_size,
     )
-    add("--max-n", "largest n (choices per prompt) a request may ask for", d.max_n, type=int)
+    add(
+        "--max-n",
+        "largest n (choices per prompt) a request may ask for (at most 16)",
+        d.max_n,
+        type=int,
+    )
     add(
         "--watch",
         "reload the checkpoint live when a new one appears in its folder (the trainer's atomic "
