@@ -80,6 +80,8 @@ class Trainer:
             loop.batch_size * loop.grad_accum_steps * spec.model.block_size * ctx.world_size
         )
         self.step, self.tokens_seen = 0, 0
+        self.elapsed_before = 0.0  # wall seconds spent by the runs this one resumes
+        self._started = time.perf_counter()
         self.best_val, self.best_step = math.inf, -1
         self.log = EvalLog(run_dir)
         self.sampler = BatchSampler(
@@ -132,6 +134,7 @@ class Trainer:
         if self.device.type == "cuda" and rng[self.ctx.rank].get("cuda") is not None:
             torch.cuda.set_rng_state(rng[self.ctx.rank]["cuda"], self.device)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.elapsed_before = state["elapsed_s"]
         self.best_val, self.best_step = state["best_val"], state["best_step"]
         if self.ctx.is_main:
             self.log.resume_at(self.step)
@@ -144,6 +147,7 @@ class Trainer:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "elapsed_s": self._elapsed(),
             "best_val": self.best_val,
             "best_step": self.best_step,
             "optimizer": self.optimizer.state_dict(),
@@ -154,7 +158,8 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        loop, start = self.spec.loop, time.perf_counter()
+        loop = self.spec.loop
+        self._started = time.perf_counter()
         peak = loop.peak_flops or measure_matmul_flops(self.device, self.dtype)
         flops_per_token = self.raw_model.estimate_flops_per_token()
         if self.ctx.is_main:
@@ -175,21 +180,15 @@ class Trainer:
             self.progress,
         )
         if self.step == 0:
-            self._evaluate_and_save(bar, start, save=False)
+            self._evaluate_and_save(bar, save=False)
         while self.step < loop.max_iters:
-            lr = learning_rate(self.step, self.spec.optim, self.spec.lr_decay_iters)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            loss = self._optimizer_step()
-            self.step += 1
-            self.tokens_seen += self.tokens_per_step
-            bar.step(loss)
+            bar.step(self.train_step())
             if self.step % loop.eval_interval == 0 or self.step == loop.max_iters:
-                self._evaluate_and_save(bar, start, save=True)
+                self._evaluate_and_save(bar, save=True)
                 bar.pause()
         bar.close()
         return TrainResult(
-            self.best_val, self.best_step, self.step, self.tokens_seen, time.perf_counter() - start
+            self.best_val, self.best_step, self.step, self.tokens_seen, self._elapsed()
         )
 
     def _autocast(self):
@@ -197,7 +196,11 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _optimizer_step(self) -> float:
+    def train_step(self) -> float:
+        """One optimizer step at this step's learning rate; returns the last micro-batch's loss."""
+        lr = learning_rate(self.step, self.spec.optim, self.spec.lr_decay_iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         accum = self.spec.loop.grad_accum_steps
         for micro in range(accum):
             x, y = self.sampler.next_batch(self.device)
@@ -217,6 +220,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
         return loss.item() * accum
 
     @torch.no_grad()
@@ -243,7 +248,11 @@ class Trainer:
         self.raw_model.train()
         return out
 
-    def _evaluate_and_save(self, bar: ProgressBar, start: float, save: bool) -> None:
+    def _elapsed(self) -> float:
+        """Wall seconds of training so far, including the runs this one resumed."""
+        return self.elapsed_before + time.perf_counter() - self._started
+
+    def _evaluate_and_save(self, bar: ProgressBar, save: bool) -> None:
         losses = self.evaluate()
         improved = losses["val"] < self.best_val
         if improved:
@@ -255,7 +264,7 @@ class Trainer:
             round(losses["val"], 6),
             lr,
             self.tokens_seen,
-            round(time.perf_counter() - start, 2),
+            round(self._elapsed(), 2),
         )
         state = self._train_state() if save else None  # a collective: every rank takes part
         if not self.ctx.is_main:
