@@ -305,6 +305,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"   window_shift {shift:4d}: inside {rate_in:8.1f} tok/s | past {rate_past:8.1f}"
               f" tok/s | past/inside {rate_past / rate_in:5.2f}")
 
+    one = requests(prompts[:1], cfg.new_tokens, "one")
+    r = race({name: engine_runner(ck, config, one) for name, config in (
+        ("invariant", batched),
+        ("loose", EngineConfig(max_batch_size=cfg.requests, device="cpu", batch_invariant=False)),
+        ("single-slot", EngineConfig(max_batch_size=1, device="cpu")))}, cfg.rounds)
+    print(f"\n5. one request alone (the price of batch invariance at low load), tok/s:\n"
+          f"   {cfg.requests}-slot engine {r['invariant'][0]:8.1f} | same with batch_invariant=False "
+          f"{r['loose'][0]:8.1f} | max_batch_size=1 {r['single-slot'][0]:8.1f}")
+
 
 if __name__ == "__main__":
     main()
