@@ -134,3 +134,16 @@ def test_unknown_config_keys_are_an_error(tmp_path):
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="unknown GPTConfig keys: n_experts"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_saved_folder_has_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    _save(tmp_path / "ck", _model(0))
+    umask = os.umask(0)
+    os.umask(umask)
+    folder_mode = stat.S_IMODE((tmp_path / "ck").stat().st_mode)
+    file_mode = stat.S_IMODE((tmp_path / "ck" / "model.safetensors").stat().st_mode)
+    assert folder_mode == 0o777 & ~umask, oct(folder_mode)
+    assert file_mode == 0o666 & ~umask, oct(file_mode)

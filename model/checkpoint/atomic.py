@@ -57,6 +57,13 @@ def recover_interrupted_swap(target: Path) -> None:
         os.rename(aside[-1], target)
 
 
+def _default_mode() -> int:
+    """0o777 less the process umask: the mode a plain ``mkdir`` would have given."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 @contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield a temporary folder to fill; on clean exit it replaces ``target`` atomically.
@@ -70,8 +77,12 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        mode = _default_mode()
         for child in tmp.iterdir():
+            if child.is_file():
+                os.chmod(child, mode & 0o666)  # safetensors and mkstemp create 0600 files
             fsync_path(child)
+        os.chmod(tmp, mode)  # mkdtemp makes 0700: let a server under another user read it
         fsync_path(tmp)
         if not target.exists():
             os.rename(tmp, target)
