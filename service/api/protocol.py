@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from service.engine.types import SamplingParams
+from service.engine.types import InvalidRequestError, SamplingParams
 
 Number = StrictInt | StrictFloat
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
@@ -32,23 +32,25 @@ class CompletionRequest(StrictModel):
     """``POST /v1/completions``: OpenAI's legacy completions request, plus top_k/min_p/
     repetition_penalty (vLLM's extensions)."""
 
-    model: StrictStr | None = None
+    model: StrictStr | None = Field(None, description="must equal the served model's id")
     prompt: (
         StrictStr
         | Annotated[list[StrictStr], Field(min_length=1)]
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1)]
+    ) = Field(description="text, texts, token ids, or lists of token ids; never empty")
+    max_tokens: StrictInt = Field(16, description="tokens to generate (may run past the window)")
+    temperature: Number = Field(1.0, description="0 is greedy")
+    top_p: Number = Field(1.0, description="nucleus sampling mass in (0, 1]; 1 = off")
+    top_k: StrictInt = Field(0, description="keep the k most likely tokens; 0 = off")
+    min_p: Number = Field(0.0, description="drop tokens below min_p * the top probability")
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = Field(
+        None, description="stop strings, matched across token boundaries, never emitted"
     )
-    max_tokens: StrictInt = 16
-    temperature: Number = 1.0
-    top_p: Number = 1.0
-    top_k: StrictInt = 0
-    min_p: Number = 0.0
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
-    seed: StrictInt | None = None
-    n: StrictInt = 1
-    logprobs: StrictInt | None = None
-    echo: bool = False
+    seed: StrictInt | None = Field(None, description="reproducible sampling, alone or batched")
+    n: StrictInt = Field(1, description="choices per prompt")
+    logprobs: StrictInt | None = Field(None, description="top-k log-probabilities per token, 0..5")
+    echo: bool = Field(False, description="prepend the prompt to the text")
     presence_penalty: Number = 0.0
     frequency_penalty: Number = 0.0
     repetition_penalty: Number = 1.0
@@ -84,8 +86,6 @@ class CompletionRequest(StrictModel):
 
 
 def _token_key(key: str) -> int:
-    from service.engine.types import InvalidRequestError
-
     try:
         return int(key)
     except ValueError:
