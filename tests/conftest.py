@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -28,9 +29,22 @@ class LiveServer:
         self.server = uvicorn.Server(
             uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
         )
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
+        self.loop = None  # the server's event loop, once running
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        factory = self.server.config.get_loop_factory() or asyncio.new_event_loop
+        self.loop = factory()  # uvloop when installed, like uvicorn.run
+        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+        self.loop.close()
+
+    def num_tasks(self) -> int:
+        """Asyncio tasks alive in the server's loop (leak checks)."""
+
+        async def count() -> int:
+            return len(asyncio.all_tasks())
+
+        return asyncio.run_coroutine_threadsafe(count(), self.loop).result(10)
 
     @property
     def state(self):

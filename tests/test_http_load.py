@@ -45,6 +45,7 @@ def server(tiny_checkpoint):
 def test_disconnect_storm_frees_every_slot_and_counts_each_disconnect(server):
     idle_kv = _scrape(server.url)["gptserve_kv_cache_usage_ratio"]
     before = _scrape(server.url)["gptserve_client_disconnects_total"]
+    idle_tasks = server.num_tasks()
     rng = random.Random(1234)
     cuts = [rng.randint(0, 12) for _ in range(50)]  # events to read before hanging up
 
@@ -67,6 +68,7 @@ def test_disconnect_storm_frees_every_slot_and_counts_each_disconnect(server):
     wait_until(_settled(server, idle_kv), what="gauges and KV usage back to idle")
     after = _scrape(server.url)
     assert after["gptserve_client_disconnects_total"] - before == 50
+    wait_until(lambda: server.num_tasks() <= idle_tasks, what="request tasks to end")
     ok = httpx.post(
         server.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 3}, timeout=30
     )
