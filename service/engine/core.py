@@ -17,7 +17,7 @@ from model.gpt import GPT
 from service.engine.config import EngineConfig
 from service.engine.runner import ModelRunner
 from service.engine.sampler import SampledToken, Sampler
-from service.engine.scheduler import Scheduler
+from service.engine.scheduler import Scheduler, SchedulerOutput
 from service.engine.sequence import Sequence
 from service.engine.types import (
     EngineStats,
@@ -80,12 +80,32 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> StepResult:
+        """Schedule, run the model, sample and post-process one iteration of the batch."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
-        crops = 0
+        rows, logits = self._run(plan)
+        sampled = self.sampler(logits, rows) if rows else []
+        outputs, crops = self._postprocess(rows, sampled)
+        crops += sum(seq.prompt_cropped for seq in plan.admitted)
+        self.total_steps += 1
+        stats = EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.scheduler.slots.usage,
+            step_time=time.perf_counter() - t0,
+            batch_size=len(plan.decode) + len(plan.prefill),
+            prompt_tokens=plan.num_prefill_tokens,  # re-encoded window tokens included
+            generation_tokens=len(rows),
+            crops=crops,
+            total_steps=self.total_steps,
+        )
+        return StepResult(outputs, stats)
+
+    def _run(self, plan: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run the plan's decode batch and prefill chunks; the sequences that need a token now
+        and their logits (one row each)."""
         for seq in plan.admitted:
             self.sampler.start(seq)
-            crops += seq.prompt_cropped  # a prompt longer than the window was cropped
         rows: list[Sequence] = []
         logits: list[torch.Tensor] = []
         if plan.decode:
@@ -100,9 +120,13 @@ class EngineCore:
             if chunk.is_last:
                 logits.append(last.unsqueeze(0))
                 rows.append(seq)
-        sampled = self.sampler(torch.cat(logits), rows) if rows else []
+        return rows, torch.cat(logits) if logits else None
+
+    def _postprocess(self, rows: list[Sequence], sampled: list[SampledToken]
+                     ) -> tuple[list[RequestOutput], int]:
+        """Append each token, finish stopped sequences (freeing their slots), crop full windows."""
         now = time.monotonic()
-        outputs = []
+        outputs, crops = [], 0
         for seq, token in zip(rows, sampled, strict=True):
             seq.append_token(token.token_id, now)
             reason = seq.check_stop(self.eos_token_id)
@@ -111,19 +135,7 @@ class EngineCore:
             else:
                 crops += seq.crop_if_full()
             outputs.append(_output(seq, token, now=now))
-        self.total_steps += 1
-        stats = EngineStats(
-            num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
-            kv_cache_usage=self.scheduler.slots.usage,
-            step_time=time.perf_counter() - t0,
-            batch_size=len(plan.decode) + len(plan.prefill),
-            prompt_tokens=plan.num_prefill_tokens,
-            generation_tokens=len(rows),
-            crops=crops,
-            total_steps=self.total_steps,
-        )
-        return StepResult(outputs, stats)
+        return outputs, crops
 
     def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
         self.scheduler.finish(seq, reason, now)
