@@ -49,6 +49,12 @@ def shutdown_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank; a rank leaving early while rank 0 still writes can abort gloo's peer."""
+    if ctx.enabled:
+        dist.barrier()
+
+
 def all_mean(value: float, ctx: DistContext, device: torch.device) -> float:
     """Mean of a float over all ranks (identity for one process)."""
     if not ctx.enabled:

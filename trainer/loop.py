@@ -21,7 +21,7 @@ from model.gpt import GPT
 from trainer.checkpointing import Provenance, load_latest, save_best, save_latest
 from trainer.config import TrainSpec
 from trainer.data import BatchSampler, TokenData
-from trainer.distributed import DistContext, all_mean, gather_objects
+from trainer.distributed import DistContext, all_mean, barrier, gather_objects
 from trainer.errors import TrainerError
 from trainer.flops import measure_matmul_flops
 from trainer.optim import learning_rate, make_optimizer
@@ -187,6 +187,7 @@ class Trainer:
                 self._evaluate_and_save(bar, save=True)
                 bar.pause()
         bar.close()
+        barrier(self.ctx)  # rank 0 may still be writing the last checkpoint
         return TrainResult(
             self.best_val, self.best_step, self.step, self.tokens_seen, self._elapsed()
         )
