@@ -181,3 +181,29 @@ def test_chunked_body_over_the_limit_is_413(http):
 
     resp = http.post("/v1/completions", content=chunks(), headers=JSON)
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+
+
+def test_an_engine_failure_is_a_500_envelope_and_the_server_recovers(tiny_checkpoint):
+    with live_server(tiny_checkpoint) as srv:
+        core = srv.state.engine._core
+        real_step = core.step
+        failures = []
+
+        def failing_step():
+            if not failures:
+                failures.append(1)
+                raise RuntimeError("injected failure")
+            return real_step()
+
+        core.step = failing_step
+        resp = httpx.post(
+            srv.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 4}, timeout=30
+        )
+        assert resp.status_code == 500, resp.text
+        assert resp.json()["error"]["code"] == "engine_error"
+        ok = httpx.post(
+            srv.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 4}, timeout=30
+        )
+        assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) == 4
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert 'gptserve_request_success_total{finish_reason="error"} 1.0' in metrics

@@ -210,6 +210,12 @@ class CompletionServing:
             gone.cancel()
             work.cancel()
             self._release(job, engine)
+        if any(c.finish_reason == "error" for c in job.choices):
+            raise APIError(
+                500,
+                "the engine failed while running this request; see the server log",
+                code="engine_error",
+            )
         choices = [
             CompletionChoice(
                 index=c.index,
