@@ -88,12 +88,15 @@ def from_validation_error(err: ValidationError | RequestValidationError) -> APIE
             400, f"request body is not valid JSON: {first.get('msg')}", code="invalid_json"
         )
     loc = _field_path(first)
-    param = loc[0] if loc else None
+    if not loc:  # the body as a whole: missing, or not a JSON object
+        what = "is required" if first.get("type") == "missing" else "must be a JSON object"
+        return APIError(400, f"the request body {what}", code="invalid_json")
+    param = loc[0]
     # A union (e.g. prompt: str | list[...]) reports one error per member: say them all.
     messages = list(
         dict.fromkeys(e.get("msg", "") for e in errors if _field_path(e)[:1] == loc[:1])
     )
-    where = ".".join(loc) or "body"
+    where = ".".join(loc)
     return APIError(400, f"{where}: {'; or '.join(messages)}", param=param, code="invalid_value")
 
 
