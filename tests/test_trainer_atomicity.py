@@ -34,14 +34,27 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_loadable_and_resumable(tm
     assert (
         main(["prepare", "--input", str(write_corpus(tmp_path)), "--out", str(tmp_path / "d")]) == 0
     )
-    base = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), *TINY,
-            "--eval-interval", "5"]  # fmt: skip
+    base = [
+        "train",
+        "--data",
+        str(tmp_path / "d"),
+        "--out",
+        str(tmp_path / "run"),
+        *TINY,
+        "--eval-interval",
+        "5",
+    ]
     assert main([*base, "--max-iters", "10"]) == 0
     latest = tmp_path / "run" / "latest"
     before = (latest / "model.safetensors").read_bytes()
 
-    crashed = subprocess.run([sys.executable, "-c", CRASH_MID_SAVE, str(latest)], cwd=REPO,
-                             env=child_env(), capture_output=True, check=False)  # fmt: skip
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_MID_SAVE, str(latest)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        check=False,
+    )
     assert crashed.returncode == -9, crashed.stderr
     assert (latest / "model.safetensors").read_bytes() == before, "old weights were touched"
     ckpt = load_checkpoint(latest)

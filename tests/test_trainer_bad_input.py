@@ -43,8 +43,18 @@ def test_empty_corpus_is_one_error_line_and_keeps_the_old_data_folder(prepared, 
 
 
 def test_block_size_larger_than_the_data_is_one_error_line(prepared, capsys):
-    args = ["train", "--data", str(prepared / "d"), "--out", str(prepared / "run"), *TINY,
-            "--block-size", "100000", "--max-iters", "2"]  # fmt: skip
+    args = [
+        "train",
+        "--data",
+        str(prepared / "d"),
+        "--out",
+        str(prepared / "run"),
+        *TINY,
+        "--block-size",
+        "100000",
+        "--max-iters",
+        "2",
+    ]
     assert main(args) == 2
     assert "block_size 100000 is larger than the" in _one_error_line(capsys)
     assert not (prepared / "run").exists()
@@ -74,8 +84,23 @@ def test_resume_with_data_from_another_tokenizer_is_refused_and_changes_nothing(
 
 def test_characters_outside_the_vocabulary_at_sample_time_are_one_error_line(prepared, capsys):
     run = prepared / "run"
-    assert main(["train", "--data", str(prepared / "d"), "--out", str(run), *TINY,
-                 "--max-iters", "2", "--eval-interval", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(prepared / "d"),
+                "--out",
+                str(run),
+                *TINY,
+                "--max-iters",
+                "2",
+                "--eval-interval",
+                "2",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     args = ["sample", "--checkpoint", str(run / "best"), "--prompt", "naïve ☃", "--max-tokens", "5"]
     assert main(args) == 2
@@ -102,10 +127,27 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.timeout(120)
 def test_out_of_memory_batch_is_one_error_line(prepared):
-    args = ["train", "--data", str(prepared / "d"), "--out", str(prepared / "run"), *TINY,
-            "--batch-size", "50000", "--max-iters", "2"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", OOM_CHILD, *args], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=100, check=False)  # fmt: skip
+    args = [
+        "train",
+        "--data",
+        str(prepared / "d"),
+        "--out",
+        str(prepared / "run"),
+        *TINY,
+        "--batch-size",
+        "50000",
+        "--max-iters",
+        "2",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", OOM_CHILD, *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert lines[-1].startswith("error: out of memory") and "--batch-size" in lines[-1], lines

@@ -23,18 +23,41 @@ def _records(run):
 
 @pytest.mark.timeout(180)
 def test_two_gloo_ranks_match_one_process_with_the_whole_batch(tmp_path):
-    assert run_trainer("prepare", "--input", str(write_corpus(tmp_path)),
-                       "--out", str(tmp_path / "data")).returncode == 0  # fmt: skip
+    assert (
+        run_trainer(
+            "prepare", "--input", str(write_corpus(tmp_path)), "--out", str(tmp_path / "data")
+        ).returncode
+        == 0
+    )
     data = ["--data", str(tmp_path / "data")]
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "trainer", "train", *data, "--out", str(tmp_path / "ddp"), *TINY_NO_DROPOUT,
-         "--batch-size", "4"],
-        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=150, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "trainer",
+            "train",
+            *data,
+            "--out",
+            str(tmp_path / "ddp"),
+            *TINY_NO_DROPOUT,
+            "--batch-size",
+            "4",
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = run_trainer("train", *data, "--out", str(tmp_path / "one"), *TINY_NO_DROPOUT,
-                         "--batch-size", "8")  # fmt: skip
+    single = run_trainer(
+        "train", *data, "--out", str(tmp_path / "one"), *TINY_NO_DROPOUT, "--batch-size", "8"
+    )
     assert single.returncode == 0, single.stderr
 
     assert ddp.stdout.count("done:") == 1, "only rank 0 may report"
@@ -46,8 +69,15 @@ def test_two_gloo_ranks_match_one_process_with_the_whole_batch(tmp_path):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=2e-4), (a, b)
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=2e-4), (a, b)
     state = subprocess.run(
-        [sys.executable, "-c", "import torch,sys; s=torch.load(sys.argv[1]); print(len(s['rng']))",
-         str(tmp_path / "ddp" / "latest" / "train_state.pt")],
-        env=child_env(), capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import torch,sys; s=torch.load(sys.argv[1]); print(len(s['rng']))",
+            str(tmp_path / "ddp" / "latest" / "train_state.pt"),
+        ],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert state.stdout.strip() == "2", "the dropout RNG of both ranks must be saved"

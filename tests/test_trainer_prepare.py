@@ -16,8 +16,20 @@ from trainer.data import TokenData
 def test_prepare_char_writes_uint16_90_10_split_that_decodes_back(tmp_path):
     corpus = write_corpus(tmp_path)
     text = corpus.read_text(encoding="utf-8")
-    assert main(["prepare", "--input", str(corpus), "--tokenizer", "char",
-                 "--out", str(tmp_path / "data")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--input",
+                str(corpus),
+                "--tokenizer",
+                "char",
+                "--out",
+                str(tmp_path / "data"),
+            ]
+        )
+        == 0
+    )
     spec = json.loads((tmp_path / "data" / "tokenizer.json").read_text())
     tok = tokenizer_from_spec(spec)
     assert spec["type"] == "char" and tok.vocab_size == len(set(text))
@@ -33,8 +45,20 @@ def test_prepare_char_writes_uint16_90_10_split_that_decodes_back(tmp_path):
 def test_prepare_r50k_base_round_trips_through_tiktoken(tmp_path, monkeypatch):
     pytest.importorskip("tiktoken")
     corpus = write_corpus(tmp_path, "Hello world, this is GPT-2's tokenizer.\n" * 50)
-    assert main(["prepare", "--input", str(corpus), "--tokenizer", "r50k_base",
-                 "--out", str(tmp_path / "bpe")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--input",
+                str(corpus),
+                "--tokenizer",
+                "r50k_base",
+                "--out",
+                str(tmp_path / "bpe"),
+            ]
+        )
+        == 0
+    )
     data = TokenData.open(tmp_path / "bpe")
     assert data.tokenizer_spec == {"type": "tiktoken", "encoding": "r50k_base"}
     assert data.vocab_size == 50257

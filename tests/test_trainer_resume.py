@@ -45,10 +45,19 @@ def test_sigkilled_run_resumed_has_the_uninterrupted_loss_curve(tmp_path):
     )
     data = ["--data", str(tmp_path / "data")]
     env = child_env()
-    reference = subprocess.Popen(trainer_cmd("train", *data, "--out", str(tmp_path / "ref"), *RUN),
-                                 cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    victim = subprocess.Popen(trainer_cmd("train", *data, "--out", str(tmp_path / "cut"), *RUN),
-                              cwd=REPO, env=env, stderr=subprocess.DEVNULL)  # fmt: skip
+    reference = subprocess.Popen(
+        trainer_cmd("train", *data, "--out", str(tmp_path / "ref"), *RUN),
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    victim = subprocess.Popen(
+        trainer_cmd("train", *data, "--out", str(tmp_path / "cut"), *RUN),
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     while _latest_step(tmp_path / "cut") < 5 and victim.poll() is None:
         time.sleep(0.005)
     victim.send_signal(signal.SIGKILL)
@@ -72,8 +81,18 @@ def test_resume_continues_a_finished_run_when_max_iters_is_raised(tmp_path):
     assert (
         main(["prepare", "--input", str(write_corpus(tmp_path)), "--out", str(tmp_path / "d")]) == 0
     )
-    base = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), *TINY,
-            "--eval-interval", "10", "--lr-decay-iters", "40"]  # fmt: skip
+    base = [
+        "train",
+        "--data",
+        str(tmp_path / "d"),
+        "--out",
+        str(tmp_path / "run"),
+        *TINY,
+        "--eval-interval",
+        "10",
+        "--lr-decay-iters",
+        "40",
+    ]
     assert main([*base, "--max-iters", "20"]) == 0
     assert main([*base, "--max-iters", "40", "--resume"]) == 0
     assert [s for s, *_ in _curve(tmp_path / "run")] == [0, 10, 20, 30, 40]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from trainer_support import TINY, write_corpus
 
 from model.checkpoint import load_checkpoint
@@ -19,8 +20,18 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     corpus = write_corpus(root)
     assert main(["prepare", "--input", str(corpus), "--out", str(root / "data")]) == 0
-    args = ["train", "--data", str(root / "data"), "--out", str(root / "run"), *TINY,
-            "--max-iters", "30", "--eval-interval", "10"]  # fmt: skip
+    args = [
+        "train",
+        "--data",
+        str(root / "data"),
+        "--out",
+        str(root / "run"),
+        *TINY,
+        "--max-iters",
+        "30",
+        "--eval-interval",
+        "10",
+    ]
     assert main(args) == 0
     return root
 
@@ -93,3 +104,46 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
         "cosine must not increase"
     )
     assert lrs[1000] == optim.min_lr and lrs[warm] == pytest.approx(optim.learning_rate)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_on_cpu_trains_and_saves_fp32_weights(tiny_run, dtype):
+    out = tiny_run / f"run-{dtype}"
+    args = [
+        "train",
+        "--data",
+        str(tiny_run / "data"),
+        "--out",
+        str(out),
+        *TINY,
+        "--dtype",
+        dtype,
+        "--max-iters",
+        "6",
+        "--eval-interval",
+        "3",
+        "--grad-accum-steps",
+        "2",
+    ]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["val_loss"] < records[0]["val_loss"], records
+    ckpt = load_checkpoint(out / "latest")
+    assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_one_error_line(tiny_run, capsys):
+    args = [
+        "train",
+        "--data",
+        str(tiny_run / "data"),
+        "--out",
+        str(tiny_run / "cuda"),
+        *TINY,
+        "--device",
+        "cuda",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --device cuda: no CUDA GPU is available to this torch build"], err

@@ -16,11 +16,36 @@ CORPUS_CHARS = 60_000
 
 # A 2-layer, 32-wide model on 32-token windows: a training step takes a few milliseconds.
 TINY = [
-    "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
-    "--batch-size", "8", "--dropout", "0.1", "--learning-rate", "3e-3", "--min-lr", "3e-4",
-    "--warmup-iters", "5", "--eval-iters", "2", "--device", "cpu", "--dtype", "float32",
-    "--peak-flops", "1e9", "--seed", "7", "--no-progress",
-]  # fmt: skip
+    "--n-layer",
+    "2",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--dropout",
+    "0.1",
+    "--learning-rate",
+    "3e-3",
+    "--min-lr",
+    "3e-4",
+    "--warmup-iters",
+    "5",
+    "--eval-iters",
+    "2",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--peak-flops",
+    "1e9",
+    "--seed",
+    "7",
+    "--no-progress",
+]
 
 
 def corpus_text() -> str:
@@ -55,6 +80,11 @@ def trainer_cmd(*args: str) -> list[str]:
 
 def run_trainer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        trainer_cmd(*args), check=False, cwd=REPO, env=child_env(), capture_output=True, text=True,
+        trainer_cmd(*args),
+        check=False,
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )

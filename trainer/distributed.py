@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.errors import TrainerError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -76,6 +78,8 @@ def gather_objects(obj: object, ctx: DistContext) -> list[object]:
 def _resolve_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainerError(f"--device {device}: no CUDA GPU is available to this torch build")
     if device == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(device)
