@@ -49,8 +49,10 @@ def test_concurrent_streams_match_the_synchronous_engine():
     assert eng.stats().num_running == 0 and eng.stats().kv_cache_usage == 0.0
 
 
-def test_abort_from_the_stream_ends_it_with_an_abort_event():
+def test_abort_from_the_stream_ends_it_with_an_abort_event_and_idle_stats():
     eng = engine(max_batch_size=2)
+    seen = []
+    eng.add_stats_listener(seen.append)
     eng.start()
 
     async def main():
@@ -68,6 +70,7 @@ def test_abort_from_the_stream_ends_it_with_an_abort_event():
         eng.shutdown()
     assert events[-1].finish_reason is FinishReason.ABORT
     assert all(e.finish_reason is None for e in events[:-1]) and len(events) < 1000
+    assert seen[-1].num_running == 0 and seen[-1].kv_cache_usage == 0.0, "stale load gauges"
 
 
 def test_queue_full_and_invalid_requests_raise_before_queueing():

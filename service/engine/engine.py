@@ -190,7 +190,7 @@ class Engine:
             if self._core.has_work():
                 outputs += self._step()
             elif outputs:  # aborts emptied the engine: publish the idle load (no step will)
-                self._stats = self._idle_stats()
+                self._publish(self._idle_stats())
             self._dispatch(outputs)
             if draining and not self._core.has_work():
                 return
@@ -216,14 +216,19 @@ class Engine:
             result = self._core.step()
         except Exception:  # a failed step fails the requests in it, not the server
             log.exception("engine step failed; failing every in-flight request")
-            return self._core.abort_all(FinishReason.ERROR)
-        self._stats = result.stats
+            outputs = self._core.abort_all(FinishReason.ERROR)
+            self._publish(self._idle_stats())
+            return outputs
+        self._publish(result.stats)
+        return result.outputs
+
+    def _publish(self, stats: EngineStats) -> None:
+        self._stats = stats
         for fn in self._listeners:
             try:
-                fn(result.stats)
+                fn(stats)
             except Exception:
                 log.exception("engine stats listener failed")
-        return result.outputs
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         by_request: dict[str, list[RequestOutput]] = {}
