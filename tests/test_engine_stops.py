@@ -111,3 +111,17 @@ def test_invalid_prompts_name_the_prompt_param():
     with pytest.raises(InvalidRequestError) as err:
         eng.validate(request("a", "ab", max_tokens=1, logit_bias={len(CHARS): 1.0}))
     assert err.value.param == "logit_bias"
+
+
+def test_n_choices_encode_the_prompt_once_and_equal_separate_seeded_requests():
+    ck = tiny_checkpoint()
+    prompt = prompt_of(20, 4)
+    eng = engine(ck, max_batch_size=4, prefill_chunk=8)
+    calls = []
+    real = eng._core.runner.prefill
+    eng._core.runner.prefill = lambda *a: calls.append(a[1]) or real(*a)
+    together = eng.generate([request("a", prompt, max_tokens=12, n=3, seed=7, temperature=1.2)])
+    assert sorted(calls) == [0, 8, 16], f"prompt chunks encoded {calls}, expected once each"
+    apart = engine(ck, max_batch_size=4, prefill_chunk=8).generate(
+        [request(f"s{i}", prompt, max_tokens=12, seed=7 + i, temperature=1.2) for i in range(3)])
+    assert together == apart, "sharing the prompt changed a choice's tokens"

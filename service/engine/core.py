@@ -113,9 +113,21 @@ class EngineCore:
             rows.extend(plan.decode)
             for seq in plan.decode:
                 seq.num_cached = seq.window_len
+        shared: dict[tuple[str, int, int], tuple[int, torch.Tensor]] = {}
         for chunk in plan.prefill:
             seq = chunk.seq
-            last = self.runner.prefill(seq.window(chunk.start, chunk.end), chunk.start, seq.slot)
+            # the n choices of a request share their prompt: a chunk one of them has just
+            # encoded is copied, not recomputed (bitwise the same: same tokens, same shapes)
+            key = (seq.request_id, chunk.start, chunk.end)
+            if seq.num_generated == 0 and key in shared:
+                source_slot, last = shared[key]
+                self.runner.copy_kv(source_slot, seq.slot, chunk.start, chunk.end)
+            else:
+                last = self.runner.prefill(
+                    seq.window(chunk.start, chunk.end), chunk.start, seq.slot
+                )
+                if seq.num_generated == 0:
+                    shared[key] = (seq.slot, last)
             seq.num_cached = chunk.end
             if chunk.is_last:
                 logits.append(last.unsqueeze(0))

@@ -53,6 +53,12 @@ class ModelRunner:
         return logits[0, -1].float()
 
     @torch.no_grad()
+    def copy_kv(self, source: int, target: int, start: int, end: int) -> None:
+        """Copy positions ``start..end-1`` of slot ``source`` into slot ``target``."""
+        self.kv.k[:, target, :, start:end] = self.kv.k[:, source, :, start:end]
+        self.kv.v[:, target, :, start:end] = self.kv.v[:, source, :, start:end]
+
+    @torch.no_grad()
     def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
         """One token per sequence at position ``window_len - 1``; returns logits (len(seqs), V)."""
         slots = [s.slot for s in seqs]
