@@ -93,6 +93,6 @@ class ServerState:
         log.info("drained")
 
 
-def server_state(request: Request) -> ServerState:
+async def server_state(request: Request) -> ServerState:
     """The app's ``ServerState`` (FastAPI dependency)."""
     return request.app.state.server
