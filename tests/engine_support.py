@@ -5,6 +5,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import pytest
 import torch
 
 from model import GPT, CharTokenizer, Checkpoint, GPTConfig
@@ -55,3 +56,13 @@ class EosCharTokenizer(CharTokenizer):
 def with_eos(checkpoint: Checkpoint) -> Checkpoint:
     return Checkpoint(checkpoint.model, EosCharTokenizer(CHARS), checkpoint.config,
                       checkpoint.source_format, checkpoint.path, checkpoint.provenance)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one intra-op thread; on a busy 2-core CI machine, OpenMP's
+    barriers make them 10-20x slower with two. Tests that need more threads set them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

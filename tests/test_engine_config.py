@@ -6,7 +6,12 @@ import asyncio
 
 import pytest
 import torch
-from engine_support import engine, request, tiny_checkpoint
+from engine_support import (
+    engine,
+    one_thread,  # noqa: F401 (autouse fixture: one intra-op thread)
+    request,
+    tiny_checkpoint,
+)
 
 from service.engine import EngineConfig, FinishReason
 from service.engine.kv_cache import bytes_per_slot, plan_slots

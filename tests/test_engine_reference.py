@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from engine_support import engine, prompt_of, request, tiny_checkpoint
+from engine_support import (
+    engine,
+    one_thread,  # noqa: F401 (autouse fixture: one intra-op thread)
+    prompt_of,
+    request,
+    tiny_checkpoint,
+)
 
 from model import load_checkpoint, reference_generate
 

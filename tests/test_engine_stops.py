@@ -5,7 +5,15 @@ from __future__ import annotations
 import math
 
 import pytest
-from engine_support import CHARS, engine, prompt_of, request, tiny_checkpoint, with_eos
+from engine_support import (
+    CHARS,
+    engine,
+    one_thread,  # noqa: F401 (autouse fixture: one intra-op thread)
+    prompt_of,
+    request,
+    tiny_checkpoint,
+    with_eos,
+)
 
 from service.engine import FinishReason, InvalidRequestError
 from service.engine.sequence import SequenceStatus
