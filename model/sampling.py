@@ -32,26 +32,32 @@ def logits_to_probs(
     """Probabilities (B, V) after temperature, top-k, top-p (nucleus) and min-p filtering.
 
     ``temperature`` must be > 0 for every row (greedy rows are handled by ``sample``).
-    ``top_k`` 0, ``top_p`` 1.0 and ``min_p`` 0.0 switch a filter off for that row.
+    ``top_k`` 0, ``top_p`` 1.0 and ``min_p`` 0.0 switch a filter off for that row, and a row whose
+    filter is off is never touched by it (bit for bit): top-p 1.0 applied anyway could drop tail
+    tokens once the rounded cumulative sum reaches 1.0, and only when another row asked for top-p,
+    which would break batch invariance.
     """
     logits = logits.float() / temperature.float().unsqueeze(1)
     if top_k is not None and bool((top_k > 0).any()):
         V = logits.size(-1)
+        on = (top_k > 0).unsqueeze(1)
         k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).long().unsqueeze(1))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = logits.masked_fill(on & (logits < kth), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None and bool((top_p < 1.0).any()):
+        on = (top_p < 1.0).unsqueeze(1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # mass strictly before each token; a token is kept while that mass is below top_p,
         # so the most likely token always survives.
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = before >= top_p.float().unsqueeze(1)
+        drop_sorted = on & (before >= top_p.float().unsqueeze(1))
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
     if min_p is not None and bool((min_p > 0).any()):
+        on = (min_p > 0).unsqueeze(1)
         threshold = probs.max(dim=-1, keepdim=True).values * min_p.float().unsqueeze(1)
-        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs.masked_fill(on & (probs < threshold), 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)
 
 

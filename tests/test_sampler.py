@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine.sampler import Sampler, filtered_probs
+from model.sampling import logits_to_probs
+from service.engine.sampler import Sampler
 from service.engine.sequence import Sequence
 from service.engine.types import Request, SamplingParams
 
@@ -64,8 +65,8 @@ def test_filters_apply_per_row_and_leave_other_rows_bit_identical():
     logits = torch.randn(1, 5000) * 3
     one = torch.ones(1)
     off = dict(top_k=torch.zeros(1, dtype=torch.long), top_p=one, min_p=torch.zeros(1))
-    alone = filtered_probs(logits, one, **off)
-    both = filtered_probs(
+    alone = logits_to_probs(logits, one, **off)
+    both = logits_to_probs(
         logits.repeat(2, 1), torch.ones(2), torch.tensor([0, 3]), torch.tensor([1.0, 0.2]),
         torch.tensor([0.0, 0.5]),
     )

@@ -2,8 +2,9 @@
 
 Per row: padded vocabulary masked, repetition / frequency / presence penalties, logit_bias, then
 greedy (temperature 0) or temperature + top-k + top-p + min-p and an inverse-CDF draw from the
-row's own ``torch.Generator``. Every operation is row-wise and a filter a row did not ask for
-leaves it bit-for-bit untouched, so a seeded row samples the same token alone or in any batch.
+row's own ``torch.Generator`` (the model package's pure ``logits_to_probs`` and
+``sample_from_probs``). Every operation is row-wise and a filter a row did not ask for leaves it
+bit-for-bit untouched, so a seeded row samples the same token alone or in any batch.
 
 Logprobs: for sampled rows, the log of the distribution actually sampled from (after penalties,
 bias, temperature and filters); for greedy rows, the log-softmax of the logits after penalties
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.sampling import draw_uniforms, sample_from_probs, seeded_generator
+from model.sampling import draw_uniforms, logits_to_probs, sample_from_probs, seeded_generator
 from service.engine.sequence import Sequence
 from service.engine.types import TokenLogprob
 
@@ -27,35 +28,6 @@ class SampledToken:
     token_id: int
     logprob: float | None = None
     top_logprobs: tuple[TokenLogprob, ...] | None = None
-
-
-def filtered_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-    top_p: torch.Tensor, min_p: torch.Tensor,
-) -> torch.Tensor:
-    """Probabilities (R, V) after temperature, top-k, top-p and min-p, each applied per row.
-
-    Unlike a batch-wide switch, a row whose filter is off (top_k 0, top_p 1, min_p 0) is never
-    touched by it: e.g. top-p 1.0 could otherwise drop tail tokens once the rounded cumulative
-    sum reaches 1.0, and only when some other row in the batch asked for top-p.
-    """
-    logits = logits / temperature.unsqueeze(1)
-    V = logits.size(-1)
-    if bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
-        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
-        logits = torch.where((top_k > 0).unsqueeze(1) & (logits < kth), float("-inf"), logits)
-    probs = torch.softmax(logits, dim=-1)
-    if bool((top_p < 1.0).any()):
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly before each token
-        drop_sorted = (before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-    if bool((min_p > 0).any()):
-        threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
-        probs = torch.where((min_p > 0).unsqueeze(1) & (probs < threshold), 0.0, probs)
-    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 class Sampler:
@@ -104,7 +76,7 @@ class Sampler:
             rows = torch.tensor(sampled, device=self.device)
             f = lambda name, dtype: torch.tensor(  # noqa: E731
                 [getattr(params[r], name) for r in sampled], dtype=dtype, device=self.device)
-            probs = filtered_probs(
+            probs = logits_to_probs(
                 logits[rows], f("temperature", torch.float32), f("top_k", torch.long),
                 f("top_p", torch.float32), f("min_p", torch.float32),
             )
