@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import GPTConfig
-from model.kv_cache import KVCache
+from model.kv_cache import CacheBatch, KVCache
 
 
 class LayerNorm(nn.Module):
@@ -44,19 +44,20 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         layer: int,
-        cache: CachedBatch | None = None,
+        kv: KVCache | None = None,
+        cache: CacheBatch | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is None:
+        if kv is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
             )
         else:
-            k_all, v_all = cache.kv.update(layer, cache.slots, cache.positions, k, v, cache.length)
+            k_all, v_all = kv.update(layer, cache, k, v)  # (B, nh, L, hs)
             y = F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), cache.mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs
         return self.resid_dropout(self.c_proj(y))
@@ -84,24 +85,11 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: CachedBatch | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layer, cache)
+    def forward(
+        self, x: torch.Tensor, layer: int, kv: KVCache | None, cache: CacheBatch | None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, kv, cache)
         return x + self.mlp(self.ln_2(x))
-
-
-class CachedBatch:
-    """What one cached forward needs in every layer, computed once per forward."""
-
-    __slots__ = ("kv", "length", "mask", "positions", "slots")
-
-    def __init__(self, kv: KVCache, slots: torch.Tensor | None, positions: torch.Tensor) -> None:
-        self.kv = kv
-        self.slots = slots
-        self.positions = positions
-        self.length = int(positions.max()) + 1  # keys past the batch's last position are unread
-        if self.length > kv.max_len:
-            raise ValueError(f"position {self.length - 1} is past the KV cache's {kv.max_len}")
-        self.mask = kv.attention_mask(positions, self.length)
 
 
 class GPT(nn.Module):
@@ -175,11 +163,11 @@ class GPT(nn.Module):
                 positions = torch.arange(T, device=idx.device).expand(B, T)
             if positions.shape != idx.shape:
                 raise ValueError(f"positions {tuple(positions.shape)} must match idx {(B, T)}")
-            cache = CachedBatch(kv_cache, slots, positions)
+            cache = kv_cache.prepare(positions, slots)
             pos_emb = self.transformer.wpe(positions.clamp(min=0))  # (B, T, n_embd)
         x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, i, cache)
+            x = block(x, i, kv_cache, cache)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)

@@ -12,7 +12,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from model.gpt import GPT
-from service.engine.kv_cache import WindowKVCache
+from model.kv_cache import KVCache
 from service.engine.sequence import Sequence
 
 
@@ -36,7 +36,9 @@ class ModelRunner:
         self.device = device
         self.n_slots = n_slots
         self.batch_invariant = batch_invariant
-        self.kv = WindowKVCache(
+        # fixed_length: every forward attends over the whole window, so shapes never depend on
+        # which other sequences share a batch (see KVCache).
+        self.kv = KVCache.for_model(
             model.config, n_slots, device=device, dtype=dtype, fixed_length=batch_invariant
         )
 
@@ -55,8 +57,7 @@ class ModelRunner:
     @torch.no_grad()
     def copy_kv(self, source: int, target: int, start: int, end: int) -> None:
         """Copy positions ``start..end-1`` of slot ``source`` into slot ``target``."""
-        self.kv.k[:, target, :, start:end] = self.kv.k[:, source, :, start:end]
-        self.kv.v[:, target, :, start:end] = self.kv.v[:, source, :, start:end]
+        self.kv.copy_slot(source, target, start, end)
 
     @torch.no_grad()
     def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
