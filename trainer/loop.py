@@ -134,7 +134,7 @@ class Trainer:
         if self.device.type == "cuda" and rng[self.ctx.rank].get("cuda") is not None:
             torch.cuda.set_rng_state(rng[self.ctx.rank]["cuda"], self.device)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.elapsed_before = state["elapsed_s"]
+        self.elapsed_before = state.get("elapsed_s", 0.0)  # absent in states from before it existed
         self.best_val, self.best_step = state["best_val"], state["best_step"]
         if self.ctx.is_main:
             self.log.resume_at(self.step)
