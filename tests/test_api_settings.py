@@ -114,7 +114,6 @@ def test_missing_checkpoint_fails_fast_with_a_clear_message(tmp_path):
 def test_python_m_service_serves_the_shipped_weights_from_any_directory(tmp_path):
     """No --checkpoint: the path comes from the package, not the working directory."""
 
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
