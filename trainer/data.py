@@ -64,6 +64,7 @@ def prepare(source: str, tokenizer_kind: str, out: Path) -> dict[str, int]:
     parts = {"train": text[:split_at], "val": text[split_at:]}
     ids = {name: np.array(tokenizer.encode(part), dtype=np.uint16) for name, part in parts.items()}
     with atomic_folder(Path(out)) as tmp:  # a re-prepare never leaves a half-written folder
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; data folders are shared (e.g. containers)
         for name, arr in ids.items():
             arr.tofile(tmp / f"{name}.bin")
         (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer.spec(), ensure_ascii=False) + "\n")
