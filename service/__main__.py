@@ -37,6 +37,11 @@ class DrainingServer(uvicorn.Server):
         loop = asyncio.get_running_loop()
         self._drain_task = loop.create_task(self._drain())
 
+    async def on_tick(self, counter: int) -> bool:
+        if self._state.load_error is not None:  # the background load failed: stop, exit 2
+            self.should_exit = True
+        return await super().on_tick(counter)
+
     async def _drain(self) -> None:
         try:
             await self._state.drain(self._state.settings.shutdown_timeout)
@@ -44,8 +49,9 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True  # now uvicorn closes the listener and runs the lifespan end
 
 
-def serve(settings: Settings, engine=None) -> None:
-    """Serve until a signal drains the server (``engine`` None: load ``settings.checkpoint``)."""
+def serve(settings: Settings, engine=None) -> int:
+    """Serve until a signal drains the server (``engine`` None: load ``settings.checkpoint`` in
+    the background while already answering /health and /ready). Returns the exit status."""
     from service.app import create_app
 
     app = create_app(settings, engine)
@@ -57,8 +63,12 @@ def serve(settings: Settings, engine=None) -> None:
         timeout_graceful_shutdown=5,
         access_log=settings.log_level == "debug",
     )
-    server = DrainingServer(config, app.state.server)
-    server.run()
+    state = app.state.server
+    DrainingServer(config, state).run()
+    if state.load_error is not None:
+        print(f"gptserve: cannot load checkpoint: {state.load_error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,16 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from model.checkpoint import CheckpointError
-    from service.app import load_engine
-
-    try:
-        engine = load_engine(settings)
-    except (CheckpointError, OSError, ValueError) as err:
-        print(f"gptserve: cannot load checkpoint: {err}", file=sys.stderr)
+    if not settings.checkpoint.exists():  # fail fast on the common mistake, before listening
+        print(
+            f"gptserve: cannot load checkpoint: {settings.checkpoint}: no such file or folder",
+            file=sys.stderr,
+        )
         return 2
-    serve(settings, engine)
-    return 0
+    return serve(settings)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """The app factory: ``create_app(settings, engine=None)`` builds a FastAPI app with a lifespan.
 
-The lifespan starts the engine (loading the checkpoint first when no engine was injected) and
-shuts it down; tests inject an engine directly. ``load_engine`` is the one place a checkpoint
+The lifespan starts the engine and shuts it down. With no engine injected it loads the checkpoint
+in the background, so the server listens at once: /health answers and /ready says 503 until the
+engine has taken its first step (a failed load is logged and stops the server). Tests inject an
+engine directly. ``load_engine`` is the one place a checkpoint
 becomes an ``Engine``, shared with ``python -m service`` and the benchmark.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from contextlib import asynccontextmanager
 
@@ -60,25 +63,43 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not state.has_engine:
-            state.swap_engine(await asyncio.to_thread(load_engine, settings))
-        current = state.engine
-        current.add_stats_listener(metrics.observe_step)
-        current.start()
         reloader = app.state.reloader = server_reloader(state, engine_config)
-        reloader.start(current)  # live checkpoint reload: --watch and POST /admin/reload
-        log.info(
-            "serving %s as %r on %s",
-            settings.checkpoint,
-            settings.served_model_name,
-            current.device,
-        )
+
+        def start(engine) -> None:
+            engine.add_stats_listener(metrics.observe_step)
+            engine.start()
+            state.swap_engine(engine)
+            reloader.start(engine)  # live checkpoint reload: --watch and POST /admin/reload
+            log.info(
+                "serving %s as %r on %s",
+                settings.checkpoint,
+                settings.served_model_name,
+                engine.device,
+            )
+
+        async def load_and_start() -> None:
+            try:
+                start(await asyncio.to_thread(load_engine, settings))
+            except Exception as err:  # noqa: BLE001 - reported, and the server stops (exit 2)
+                log.error("cannot load checkpoint %s: %s", settings.checkpoint, err)
+                state.load_error = err
+
+        loading = None
+        if engine is not None:
+            start(engine)
+        else:  # listen at once: /health answers, /ready is 503 until the engine has stepped
+            loading = asyncio.create_task(load_and_start())
         try:
             yield
         finally:
             state.draining = True
+            if loading is not None:
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
             await reloader.stop()
-            await asyncio.to_thread(state.engine.shutdown, settings.shutdown_timeout)
+            if state.has_engine:
+                await asyncio.to_thread(state.engine.shutdown, settings.shutdown_timeout)
 
     app = FastAPI(
         title="gptserve",

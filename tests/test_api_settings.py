@@ -154,3 +154,18 @@ def test_python_m_service_serves_the_shipped_weights_from_any_directory(tmp_path
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_corrupt_checkpoint_stops_the_server_with_exit_2(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"format": "gptserve", "format_version": 1}')
+    proc = subprocess.run(  # noqa: PLW1510 - the exit code is the assertion
+        [sys.executable, "-m", "service", "--checkpoint", str(bad), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot load checkpoint" in proc.stderr and str(bad) in proc.stderr

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+
 import httpx
 import pytest
-from conftest import live_server
+from conftest import LiveServer, live_server, wait_until
+
+import service.app
+from service.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 JSON = {"Content-Type": "application/json", **AUTH}
-OK = '{"prompt": "abc", "max_tokens": 2'  # completed per case below
 
 # (name, raw body or None, extra headers, path, expected status, expected param)
 CASES = [
@@ -207,3 +211,34 @@ def test_an_engine_failure_is_a_500_envelope_and_the_server_recovers(tiny_checkp
         assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) == 4
         metrics = httpx.get(srv.url + "/metrics").text
         assert 'gptserve_request_success_total{finish_reason="error"} 1.0' in metrics
+
+
+def test_while_the_checkpoint_loads_health_answers_and_ready_and_work_get_503(
+    tiny_checkpoint, monkeypatch
+):
+
+    release = threading.Event()
+    real_load = service.app.load_engine
+
+    def slow_load(settings):
+        assert release.wait(60), "the test never released the load"
+        return real_load(settings)
+
+    monkeypatch.setattr(service.app, "load_engine", slow_load)
+    app = service.app.create_app(Settings(checkpoint=tiny_checkpoint, device="cpu"))
+    with LiveServer(app, wait_ready=False) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        ready = httpx.get(srv.url + "/ready")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+        work = httpx.post(srv.url + "/v1/completions", json={"prompt": "ab"}, timeout=30)
+        assert work.status_code == 503 and work.headers["Retry-After"].isdigit()
+        assert httpx.get(srv.url + "/v1/models").status_code == 503
+        release.set()
+        wait_until(
+            lambda: httpx.get(srv.url + "/ready").status_code == 200,
+            what="the engine to load and step",
+        )
+        ok = httpx.post(
+            srv.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 2}, timeout=30
+        )
+        assert ok.status_code == 200

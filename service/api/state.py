@@ -32,6 +32,7 @@ class ServerState:
         self.metrics = metrics
         self._engine = engine
         self.draining = False
+        self.load_error: Exception | None = None  # the checkpoint failed to load: stop serving
         self.started = int(time.time())
         self._inflight: dict[str, Any] = {}  # engine request id -> engine that runs it
         self._idle = asyncio.Event()
