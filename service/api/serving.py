@@ -262,8 +262,11 @@ class CompletionServing:
                     if applied is None:
                         continue
                     choice, text = applied
-                    if text or choice.done or choice.has_unsent_logprobs:
-                        yield frame.choice(choice.chunk(text))
+                    if choice.done or choice.logprobs is not None:
+                        if text or choice.done or choice.has_unsent_logprobs:
+                            yield frame.choice(choice.chunk(text))
+                    elif text:  # the per-token hot path
+                        yield frame.text(choice.index, text)
                     if job.all_done:
                         break
             if include_usage:

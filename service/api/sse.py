@@ -11,6 +11,9 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 
 
+_string = json.encoder.encode_basestring  # a JSON string literal; non-ASCII kept (UTF-8)
+
+
 def _json(data: Any) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
@@ -31,6 +34,18 @@ class ChunkFramer:
     def choice(self, choice: dict[str, Any]) -> bytes:
         """A chunk carrying one choice's delta."""
         return self._prefix + _json(choice) + b"]}\n\n"
+
+    def text(self, index: int, text: str) -> bytes:
+        """The common chunk: new text of an unfinished choice without logprobs (the same bytes
+        ``choice`` would give, built without a dict and a full JSON encode)."""
+        return b"".join(
+            (
+                self._prefix,
+                b'{"index":%d,"text":' % index,
+                _string(text).encode(),
+                b',"logprobs":null,"finish_reason":null}]}\n\n',
+            )
+        )
 
     def usage(self, usage: dict[str, Any]) -> bytes:
         """The final usage chunk: ``choices`` is empty."""
