@@ -158,6 +158,10 @@ class TiktokenTokenizer:
     def spec(self) -> dict[str, Any]:
         return dict(self._spec)
 
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """The BPE ranks (token bytes -> id), without special tokens."""
+        return dict(self._enc._mergeable_ranks)
+
 
 def tokenizer_from_spec(spec: dict[str, Any], folder: Path | None = None) -> Tokenizer:
     """Build the tokenizer a checkpoint's spec describes (``folder`` holds any ranks file)."""

@@ -72,6 +72,8 @@ def test_sample_and_export_hf_work_on_the_trained_checkpoint(tiny_run, capsys):
     assert main(["export-hf", "--checkpoint", best, "--out", str(tiny_run / "hf")]) == 0
     hf = load_checkpoint(tiny_run / "hf")
     assert hf.source_format == "huggingface" and hf.config.n_embd == 32
+    ours = load_checkpoint(best).tokenizer
+    assert hf.tokenizer.encode("First Citizen") == ours.encode("First Citizen"), "char vocab lost"
 
 
 def test_fresh_run_refuses_to_overwrite_an_existing_run(tiny_run, capsys):

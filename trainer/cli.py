@@ -136,8 +136,9 @@ def _sample(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from model.checkpoint import export_huggingface, load_checkpoint
 
-    export_huggingface(load_checkpoint(args.checkpoint).model, args.out)
-    print(f"wrote a Hugging Face GPT-2 folder to {args.out}")
+    checkpoint = load_checkpoint(args.checkpoint)
+    export_huggingface(checkpoint.model, args.out, tokenizer=checkpoint.tokenizer)
+    print(f"wrote a Hugging Face GPT-2 folder (weights, config, tokenizer) to {args.out}")
     return 0
 
 

@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from model.checkpoint.atomic import atomic_folder
 from model.checkpoint.common import Checkpoint, CheckpointError, build_model
+from model.checkpoint.hf_tokenizer import read_char_tokenizer, write_tokenizer_files
 from model.config import GPTConfig
 from model.gpt import GPT
-from model.tokenizer import GPT2_EOT_ID, TiktokenTokenizer
+from model.tokenizer import GPT2_EOT_ID, TiktokenTokenizer, Tokenizer
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _ACT_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -61,7 +62,7 @@ def load_huggingface(folder: Path, meta: dict) -> Checkpoint:
         state[name] = tensor.t().contiguous() if name.endswith(_CONV1D) else tensor
     model = build_model(config, state, weights)
     provenance = {"converted_from": "huggingface", "name_or_path": meta.get("_name_or_path")}
-    tokenizer = TiktokenTokenizer.by_name("gpt2")
+    tokenizer = read_char_tokenizer(folder / "tokenizer.json") or TiktokenTokenizer.by_name("gpt2")
     return Checkpoint(model, tokenizer, config, "huggingface", folder, provenance)
 
 
@@ -80,8 +81,12 @@ def _read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin in this GPT-2 folder")
 
 
-def export_huggingface(model: GPT, out: str | Path, eos_token_id: int | None = GPT2_EOT_ID) -> Path:
-    """Write ``model`` as a Hugging Face GPT-2 folder (config.json + model.safetensors)."""
+def export_huggingface(model: GPT, out: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write ``model`` as a Hugging Face GPT-2 folder (config.json + model.safetensors).
+
+    With ``tokenizer`` the folder also gets the tokenizer files ``AutoTokenizer`` reads (so
+    vLLM or transformers need nothing else), and its end-of-text id as ``eos_token_id``.
+    """
     cfg = model.config
     state: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
@@ -99,6 +104,7 @@ def export_huggingface(model: GPT, out: str | Path, eos_token_id: int | None = G
             state[p + "mlp.c_fc.bias"] = torch.zeros(4 * cfg.n_embd)
             state[p + "mlp.c_proj.bias"] = torch.zeros(cfg.n_embd)
         state["transformer.ln_f.bias"] = torch.zeros(cfg.n_embd)
+    eos_token_id = GPT2_EOT_ID if tokenizer is None else tokenizer.eot_id
     if eos_token_id is not None and eos_token_id >= cfg.vocab_size:
         eos_token_id = None
     hf_config = {
@@ -126,4 +132,6 @@ def export_huggingface(model: GPT, out: str | Path, eos_token_id: int | None = G
     with atomic_folder(out) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer is not None:
+            write_tokenizer_files(tokenizer, tmp)
     return out
