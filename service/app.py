@@ -38,6 +38,7 @@ def engine_config(settings: Settings):
         "max_queue": settings.max_queue,
         "device": settings.device,
         "dtype": settings.dtype,
+        "batch_invariant": settings.batch_invariant,
     }
     if settings.kv_memory is not None:
         overrides["kv_memory"] = settings.kv_memory

@@ -38,6 +38,7 @@ class Settings:
     max_queue: int = 256
     kv_memory: int | None = None  # bytes; None: the engine sizes it for max_batch_size windows
     window_shift: int | None = None  # None: the engine's default
+    batch_invariant: bool = True  # a seeded request samples the same tokens in any batch
     api_key: str | None = field(default=None, repr=False)  # never printed or logged
     cors_origins: tuple[str, ...] = ()
     request_timeout: float = 600.0  # seconds; 0 = no limit
@@ -163,6 +164,16 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "(1 = exactly nanoGPT's crop every step; unset: the engine's default)",
         d.window_shift,
         type=int,
+    )
+    add(
+        "--batch-invariant",
+        "on: a seeded request gets the same tokens alone or in any batch (decode always runs "
+        "every slot at full window width); off: decode only the busy slots, ~3x faster for a lone "
+        "request on CPU, but rows may differ in the last bits between batch sizes",
+        d.batch_invariant,
+        type=parse_flag,
+        nargs="?",
+        const=True,
     )
     add(
         "--api-key",

@@ -26,6 +26,7 @@ FLAGS = {
     "--max-queue": ("9", 9),
     "--kv-memory": ("64M", 64 * 1024 * 1024),
     "--window-shift": ("4", 4),
+    "--batch-invariant": ("off", False),
     "--api-key": ("k3y", "k3y"),
     "--cors-origins": ("http://a.test, http://b.test", ("http://a.test", "http://b.test")),
     "--request-timeout": ("12.5", 12.5),
@@ -169,3 +170,11 @@ def test_a_corrupt_checkpoint_stops_the_server_with_exit_2(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "cannot load checkpoint" in proc.stderr and str(bad) in proc.stderr
+
+
+def test_batch_invariance_is_on_by_default_and_reaches_the_engine():
+    from service.app import engine_config
+
+    assert engine_config(parse_settings([], environ={})).batch_invariant is True
+    off = parse_settings(["--batch-invariant", "off"], environ={})
+    assert engine_config(off).batch_invariant is False
