@@ -29,11 +29,15 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the variant's index, so the dependency resolver below finds it satisfied.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
 WORKDIR /src
+# The runtime lock: the exact versions the test suite ran with (requirements/lock.sh writes it).
+COPY requirements/runtime.txt requirements/runtime.txt
+RUN pip install -r requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY trainer ./trainer
 COPY service ./service
-RUN pip install .
+# Every dependency is installed above at its locked version: --no-deps keeps it that way.
+RUN pip install --no-deps .
 
 # ---- runtime: the venv, the shipped weights, a non-root user ----
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
