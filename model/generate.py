@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from model.gpt import GPT
-from model.sampling import mask_padded_vocab, sample, seeded_generator
+from model.sampling import mask_padded_vocab, random_seed, sample
 
 
 @torch.no_grad()
@@ -29,7 +29,8 @@ def reference_generate(
 ) -> list[int]:
     """Generate ``max_new_tokens`` tokens after ``prompt`` (token ids); returns only the new ones.
 
-    ``temperature`` 0 is greedy. ``vocab_size`` (the tokenizer's) masks padded embedding rows.
+    ``temperature`` 0 is greedy; the t-th draw uses ``model.sampling.counter_uniforms(seed, t)``,
+    as the engine does. ``vocab_size`` (the tokenizer's) masks padded embedding rows.
     Generation stops early after emitting a token in ``stop_token_ids``.
     """
     if not prompt:
@@ -37,7 +38,7 @@ def reference_generate(
     model.eval()
     device = next(model.parameters()).device
     block_size = model.config.block_size
-    generator = seeded_generator(seed)
+    seeds = torch.tensor([random_seed() if seed is None else seed])
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     new_tokens: list[int] = []
     params = dict(
@@ -46,13 +47,13 @@ def reference_generate(
         top_p=None if top_p is None else torch.tensor([float(top_p)]),
         min_p=None if min_p is None else torch.tensor([float(min_p)]),
     )
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]  # crop the context
         logits, _ = model(idx_cond)
         logits = logits[:, -1, :].float().cpu()
         if vocab_size is not None:
             logits = mask_padded_vocab(logits, vocab_size)
-        next_id = sample(logits, generators=[generator], **params)
+        next_id = sample(logits, seeds=seeds, counters=torch.tensor([step]), **params)
         token = int(next_id[0])
         new_tokens.append(token)
         idx = torch.cat((idx, torch.tensor([[token]], device=device)), dim=1)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import GPTConfig
-from model.kv_cache import CacheBatch, KVCache
+from model.kv_cache import KVCache, PackedBatch
 
 
 class LayerNorm(nn.Module):
@@ -40,27 +40,57 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        layer: int,
-        kv: KVCache | None = None,
-        cache: CacheBatch | None = None,
-    ) -> torch.Tensor:
-        B, T, C = x.shape
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Full causal attention over ``x`` (B, T, C): training and the reference generator."""
+        B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if kv is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-            )
-        else:
-            k_all, v_all = kv.update(layer, cache, k, v)  # (B, nh, L, hs)
-            y = F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), cache.mask)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs
         return self.resid_dropout(self.c_proj(y))
+
+    def forward_packed(
+        self, x: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch
+    ) -> torch.Tensor:
+        """Inference over a packed batch ``x`` (N, C): keys and values go to the cache, each
+        token attends to its own slot's cached keys up to its own position."""
+        C = self.n_embd
+        qkv = self.c_attn(x)  # (N, 3C)
+        kv.write(layer, batch, qkv[:, C:])
+        return self.c_proj(packed_attention(qkv[:, :C], layer, kv, batch))
+
+
+def packed_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch) -> torch.Tensor:
+    """Attention of packed queries ``q`` (N, C) over the cache: the decode group in one batched
+    call over a view of slots ``0..width-1``, then each chunk over its own slot."""
+    N, C = q.shape
+    nh, hs = kv.n_head, kv.head_dim
+    dec = batch.decode
+    if dec is not None and dec.slots is None and not batch.chunks and N == dec.width:
+        # decode only, row i is slot i: no scatter, no gather (the common step)
+        k, v = kv.slots_view(layer, dec.width, dec.length)  # (W, nh, L, hs)
+        y = F.scaled_dot_product_attention(q.view(N, 1, nh, hs).transpose(1, 2), k, v, dec.mask)
+        return y.view(N, C)  # (W, nh, 1, hs) is contiguous: one row per slot
+    out = torch.empty_like(q)
+    if dec is not None:
+        W = dec.width
+        n_dec = W if dec.slots is None else dec.slots.shape[0]
+        qd = q[:W] if dec.slots is None else q.new_zeros(W, C).index_copy_(0, dec.slots, q[:n_dec])
+        k, v = kv.slots_view(layer, W, dec.length)
+        y = F.scaled_dot_product_attention(qd.view(W, 1, nh, hs).transpose(1, 2), k, v, dec.mask)
+        y = y.view(W, C)
+        out[:n_dec] = y if dec.slots is None else y.index_select(0, dec.slots)
+    for c in batch.chunks:
+        T = c.num_tokens
+        qc = q[c.row : c.row + T].view(1, T, nh, hs).transpose(1, 2)  # (1, nh, T, hs)
+        k, v = kv.slot_view(layer, c.slot, c.start + T)  # (1, nh, start + T, hs)
+        y = F.scaled_dot_product_attention(qc, k, v, attn_mask=c.mask, is_causal=c.mask is None)
+        out[c.row : c.row + T] = y.transpose(1, 2).reshape(T, C)
+    return out
 
 
 class MLP(nn.Module):
@@ -85,23 +115,25 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: torch.Tensor, layer: int, kv: KVCache | None, cache: CacheBatch | None
-    ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layer, kv, cache)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    def forward_packed(
+        self, x: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch
+    ) -> torch.Tensor:
+        """Inference step on a packed (N, C) batch (dropout is off at inference: skipped)."""
+        x = x + self.attn.forward_packed(self.ln_1(x), layer, kv, batch)
+        mlp = self.mlp
+        return x + mlp.c_proj(mlp.gelu(mlp.c_fc(self.ln_2(x))))
 
 
 class GPT(nn.Module):
     """nanoGPT's GPT with parameter names ``transformer.{wte,wpe,h.i,ln_f}`` and a tied ``lm_head``.
 
-    ``forward(idx, targets=None, kv_cache=None, positions=None, slots=None)``:
-    - without a cache: the full causal forward used in training (``positions`` must be None);
-    - with a cache: each token at ``positions[b, t]`` (absolute, < block_size; negative = padding)
-      of row ``b`` bound to cache slot ``slots[b]`` (default: slot b). Its keys/values are written
-      to the cache and it attends to that slot's cached keys at positions <= its own.
-    Returns ``(logits, loss)``; without targets only the last position's logits are computed
-    when ``last_only`` is True (generation), else all positions' logits.
+    ``forward(idx, targets=None)`` is the full causal forward (training, the reference
+    generator); ``forward_packed(batch, kv_cache)`` is the inference step: the tokens of many
+    sequences packed into one batch, each at its own slot and position of the cache.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -140,34 +172,20 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        positions: torch.Tensor | None = None,
-        slots: torch.Tensor | None = None,
-        last_only: bool = False,
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, last_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The full causal forward over ``idx`` (B, T), T <= block_size: training and the
+        reference generator. Returns ``(logits, loss)``; without targets and with ``last_only``
+        only the last position's logits are computed (generation)."""
         B, T = idx.shape
-        cache = None
-        if kv_cache is None:
-            if positions is not None or slots is not None:
-                raise ValueError("positions and slots are only meaningful with a kv_cache")
-            if T > self.config.block_size:
-                raise ValueError(
-                    f"cannot forward a sequence of {T} tokens, block_size is {self.config.block_size}"
-                )
-            pos_emb = self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, n_embd)
-        else:
-            if positions is None:
-                positions = torch.arange(T, device=idx.device).expand(B, T)
-            if positions.shape != idx.shape:
-                raise ValueError(f"positions {tuple(positions.shape)} must match idx {(B, T)}")
-            cache = kv_cache.prepare(positions, slots)
-            pos_emb = self.transformer.wpe(positions.clamp(min=0))  # (B, T, n_embd)
+        if T > self.config.block_size:
+            raise ValueError(
+                f"cannot forward a sequence of {T} tokens, block_size is {self.config.block_size}"
+            )
+        pos_emb = self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, n_embd)
         x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, i, kv_cache, cache)
+        for block in self.transformer.h:
+            x = block(x)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -178,6 +196,18 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, [-1], :]  # inference-time mini-optimisation (nanoGPT)
         return self.lm_head(x), None
+
+    def forward_packed(self, batch: PackedBatch, kv_cache: KVCache) -> torch.Tensor:
+        """One inference step over a packed batch (see ``model.kv_cache``): every token's keys
+        and values are written to ``kv_cache``; returns the logits (R, V) of the batch's
+        ``logit_rows`` only (the final LayerNorm and the LM head run on those rows alone)."""
+        wte, wpe = self.transformer.wte, self.transformer.wpe
+        x = wte(batch.tokens) + wpe(batch.positions)  # (N, n_embd)
+        for i, block in enumerate(self.transformer.h):
+            x = block.forward_packed(x, i, kv_cache, batch)
+        if batch.logit_rows is not None:
+            x = x.index_select(0, batch.logit_rows)  # (R, n_embd)
+        return self.lm_head(self.transformer.ln_f(x))
 
     def estimate_flops_per_token(self, context: int | None = None) -> int:
         """Training FLOPs per token, PaLM appendix B convention: 6N + 12·L·H·Q·T."""

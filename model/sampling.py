@@ -1,25 +1,53 @@
-"""Sampling as pure functions of (logits, per-row parameters, generators).
+"""Sampling as pure functions of (logits, per-row parameters, per-row seeds and counters).
 
 Every function takes a batch of logits ``(B, V)`` and per-row parameter tensors of shape ``(B,)``
-so one call serves a batch whose rows asked for different settings. Randomness comes only from
-explicit ``torch.Generator`` objects, one per row, so a seeded row draws the same numbers whether
-it is sampled alone or inside any batch.
+so one call serves a batch whose rows asked for different settings. Randomness is counter-based:
+row b's uniform for its t-th draw is a hash of ``(seed_b, t)`` computed on the logits' device
+(``counter_uniforms``), so a seeded row draws the same numbers alone or inside any batch, on any
+device, with no generator state to carry and nothing to synchronise with the host.
+
+Whether a filter runs at all is decided by the caller from host-side knowledge (``None`` = no row
+asked for it), never by inspecting device tensors, so no function here waits on the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import secrets
 
 import torch
 
+_MASK32 = 0xFFFFFFFF
 
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Set logits of padded vocabulary rows (ids >= vocab_size) to -inf so they are never drawn."""
-    if logits.size(-1) <= vocab_size:
-        return logits
-    logits = logits.clone()
-    logits[..., vocab_size:] = float("-inf")
-    return logits
+
+def random_seed() -> int:
+    """A fresh seed for a request that did not give one (63 bits, like ``SamplingParams.seed``)."""
+    return secrets.randbits(63)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Mueller's ``hash32``) on int64 tensors holding values < 2**32.
+
+    The multiplier is below 2**27, so products stay below 2**59: no int64 overflow anywhere."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One uniform float64 in [0, 1) per row: a hash of (``seeds[b]``, ``counters[b]``).
+
+    ``seeds`` are in [0, 2**63), ``counters`` in [0, 2**32) (int64). Two 32-bit hashes give the
+    53 bits of a float64 mantissa.
+    """
+    seeds, counters = seeds.long(), counters.long()
+    x = _mix32((seeds >> 32) & _MASK32)
+    x = _mix32(x ^ (seeds & _MASK32))
+    x = _mix32(x ^ (counters & _MASK32))
+    high = _mix32(x ^ 0x68E31DA4) >> 5  # 27 bits
+    low = _mix32(x ^ 0x35297A4D) >> 6  # 26 bits
+    return ((high << 26) | low).double() * (1.0 / 2**53)
 
 
 def logits_to_probs(
@@ -28,24 +56,27 @@ def logits_to_probs(
     top_k: torch.Tensor | None = None,
     top_p: torch.Tensor | None = None,
     min_p: torch.Tensor | None = None,
+    *,
+    top_k_max: int | None = None,
 ) -> torch.Tensor:
     """Probabilities (B, V) after temperature, top-k, top-p (nucleus) and min-p filtering.
 
-    ``temperature`` must be > 0 for every row (greedy rows are handled by ``sample``).
-    ``top_k`` 0, ``top_p`` 1.0 and ``min_p`` 0.0 switch a filter off for that row, and a row whose
-    filter is off is never touched by it (bit for bit): top-p 1.0 applied anyway could drop tail
-    tokens once the rounded cumulative sum reaches 1.0, and only when another row asked for top-p,
-    which would break batch invariance.
+    ``temperature`` must be > 0 for every row. A filter given as None is off for every row; given
+    as a tensor, ``top_k`` 0, ``top_p`` 1.0 and ``min_p`` 0.0 switch it off for that row, and a row
+    whose filter is off is never touched by it (bit for bit), so its result does not depend on
+    its batch. ``top_k_max`` (host-side: the largest ``top_k`` of the batch) lets top-k select
+    that many candidates instead of sorting the whole vocabulary.
     """
     logits = logits.float() / temperature.float().unsqueeze(1)
-    if top_k is not None and bool((top_k > 0).any()):
-        V = logits.size(-1)
+    V = logits.size(-1)
+    if top_k is not None:
+        k_max = min(top_k_max or V, V)
         on = (top_k > 0).unsqueeze(1)
-        k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
-        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).long().unsqueeze(1))
+        k = torch.where(top_k > 0, top_k.clamp(max=k_max), torch.full_like(top_k, k_max))
+        kth = logits.topk(k_max, dim=-1).values.gather(1, (k - 1).long().unsqueeze(1))
         logits = logits.masked_fill(on & (logits < kth), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and bool((top_p < 1.0).any()):
+    if top_p is not None:
         on = (top_p < 1.0).unsqueeze(1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # mass strictly before each token; a token is kept while that mass is below top_p,
@@ -54,19 +85,11 @@ def logits_to_probs(
         drop_sorted = on & (before >= top_p.float().unsqueeze(1))
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
-    if min_p is not None and bool((min_p > 0).any()):
+    if min_p is not None:
         on = (min_p > 0).unsqueeze(1)
         threshold = probs.max(dim=-1, keepdim=True).values * min_p.float().unsqueeze(1)
         probs = probs.masked_fill(on & (probs < threshold), 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)
-
-
-def draw_uniforms(generators: Sequence[torch.Generator | None], device=None) -> torch.Tensor:
-    """One uniform number in [0, 1) per row, each from that row's own generator (CPU)."""
-    out = torch.empty(len(generators), dtype=torch.float64)
-    for i, gen in enumerate(generators):
-        out[i] = torch.rand((), generator=gen, dtype=torch.float64)
-    return out.to(device) if device is not None else out
 
 
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -79,30 +102,36 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     return torch.minimum(idx, last_nonzero)
 
 
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set logits of padded vocabulary rows (ids >= vocab_size) to -inf so they are never drawn."""
+    if logits.size(-1) <= vocab_size:
+        return logits
+    logits = logits.clone()
+    logits[..., vocab_size:] = float("-inf")
+    return logits
+
+
 def sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
-    generators: Sequence[torch.Generator | None],
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
     top_k: torch.Tensor | None = None,
     top_p: torch.Tensor | None = None,
     min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next token per row: argmax where temperature == 0, else a draw from the filtered probs."""
+    """Next token per row: argmax where temperature == 0, else a draw from the filtered probs
+    with the row's counter-based uniform. The simple, per-call form (the reference generator);
+    the engine's sampler composes the same pieces without reading the device."""
     greedy = temperature <= 0
     tokens = logits.argmax(dim=-1)
     if bool(greedy.all()):
         return tokens
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    probs = logits_to_probs(logits, safe_t, top_k, top_p, min_p)
-    drawn = sample_from_probs(probs, draw_uniforms(generators, device=logits.device))
+    top_k = top_k if top_k is not None and bool((top_k > 0).any()) else None
+    top_p = top_p if top_p is not None and bool((top_p < 1.0).any()) else None
+    min_p = min_p if min_p is not None and bool((min_p > 0).any()) else None
+    k_max = int(top_k.max()) if top_k is not None else None
+    probs = logits_to_probs(logits, safe_t, top_k, top_p, min_p, top_k_max=k_max)
+    drawn = sample_from_probs(probs, counter_uniforms(seeds, counters))
     return torch.where(greedy.to(tokens.device), tokens, drawn)
-
-
-def seeded_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with ``seed`` (a fresh random seed when None)."""
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen

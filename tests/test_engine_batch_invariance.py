@@ -37,9 +37,10 @@ def test_seeded_request_is_identical_alone_and_in_a_batch_of_16(threads):
     ck = tiny_checkpoint()
     target = request("target", prompt_of(23, 7), max_tokens=40, temperature=0.9, top_p=0.9,
                      top_k=20, seed=1234, logprobs=3)
-    alone = engine(ck, max_batch_size=16, window_shift=4, prefill_chunk=8,
+    alone = engine(ck, max_batch_size=16, window_shift=4, prefill_chunk=8, batch_invariant=True,
                    max_tokens_per_step=24).run([target])["target"]
-    busy = engine(ck, max_batch_size=16, window_shift=4, prefill_chunk=8, max_tokens_per_step=24)
+    busy = engine(ck, max_batch_size=16, window_shift=4, prefill_chunk=8, max_tokens_per_step=24,
+                  batch_invariant=True)
     traffic = _traffic(15)
     events = busy.run([*traffic[:9], target, *traffic[9:]],
                       arrival_steps=[0] * 5 + [1, 2, 2, 3] + [3] + [4, 6, 6, 8, 9, 12])

@@ -96,9 +96,10 @@ def test_abort_frees_the_slot_before_the_next_step(stage):
         core.step()
     target = "b" if stage == "queued" else "a"
     seq = core.scheduler.find(target)[0]
-    want = {"queued": SequenceStatus.WAITING, "prefill": SequenceStatus.PREFILL,
-            "decode": SequenceStatus.DECODE}[stage]
+    want = SequenceStatus.WAITING if stage == "queued" else SequenceStatus.RUNNING
     assert seq.status is want
+    if stage != "queued":  # mid-prefill: part of the prompt computed; decoding: one token left
+        assert (seq.num_to_compute > 1) == (stage == "prefill"), seq.num_to_compute
     [out] = core.abort(target)
     assert out.finish_reason is FinishReason.ABORT and out.token_id is None
     assert out.metrics is not None
@@ -125,11 +126,16 @@ def test_n_choices_encode_the_prompt_once_and_equal_separate_seeded_requests():
     ck = tiny_checkpoint()
     prompt = prompt_of(20, 4)
     eng = engine(ck, max_batch_size=4, prefill_chunk=8)
-    calls = []
-    real = eng._core.runner.prefill
-    eng._core.runner.prefill = lambda *a: calls.append(a[1]) or real(*a)
+    encoded = []
+    real = eng._core.runner.model.forward_packed
+
+    def spy(batch, kv):
+        encoded.extend((c.start, c.num_tokens) for c in batch.chunks)
+        return real(batch, kv)
+
+    eng._core.runner.model.forward_packed = spy
     together = eng.generate([request("a", prompt, max_tokens=12, n=3, seed=7, temperature=1.2)])
-    assert sorted(calls) == [0, 8, 16], f"prompt chunks encoded {calls}, expected once each"
+    assert sorted(encoded) == [(0, 8), (8, 8), (16, 4)], f"prompt chunks encoded {encoded}"
     apart = engine(ck, max_batch_size=4, prefill_chunk=8).generate(
         [request(f"s{i}", prompt, max_tokens=12, seed=7 + i, temperature=1.2) for i in range(3)])
     assert together == apart, "sharing the prompt changed a choice's tokens"

@@ -107,10 +107,8 @@ def test_non_streaming_disconnect_cancels_the_request(server, queued):
 
 
 def _raw_request(port: int, *, stream: bool, max_tokens: int = 10**6) -> socket.socket:
-    body = (
-        '{"prompt": "abc", "max_tokens": %d, "stream": %s}'
-        % (max_tokens, "true" if stream else "false")
-    ).encode()
+    flag = "true" if stream else "false"
+    body = f'{{"prompt": "abc", "max_tokens": {max_tokens}, "stream": {flag}}}'.encode()
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -1,6 +1,8 @@
-"""The cached forward (the engine's fast path) must equal the full causal forward."""
+"""The packed cached forward (the engine's fast path) must equal the full causal forward."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -8,64 +10,104 @@ import torch
 from model import GPT, GPTConfig, KVCache
 
 
-def _tiny(bias: bool = True) -> GPT:
+def _tiny(bias: bool = True, n_layer: int = 2) -> GPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(block_size=32, vocab_size=53, n_layer=2, n_head=2, n_embd=16, bias=bias)
+    cfg = GPTConfig(block_size=32, vocab_size=53, n_layer=n_layer, n_head=2, n_embd=16, bias=bias)
     return GPT(cfg).eval()
 
 
-def _feed_in_chunks(model, idx, lengths, chunk, slots=None, n_slots=None):
-    """Feed each row its own tokens `chunk` at a time, right-padded with position -1."""
-    B = idx.size(0)
-    cache = KVCache.for_model(model.config, n_slots or B)
-    outs = [[] for _ in range(B)]
-    done = [0] * B
-    while any(done[b] < lengths[b] for b in range(B)):
-        take = [min(chunk, lengths[b] - done[b]) for b in range(B)]
-        T = max(take)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        pos = torch.full((B, T), -1)
-        for b in range(B):
-            ids[b, : take[b]] = idx[b, done[b] : done[b] + take[b]]
-            pos[b, : take[b]] = torch.arange(done[b], done[b] + take[b])
+def _full_logits(model: GPT, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([tokens]))
+    return logits[0]  # (T, V)
+
+
+def _run_packed(model, seqs, slots, chunk, n_slots, *, fixed: bool = False, seed: int = 0):
+    """Feed each sequence into its slot through packed steps that mix decode rows (a sequence
+    with one token left) and prefill chunks of up to ``chunk`` tokens; returns each sequence's
+    logits at every position, in the order the steps produced them."""
+    rng = random.Random(seed)
+    cache = KVCache.for_model(model.config, n_slots)
+    done = [0] * len(seqs)
+    got: list[dict[int, torch.Tensor]] = [{} for _ in seqs]
+    while any(d < len(s) for d, s in zip(done, seqs, strict=True)):
+        decode, chunks, owners = [], [], []
+        for i in sorted(range(len(seqs)), key=lambda i: slots[i]):
+            left = len(seqs[i]) - done[i]
+            if left == 1:
+                decode.append((slots[i], done[i], seqs[i][done[i]]))
+                owners.append(("d", i))
+        for i in rng.sample(range(len(seqs)), len(seqs)):  # chunk order does not matter
+            left = len(seqs[i]) - done[i]
+            if left > 1:
+                take = min(chunk, left - 1) if rng.random() < 0.5 else min(chunk, left)
+                toks = seqs[i][done[i] : done[i] + take]
+                chunks.append((slots[i], done[i], toks, True))
+                owners.append(("c", i, take))
+        batch = cache.pack(
+            decode, chunks,
+            decode_width=n_slots if fixed and decode else None,
+            decode_length=model.config.block_size if fixed and decode else None,
+        )
         with torch.no_grad():
-            logits, _ = model(ids, kv_cache=cache, positions=pos, slots=slots)
-        for b in range(B):
-            outs[b].append(logits[b, : take[b]])
-            done[b] += take[b]
-    return [torch.cat(o) for o in outs]
+            logits = model.forward_packed(batch, cache)
+        if fixed and decode and not chunks:  # fixed shapes: logits of every slot, row i = slot i
+            logits = logits[[slot for slot, _, _ in decode]]
+        assert logits.shape[0] == len(owners)
+        for row, owner in zip(logits, owners, strict=True):
+            i = owner[1]
+            take = 1 if owner[0] == "d" else owner[2]
+            done[i] += take
+            got[i][done[i] - 1] = row
+    return got
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 32])
 @pytest.mark.parametrize("bias", [True, False])
-def test_cached_forward_equals_full_forward_for_ragged_batch(chunk, bias):
+@pytest.mark.parametrize("fixed", [False, True], ids=["tight", "fixed-shape"])
+def test_packed_forward_equals_full_forward_for_ragged_mixed_steps(chunk, bias, fixed):
     model = _tiny(bias)
-    lengths = [32, 17, 5, 1]
-    idx = torch.randint(0, 53, (4, 32))
-    got = _feed_in_chunks(model, idx, lengths, chunk)
-    for b, n in enumerate(lengths):
-        with torch.no_grad():
-            want, _ = model(idx[b : b + 1, :n])
-        err = (got[b] - want[0]).abs().max().item()
-        assert err < 1e-5, f"row {b} (len {n}, chunk {chunk}): max |cached - full| = {err}"
+    g = torch.Generator().manual_seed(1)
+    lengths = [32, 17, 5, 1, 9]
+    seqs = [torch.randint(0, 53, (n,), generator=g).tolist() for n in lengths]
+    slots = [4, 0, 2, 1, 5]  # arbitrary slots, with a gap (slot 3 is free)
+    got = _run_packed(model, seqs, slots, chunk, n_slots=6, fixed=fixed)
+    for i, tokens in enumerate(seqs):
+        want = _full_logits(model, tokens)
+        for pos, row in got[i].items():
+            err = (row - want[pos]).abs().max().item()
+            assert err < 1e-5, f"seq {i} (slot {slots[i]}) position {pos}: |packed - full| = {err}"
 
 
-def test_rows_bound_to_arbitrary_slots_do_not_interfere():
+def test_decode_rows_in_slot_order_from_zero_take_the_no_scatter_path():
     model = _tiny()
-    idx = torch.randint(0, 53, (2, 12))
-    slots = torch.tensor([4, 1])
-    got = _feed_in_chunks(model, idx, [12, 9], 4, slots=slots, n_slots=6)
-    for b, n in enumerate([12, 9]):
-        with torch.no_grad():
-            want, _ = model(idx[b : b + 1, :n])
-        assert torch.allclose(got[b], want[0], atol=1e-5), f"row {b} in slot {int(slots[b])} differs"
+    cache = KVCache.for_model(model.config, 3)
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    with torch.no_grad():
+        model.forward_packed(
+            cache.pack([], [(s, 0, p[:-1], False) for s, p in enumerate(prompts) if len(p) > 1]),
+            cache,
+        )
+        batch = cache.pack([(s, len(p) - 1, p[-1]) for s, p in enumerate(prompts)])
+        assert batch.decode.slots is None and batch.logit_rows is None
+        logits = model.forward_packed(batch, cache)
+    for s, p in enumerate(prompts):
+        assert torch.allclose(logits[s], _full_logits(model, p)[-1], atol=1e-5), f"slot {s}"
 
 
 def test_position_past_cache_is_rejected():
     model = _tiny()
     cache = KVCache.for_model(model.config, 1)
     with pytest.raises(ValueError, match="past the KV cache"):
-        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache, positions=torch.tensor([[32]]))
+        cache.pack([(0, 32, 0)])
+    with pytest.raises(ValueError, match="past the KV cache"):
+        cache.pack([], [(0, 30, [1, 2, 3], True)])
+
+
+def test_decode_slots_must_be_distinct_and_increasing():
+    cache = KVCache.for_model(_tiny().config, 4)
+    with pytest.raises(ValueError, match="distinct and increasing"):
+        cache.pack([(2, 0, 1), (1, 0, 1)])
 
 
 def test_full_forward_rejects_sequences_longer_than_block_size():

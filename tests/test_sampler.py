@@ -16,7 +16,8 @@ V_MODEL, V_TOKENIZER = 12, 10  # ids 10 and 11 are embedding padding
 def _seqs(sampler, *param_sets, prompt=(1, 2)):
     seqs = []
     for i, params in enumerate(param_sets):
-        seq = Sequence(i, Request(f"r{i}", tuple(prompt), SamplingParams(**params)), 0, 64, 1)
+        request = Request(f"r{i}", tuple(prompt), SamplingParams(**params))
+        seq = Sequence(i, request, 0, 64, 1, seed=request.params.seed or 0)
         seq.admit(i)
         sampler.start(seq)
         seqs.append(seq)
@@ -33,7 +34,10 @@ def test_padded_vocab_is_never_sampled_even_when_it_has_the_largest_logit():
     logits = torch.zeros(2, V_MODEL)
     logits[:, 10:] = 50.0
     for _ in range(50):
-        assert all(t.token_id < V_TOKENIZER for t in sampler(logits, seqs))
+        tokens = sampler(logits.clone(), seqs)
+        assert all(t.token_id < V_TOKENIZER for t in tokens)
+        for seq, t in zip(seqs, tokens, strict=True):
+            seq.append_token(t.token_id)  # the next draw uses the next counter
 
 
 def test_logit_bias_and_greedy():
@@ -52,9 +56,9 @@ def test_logit_bias_and_greedy():
 def test_penalties_hit_only_the_tokens_they_should(params, expect_changed):
     sampler = _sampler()
     [seq] = _seqs(sampler, dict(temperature=0.0, **params))
-    sampler.counts[seq.slot, 3] = 2  # token 3 generated twice so far
+    sampler._counts[seq.slot, 3] = 2  # token 3 generated twice so far
     logits = torch.full((1, V_MODEL), 1.0)
-    got = sampler._penalise(logits.clone(), [seq.params], torch.tensor([seq.slot]))
+    got = sampler._penalise(logits.clone(), torch.tensor([seq.slot]))
     changed = {i for i in range(V_MODEL) if got[0, i] != logits[0, i]}
     assert changed == expect_changed
     assert (got[0, sorted(expect_changed)] < 1.0).all(), "a penalty must lower the logit"
@@ -68,7 +72,7 @@ def test_filters_apply_per_row_and_leave_other_rows_bit_identical():
     alone = logits_to_probs(logits, one, **off)
     both = logits_to_probs(
         logits.repeat(2, 1), torch.ones(2), torch.tensor([0, 3]), torch.tensor([1.0, 0.2]),
-        torch.tensor([0.0, 0.5]),
+        torch.tensor([0.0, 0.5]), top_k_max=3,
     )
     assert torch.equal(both[0], alone[0]), "row 0 asked for no filter but was changed"
     assert int((both[1] > 0).sum()) <= 3
@@ -79,8 +83,12 @@ def test_seeded_rows_draw_the_same_tokens_in_any_batch_position():
         sampler = _sampler()
         params = {"a": dict(temperature=1.0, seed=1), "b": dict(temperature=1.0, seed=2)}
         seqs = _seqs(sampler, *(params[k] for k in order))
-        logits = torch.zeros(len(order), V_MODEL)
-        tokens = [[t.token_id for t in sampler(logits, seqs)] for _ in range(30)]
+        tokens = []
+        for _ in range(30):
+            step = [t.token_id for t in sampler(torch.zeros(len(order), V_MODEL), seqs)]
+            for seq, token in zip(seqs, step, strict=True):
+                seq.append_token(token)
+            tokens.append(step)
         return {k: [step[i] for step in tokens] for i, k in enumerate(order)}
 
     ab, ba = run("ab"), run("ba")

@@ -11,26 +11,28 @@ from service.engine.types import FinishReason, Request, SamplingParams
 BLOCK = 16
 
 
-def _seq(i: int, prompt_len: int, shift: int = 4, max_tokens: int = 100) -> Sequence:
-    req = Request(f"r{i}", tuple(range(prompt_len)), SamplingParams(max_tokens=max_tokens))
-    return Sequence(i, req, 0, BLOCK, shift)
+def _seq(i: int, prompt_len: int, shift: int = 4, max_tokens: int = 100,
+         group: str | None = None, index: int = 0) -> Sequence:
+    req = Request(f"r{i}", tuple(range(prompt_len)), SamplingParams(max_tokens=max_tokens),
+                  group=group)
+    return Sequence(i, req, index, BLOCK, shift, seed=0)
 
 
 def _plan(plan):
     """A step's plan as plain data: decode ids and (id, start, end) prefill chunks."""
-    return (sorted(s.seq_id for s in plan.decode),
+    return (sorted(c.seq.seq_id for c in plan.decode),
             [(c.seq.seq_id, c.start, c.end) for c in plan.prefill])
 
 
 def _advance(plan):
-    """What the engine does after running a plan: chunks are cached, last chunks and decodes
-    emit a token (token 0), crops happen when the window is full."""
-    for c in plan.prefill:
-        c.seq.num_cached = c.end
-    for seq in [*plan.decode, *(c.seq for c in plan.prefill if c.is_last)]:
-        seq.num_cached = seq.window_len
-        seq.append_token(0)
-        seq.crop_if_full()
+    """What the engine does after running a plan: chunks are computed, chunks that complete
+    their window emit a token (token 0), crops happen when the window is full."""
+    for c in (*plan.decode, *plan.prefill):
+        c.seq.num_computed = c.end
+    for c in (*plan.decode, *plan.prefill):
+        if c.end == c.seq.window_len:
+            c.seq.append_token(0)
+            c.seq.crop_if_full()
 
 
 # (name, slots, prefill_chunk, budget, prompt lengths, expected plans for the first steps)
@@ -39,15 +41,15 @@ CASES = [
      [([], [(0, 0, 5)]), ([0], []), ([0], [])]),
     ("a long prompt is chunked; chunks depend only on the sequence", 2, 4, 8, [10],
      [([], [(0, 0, 4)]), ([], [(0, 4, 8)]), ([], [(0, 8, 10)]), ([0], [])]),
-    ("prefill interleaves with running decodes", 2, 4, 5, [2, 9],
-     [([], [(0, 0, 2)]), ([0], [(1, 0, 4)]), ([0], [(1, 4, 8)]), ([0], [(1, 8, 9)]),
-      ([0, 1], [])]),
+    ("prefill interleaves with running decodes; a last one-token chunk decodes", 2, 4, 5,
+     [2, 9], [([], [(0, 0, 2)]), ([0], [(1, 0, 4)]), ([0], [(1, 4, 8)]), ([0, 1], []),
+              ([0, 1], [])]),
     ("admission waits for a free slot (FIFO)", 1, 8, 8, [3, 3],
      [([], [(0, 0, 3)]), ([0], []), ([0], [])]),
     ("the token budget defers the next chunk to the next step", 3, 4, 6, [4, 4, 4],
      [([], [(0, 0, 4)]), ([0], [(1, 0, 4)]), ([0, 1], [(2, 0, 4)]), ([0, 1, 2], [])]),
-    ("a chunk larger than what decodes leave still runs alone (no starvation)", 3, 4, 4,
-     [1, 1, 1, 4], [([], [(0, 0, 1), (1, 0, 1), (2, 0, 1)]), ([0, 1, 2], [])]),
+    ("a chunk larger than what decodes leave still runs (no starvation)", 4, 4, 4,
+     [1, 1, 1, 4], [([0, 1, 2], [(3, 0, 4)]), ([0, 1, 2, 3], [])]),
     ("a prompt longer than the window is cropped from the left in shifts", 1, 16, 16, [18],
      [([], [(0, 0, 14)]), ([0], [])]),
 ]
@@ -105,7 +107,7 @@ def test_slot_allocator_usage(ops, expected_usage):
     slots = SlotAllocator(4)
     for op in ops:
         if op == "alloc":
-            assert slots.allocate() is not None
+            slots.allocate()
         else:
             slots.free(int(op[-1]))
     assert slots.usage == expected_usage
@@ -114,12 +116,40 @@ def test_slot_allocator_usage(ops, expected_usage):
 def test_slot_allocator_hands_out_the_lowest_free_slot_and_rejects_double_free():
     slots = SlotAllocator(3)
     assert [slots.allocate() for _ in range(3)] == [0, 1, 2]
-    assert slots.allocate() is None
+    with pytest.raises(RuntimeError, match="no free slot"):
+        slots.allocate()
     slots.free(1)
     assert slots.allocate() == 1
     slots.free(2)
     with pytest.raises(ValueError):
         slots.free(2)
+
+
+def test_a_small_request_is_admitted_before_the_rest_of_a_big_one():
+    sched = Scheduler(2, 8, 64)
+    big = [_seq(i, 3, group="big", index=i) for i in range(6)]
+    for seq in big:
+        sched.add(seq)
+    _advance(sched.schedule())  # big's choices 0 and 1 take both slots
+    small = _seq(9, 3, group="small")
+    sched.add(small)
+    sched.finish(big[0], FinishReason.STOP)
+    plan = sched.schedule()
+    assert plan.admitted == (small,), "the request with nothing running goes first"
+    sched.finish(big[1], FinishReason.STOP)
+    assert sched.schedule().admitted == (big[2],), "then the big request resumes, in order"
+
+
+def test_decode_rows_come_in_slot_order():
+    sched = Scheduler(3, 8, 64)
+    seqs = [_seq(i, 2 + i) for i in range(3)]
+    for seq in seqs:
+        sched.add(seq)
+    _advance(sched.schedule())
+    sched.finish(seqs[0], FinishReason.STOP)
+    sched.add(late := _seq(7, 1))  # a one-token prompt decodes at once, in the freed slot 0
+    plan = sched.schedule()
+    assert [c.seq.slot for c in plan.decode] == [0, 1, 2] and plan.decode[0].seq is late
 
 
 def test_scheduler_imports_no_torch():

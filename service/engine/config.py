@@ -1,66 +1,104 @@
-"""The engine's settings: one frozen dataclass, validated on construction."""
+"""The engine's settings: one frozen dataclass, validated on construction.
+
+This is the one source of truth for every engine knob: each field carries its help text in its
+metadata, and the server's command line (``service.settings``) is generated from these fields, so
+a knob is never defined twice.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def _knob(default, help_text: str, **meta):
+    return field(default=default, metadata={"help": help_text, **meta})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine batches, how much KV memory it may hold, and where the model runs.
+    """How the engine batches, how much KV memory it may hold, and where the model runs."""
 
-    - ``max_batch_size``: concurrent sequences (KV slots); each of a request's ``n`` choices
-      is its own sequence.
-    - ``max_queue``: requests that may wait for a slot before ``add_request`` raises
-      ``QueueFullError``.
-    - ``kv_memory``: bytes for the KV cache; ``None`` = ``max_batch_size`` full windows. A
-      smaller budget lowers the slot count below ``max_batch_size``.
-    - ``window_shift``: tokens dropped from the left each time a sequence's context outgrows the
-      model's ``block_size``; 1 reproduces nanoGPT's ``generate`` exactly, larger trades
-      exactness for speed (see docs/BENCHMARKS.md ``## Engine``). Capped at ``block_size // 2``
-      for small models (``Engine.window_shift`` holds the value in force).
-    - ``prefill_chunk``: a prompt (or re-encoded window) is prefilled in chunks of this many
-      tokens, one chunk per sequence per step, so decode streams keep flowing.
-    - ``max_tokens_per_step``: token budget per step; decode tokens count first, then prefill
-      chunks in FIFO order while they fit (one chunk always runs, so prefill cannot starve).
-    - ``batch_invariant``: decode always runs all slots as one fixed-shape batch, so a row's
-      arithmetic never depends on the other rows (a seeded request gives the same tokens alone
-      or in any batch). False decodes only the occupied slot prefix (faster at low load).
-    """
-
-    max_batch_size: int = 32
-    max_queue: int = 256
-    kv_memory: int | None = None
-    window_shift: int = 64
-    prefill_chunk: int = 128
-    max_tokens_per_step: int = 512
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_invariant: bool = True
+    max_batch_size: int = _knob(
+        32, "sequences decoded together (KV slots); each choice of a request is one sequence")
+    max_queue: int = _knob(
+        256, "sequences (prompts x n) that may wait for a slot; beyond it new requests get 503")
+    max_request_sequences: int = _knob(
+        64, "most sequences (prompts x n, or x best_of) one request may ask for; more is a 400")
+    max_n: int = _knob(16, "largest n (and best_of) one request may ask for")
+    kv_memory: int | None = _knob(
+        None, "bytes for the KV cache (e.g. 2G); unset: max_batch_size windows, checked against "
+        "the device's free memory before allocation", size=True)
+    kv_memory_fraction: float = _knob(
+        0.9, "on CUDA with kv_memory unset: at most this fraction of the free GPU memory")
+    window_shift: int | None = _knob(
+        None, "tokens dropped from the left when a sequence outgrows the model's context; "
+        "1 reproduces nanoGPT's generate exactly; unset: half the context (llama.cpp's choice)")
+    prefill_chunk: int = _knob(
+        256, "a prompt or re-encoded window is prefilled in chunks of this many tokens")
+    max_tokens_per_step: int | None = _knob(
+        None, "token budget of one step: decode tokens first, then prefill chunks; unset: "
+        "max_batch_size + prefill_chunk, at least 512")
+    batch_invariant: bool = _knob(
+        False, "fixed-shape steps so a seeded request samples the same tokens alone or in any "
+        "batch (costs speed at low load; see docs/BENCHMARKS.md)")
+    compile: bool = _knob(False, "torch.compile the decode step (slow start; see BENCHMARKS)")
+    cuda_graphs: bool = _knob(True, "on CUDA, replay captured graphs for decode-only steps")
+    device: str = _knob("auto", "auto, cpu or cuda", choices=DEVICES)
+    dtype: str = _knob("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16",
+                       choices=DTYPES)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "window_shift", "prefill_chunk",
-                     "max_tokens_per_step"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
-        if self.kv_memory is not None and (
-            not isinstance(self.kv_memory, int) or isinstance(self.kv_memory, bool)
-            or self.kv_memory < 1
-        ):
+        for name in ("max_batch_size", "max_queue", "max_request_sequences", "max_n",
+                     "prefill_chunk"):
+            _positive_int(name, getattr(self, name))
+        for name in ("kv_memory", "window_shift", "max_tokens_per_step"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        for name in ("batch_invariant", "compile", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EngineConfig.{name} must be a boolean, got "
+                                 f"{getattr(self, name)!r}")
+        if not isinstance(self.kv_memory_fraction, float) or not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError(f"EngineConfig.kv_memory_fraction must be in (0, 1], got "
+                             f"{self.kv_memory_fraction!r}")
+        if self.token_budget < self.prefill_chunk:
             raise ValueError(
-                f"EngineConfig.kv_memory must be a positive byte count or None, got "
-                f"{self.kv_memory!r}"
-            )
-        if self.max_tokens_per_step < self.prefill_chunk:
-            raise ValueError(
-                f"EngineConfig.max_tokens_per_step ({self.max_tokens_per_step}) must be at least "
+                f"EngineConfig.max_tokens_per_step ({self.token_budget}) must be at least "
                 f"prefill_chunk ({self.prefill_chunk})"
+            )
+        if self.token_budget <= self.max_batch_size:
+            raise ValueError(
+                f"EngineConfig.max_tokens_per_step ({self.token_budget}) must exceed "
+                f"max_batch_size ({self.max_batch_size}): every decoding sequence takes one"
             )
         if self.device not in DEVICES:
             raise ValueError(f"EngineConfig.device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens one step may process (``max_tokens_per_step`` or its default)."""
+        if self.max_tokens_per_step is not None:
+            return self.max_tokens_per_step
+        return max(512, self.max_batch_size + self.prefill_chunk)
+
+    def window_shift_for(self, block_size: int) -> int:
+        """The shift in force for a model with this context: the flag, capped at half the
+        context (a larger shift would forget more than it saves), default half."""
+        half = max(1, block_size // 2)
+        return half if self.window_shift is None else min(self.window_shift, half)
+
+    @classmethod
+    def knobs(cls) -> tuple[dataclasses.Field, ...]:
+        """Every field, with its help text in ``metadata["help"]`` (the server's flags)."""
+        return dataclasses.fields(cls)
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from model.gpt import GPT
+from model.sampling import random_seed
 from service.engine.config import EngineConfig
 from service.engine.runner import ModelRunner
 from service.engine.sampler import SampledToken, Sampler
-from service.engine.scheduler import Scheduler, SchedulerOutput
+from service.engine.scheduler import Scheduler
 from service.engine.sequence import Sequence
 from service.engine.types import (
     EngineStats,
@@ -42,28 +43,32 @@ class EngineCore:
         n_slots: int, device: torch.device, dtype: torch.dtype,
     ) -> None:
         block_size = model.config.block_size
-        self.window_shift = min(config.window_shift, max(1, block_size // 2))
+        self.window_shift = config.window_shift_for(block_size)
         self.block_size = block_size
         self.eos_token_id = eos_token_id
         self.runner = ModelRunner(model, n_slots, device, dtype, config.batch_invariant)
-        self.scheduler = Scheduler(n_slots, config.prefill_chunk, config.max_tokens_per_step)
+        self.scheduler = Scheduler(n_slots, config.prefill_chunk, config.token_budget)
         self.sampler = Sampler(n_slots, model.config.vocab_size, vocab_size, device)
         self._seq_ids = itertools.count()
         self.total_steps = 0
 
     def add_request(self, request: Request) -> None:
-        """Queue every choice of an already validated request (FIFO)."""
+        """Queue every choice of an already validated request. Choice i of a seeded request
+        draws with seed + i (reproducible); an unseeded choice gets a random seed."""
+        seed = request.params.seed
         for index in range(request.params.n):
             seq = Sequence(
-                next(self._seq_ids), request, index, self.block_size, self.window_shift
+                next(self._seq_ids), request, index, self.block_size, self.window_shift,
+                random_seed() if seed is None else (seed + index) % 2**63,
             )
             self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> list[RequestOutput]:
-        """Finish every live choice of a request with ``abort``; their slots are free at once."""
+    def abort(self, request_id: str, index: int | None = None) -> list[RequestOutput]:
+        """Finish the live choices of a request (choice ``index`` only, when given) with
+        ``abort``; their slots are free at once."""
         now = time.monotonic()
         outputs = []
-        for seq in self.scheduler.find(request_id):
+        for seq in self.scheduler.find(request_id, index):
             self._finish(seq, FinishReason.ABORT, now)
             outputs.append(_output(seq, None, now=now))
         return outputs
@@ -71,7 +76,7 @@ class EngineCore:
     def abort_all(self, reason: FinishReason) -> list[RequestOutput]:
         now = time.monotonic()
         outputs = []
-        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+        for seq in self.scheduler.live():
             self._finish(seq, reason, now)
             outputs.append(_output(seq, None, now=now))
         return outputs
@@ -79,13 +84,18 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    @torch.inference_mode()
     def step(self) -> StepResult:
         """Schedule, run the model, sample and post-process one iteration of the batch."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
-        rows, logits = self._run(plan)
-        sampled = self.sampler(logits, rows) if rows else []
-        outputs, crops = self._postprocess(rows, sampled)
+        for seq in plan.admitted:
+            self.sampler.start(seq)
+        run = self.runner.execute(plan)
+        sampled = self.sampler(run.logits, run.rows) if run.rows else []
+        for chunk in (*plan.decode, *plan.prefill):
+            chunk.seq.num_computed = chunk.end
+        outputs, crops = self._postprocess(run.rows, sampled)
         crops += sum(seq.prompt_cropped for seq in plan.admitted)
         self.total_steps += 1
         stats = EngineStats(
@@ -95,46 +105,13 @@ class EngineCore:
             step_time=time.perf_counter() - t0,
             batch_size=len(plan.decode) + len(plan.prefill),
             prompt_tokens=plan.num_prefill_tokens,  # re-encoded window tokens included
-            generation_tokens=len(rows),
+            generation_tokens=len(run.rows),
             crops=crops,
             total_steps=self.total_steps,
         )
         return StepResult(outputs, stats)
 
-    def _run(self, plan: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Run the plan's decode batch and prefill chunks; the sequences that need a token now
-        and their logits (one row each)."""
-        for seq in plan.admitted:
-            self.sampler.start(seq)
-        rows: list[Sequence] = []
-        logits: list[torch.Tensor] = []
-        if plan.decode:
-            logits.append(self.runner.decode(plan.decode))
-            rows.extend(plan.decode)
-            for seq in plan.decode:
-                seq.num_cached = seq.window_len
-        shared: dict[tuple[str, int, int], tuple[int, torch.Tensor]] = {}
-        for chunk in plan.prefill:
-            seq = chunk.seq
-            # the n choices of a request share their prompt: a chunk one of them has just
-            # encoded is copied, not recomputed (bitwise the same: same tokens, same shapes)
-            key = (seq.request_id, chunk.start, chunk.end)
-            if seq.num_generated == 0 and key in shared:
-                source_slot, last = shared[key]
-                self.runner.copy_kv(source_slot, seq.slot, chunk.start, chunk.end)
-            else:
-                last = self.runner.prefill(
-                    seq.window(chunk.start, chunk.end), chunk.start, seq.slot
-                )
-                if seq.num_generated == 0:
-                    shared[key] = (seq.slot, last)
-            seq.num_cached = chunk.end
-            if chunk.is_last:
-                logits.append(last.unsqueeze(0))
-                rows.append(seq)
-        return rows, torch.cat(logits) if logits else None
-
-    def _postprocess(self, rows: list[Sequence], sampled: list[SampledToken]
+    def _postprocess(self, rows: tuple[Sequence, ...], sampled: list[SampledToken]
                      ) -> tuple[list[RequestOutput], int]:
         """Append each token, finish stopped sequences (freeing their slots), crop full windows."""
         now = time.monotonic()
@@ -150,8 +127,9 @@ class EngineCore:
         return outputs, crops
 
     def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
+        if seq.slot is not None:
+            self.sampler.release(seq)
         self.scheduler.finish(seq, reason, now)
-        self.sampler.release(seq)
 
     def run(self, requests: Iterable[Request], arrival_steps: Iterable[int] | None = None
             ) -> dict[str, list[RequestOutput]]:

@@ -20,7 +20,7 @@ import torch
 from model.checkpoint import Checkpoint
 from service.engine.config import EngineConfig
 from service.engine.core import EngineCore
-from service.engine.kv_cache import plan_slots
+from service.engine.memory import plan_slots
 from service.engine.stream import RequestStream
 from service.engine.types import (
     EngineStats,
@@ -55,7 +55,12 @@ class Engine:
 
     Read-only attributes: ``tokenizer``, ``model_config``, ``vocab_size`` (the tokenizer's),
     ``eos_token_id``, ``checkpoint``, ``device``, ``dtype``, ``config``, ``n_slots``,
-    ``window_shift`` (in force), ``ready`` (the thread has taken its warm-up step).
+    ``window_shift`` (in force), ``ready`` (the thread has taken its warm-up step and is alive),
+    ``error`` (why the engine thread died, if it did).
+
+    Admission counts sequences (each choice of each prompt): a request is accepted while every
+    live sequence, its own included, fits the slots plus ``max_queue``; an aborted request's
+    sequences stop counting at once, not when the engine thread gets to them.
     """
 
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None) -> None:
@@ -67,26 +72,37 @@ class Engine:
         self.eos_token_id = checkpoint.tokenizer.eot_id
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
-        self.n_slots = plan_slots(
-            self.model_config, self.dtype, self.config.max_batch_size, self.config.kv_memory
-        )
+        self.n_slots = plan_slots(self.model_config, self.dtype, self.config, self.device)
         self._core = EngineCore(
             checkpoint.model, self.vocab_size, self.eos_token_id, self.config, self.n_slots,
             self.device, self.dtype,
         )
         self.window_shift = self._core.window_shift
         self.ready = False
+        self.error: BaseException | None = None
         self._cond = threading.Condition()
-        self._state = "new"  # new -> running -> draining -> stopped
+        self._state = "new"  # new -> running -> draining -> stopped; or -> failed
         self._deadline: float | None = None
         self._inbox: list[Request] = []
-        self._aborts: list[str] = []
+        self._aborts: list[tuple[str, int | None]] = []
         self._streams: dict[str, RequestStream] = {}
-        self._remaining: dict[str, int] = {}  # unfinished choices per live request
-        self._num_waiting = 0  # requests in the core still waiting for a slot (queue bound)
+        self._remaining: dict[str, int] = {}  # choices of a live request still to finish
+        self._live: dict[str, set[int]] = {}  # choices that count toward the capacity
+        self._num_live = 0
         self._listeners: list[Callable[[EngineStats], None]] = []
         self._stats = EngineStats(0, 0, 0.0, 0.0, 0, 0, 0, 0, 0)
         self._thread: threading.Thread | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Sequences that may be live at once: one per slot, plus the waiting queue."""
+        return self.n_slots + self.config.max_queue
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes this engine holds on its device: weights and KV cache."""
+        weights = sum(p.numel() * p.element_size() for p in self._core.runner.model.parameters())
+        return weights + self._core.runner.kv.nbytes
 
     # ---- the API side (any thread / the event loop) ----------------------------------------
 
@@ -99,36 +115,67 @@ class Engine:
                 raise InvalidRequestError(
                     "prompt", f"prompt token id {token_id!r} is outside [0, {self.vocab_size})"
                 )
-        # n is bounded by the API (its --max-n); each choice is just one more sequence here
-        request.params.validate(self.vocab_size, max_n=max(16, self.config.max_queue))
+        request.params.validate(self.vocab_size, max_n=self.config.max_n)
 
     def add_request(self, request: Request) -> RequestStream:
         """Queue a request from a coroutine; its events arrive on the returned stream."""
-        loop = asyncio.get_running_loop()
-        self.validate(request)
-        stream = RequestStream(request.request_id, request.params.n, loop, self.abort)
-        with self._cond:
-            if self._state in ("draining", "stopped"):
-                raise EngineStoppedError("the engine is shutting down and accepts no new requests")
-            if request.request_id in self._streams:
-                raise InvalidRequestError(
-                    "request_id", f"request id {request.request_id!r} is already in flight"
-                )
-            if len(self._inbox) + self._num_waiting >= self.config.max_queue:
-                raise QueueFullError(
-                    f"the waiting queue is full ({self.config.max_queue} requests)"
-                )
-            self._streams[request.request_id] = stream
-            self._remaining[request.request_id] = request.params.n
-            self._inbox.append(request)
-            self._cond.notify()
-        return stream
+        return self.add_requests([request])[0]
 
-    def abort(self, request_id: str) -> None:
-        """Cancel a request wherever it is; its slot is free before the next step."""
+    def add_requests(self, requests: list[Request]) -> list[RequestStream]:
+        """Queue the prompts of one client request together: all are accepted or none is.
+
+        Raises ``InvalidRequestError`` (a 400) when they ask for more sequences than one request
+        may (``max_request_sequences``) or than the engine could ever hold, ``QueueFullError`` (a
+        503: retrying can succeed) when they do not fit now, ``EngineStoppedError`` when the
+        engine is shutting down or dead.
+        """
+        loop = asyncio.get_running_loop()
+        for request in requests:
+            self.validate(request)
+        wanted = sum(r.params.n for r in requests)
+        limit = min(self.config.max_request_sequences, self.capacity)
+        if wanted > limit:
+            shape = f"{len(requests)} prompt(s) x n={requests[0].params.n}" if requests else ""
+            raise InvalidRequestError(
+                "n", f"this request asks for {wanted} sequences ({shape}); at most {limit} fit one "
+                "request (--max-request-sequences)")
+        streams = [RequestStream(r.request_id, r.params.n, loop, self.abort) for r in requests]
         with self._cond:
-            if request_id in self._streams:
-                self._aborts.append(request_id)
+            if self._state not in ("new", "running"):
+                raise EngineStoppedError(
+                    "the engine is shutting down and accepts no new requests"
+                    if self._state != "failed" else f"the engine failed: {self.error}")
+            for request in requests:
+                if request.request_id in self._streams:
+                    raise InvalidRequestError(
+                        "request_id", f"request id {request.request_id!r} is already in flight"
+                    )
+            if self._num_live + wanted > self.capacity:
+                raise QueueFullError(
+                    f"the server is full ({self._num_live} of {self.capacity} sequences live: "
+                    f"{self.n_slots} running and a queue of {self.config.max_queue}); retry later"
+                )
+            for request, stream in zip(requests, streams, strict=True):
+                self._streams[request.request_id] = stream
+                self._remaining[request.request_id] = request.params.n
+                self._live[request.request_id] = set(range(request.params.n))
+                self._inbox.append(request)
+            self._num_live += wanted
+            self._cond.notify()
+        return streams
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Cancel a request (or one of its choices) wherever it is; its sequences stop counting
+        toward the capacity now, and its slots are free before the next step."""
+        with self._cond:
+            live = self._live.get(request_id)
+            if live is None:
+                return
+            gone = set(live) if index is None else live & {index}
+            if gone:
+                live -= gone
+                self._num_live -= len(gone)
+                self._aborts.append((request_id, index))
                 self._cond.notify()
 
     def stats(self) -> EngineStats:
@@ -143,35 +190,69 @@ class Engine:
             if self._state != "new":
                 raise RuntimeError(f"the engine cannot start: it is {self._state}")
             self._state = "running"
-            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread = threading.Thread(target=self._supervised_loop, name="engine",
+                                            daemon=True)
             self._thread.start()
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting requests; let in-flight ones finish for up to ``timeout`` seconds
-        (None: abort them at once), abort the rest, and join the engine thread."""
+        (None: abort them at once), abort the rest, and join the engine thread (giving up after
+        ``timeout`` + 10 s: a step that never returns cannot hold the process)."""
         with self._cond:
             if self._state in ("new", "running"):
                 self._deadline = time.monotonic() + (timeout or 0.0)
                 self._state = "draining" if self._thread is not None else "stopped"
             self._cond.notify()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join((timeout or 0.0) + 10.0)
+            if self._thread.is_alive():
+                log.error("the engine thread did not stop in time; abandoning it")
         else:  # never started: requests queued so far end with an abort event
-            with self._cond:
-                pending, self._inbox = self._inbox, []
-            self._dispatch([
-                RequestOutput(r.request_id, i, None, finish_reason=FinishReason.ABORT,
-                              num_prompt_tokens=len(r.prompt_token_ids))
-                for r in pending for i in range(r.params.n)
-            ])
-        self._state = "stopped"
+            self._fail_pending(FinishReason.ABORT)
+        with self._cond:
+            if self._state != "failed":
+                self._state = "stopped"
+        self.ready = False
 
     # ---- the engine thread -------------------------------------------------------------------
 
+    def _supervised_loop(self) -> None:
+        """The engine thread: any exception that escapes a step's own handling (warm-up, the
+        loop's bookkeeping, a listener) kills the engine loudly, not silently: every live request
+        gets an error event, ``ready`` turns false and new requests are refused."""
+        try:
+            with torch.inference_mode():
+                self._core.runner.warm_up()
+            self.ready = True
+            self._loop()
+        except BaseException as err:  # noqa: BLE001 - reported to every stream and to /ready
+            log.exception("the engine thread failed; failing every live request")
+            with self._cond:
+                self.error = err
+                self._state = "failed"
+            self.ready = False
+            self._fail_pending(FinishReason.ERROR)
+
+    def _fail_pending(self, reason: FinishReason) -> None:
+        """End every live request with ``reason``: those in the core and those still queued."""
+        with self._cond:
+            pending, self._inbox = self._inbox, []
+            self._aborts.clear()
+        outputs = [RequestOutput(r.request_id, i, None, finish_reason=reason,
+                                 num_prompt_tokens=len(r.prompt_token_ids))
+                   for r in pending for i in range(r.params.n)]
+        try:
+            outputs += self._core.abort_all(reason)
+        except Exception:  # noqa: BLE001 - the core is broken: end the streams directly
+            log.exception("cannot abort the engine core's requests")
+            queued = {r.request_id for r in pending}
+            with self._cond:
+                outputs += [RequestOutput(rid, i, None, finish_reason=reason)
+                            for rid, live in self._live.items() if rid not in queued
+                            for i in live]
+        self._dispatch(outputs)
+
     def _loop(self) -> None:
-        with torch.inference_mode():
-            self._core.runner.warm_up()
-        self.ready = True
         while True:
             with self._cond:
                 while self._idle():
@@ -179,12 +260,11 @@ class Engine:
                 for request in self._inbox:
                     self._core.add_request(request)
                 self._inbox.clear()
-                self._num_waiting = self._count_waiting()
                 aborts, self._aborts = self._aborts, []
                 draining = self._state == "draining"
             outputs: list[RequestOutput] = []
-            for request_id in aborts:
-                outputs += self._core.abort(request_id)
+            for request_id, index in aborts:
+                outputs += self._core.abort(request_id, index)
             if draining and time.monotonic() >= self._deadline:
                 outputs += self._core.abort_all(FinishReason.ABORT)
             if self._core.has_work():
@@ -207,9 +287,6 @@ class Engine:
             kv_cache_usage=scheduler.slots.usage, batch_size=0, prompt_tokens=0,
             generation_tokens=0, crops=0,
         )
-
-    def _count_waiting(self) -> int:
-        return len({s.request_id for s in self._core.scheduler.waiting})
 
     def _step(self) -> list[RequestOutput]:
         try:
@@ -234,14 +311,23 @@ class Engine:
         by_request: dict[str, list[RequestOutput]] = {}
         for out in outputs:
             by_request.setdefault(out.request_id, []).append(out)
+        streams = []
         with self._cond:
-            self._num_waiting = self._count_waiting()
-            streams = []
             for request_id, outs in by_request.items():
-                streams.append((self._streams[request_id], outs))
-                self._remaining[request_id] -= sum(o.finish_reason is not None for o in outs)
+                stream = self._streams.get(request_id)
+                if stream is None:
+                    continue
+                streams.append((stream, outs))
+                live = self._live[request_id]
+                for out in outs:
+                    if out.finish_reason is not None:
+                        self._remaining[request_id] -= 1
+                        if out.index in live:
+                            live.discard(out.index)
+                            self._num_live -= 1
                 if self._remaining[request_id] == 0:
                     del self._streams[request_id], self._remaining[request_id]
+                    del self._live[request_id]
         for stream, outs in streams:
             stream.put(outs)
 

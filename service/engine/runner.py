@@ -1,91 +1,113 @@
-"""The model runner: the model resident on its device, its KV cache, and two entry points.
+"""The model runner: the model resident on its device, its KV cache, and the step's forward.
 
-``prefill`` encodes one chunk of one sequence's window into its slot; ``decode`` feeds the last
-token of every decoding sequence at its own position, all in one batched forward over the model
-package's cached forward (rows of different lengths and positions; row b is slot b).
+``execute(plan)`` turns the scheduler's plan into packed forwards over the cache and returns the
+logits of every sequence that samples this step. By default the whole step (every decode token
+and every prefill chunk) is one packed forward (``model.GPT.forward_packed``). With
+``batch_invariant`` the decode rows run as one fixed-shape batch (every slot, the whole window)
+and each prefill chunk as its own forward, so a row's arithmetic never depends on which other
+sequences share its step (CPU matmul kernels change their per-row results with the row count).
+
+The n choices of a request share their prompt: a prompt chunk is computed once, by the first
+choice scheduled with it (the leader), and its keys and values are copied into the other
+choices' slots; they sample from the leader's logits with their own seeds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 
 from model.gpt import GPT
 from model.kv_cache import KVCache
+from service.engine.scheduler import ScheduledChunk, SchedulerOutput
 from service.engine.sequence import Sequence
 
 
-class ModelRunner:
-    """Owns the model on ``device``/``dtype`` and the preallocated KV cache of ``n_slots`` slots.
+@dataclass(frozen=True)
+class RunnerOutput:
+    """The sequences that sample this step and their next-token logits (R, V), row by row."""
 
-    With ``batch_invariant`` every decode runs all ``n_slots`` rows (idle rows are padding at
-    position -1): one fixed shape, so CPU matmul kernels (whose per-row results change with
-    the row count below ~16 rows and with threading) compute each row identically whatever the
-    traffic. Without it, decode runs the occupied slot prefix rounded up to a power of two.
-    Prefill runs one chunk per forward for the same reason: its shape depends only on the
-    sequence's own chunk.
-    """
+    rows: tuple[Sequence, ...]
+    logits: torch.Tensor | None
+
+
+class ModelRunner:
+    """Owns the model on ``device``/``dtype`` and the preallocated KV cache of ``n_slots`` slots."""
 
     def __init__(
         self, model: GPT, n_slots: int, device: torch.device, dtype: torch.dtype,
-        batch_invariant: bool = True,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.config = model.config
         self.device = device
         self.n_slots = n_slots
         self.batch_invariant = batch_invariant
-        # fixed_length: every forward attends over the whole window, so shapes never depend on
-        # which other sequences share a batch (see KVCache).
-        self.kv = KVCache.for_model(
-            model.config, n_slots, device=device, dtype=dtype, fixed_length=batch_invariant
-        )
+        self.kv = KVCache.for_model(model.config, n_slots, device=device, dtype=dtype)
 
-    @torch.no_grad()
-    def prefill(self, tokens: list[int], start: int, slot: int) -> torch.Tensor:
-        """Encode window tokens at positions ``start..``; returns the last token's logits (V,)."""
-        T = len(tokens)
-        idx = torch.tensor([tokens], dtype=torch.long, device=self.device)  # (1, T)
-        positions = torch.arange(start, start + T, device=self.device).unsqueeze(0)  # (1, T)
-        slots = torch.tensor([slot], device=self.device)
-        logits, _ = self.model(
-            idx, kv_cache=self.kv, positions=positions, slots=slots, last_only=True
-        )
-        return logits[0, -1].float()
+    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        leaders, followers = _share_prompts(plan.prefill)
+        decode = [(c.seq.slot, c.start, c.seq.window(c.start, c.end)[0]) for c in plan.decode]
+        chunks = [(c.seq.slot, c.start, c.seq.window(c.start, c.end), c.samples) for c in leaders]
+        rows = [c.seq for c in plan.decode] + [c.seq for c in leaders if c.samples]
+        if self.batch_invariant:
+            logits = self._invariant_forwards(decode, chunks)
+        elif decode or chunks:
+            logits = self.model.forward_packed(self.kv.pack(decode, chunks), self.kv)
+        else:
+            logits = None
+        if followers:
+            index = {id(c.seq): r for r, c in enumerate(plan.decode)}
+            index.update({id(c.seq): len(plan.decode) + r
+                          for r, c in enumerate(c for c in leaders if c.samples)})
+            gather = list(range(len(rows)))
+            for follower, leader in followers:
+                self.kv.copy_slot(leader.seq.slot, follower.seq.slot, follower.start, follower.end)
+                if follower.samples:
+                    rows.append(follower.seq)
+                    gather.append(index[id(leader.seq)])
+            if len(gather) > len(index):
+                logits = logits.index_select(
+                    0, torch.tensor(gather, dtype=torch.long, device=logits.device))
+        return RunnerOutput(tuple(rows), logits)
 
-    @torch.no_grad()
-    def copy_kv(self, source: int, target: int, start: int, end: int) -> None:
-        """Copy positions ``start..end-1`` of slot ``source`` into slot ``target``."""
-        self.kv.copy_slot(source, target, start, end)
+    def _invariant_forwards(self, decode, chunks) -> torch.Tensor | None:
+        """Fixed shapes: decode over every slot and the whole window, each chunk alone."""
+        out = []
+        if decode:
+            batch = self.kv.pack(decode, decode_width=self.n_slots,
+                                 decode_length=self.config.block_size)
+            logits = self.model.forward_packed(batch, self.kv)  # (n_slots, V): row i is slot i
+            slots = torch.tensor([slot for slot, _, _ in decode], device=logits.device)
+            out.append(logits.index_select(0, slots))
+        for chunk in chunks:
+            logits = self.model.forward_packed(self.kv.pack([], [chunk]), self.kv)
+            if chunk[3]:
+                out.append(logits)
+        return torch.cat(out) if out else None
 
-    @torch.no_grad()
-    def decode(self, seqs: Seq[Sequence]) -> torch.Tensor:
-        """One token per sequence at position ``window_len - 1``; returns logits (len(seqs), V)."""
-        slots = [s.slot for s in seqs]
-        width = self.n_slots if self.batch_invariant else self._bucket(max(slots) + 1)
-        idx = torch.zeros(width, 1, dtype=torch.long)
-        positions = torch.full((width, 1), -1, dtype=torch.long)
-        rows = torch.tensor(slots, dtype=torch.long)
-        idx[rows, 0] = torch.tensor([s.tokens[-1] for s in seqs])
-        positions[rows, 0] = torch.tensor([s.window_len - 1 for s in seqs])
-        logits, _ = self.model(
-            idx.to(self.device), kv_cache=self.kv, positions=positions.to(self.device),
-            last_only=True,
-        )  # (width, 1, V); row b is slot b (no gather)
-        return logits[rows.to(self.device), 0].float()
-
-    def _bucket(self, n: int) -> int:
-        width = 1
-        while width < n:
-            width *= 2
-        return min(width, self.n_slots)
-
-    @torch.no_grad()
+    @torch.inference_mode()
     def warm_up(self) -> None:
-        """One throwaway decode over every slot (nothing is written: all rows are padding)."""
-        width = self.n_slots
-        idx = torch.zeros(width, 1, dtype=torch.long, device=self.device)
-        positions = torch.full((width, 1), -1, dtype=torch.long, device=self.device)
-        positions[0, 0] = 0  # a forward needs one real position; slot 0 is rewritten before use
-        self.model(idx, kv_cache=self.kv, positions=positions, last_only=True)
+        """One throwaway decode over padding rows (they write only into the scratch slot)."""
+        batch = self.kv.pack([], decode_width=self.n_slots)
+        self.model.forward_packed(batch, self.kv)
+
+
+def _share_prompts(
+    prefill: tuple[ScheduledChunk, ...],
+) -> tuple[list[ScheduledChunk], list[tuple[ScheduledChunk, ScheduledChunk]]]:
+    """Split prefill chunks into those to compute (leaders) and (follower, leader) pairs whose
+    keys and values are copies: choices of one request that have generated nothing yet hold the
+    same window, so the same chunk of it is computed once."""
+    leaders, followers, first = [], [], {}
+    for chunk in prefill:
+        seq = chunk.seq
+        key = (seq.request_id, chunk.start, chunk.end)
+        if seq.num_generated == 0 and key in first:
+            followers.append((chunk, first[key]))
+            continue
+        if seq.num_generated == 0:
+            first[key] = chunk
+        leaders.append(chunk)
+    return leaders, followers

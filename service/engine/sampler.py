@@ -1,10 +1,13 @@
-"""The vectorised sampler: one call turns a batch of logits into one token per row.
+"""The vectorised sampler: one call turns a batch of logits into one token per row, on the device.
 
-Per row: padded vocabulary masked, repetition / frequency / presence penalties, logit_bias, then
-greedy (temperature 0) or temperature + top-k + top-p + min-p and an inverse-CDF draw from the
-row's own ``torch.Generator`` (the model package's pure ``logits_to_probs`` and
-``sample_from_probs``). Every operation is row-wise and a filter a row did not ask for leaves it
-bit-for-bit untouched, so a seeded row samples the same token alone or in any batch.
+Per-slot sampling parameters live in device tensors, written once when a sequence joins (never
+rebuilt from Python lists per step). Per row: padded vocabulary masked, repetition / frequency /
+presence penalties, logit_bias, then greedy (temperature 0) or temperature + top-k + top-p + min-p
+and an inverse-CDF draw whose uniform is a counter-based hash of (the choice's seed, its draw
+count) (``model.sampling.counter_uniforms``). Which operations run is decided from host-side
+knowledge of the rows' parameters, so a step never waits on the device until the single
+device-to-host copy of its results. Every operation is row-wise and a filter a row did not ask for
+leaves it bit-for-bit untouched, so a seeded row samples the same token alone or in any batch.
 
 Logprobs: for sampled rows, the log of the distribution actually sampled from (after penalties,
 bias, temperature and filters); for greedy rows, the log-softmax of the logits after penalties
@@ -18,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from model.sampling import draw_uniforms, logits_to_probs, sample_from_probs, seeded_generator
+from model.sampling import counter_uniforms, logits_to_probs, sample_from_probs
 from service.engine.sequence import Sequence
-from service.engine.types import TokenLogprob
+from service.engine.types import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -31,90 +34,133 @@ class SampledToken:
 
 
 class Sampler:
-    """Owns the per-slot penalty state (generated-token counts, prompt masks) and each
-    sequence's generator (seeded choices use ``seed + index``)."""
+    """Owns the per-slot sampling state on the device: parameters, seeds, generated-token counts
+    and prompt masks (penalties), logit biases, and a host-side copy of each slot's params."""
 
     def __init__(self, n_slots: int, model_vocab: int, vocab_size: int, device) -> None:
         self.vocab_size = vocab_size  # the tokenizer's; ids >= it are padding, never sampled
+        self.model_vocab = model_vocab
         self.device = device
-        self.counts = torch.zeros(n_slots, model_vocab, device=device)
-        self.in_prompt = torch.zeros(n_slots, model_vocab, dtype=torch.bool, device=device)
-        self.generators: dict[int, torch.Generator] = {}
+        z = lambda dtype=torch.float32: torch.zeros(n_slots, dtype=dtype, device=device)  # noqa: E731
+        self.temperature, self.top_p, self.min_p = z(), z(), z()
+        self.top_k, self.seed = z(torch.long), z(torch.long)
+        self.repetition, self.presence, self.frequency = z(), z(), z()
+        self._counts: torch.Tensor | None = None  # (n_slots, V) generated-token counts
+        self._in_prompt: torch.Tensor | None = None  # (n_slots, V) prompt token mask
+        self._bias: torch.Tensor | None = None  # (n_slots, V) logit_bias
+        self._params: dict[int, SamplingParams] = {}  # slot -> params of its sequence
 
     def start(self, seq: Sequence) -> None:
-        """Reset the slot's state for a newly admitted sequence."""
-        self.counts[seq.slot].zero_()
-        self.in_prompt[seq.slot].zero_()
-        prompt = torch.tensor(seq.tokens[: seq.num_prompt_tokens], device=self.device)
-        self.in_prompt[seq.slot, prompt] = True
-        seed = seq.params.seed
-        self.generators[seq.seq_id] = seeded_generator(None if seed is None else seed + seq.index)
+        """Load a newly admitted sequence's parameters into its slot."""
+        p, slot = seq.params, seq.slot
+        self._params[slot] = p
+        values = torch.tensor(
+            [p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+             p.frequency_penalty], dtype=torch.float32)
+        for tensor, value in zip((self.temperature, self.top_p, self.min_p, self.repetition,
+                                  self.presence, self.frequency), values, strict=True):
+            tensor[slot] = value
+        self.top_k[slot] = p.top_k
+        self.seed[slot] = seq.seed
+        if _penalised(p):
+            counts, in_prompt = self._penalty_state()
+            counts[slot].zero_()
+            in_prompt[slot].zero_()
+            prompt = torch.tensor(seq.tokens[: seq.num_prompt_tokens], device=self.device)
+            in_prompt[slot, prompt] = True
+        if p.logit_bias:
+            bias = self._bias_state()
+            bias[slot].zero_()
+            ids = torch.tensor([t for t, _ in p.logit_bias], device=self.device)
+            bias[slot, ids] = torch.tensor([b for _, b in p.logit_bias], device=self.device)
 
     def release(self, seq: Sequence) -> None:
-        self.generators.pop(seq.seq_id, None)
+        self._params.pop(seq.slot, None)
 
-    @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[SampledToken]:
         """One token per row of ``logits`` (R, V_model), row r belonging to ``seqs[r]``."""
         params = [s.params for s in seqs]
-        logits = logits.float().clone()
-        logits[:, self.vocab_size :] = float("-inf")
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        logits = self._penalise(logits, params, slots)
+        host = torch.tensor([*(s.slot for s in seqs), *(s.num_generated for s in seqs)])
+        slots, counters = host.to(self.device, non_blocking=True).split(len(seqs))
+        logits = logits.float()
+        if self.model_vocab > self.vocab_size:
+            logits[:, self.vocab_size :] = float("-inf")  # fresh tensor from the LM head
+        if any(_penalised(p) for p in params):
+            logits = self._penalise(logits, slots)
         if any(p.logit_bias for p in params):
-            bias = torch.zeros_like(logits)
-            for r, p in enumerate(params):
-                for token_id, value in p.logit_bias:
-                    bias[r, token_id] = value
-            logits = logits + bias
-
+            logits = logits + self._bias.index_select(0, slots)
         tokens = logits.argmax(dim=-1)
-        logprobs = torch.log_softmax(logits, dim=-1) if any(
-            p.logprobs is not None and p.temperature == 0 for p in params) else None
-        sampled = [r for r, p in enumerate(params) if p.temperature > 0]
-        if sampled:
-            rows = torch.tensor(sampled, device=self.device)
-            f = lambda name, dtype: torch.tensor(  # noqa: E731
-                [getattr(params[r], name) for r in sampled], dtype=dtype, device=self.device)
+        greedy_rows = [p.temperature == 0 for p in params]
+        probs = None
+        if not all(greedy_rows):
+            temperature = self.temperature.index_select(0, slots)
+            top_k_max = max(p.top_k for p in params)
             probs = logits_to_probs(
-                logits[rows], f("temperature", torch.float32), f("top_k", torch.long),
-                f("top_p", torch.float32), f("min_p", torch.float32),
+                logits, torch.where(temperature > 0, temperature, 1.0),
+                self.top_k.index_select(0, slots) if top_k_max else None,
+                self.top_p.index_select(0, slots) if any(p.top_p < 1 for p in params) else None,
+                self.min_p.index_select(0, slots) if any(p.min_p > 0 for p in params) else None,
+                top_k_max=top_k_max or None,
             )
-            gens = [self.generators[seqs[r].seq_id] for r in sampled]
-            tokens[rows] = sample_from_probs(probs, draw_uniforms(gens, device=self.device))
-            if any(params[r].logprobs is not None for r in sampled):
-                logprobs = logprobs if logprobs is not None else torch.empty_like(logits)
-                logprobs[rows] = probs.log()
-        self.counts[slots, tokens] += 1
-        return self._results(tokens, logprobs, params)
+            drawn = sample_from_probs(probs, counter_uniforms(self.seed.index_select(0, slots),
+                                                              counters))
+            tokens = torch.where(temperature > 0, drawn, tokens) if any(greedy_rows) else drawn
+        if self._counts is not None and any(_penalised(p) for p in params):
+            self._counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.float),
+                                    accumulate=True)
+        k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        if k is None:
+            return [SampledToken(t) for t in tokens.tolist()]  # the step's one device read
+        return self._with_logprobs(logits, probs, tokens, greedy_rows, params, k)
 
-    def _penalise(self, logits, params, slots) -> torch.Tensor:
-        rep = [p.repetition_penalty for p in params]
-        pres = [p.presence_penalty for p in params]
-        freq = [p.frequency_penalty for p in params]
-        if any(r != 1.0 for r in rep):
-            counts = self.counts[slots]
-            seen = self.in_prompt[slots] | (counts > 0)
-            penalty = torch.tensor(rep, device=self.device).unsqueeze(1)
-            scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
-            logits = torch.where(seen, scaled, logits)
-        if any(pres) or any(freq):  # OpenAI semantics: over the generated tokens only
-            counts = self.counts[slots]
-            logits = logits - torch.tensor(freq, device=self.device).unsqueeze(1) * counts
-            logits = logits - torch.tensor(pres, device=self.device).unsqueeze(1) * (counts > 0)
-        return logits
-
-    def _results(self, tokens, logprobs, params) -> list[SampledToken]:
-        token_list = tokens.tolist()
+    def _with_logprobs(self, logits, probs, tokens, greedy_rows, params, k) -> list[SampledToken]:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if probs is not None:  # sampled rows: the distribution they were drawn from
+            sampled = torch.tensor([not g for g in greedy_rows], device=logits.device)
+            logprobs = torch.where(sampled.unsqueeze(1), probs.log(), logprobs)
+        chosen = logprobs.gather(1, tokens.unsqueeze(1))
+        parts = [tokens.unsqueeze(1).double(), chosen.double()]
+        if k:
+            top = logprobs.topk(k, dim=-1)
+            parts += [top.indices.double(), top.values.double()]
+        rows = torch.cat(parts, dim=1).tolist()  # one device-to-host copy
         out = []
-        for r, (token, p) in enumerate(zip(token_list, params, strict=True)):
+        for row, p in zip(rows, params, strict=True):
+            token = int(row[0])
             if p.logprobs is None:
                 out.append(SampledToken(token))
                 continue
-            row = logprobs[r]
-            top = ()
-            if p.logprobs > 0:
-                values, ids = row.topk(p.logprobs)
-                top = tuple(TokenLogprob(int(i), float(v)) for i, v in zip(ids, values, strict=True))
-            out.append(SampledToken(token, float(row[token]), top))
+            n = p.logprobs
+            top = tuple(TokenLogprob(int(i), v) for i, v in zip(row[2 : 2 + n],
+                                                                row[2 + k : 2 + k + n],
+                                                                strict=True))
+            out.append(SampledToken(token, row[1], top))
         return out
+
+    def _penalise(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        counts = self._counts.index_select(0, slots)
+        seen = self._in_prompt.index_select(0, slots) | (counts > 0)
+        penalty = self.repetition.index_select(0, slots).unsqueeze(1)
+        scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, scaled, logits)  # penalty 1.0 leaves a row bit-identical
+        # OpenAI semantics: over the generated tokens only
+        logits = logits - self.frequency.index_select(0, slots).unsqueeze(1) * counts
+        return logits - self.presence.index_select(0, slots).unsqueeze(1) * (counts > 0)
+
+    def _penalty_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._counts is None:
+            n = self.temperature.shape[0]
+            self._counts = torch.zeros(n, self.model_vocab, device=self.device)
+            self._in_prompt = torch.zeros(n, self.model_vocab, dtype=torch.bool,
+                                          device=self.device)
+        return self._counts, self._in_prompt
+
+    def _bias_state(self) -> torch.Tensor:
+        if self._bias is None:
+            n = self.temperature.shape[0]
+            self._bias = torch.zeros(n, self.model_vocab, device=self.device)
+        return self._bias
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0

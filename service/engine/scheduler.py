@@ -1,33 +1,41 @@
 """Iteration-level scheduling: who runs this step, and with which tokens. Plain Python, no torch.
 
-Every step: all decoding sequences get one token each; then prefill chunks run in FIFO order
-(sequences already prefilling first, then newly admitted ones) while they fit the token budget.
-Finished or aborted sequences leave at once, so their slots are free for the very next step
-(continuous batching). A chunk's boundaries depend only on its own sequence (``prefill_chunk``
-tokens from the window start), never on the other traffic: that is part of batch invariance.
+Every step spends one token budget (vLLM v1's "no prefill or decode phase": each running
+sequence's computed tokens catch up to its tokens):
+1. every sequence with one token left to compute decodes it (one budget token each);
+2. sequences prefilling a prompt or re-encoding a cropped window get their next chunk, in
+   admission order, while chunks fit the budget;
+3. waiting sequences are admitted into free slots while their first chunk fits.
+The first chunk of a step always runs, so a large chunk cannot starve. A chunk's boundaries depend
+only on its own sequence (``prefill_chunk`` tokens from where it stands), never on other traffic:
+that is part of batch invariance. Finished or aborted sequences leave at once, so their slots are
+free for the very next step (continuous batching).
+
+Fairness: admission is between *groups* (a group is one client request: all its prompts and
+choices). A free slot goes to the waiting group with the fewest running sequences, the earliest
+arrived first on a tie, so one request of many sequences cannot starve a small one behind it.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from service.engine.sequence import Sequence, SequenceStatus
 from service.engine.types import FinishReason
 
 
 @dataclass(frozen=True)
-class PrefillChunk:
-    """Window positions ``start..end-1`` of ``seq`` to encode this step."""
+class ScheduledChunk:
+    """Window positions ``start..end-1`` of ``seq`` to compute this step."""
 
     seq: Sequence
     start: int
     end: int
 
     @property
-    def is_last(self) -> bool:
-        """True when this chunk completes the window, so its last logits give the next token."""
+    def samples(self) -> bool:
+        """True when this chunk completes the window: its last logits give the next token."""
         return self.end == self.seq.window_len
 
     @property
@@ -37,11 +45,15 @@ class PrefillChunk:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """The scheduler's decision for one step, handed to the model runner."""
+    """The scheduler's decision for one step, handed to the model runner.
 
-    decode: tuple[Sequence, ...] = ()
-    prefill: tuple[PrefillChunk, ...] = ()
-    admitted: tuple[Sequence, ...] = field(default=())
+    ``decode``: one-token chunks that complete their window, in increasing slot order.
+    ``prefill``: longer chunks (and one-token chunks that do not sample), in admission order.
+    """
+
+    decode: tuple[ScheduledChunk, ...] = ()
+    prefill: tuple[ScheduledChunk, ...] = ()
+    admitted: tuple[Sequence, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -53,15 +65,16 @@ class SchedulerOutput:
 
 
 class SlotAllocator:
-    """Which KV slots are free; always hands out the lowest free slot (keeps the busy prefix short)."""
+    """Which KV slots are free; always hands out the lowest free slot (keeps the busy prefix short,
+    so the decode batch reads a short prefix of the cache)."""
 
     def __init__(self, n_slots: int) -> None:
         self.n_slots = n_slots
         self._free = set(range(n_slots))
 
-    def allocate(self) -> int | None:
+    def allocate(self) -> int:
         if not self._free:
-            return None
+            raise RuntimeError("no free slot")
         slot = min(self._free)
         self._free.remove(slot)
         return slot
@@ -81,62 +94,98 @@ class SlotAllocator:
 
 
 class Scheduler:
-    """Owns the waiting queue (FIFO), the running set and the slot allocator."""
+    """Owns the waiting queues (one FIFO per group, groups in arrival order), the running list and
+    the slot allocator."""
 
-    def __init__(self, n_slots: int, prefill_chunk: int, max_tokens_per_step: int) -> None:
+    def __init__(self, n_slots: int, prefill_chunk: int, token_budget: int) -> None:
         self.slots = SlotAllocator(n_slots)
         self.prefill_chunk = prefill_chunk
-        self.max_tokens_per_step = max_tokens_per_step
-        self.waiting: deque[Sequence] = deque()
+        self.token_budget = token_budget
+        self.waiting: dict[str, deque[Sequence]] = {}  # insertion order = arrival order
         self.running: list[Sequence] = []  # admission order
+        self._running_per_group: dict[str, int] = {}
+        self.num_waiting = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
+        self.waiting.setdefault(seq.group, deque()).append(seq)
+        self.num_waiting += 1
 
     @property
     def num_running(self) -> int:
         return len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.num_waiting or self.running)
 
     def schedule(self, now: float | None = None) -> SchedulerOutput:
-        decode = tuple(s for s in self.running if s.status is SequenceStatus.DECODE)
-        budget = self.max_tokens_per_step - len(decode)
-        prefill: list[PrefillChunk] = []
+        budget = self.token_budget
+        decode: list[ScheduledChunk] = []
+        prefill: list[ScheduledChunk] = []
+        for seq in self.running:
+            if seq.num_to_compute == 1:
+                decode.append(ScheduledChunk(seq, seq.num_computed, seq.window_len))
+        budget -= len(decode)
+        for seq in self.running:
+            if seq.num_to_compute > 1:
+                chunk = ScheduledChunk(seq, *seq.next_chunk(self.prefill_chunk))
+                if chunk.num_tokens > budget and prefill:
+                    break
+                prefill.append(chunk)
+                budget -= chunk.num_tokens
         admitted: list[Sequence] = []
-        for seq in self._prefill_candidates():
-            start, end = seq.next_chunk(self.prefill_chunk)
-            if end - start > budget and prefill:  # the first chunk always runs: no starvation
+        while self.num_waiting and self.slots.num_free:
+            seq = self._fairest_waiting()
+            chunk = ScheduledChunk(seq, *seq.next_chunk(self.prefill_chunk))
+            if chunk.num_tokens > budget and prefill:
                 break
-            if seq.status is SequenceStatus.WAITING:
-                self.waiting.popleft()
-                seq.admit(self.slots.allocate(), now)
-                self.running.append(seq)
-                admitted.append(seq)
-            prefill.append(PrefillChunk(seq, start, end))
-            budget -= end - start
-        return SchedulerOutput(decode, tuple(prefill), tuple(admitted))
+            self._admit(seq, now)
+            admitted.append(seq)
+            if chunk.num_tokens == 1 and chunk.samples:
+                decode.append(chunk)
+            else:
+                prefill.append(chunk)
+            budget -= chunk.num_tokens
+        decode.sort(key=lambda c: c.seq.slot)
+        return SchedulerOutput(tuple(decode), tuple(prefill), tuple(admitted))
 
-    def _prefill_candidates(self) -> Iterator[Sequence]:
-        """Sequences already prefilling (admission order), then the waiting head while slots last."""
-        yield from [s for s in self.running if s.status is SequenceStatus.PREFILL]
-        while self.waiting and self.slots.num_free:
-            yield self.waiting[0]
+    def _fairest_waiting(self) -> Sequence:
+        """The head of the waiting group with the fewest running sequences (earliest on ties)."""
+        group = min(self.waiting, key=lambda g: self._running_per_group.get(g, 0))
+        return self.waiting[group][0]
+
+    def _admit(self, seq: Sequence, now: float | None) -> None:
+        queue = self.waiting[seq.group]
+        queue.popleft()
+        if not queue:
+            del self.waiting[seq.group]
+        self.num_waiting -= 1
+        seq.admit(self.slots.allocate(), now)
+        self.running.append(seq)
+        self._running_per_group[seq.group] = self._running_per_group.get(seq.group, 0) + 1
 
     def finish(self, seq: Sequence, reason: FinishReason, now: float | None = None) -> None:
         """Remove a sequence (finished, aborted or failed) and free its slot at once."""
         if seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-        elif seq.status is not SequenceStatus.FINISHED:
+            queue = self.waiting[seq.group]
+            queue.remove(seq)
+            if not queue:
+                del self.waiting[seq.group]
+            self.num_waiting -= 1
+        elif seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.slots.free(seq.slot)
+            left = self._running_per_group[seq.group] - 1
+            if left:
+                self._running_per_group[seq.group] = left
+            else:
+                del self._running_per_group[seq.group]
         seq.finish(reason, now)
 
-    def find(self, request_id: str) -> list[Sequence]:
-        """Every unfinished sequence of a request (waiting or running)."""
-        return [s for s in (*self.waiting, *self.running) if s.request_id == request_id]
+    def live(self) -> list[Sequence]:
+        """Every unfinished sequence: waiting (by group), then running."""
+        return [*(s for q in self.waiting.values() for s in q), *self.running]
+
+    def find(self, request_id: str, index: int | None = None) -> list[Sequence]:
+        """The unfinished sequences of a request (of one choice when ``index`` is given)."""
+        return [s for s in self.live()
+                if s.request_id == request_id and (index is None or s.index == index)]

@@ -4,8 +4,9 @@ Plain Python (no torch), so the scheduler that drives it is unit-tested in milli
 
 The *window* is the part of the token list the model sees: ``tokens[window_start:]``, at most
 ``block_size`` long, encoded at positions ``0..len-1`` (the model's positions are absolute and
-learned, so a cropped window must be re-encoded from scratch). ``num_cached`` of its tokens have
-keys/values in the sequence's KV slot.
+learned, so a cropped window must be re-encoded from scratch). ``num_computed`` of its tokens
+have keys/values in the sequence's KV slot; each step computes some of the rest (vLLM v1's
+"computed tokens catch up to tokens": a whole prompt chunk, or the one token sampled last step).
 """
 
 from __future__ import annotations
@@ -18,28 +19,33 @@ from service.engine.types import FinishReason, Request
 
 class SequenceStatus(Enum):
     WAITING = "waiting"  # no slot yet
-    PREFILL = "prefill"  # encoding its window in chunks (a new prompt, or after a crop)
-    DECODE = "decode"  # one token per step
+    RUNNING = "running"  # holds a slot: prefilling, re-encoding or decoding
     FINISHED = "finished"
 
 
 class Sequence:
-    """Per-choice state: the token list, the encoded window, the KV slot, counters and times."""
+    """Per-choice state: the token list, the encoded window, the KV slot, counters and times.
+
+    ``seed`` is the seed of this choice's draws (the request's seed + the choice index, or a
+    random one); the t-th token it samples uses draw counter t (``num_generated``).
+    """
 
     def __init__(
-        self, seq_id: int, request: Request, index: int, block_size: int, window_shift: int
+        self, seq_id: int, request: Request, index: int, block_size: int, window_shift: int,
+        seed: int,
     ) -> None:
         self.seq_id = seq_id
         self.request = request
         self.index = index
         self.params = request.params
+        self.seed = seed
         self.block_size = block_size
         self.window_shift = window_shift
         self.tokens: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.tokens)
         self.status = SequenceStatus.WAITING
         self.slot: int | None = None
-        self.num_cached = 0
+        self.num_computed = 0
         self.crops = 0
         self.window_start = 0
         overflow = self.num_prompt_tokens - block_size
@@ -59,6 +65,11 @@ class Sequence:
         return self.request.request_id
 
     @property
+    def group(self) -> str:
+        """The client request this sequence belongs to (fair admission is between groups)."""
+        return self.request.group or self.request.request_id
+
+    @property
     def num_generated(self) -> int:
         return len(self.tokens) - self.num_prompt_tokens
 
@@ -66,35 +77,38 @@ class Sequence:
     def window_len(self) -> int:
         return len(self.tokens) - self.window_start
 
+    @property
+    def num_to_compute(self) -> int:
+        return self.window_len - self.num_computed
+
     def window(self, start: int, end: int) -> list[int]:
         """Window tokens ``start..end-1`` (positions in the window)."""
         return self.tokens[self.window_start + start : self.window_start + end]
 
     def next_chunk(self, chunk: int) -> tuple[int, int]:
-        """The next prefill chunk ``(start, end)``: boundaries depend only on this sequence."""
-        return self.num_cached, min(self.num_cached + chunk, self.window_len)
+        """The next window positions to compute ``(start, end)``: at most ``chunk`` tokens, with
+        boundaries that depend only on this sequence (part of batch invariance)."""
+        return self.num_computed, min(self.num_computed + chunk, self.window_len)
 
     def admit(self, slot: int, now: float | None = None) -> None:
         self.slot = slot
-        self.status = SequenceStatus.PREFILL
+        self.status = SequenceStatus.RUNNING
         self.admitted_at = time.monotonic() if now is None else now
 
     def append_token(self, token: int, now: float | None = None) -> None:
-        """Record a sampled token (the whole window is encoded: ``num_cached == window_len``)."""
+        """Record a sampled token (computed next step, as the window's last position)."""
         self.tokens.append(token)
         self.token_times.append(time.monotonic() if now is None else now)
-        self.status = SequenceStatus.DECODE
 
     def crop_if_full(self) -> bool:
-        """Before feeding the last token at position ``window_len - 1``: if that is past the
-        model's block, drop ``window_shift`` tokens from the left and re-encode the window
-        (positions are absolute, so cached keys cannot be reused). Returns True on a crop."""
+        """If the window outgrew the model's block, drop ``window_shift`` tokens from the left;
+        the new window is re-encoded from scratch (positions are absolute, so cached keys cannot
+        be reused). Returns True on a crop."""
         if self.window_len <= self.block_size:
             return False
         self.window_start += self.window_shift
-        self.num_cached = 0
+        self.num_computed = 0
         self.crops += 1
-        self.status = SequenceStatus.PREFILL
         return True
 
     def check_stop(self, eos_token_id: int | None) -> FinishReason | None:

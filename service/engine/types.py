@@ -115,12 +115,18 @@ def _float_range(
 
 @dataclass(frozen=True)
 class Request:
-    """One generation request: prompt token ids and sampling settings."""
+    """One generation request: prompt token ids and sampling settings.
+
+    ``group`` names the client request it belongs to (an HTTP request with several prompts
+    submits one engine request per prompt, all in one group): admission is fair between groups.
+    None: the request is its own group.
+    """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    group: str | None = None
 
 
 @dataclass(frozen=True)

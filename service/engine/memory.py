@@ -1,0 +1,90 @@
+"""KV cache sizing: how many slots of the model package's ``KVCache`` the memory budget buys.
+
+The budget is checked before anything is allocated. With ``kv_memory`` set it is that many bytes.
+Unset, it is ``max_batch_size`` full windows, and on CUDA at most ``kv_memory_fraction`` of the
+device's free memory (measured after the weights are loaded, as vLLM does). Either way the slots
+must fit in the memory the device has free now (on CPU: the available RAM, within any cgroup
+limit), or the engine is refused with a message saying what to lower; a live reload's second
+engine goes through the same check while the first one still holds its memory.
+
+Why slots, not blocks: a sequence never holds more than one window (``block_size``, 128 for the
+shipped shakespeare-char, 1024 for GPT-2) and is re-encoded when it outgrows it, so paging would
+save memory only for sequences shorter than a window, at the price of a gather of every block on
+every decode step; with slots, a decode step attends over a plain view of the cache (see
+docs/BENCHMARKS.md, "Paging").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model.config import GPTConfig
+from model.kv_cache import KVCache
+from service.engine.config import EngineConfig
+
+_HEADROOM = 0.9  # never plan the last 10% of the free memory: activations, the sampler, Python
+
+
+def plan_slots(
+    config: GPTConfig, dtype: torch.dtype, engine: EngineConfig, device: torch.device
+) -> int:
+    """How many KV slots to preallocate; raises ``ValueError`` when not even the planned
+    cache fits the device's free memory."""
+    per_slot = KVCache.bytes_per_slot(config, dtype)
+    slots = engine.max_batch_size
+    if engine.kv_memory is not None:
+        slots = min(slots, engine.kv_memory // per_slot)
+        if slots < 1:
+            raise ValueError(
+                f"kv_memory={engine.kv_memory} bytes cannot hold one sequence window "
+                f"({per_slot} bytes for this model in {dtype})"
+            )
+    free = free_memory(device)
+    if device.type == "cuda" and engine.kv_memory is None:
+        slots = min(slots, int(free * engine.kv_memory_fraction) // per_slot)
+    needed = (slots + 1) * per_slot  # + the scratch slot padding writes into
+    if slots < 1 or needed > free * _HEADROOM:
+        raise ValueError(
+            f"the KV cache needs {_gib(needed)} for {max(slots, 1)} sequence window(s) of "
+            f"{_gib(per_slot)} each, but the {device.type} device has {_gib(free)} free: lower "
+            f"--max-batch-size or --kv-memory, or use a smaller dtype"
+        )
+    return slots
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now: CUDA's free memory, or on CPU the kernel's MemAvailable,
+    lowered to what the process's cgroup (a container's memory limit) still allows."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = _meminfo_available()
+    cgroup = _cgroup_room()
+    return min(free, cgroup) if cgroup is not None else free
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62  # not Linux: no figure to check against
+
+
+def _cgroup_room() -> int | None:
+    """cgroup v2 memory.max - memory.current, or None without a limit."""
+    base = Path("/sys/fs/cgroup")
+    try:
+        limit = (base / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((base / "memory.current").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
