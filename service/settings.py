@@ -38,7 +38,7 @@ class Settings:
     max_queue: int = 256
     kv_memory: int | None = None  # bytes; None: the engine sizes it for max_batch_size windows
     window_shift: int | None = None  # None: the engine's default
-    batch_invariant: bool = True  # a seeded request samples the same tokens in any batch
+    batch_invariant: bool = False  # on: a seeded request samples the same tokens in any batch
     api_key: str | None = field(default=None, repr=False)  # never printed or logged
     cors_origins: tuple[str, ...] = ()
     request_timeout: float = 600.0  # seconds; 0 = no limit
