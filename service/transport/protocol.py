@@ -189,6 +189,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _body_timed_out(self) -> None:
         self._deadline = None
+        if self.cycle is not None and self.cycle.response_started:
+            # Answered already (e.g. 413 before the body): stop taking the rest, say nothing.
+            self.listener.refused("body_timeout")
+            self.transport.close()
+            return
         message = f"the request body did not arrive within {self.limits.body_timeout:g}s"
         self._refuse(408, "request_timeout", message, "body_timeout")
 
