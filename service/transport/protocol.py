@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,8 @@ from service.transport.limits import TransportLimits
 
 if TYPE_CHECKING:
     from service.transport.listener import Listener
+
+log = logging.getLogger("service.transport")
 
 LINGER_SECONDS = 2.0  # how long a refused connection's unread input is drained before closing
 _HEADER_LINE_OVERHEAD = 4  # ": " and CRLF around each header field
@@ -203,6 +206,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.listener.refused(reason)
         if self.transport.is_closing() or self._lingering:
             return
+        log.debug("%s from %s: %s", status, self.client, message)  # counted in the metrics
         self._lingering = True
         if self.cycle is not None and not self.cycle.response_complete:
             if self.cycle.response_started:  # mid-response: nothing can be said any more
