@@ -37,10 +37,10 @@ def fit_to_file_limit(requested: int) -> int:
             f"the open-file limit ({soft}) leaves no room for client connections beside the "
             f"{FD_RESERVE} files the server keeps for itself: raise it (ulimit -n)"
         )
-    if room < requested:
-        log.warning(
+    if room < requested:  # common (a shell's soft limit is often 1024): say so, not a warning
+        log.info(
             "accepting at most %d connections, not %d: the open-file limit is %d "
-            "(raise it with ulimit -n, or set --max-connections)",
+            "(raise it with ulimit -n for more)",
             room,
             requested,
             soft,
