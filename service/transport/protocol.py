@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httptools
@@ -41,6 +42,16 @@ log = logging.getLogger("service.transport")
 LINGER_SECONDS = 2.0  # how long a refused connection's unread input is drained before closing
 _HEADER_LINE_OVERHEAD = 4  # ": " and CRLF around each header field
 _REQUEST_LINE_OVERHEAD = 16  # method, spaces, "HTTP/1.1", CRLF (an estimate: the URL dominates)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer the transport gives in the app's place, and the reason it is counted under."""
+
+    status: int
+    code: str
+    message: str
+    reason: str  # a label of gptserve_http_connections_closed_total
 
 
 class _Refused(Exception):
@@ -64,7 +75,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # request line + fields seen by the parser for this request
         self._unparsed = 0  # bytes fed while the head is incomplete (the parser buffers them)
         self._num_headers = 0
-        self._refusal: tuple[int, str, str, str] | None = None  # set by a parser callback
+        self._refusal: Refusal | None = None  # set by a parser callback
         self._lingering = False
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -110,15 +121,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         except httptools.HttpParserError as err:
-            if self._refusal is not None:
-                self._refuse(*self._refusal)
-            else:
-                message = f"malformed HTTP request: {err}"
-                self._refuse(400, "invalid_http", message, "malformed")
+            malformed = Refusal(400, "invalid_http", f"malformed HTTP request: {err}", "malformed")
+            self._refuse(self._refusal or malformed)
             return
         if self._reading_head and self._unparsed > self.limits.max_header_bytes:
             # A header still being received sits in the parser's buffer: bound it here.
-            self._refuse(*self._too_large())
+            self._refuse(self._too_large())
 
     # -- parser callbacks ------------------------------------------------------------------
 
@@ -134,7 +142,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._num_headers += 1
         if self._num_headers > self.limits.max_headers:
-            self._refusal = (
+            self._refusal = Refusal(
                 431,
                 "too_many_headers",
                 f"the request has more than {self.limits.max_headers} header fields",
@@ -172,8 +180,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._refusal = self._too_large()
             raise _Refused
 
-    def _too_large(self) -> tuple[int, str, str, str]:
-        return (
+    def _too_large(self) -> Refusal:
+        return Refusal(
             431,
             "header_too_large",
             f"the request line and headers are larger than {self.limits.max_header_bytes} bytes",
@@ -188,7 +196,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         seconds = f"{self.limits.header_timeout:g}"
         message = f"the request headers did not arrive within {seconds}s"
-        self._refuse(408, "request_timeout", message, "header_timeout")
+        self._refuse(Refusal(408, "request_timeout", message, "header_timeout"))
 
     def _body_timed_out(self) -> None:
         self._deadline = None
@@ -198,15 +206,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         message = f"the request body did not arrive within {self.limits.body_timeout:g}s"
-        self._refuse(408, "request_timeout", message, "body_timeout")
+        self._refuse(Refusal(408, "request_timeout", message, "body_timeout"))
 
-    def _refuse(self, status: int, code: str, message: str, reason: str) -> None:
-        """Answer ``status`` with the error envelope (if no response has started), then close."""
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer with the error envelope (if no response has started), then close."""
         self._disarm()
-        self.listener.refused(reason)
+        self.listener.refused(refusal.reason)
         if self.transport.is_closing() or self._lingering:
             return
-        log.debug("%s from %s: %s", status, self.client, message)  # counted in the metrics
+        log.debug("%d to %s: %s", refusal.status, self.client, refusal.message)
         self._lingering = True
         if self.cycle is not None and not self.cycle.response_complete:
             if self.cycle.response_started:  # mid-response: nothing can be said any more
@@ -216,8 +224,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # sends is dropped instead of following our answer on the wire.
             self.cycle.disconnected = True
             self.cycle.message_event.set()
-        body = json.dumps(APIError(status, message, code=code).envelope()).encode()
-        head = [STATUS_LINE[status]]
+        error = APIError(refusal.status, refusal.message, code=refusal.code)
+        body = json.dumps(error.envelope()).encode()
+        head = [STATUS_LINE[refusal.status]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [
