@@ -1,88 +1,76 @@
 """Run the server: ``python -m service`` (or ``gptserve``); ``--help`` lists every flag.
 
-Loads the checkpoint (failing fast with a clear message), then serves it with uvicorn. SIGTERM
-(or the first Ctrl-C) drains: readiness turns 503, new requests get 503, in-flight requests get
-``--shutdown-timeout`` seconds to finish, then the process exits 0. A second Ctrl-C forces exit.
+Everything that can be wrong with the command line fails in one line on stderr before the model
+loads and before anything listens: a missing checkpoint or an unavailable ``--device`` (exit 2), a
+port that is busy or not permitted (exit 3). Then ``service.server.serve`` runs uvicorn on the
+sockets bound here and loads the checkpoint in the background (a checkpoint that cannot be read
+stops the server with exit 2). Exit statuses: 0 after a drain, 2 bad configuration, 3 cannot
+listen.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
-import uvicorn
-
+from service.logs import configure_logging
 from service.settings import Settings, parse_settings
+from service.transport.limits import TransportLimits
+from service.transport.sockets import ListenError, bind, fit_to_file_limit
 
 log = logging.getLogger("service")
 
-
-class DrainingServer(uvicorn.Server):
-    """A uvicorn server whose exit signals drain the app before stopping the listener."""
-
-    def __init__(self, config: uvicorn.Config, state) -> None:
-        super().__init__(config)
-        self._state = state
-        self._drain_task: asyncio.Task | None = None
-
-    def handle_exit(self, sig: int, frame) -> None:  # runs in the main (event loop) thread
-        if self._drain_task is not None:
-            if sig == signal.SIGINT:  # a second Ctrl-C: stop now, without waiting
-                self.should_exit = self.force_exit = True
-            return
-        log.info("received %s: draining", signal.Signals(sig).name)
-        loop = asyncio.get_running_loop()
-        self._drain_task = loop.create_task(self._drain())
-
-    async def on_tick(self, counter: int) -> bool:
-        if self._state.load_error is not None:  # the background load failed: stop, exit 2
-            self.should_exit = True
-        return await super().on_tick(counter)
-
-    async def _drain(self) -> None:
-        try:
-            await self._state.drain(self._state.settings.shutdown_timeout)
-        finally:
-            self.should_exit = True  # now uvicorn closes the listener and runs the lifespan end
+EXIT_CONFIG = 2  # a flag, the checkpoint or the device cannot work
+EXIT_LISTEN = 3  # cannot listen (uvicorn's own status for a failed start-up)
 
 
-def serve(settings: Settings, engine=None) -> int:
-    """Serve until a signal drains the server (``engine`` None: load ``settings.checkpoint`` in
-    the background while already answering /health and /ready). Returns the exit status."""
-    from service.app import create_app
+class ConfigError(Exception):
+    """The command line asks for something this machine cannot do (one-line message)."""
 
-    app = create_app(settings, engine)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=5,
-        access_log=settings.log_level == "debug",
+
+def check_checkpoint(settings: Settings) -> None:
+    if not settings.checkpoint.exists():  # the common mistake; the loader checks the rest
+        raise ConfigError(f"cannot load checkpoint: {settings.checkpoint}: no such file or folder")
+
+
+def check_device(device: str) -> None:
+    """Refuse ``--device cuda`` where torch sees no GPU, before minutes of loading."""
+    if device != "cuda":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = (
+        f"this torch build ({torch.__version__}) has no CUDA support"
+        if torch.version.cuda is None
+        else "torch sees no GPU (no driver, or CUDA_VISIBLE_DEVICES hides them)"
     )
-    state = app.state.server
-    DrainingServer(config, state).run()
-    if state.load_error is not None:
-        print(f"gptserve: cannot load checkpoint: {state.load_error}", file=sys.stderr)
-        return 2
-    return 0
+    raise ConfigError(f"--device cuda: {why}; use --device cpu or --device auto")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if not settings.checkpoint.exists():  # fail fast on the common mistake, before listening
-        print(
-            f"gptserve: cannot load checkpoint: {settings.checkpoint}: no such file or folder",
-            file=sys.stderr,
+    configure_logging(settings.log_level, settings.log_format)
+    sockets = []
+    try:
+        check_checkpoint(settings)
+        sockets = bind(settings.host, settings.port)  # before torch loads: a busy port is quick
+        limits = replace(
+            TransportLimits.from_settings(settings),
+            max_connections=fit_to_file_limit(settings.max_connections),
         )
-        return 2
-    return serve(settings)
+        check_device(settings.device)
+    except (ConfigError, ListenError) as err:
+        for sock in sockets:
+            sock.close()
+        print(f"gptserve: {err}", file=sys.stderr)
+        return EXIT_LISTEN if isinstance(err, ListenError) else EXIT_CONFIG
+    from service.server import serve  # imports the app, the engine and torch
+
+    return serve(settings, sockets, limits)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from service.api.access import AccessLogMiddleware
 from service.api.admin import router as admin_router
 from service.api.errors import install_error_handlers
 from service.api.middleware import GateMiddleware
@@ -128,4 +129,5 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(AccessLogMiddleware)  # outermost: it sees every answer, 401s included
     return app

@@ -4,11 +4,22 @@ The engine reports data (``EngineStats`` after each step, ``RequestMetrics`` whe
 finishes); ``Metrics`` turns them into series in its own ``CollectorRegistry``, built by the app
 factory (no process-global registry, so several apps can live in one test process). Label values
 come from small fixed sets (finish reasons, rejection reasons), never from request data.
+
+The same registry carries the process (``process_*``: CPU, memory, open files against their limit)
+and the HTTP edge (``gptserve_http_*``: open connections, their cap, and connections closed on a
+transport limit), fed by ``service.transport``.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from service.engine.types import EngineStats, RequestMetrics
@@ -20,6 +31,14 @@ REJECT_REASONS = (
     "not_ready",  # loading or draining (503)
     "invalid",  # validation failed (400/404/413)
     "unauthorized",  # missing or wrong API key (401)
+)
+CLOSE_REASONS = (  # why the HTTP edge closed a client connection (service/transport)
+    "header_too_large",  # request line + headers over --max-header-bytes (431)
+    "too_many_headers",  # more than --max-headers fields (431)
+    "header_timeout",  # headers not in within --header-timeout (408, or closed if silent)
+    "body_timeout",  # body not in within --body-timeout (408)
+    "malformed",  # bad HTTP framing: Content-Length, chunk sizes, request line (400)
+    "evicted",  # idle, closed at --max-connections to admit a new connection
 )
 _LATENCY = (
     0.001,
@@ -152,6 +171,29 @@ class Metrics:
             self.success.labels(finish_reason=reason)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)
+        self._add_edge_metrics()
+
+    def _add_edge_metrics(self) -> None:
+        """The process and the HTTP edge (connections), beside the engine's series."""
+        r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_open_fds, ... (Linux)
+        self.connections = Gauge(
+            "gptserve_http_connections", "Open client connections.", registry=r
+        )
+        self.connections_limit = Gauge(
+            "gptserve_http_connections_limit",
+            "The cap on open client connections in force (--max-connections, fitted to the "
+            "open-file limit).",
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "gptserve_http_connections_closed",
+            "Client connections the server closed on a transport limit, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in CLOSE_REASONS:
+            self.connections_closed.labels(reason=reason)
 
     def observe_step(self, stats: EngineStats) -> None:
         """Record one engine step (called from the engine thread; prometheus_client is
@@ -214,6 +256,9 @@ class Metrics:
 
     def reload_result(self, ok: bool) -> None:
         self.reloads.labels(result="success" if ok else "failed").inc()
+
+    def connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason=reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,6 +18,7 @@ ENV_PREFIX = "GPTSERVE_"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LOG_FORMATS = ("text", "json")
 # The shipped weights, found next to the package (not the working directory).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "shakespeare-char"
 MAX_N = 16  # SamplingParams.validate's default bound on n, which the engine applies
@@ -48,6 +49,15 @@ class Settings:
     max_n: int = 16
     watch: bool = False  # reload the checkpoint when the trainer swaps in a new one
     watch_interval: float = 2.0  # seconds between two looks at the checkpoint folder
+    # The HTTP edge (service/transport): limits on what a client may hold open or send before
+    # the app sees a request, and the log format.
+    max_header_bytes: int = 16 * 1024  # request line + header fields; beyond it 431
+    max_headers: int = 100  # header fields per request; beyond it 431
+    header_timeout: float = 10.0  # seconds from connect (or a request's first byte) to its headers
+    body_timeout: float = 30.0  # seconds from a request's headers to the end of its body
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 1024  # open connections; lowered at start to fit RLIMIT_NOFILE
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -56,7 +66,10 @@ class Settings:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
-        for name in ("max_batch_size", "max_queue", "max_request_bytes", "max_n"):
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        for name in ("max_batch_size", "max_queue", "max_request_bytes", "max_n",
+                     "max_header_bytes", "max_headers", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_n > MAX_N:
@@ -67,6 +80,9 @@ class Settings:
             raise ValueError("request_timeout and shutdown_timeout must be >= 0")
         if self.watch_interval <= 0:
             raise ValueError(f"watch_interval must be > 0, got {self.watch_interval}")
+        for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset to disable auth)")
 
@@ -228,7 +244,53 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         d.watch_interval,
         type=float,
     )
+    _add_edge_flags(add, d)
     return parser
+
+
+def _add_edge_flags(add, d: Settings) -> None:
+    """The HTTP edge's flags: transport limits (docs/API.md "Transport limits") and logs."""
+    add(
+        "--max-header-bytes",
+        "largest request line plus header fields, e.g. 16k; larger requests get 431",
+        d.max_header_bytes,
+        type=parse_size,
+    )
+    add("--max-headers", "most header fields in one request; more get 431", d.max_headers, type=int)
+    add(
+        "--header-timeout",
+        "seconds a client has to send a request's headers, counted from the connection (or from "
+        "the request's first byte on a kept-alive connection); then 408 and close",
+        d.header_timeout,
+        type=float,
+    )
+    add(
+        "--body-timeout",
+        "seconds a client has to send a request's whole body once its headers are in; then 408 "
+        "and close",
+        d.body_timeout,
+        type=float,
+    )
+    add(
+        "--keep-alive-timeout",
+        "seconds an idle keep-alive connection is kept open between two requests",
+        d.keep_alive_timeout,
+        type=float,
+    )
+    add(
+        "--max-connections",
+        "most open client connections; at the cap the longest-idle connection without a request "
+        "in flight is closed to admit a new one. Lowered at start to fit the open-file limit "
+        "(ulimit -n)",
+        d.max_connections,
+        type=int,
+    )
+    add(
+        "--log-format",
+        "text: one readable line per record; json: one JSON object per line (for log shippers)",
+        d.log_format,
+        choices=LOG_FORMATS,
+    )
 
 
 def parse_settings(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -62,6 +63,7 @@ class ServerProcess:
     args: tuple[str, ...] = ()
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    nofile: int | None = None  # run under this open-file limit (RLIMIT_NOFILE, soft and hard)
 
     @property
     def url(self) -> str:
@@ -84,9 +86,17 @@ class ServerProcess:
         ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=child_env(), stdout=self._log, stderr=subprocess.STDOUT
+            argv,
+            cwd=ROOT,
+            env=child_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=None if self.nofile is None else self._limit_files,
         )
         return self
+
+    def _limit_files(self) -> None:  # runs in the child, before it executes Python
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -119,6 +129,18 @@ class ServerProcess:
                 self.kill()
         if getattr(self, "_log", None):
             self._log.close()
+
+
+def metric_value(url: str, name: str, **labels: str) -> float:
+    """The value of one sample in the server's /metrics (``name`` as exposed, e.g. ``..._total``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise KeyError(f"no sample {name}{labels or ''} in /metrics")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,13 @@ FLAGS = {
     "--max-n": ("4", 4),
     "--watch": ("1", True),
     "--watch-interval": ("0.5", 0.5),
+    "--max-header-bytes": ("8k", 8192),
+    "--max-headers": ("50", 50),
+    "--header-timeout": ("4.5", 4.5),
+    "--body-timeout": ("12", 12.0),
+    "--keep-alive-timeout": ("2.5", 2.5),
+    "--max-connections": ("300", 300),
+    "--log-format": ("json", "json"),
 }
 
 
@@ -79,6 +86,20 @@ def test_invalid_values_exit_with_a_usage_error(capsys):
         parse_settings(["--max-batch-size", "0"], environ={})
     assert exc.value.code == 2
     assert "max_batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--header-timeout", "0"), ("--body-timeout", "nan"), ("--keep-alive-timeout", "-1"),
+     ("--max-headers", "0"), ("--max-header-bytes", "0"), ("--max-connections", "0"),
+     ("--log-format", "xml")],
+)  # fmt: skip
+def test_transport_limits_and_log_format_refuse_values_that_cannot_work(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_settings([flag, value], environ={})
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert _field(flag) in err or flag in err, err
 
 
 def test_help_explains_every_flag_and_never_shows_the_key():

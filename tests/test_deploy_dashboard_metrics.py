@@ -4,8 +4,11 @@ Every series the dashboard, the alert rules and the autoscaler query exists in r
 the image's HEALTHCHECK and ENTRYPOINT work.
 
 A real server on a tiny checkpoint serves a streamed completion and refuses a bad request; then
-its /metrics text is scraped and every ``gptserve_*`` name (and every label a panel groups or
-names by) in deploy/grafana, deploy/prometheus/rules.yml and deploy/k8s must appear in it.
+its /metrics text is scraped and every ``gptserve_*`` and ``process_*`` name (and every label a
+panel groups or names by) in deploy/grafana, deploy/prometheus/rules.yml and deploy/k8s must appear
+in it. The dashboard imports into any Grafana: its data source is a variable, never a hard-coded
+uid, and every query filters by the ``job`` and ``instance`` variables; with the variables filled
+in, promtool parses every query.
 """
 
 from __future__ import annotations
@@ -29,7 +32,11 @@ from deploy_support import (
 )
 
 DEPLOY = ROOT / "deploy"
-METRIC = re.compile(r"\bgptserve_[a-z0-9_]+\b")
+METRIC = re.compile(r"\b(?:gptserve|process)_[a-z0-9_]+\b")
+SELECTOR = re.compile(r"\b((?:gptserve|process)_[a-z0-9_]+)(\{[^}]*\})?")
+LABEL_VALUES = re.compile(r"label_values\((\w+)(\{[^}]*\})?,\s*(\w+)\)")
+DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*"}
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 LEGEND_LABEL = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 TARGET_LABELS = {"instance", "job", "le"}  # added by Prometheus or the histogram itself
@@ -66,13 +73,23 @@ def _scrape_after_traffic(server: ServerProcess) -> dict[str, set[str]]:
     return series
 
 
+def _dashboards() -> list[tuple[str, dict]]:
+    paths = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+    return [(path.name, json.loads(path.read_text())) for path in paths]
+
+
 def _dashboard_queries() -> list[tuple[str, str, str]]:
-    """(where, expr, legendFormat) for every panel target of every provisioned dashboard."""
+    """(where, expr, legendFormat) for every panel target of every provisioned dashboard, and
+    the series its query variables read (``label_values(series, label)``, legend: the label)."""
     out = []
-    for path in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json")):
-        for panel in json.loads(path.read_text())["panels"]:
+    for name, board in _dashboards():
+        for panel in board["panels"]:
             for t in panel["targets"]:
-                out.append((f"{path.name}: {panel['title']}", t["expr"], t.get("legendFormat", "")))
+                out.append((f"{name}: {panel['title']}", t["expr"], t.get("legendFormat", "")))
+        for var in board["templating"]["list"]:
+            if var["type"] == "query":
+                series, matchers, label = LABEL_VALUES.fullmatch(var["query"]).groups()
+                out.append((f"{name}: ${var['name']}", series + (matchers or ""), f"{{{{{label}}}}}"))
     return out
 
 
@@ -100,7 +117,7 @@ def test_every_queried_series_and_label_exists_in_real_metrics_output(live_serve
     for where, expr, legend in queries:
         names = METRIC.findall(expr)
         if not names and not expr.startswith("up{"):  # `up` is Prometheus' own series
-            problems.append(f"{where}: queries no gptserve series: {expr}")
+            problems.append(f"{where}: queries no gptserve or process series: {expr}")
         for name in names:
             if name not in series:
                 problems.append(f"{where}: {name} is not in /metrics")
@@ -110,6 +127,54 @@ def test_every_queried_series_and_label_exists_in_real_metrics_output(live_serve
         for label in labels - available - {""}:
             problems.append(f"{where}: label {label!r} is on none of {names}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_dashboard_names_no_datasource_uid_and_filters_every_query_by_job_and_instance():
+    """Issue 11: the datasource uid was hard-coded to `prometheus`; no job/instance selector."""
+    for name, board in _dashboards():
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        source = variables.get("DS_PROMETHEUS")
+        assert source and (source["type"], source["query"]) == ("datasource", "prometheus"), name
+        for var in ("job", "instance"):
+            assert variables[var]["type"] == "query", f"{name}: ${var} is not a query variable"
+            assert variables[var]["datasource"] == DATASOURCE, f"{name}: ${var}'s data source"
+        for panel in board["panels"]:
+            assert panel["datasource"] == DATASOURCE, f"{name}: {panel['title']}'s data source"
+            for t in panel["targets"]:
+                assert t["datasource"] == DATASOURCE, f"{name}: {panel['title']}: {t['expr']}"
+                for series, matchers in SELECTOR.findall(t["expr"]):
+                    assert 'job=~"$job"' in matchers and 'instance=~"$instance"' in matchers, (
+                        f"{name}: {panel['title']}: {series} is not filtered by $job and "
+                        f"$instance: {t['expr']}"
+                    )
+
+
+def test_time_and_counts_never_share_a_panel():
+    """Issue 11: "Engine step and batch size" plotted seconds and counts on one axis."""
+    for name, board in _dashboards():
+        for panel in board["panels"]:
+            exprs = [t["expr"] for t in panel["targets"]]
+            seconds = [e for e in exprs if "_seconds" in e and "process_cpu" not in e]
+            if seconds:
+                assert panel["fieldConfig"]["defaults"]["unit"] == "s", panel["title"]
+                assert seconds == exprs, f"{name}: {panel['title']} mixes seconds and counts"
+
+
+@pytest.mark.timeout(60)
+def test_every_dashboard_query_parses_with_its_variables_filled_in(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (CI installs it: see .ci/run)")
+    rules = []
+    for i, (_, expr, _) in enumerate(_dashboard_queries()):
+        for var, value in VARIABLES.items():
+            expr = expr.replace(var, value)
+        rules.append({"record": f"dashboard_query_{i}", "expr": expr})
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 0, f"promtool:\n{proc.stdout}{proc.stderr}"
 
 
 def _healthcheck_command() -> list[str]:

@@ -2,116 +2,107 @@
 
 The nginx config is deploy/nginx/gptserve.conf with its proxy include (least_conn, no buffering,
 failover before the first byte), pointed at two `python -m service` processes on loopback ports.
-Streaming clients work through a fixed list of completions, retrying a completion whose stream
-breaks. One replica is SIGKILLed while it has streams in flight. Every completion must finish, and
-the only broken streams must be ones that were running on the killed replica when it died.
+
+The kill is synchronised on events, never on time: four streams are opened through nginx with a
+``max_tokens`` so large that none can end during the test, and each is read until it has delivered
+a few events, so every stream is in flight, on a replica nginx named, when one replica is
+SIGKILLed. Then every stream on the killed replica must break, every stream on the survivor must
+keep streaming, and the broken streams' retries and new requests must all complete on the
+survivor (nginx fails over while nothing has reached the client).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 
 import httpx
 import pytest
 from deploy_support import (
     ServerProcess,
-    StreamResult,
     free_port,
     make_tiny_checkpoint,
     stream_completion,
     write_nginx_conf,
 )
 
-JOBS = 24  # completions the clients must get through
-CLIENTS = 4
-MAX_TOKENS = 160  # long enough that a stream is still running when the replica dies
-MAX_ATTEMPTS = 4
+STREAMS = 4
+NEVER_ENDS = 1_000_000  # max_tokens no stream can reach while the test runs
+EVENTS_BEFORE_KILL = 3  # events every stream must have delivered before the kill
+EVENTS_AFTER_KILL = 3  # more events each stream on the survivor must deliver after it
+WAIT = 60.0  # the most any one wait lasts (a bound; the waits end on events)
 
 
-@dataclass(frozen=True)
-class Attempt:
-    job: int
-    upstream: str  # the replica that answered (the last one nginx tried)
-    started: float
-    ended: float
-    result: StreamResult
+class HeldStream:
+    """A streaming completion through nginx, read in a thread until it breaks or is stopped."""
 
-
-class Load:
-    """CLIENTS threads sharing a queue of JOBS completions; a broken stream is retried."""
-
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, seed: int) -> None:
         self.url = url
-        self.lock = threading.Lock()
-        self.next_job = 0
-        self.attempts: list[Attempt] = []
-        self.in_flight: dict[int, tuple[str, float]] = {}  # thread -> (upstream, started)
-        self.completed: set[int] = set()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(CLIENTS)]
+        self.seed = seed
+        self.upstream: str | None = None  # the replica nginx chose (its last attempt)
+        self.events = 0
+        self.error: str | None = None  # why it broke
+        self.finished = False  # saw a finish_reason or [DONE]: must never happen here
+        self.ended = False
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _take(self) -> int | None:
-        with self.lock:
-            if self.next_job >= JOBS:
-                return None
-            self.next_job += 1
-            return self.next_job - 1
+    def start(self) -> HeldStream:
+        self._thread.start()
+        return self
 
-    def _run(self, me: int) -> None:
-        with httpx.Client(timeout=60) as client:
-            while (job := self._take()) is not None:
-                for _ in range(MAX_ATTEMPTS):
-                    started = time.monotonic()
-                    result = self._stream(client, me, job)
-                    upstream = result.headers.get("x-upstream-addr", "").split(",")[-1].strip()
-                    with self.lock:
-                        self.in_flight.pop(me, None)
-                        self.attempts.append(
-                            Attempt(job, upstream, started, time.monotonic(), result)
-                        )
-                        if result.complete:
-                            self.completed.add(job)
-                    if result.complete:
-                        break
+    def wait_for(self, predicate, what: str) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: predicate(self), WAIT), (
+                f"stream {self.seed} on {self.upstream}: timed out waiting for {what} "
+                f"({self.events} events, error={self.error})"
+            )
 
-    def _stream(self, client: httpx.Client, me: int, job: int) -> StreamResult:
-        # stream_completion reads headers first; record the upstream as soon as they arrive by
-        # marking this thread in flight before the call and filling the upstream afterwards.
-        with self.lock:
-            self.in_flight[me] = ("?", time.monotonic())
-        return stream_completion(
-            client, self.url, "ab", max_tokens=MAX_TOKENS, temperature=1.0, seed=job,
-            on_headers=lambda h: self._mark(me, h),
-        )  # fmt: skip
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
 
-    def _mark(self, me: int, headers: dict[str, str]) -> None:
-        with self.lock:
-            upstream = headers.get("x-upstream-addr", "?").split(",")[-1].strip()
-            self.in_flight[me] = (upstream, time.monotonic())
+    def _update(self, **changes) -> None:
+        with self._changed:
+            for name, value in changes.items():
+                setattr(self, name, value)
+            self._changed.notify_all()
 
-    def on(self, upstream: str) -> int:
-        """Streams running on ``upstream`` now (their response headers have arrived)."""
-        with self.lock:
-            return sum(1 for u, _ in self.in_flight.values() if u == upstream)
-
-    def completed_on(self, upstream: str) -> int:
-        with self.lock:
-            return sum(1 for a in self.attempts if a.upstream == upstream and a.result.complete)
-
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
-
-    def join(self, timeout: float) -> None:
-        for t in self.threads:
-            t.join(timeout)
+    def _run(self) -> None:
+        body = {"prompt": "ab", "max_tokens": NEVER_ENDS, "stream": True, "temperature": 1.0,
+                "seed": self.seed}  # fmt: skip
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/completions", json=body,
+                              timeout=WAIT) as resp:  # fmt: skip
+                upstream = resp.headers.get("x-upstream-addr", "?").split(",")[-1].strip()
+                self._update(upstream=upstream)
+                if resp.status_code != 200:
+                    self._update(error=f"HTTP {resp.status_code}")
+                    return
+                for line in resp.iter_lines():
+                    if self._stop.is_set():
+                        return
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[len("data: ") :]
+                    done = data == "[DONE]" or any(
+                        c.get("finish_reason") for c in json.loads(data)["choices"]
+                    )
+                    self._update(events=self.events + 1, finished=self.finished or done)
+            if not self._stop.is_set():
+                self._update(error="the stream ended without [DONE]")
+        except httpx.HTTPError as err:
+            self._update(error=repr(err))
+        finally:
+            self._update(ended=True)
 
 
 @pytest.mark.timeout(180)
-def test_clients_lose_only_streams_in_flight_on_a_killed_replica(tmp_path):
+def test_killing_a_replica_breaks_only_its_streams_and_the_survivor_takes_over(tmp_path):
     nginx = shutil.which("nginx")
     if nginx is None:
         pytest.skip("nginx is not installed (CI installs the Debian package: see .ci/run)")
@@ -128,6 +119,7 @@ def test_clients_lose_only_streams_in_flight_on_a_killed_replica(tmp_path):
         extra_server_lines=("add_header X-Upstream-Addr $upstream_addr always;",),
     )
     proxy = None
+    streams: list[HeldStream] = []
     try:
         for r in replicas:
             r.start()
@@ -141,41 +133,44 @@ def test_clients_lose_only_streams_in_flight_on_a_killed_replica(tmp_path):
         _wait_for_proxy(url, proxy)
         victim, survivor = (f"127.0.0.1:{r.port}" for r in replicas)
 
-        load = Load(url)
-        load.start()
-        deadline = time.monotonic() + 60
-        while load.on(victim) == 0 or not load.completed_on(victim):
-            assert time.monotonic() < deadline, "never saw a stream in flight on the victim"
-            time.sleep(0.01)
-        in_flight_at_kill = load.on(victim)
-        replicas[0].kill()
-        killed_at = time.monotonic()
-        load.join(120)
+        streams = [HeldStream(url, seed).start() for seed in range(STREAMS)]
+        for s in streams:
+            s.wait_for(lambda s: s.events >= EVENTS_BEFORE_KILL or s.ended, "its first events")
+        assert not any(s.ended or s.finished for s in streams), [vars(s) for s in streams]
+        on_victim = [s for s in streams if s.upstream == victim]
+        on_survivor = [s for s in streams if s.upstream == survivor]
+        assert on_victim and on_survivor and len(on_victim) + len(on_survivor) == STREAMS, (
+            f"least_conn should spread {STREAMS} streams over both replicas: "
+            f"{[s.upstream for s in streams]}"
+        )
+        seen_at_kill = {s.seed: s.events for s in on_survivor}
 
-        assert load.completed == set(range(JOBS)), (
-            f"lost completions: {sorted(set(range(JOBS)) - load.completed)}"
-        )
-        broken = [a for a in load.attempts if not a.result.complete]
-        served = {u: sum(a.upstream == u and a.result.complete for a in load.attempts)
-                  for u in (victim, survivor)}  # fmt: skip
-        print(
-            f"{in_flight_at_kill} in flight on the victim at the kill, {len(broken)} broken, "
-            f"completions per replica {served}"
-        )
-        assert broken, "killing a replica with streams in flight broke no stream"
-        for a in broken:
-            assert a.upstream == victim and a.started < killed_at, (
-                f"a stream broke that was not in flight on the killed replica: {a}"
+        replicas[0].kill()
+
+        for s in on_victim:
+            s.wait_for(lambda s: s.ended, "the killed replica's stream to break")
+            assert s.error and not s.finished, f"a stream on the killed replica did not break: {vars(s)}"
+        for s in on_survivor:
+            s.wait_for(
+                lambda s: s.events >= seen_at_kill[s.seed] + EVENTS_AFTER_KILL or s.ended,
+                "the survivor's stream to go on",
             )
-        assert len(broken) <= CLIENTS, f"{len(broken)} broken streams for {CLIENTS} clients"
-        after = [a for a in load.attempts if a.started > killed_at]
-        assert after and all(a.upstream == survivor and a.result.complete for a in after), (
-            "requests after the kill must all complete on the survivor"
-        )
-        assert {a.upstream for a in load.attempts if a.result.complete} == {victim, survivor}, (
-            "least_conn should have spread the load over both replicas before the kill"
-        )
+            assert not s.ended, f"a stream on the surviving replica broke: {vars(s)}"
+
+        # The clients retry what broke, and new requests arrive: all complete on the survivor.
+        with httpx.Client(timeout=WAIT) as client:
+            results = [
+                stream_completion(client, url, "ab", max_tokens=16, temperature=1.0, seed=seed)
+                for seed in range(len(on_victim) + STREAMS)
+            ]
+        for r in results:
+            assert r.complete, f"a request after the kill did not complete: {r}"
+            assert r.headers["x-upstream-addr"].split(",")[-1].strip() == survivor, r.headers
+        print(f"{len(on_victim)} streams broke with the killed replica, {len(on_survivor)} "
+              f"went on; {len(results)} requests after the kill completed on the survivor")  # fmt: skip
     finally:
+        for s in streams:
+            s.stop()
         if proxy is not None:
             proxy.terminate()
             proxy.wait(10)

@@ -1,0 +1,116 @@
+"""The server process: uvicorn runs the app on our listener and drains it on SIGTERM.
+
+``serve(settings, sockets, limits)`` runs until a signal drains the server. uvicorn supplies the
+HTTP protocol (guarded by ``service.transport``), the lifespan and the signal handling; the
+listening sockets (bound by the caller before anything slow) and the connection cap are ours.
+SIGTERM (or the first Ctrl-C) drains: readiness turns 503, new requests get 503, in-flight
+requests get ``--shutdown-timeout`` seconds to finish, then the process exits 0. A second Ctrl-C
+forces exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+
+import uvicorn
+
+from service.settings import Settings
+from service.transport.limits import TransportLimits
+from service.transport.listener import Listener
+from service.transport.protocol import GuardedHttpProtocol
+
+log = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that accepts through our ``Listener`` and drains the app on exit."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        state,
+        sockets: list[socket.socket],
+        limits: TransportLimits,
+    ) -> None:
+        super().__init__(config)
+        self._state = state
+        self._sockets = sockets
+        self._limits = limits
+        self._listener: Listener | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])  # the lifespan only: the listener accepts, not asyncio
+
+        def make_protocol(listener: Listener) -> GuardedHttpProtocol:
+            return GuardedHttpProtocol(
+                self.config, self.server_state, self.lifespan.state, listener=listener
+            )
+
+        self._listener = Listener(self._sockets, make_protocol, self._limits, self._state.metrics)
+        self._listener.start()
+        for sock in self._sockets:
+            host, port = sock.getsockname()[:2]
+            log.info(
+                "listening on http://%s:%d (at most %d connections)",
+                f"[{host}]" if ":" in host else host,
+                port,
+                self._limits.max_connections,
+            )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+        await super().shutdown()
+
+    def handle_exit(self, sig: int, frame) -> None:  # runs in the main (event loop) thread
+        if self._drain_task is not None:
+            if sig == signal.SIGINT:  # a second Ctrl-C: stop now, without waiting
+                self.should_exit = self.force_exit = True
+            return
+        log.info("received %s: draining", signal.Signals(sig).name)
+        loop = asyncio.get_running_loop()
+        self._drain_task = loop.create_task(self._drain())
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._state.load_error is not None:  # the background load failed: stop, exit 2
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    async def _drain(self) -> None:
+        try:
+            await self._state.drain(self._state.settings.shutdown_timeout)
+        finally:
+            self.should_exit = True  # now uvicorn closes the connections and ends the lifespan
+
+
+def serve(
+    settings: Settings, sockets: list[socket.socket], limits: TransportLimits, engine=None
+) -> int:
+    """Serve on ``sockets`` until a signal drains the server (``engine`` None: load
+    ``settings.checkpoint`` in the background while already answering /health and /ready).
+    Returns the exit status."""
+    from service.app import create_app
+
+    app = create_app(settings, engine)
+    config = uvicorn.Config(
+        app,
+        http="httptools",  # the protocol GuardedHttpProtocol extends
+        ws="none",
+        lifespan="on",
+        log_config=None,  # our handler and format (service.logs) for uvicorn's records too
+        log_level=settings.log_level,
+        access_log=False,  # service.api.access logs each request instead
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  (float is fine)
+        timeout_graceful_shutdown=5,
+    )
+    state = app.state.server
+    DrainingServer(config, state, sockets, limits).run()
+    if state.load_error is not None:
+        print(f"gptserve: cannot load checkpoint: {state.load_error}", file=sys.stderr)
+        return 2
+    return 0
