@@ -193,9 +193,9 @@ def test_a_corrupt_checkpoint_stops_the_server_with_exit_2(tmp_path):
     assert "cannot load checkpoint" in proc.stderr and str(bad) in proc.stderr
 
 
-def test_batch_invariance_is_on_by_default_and_reaches_the_engine():
+def test_batch_invariance_is_opt_in_and_reaches_the_engine():
     from service.app import engine_config
 
-    assert engine_config(parse_settings([], environ={})).batch_invariant is True
-    off = parse_settings(["--batch-invariant", "off"], environ={})
-    assert engine_config(off).batch_invariant is False
+    assert engine_config(parse_settings([], environ={})).batch_invariant is False
+    on = parse_settings(["--batch-invariant", "on"], environ={})
+    assert engine_config(on).batch_invariant is True
