@@ -7,6 +7,7 @@ head), Hugging Face GPT-2 (the parity oracle in tests).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,16 +54,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs
         return self.resid_dropout(self.c_proj(y))
 
-    def forward_packed(
-        self, x: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch
-    ) -> torch.Tensor:
-        """Inference over a packed batch ``x`` (N, C): keys and values go to the cache, each
-        token attends to its own slot's cached keys up to its own position."""
-        C = self.n_embd
-        qkv = self.c_attn(x)  # (N, 3C)
-        kv.write(layer, batch, qkv[:, C:])
-        return self.c_proj(packed_attention(qkv[:, :C], layer, kv, batch))
-
 
 def packed_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch) -> torch.Tensor:
     """Attention of packed queries ``q`` (N, C) over the cache: the decode group in one batched
@@ -72,17 +63,18 @@ def packed_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatc
     dec = batch.decode
     if dec is not None and dec.slots is None and not batch.chunks and N == dec.width:
         # decode only, row i is slot i: no scatter, no gather (the common step)
-        k, v = kv.slots_view(layer, dec.width, dec.length)  # (W, nh, L, hs)
-        y = F.scaled_dot_product_attention(q.view(N, 1, nh, hs).transpose(1, 2), k, v, dec.mask)
-        return y.view(N, C)  # (W, nh, 1, hs) is contiguous: one row per slot
+        y = F.scaled_dot_product_attention(
+            q.view(N, nh, 1, hs), dec.keys[layer], dec.values[layer], dec.mask
+        )  # (W, nh, 1, hs): one query per slot, so (N, nh, 1, hs) is just (N, C) regrouped
+        return y.view(N, C)
     out = torch.empty_like(q)
     if dec is not None:
         W = dec.width
         n_dec = W if dec.slots is None else dec.slots.shape[0]
         qd = q[:W] if dec.slots is None else q.new_zeros(W, C).index_copy_(0, dec.slots, q[:n_dec])
-        k, v = kv.slots_view(layer, W, dec.length)
-        y = F.scaled_dot_product_attention(qd.view(W, 1, nh, hs).transpose(1, 2), k, v, dec.mask)
-        y = y.view(W, C)
+        y = F.scaled_dot_product_attention(
+            qd.view(W, nh, 1, hs), dec.keys[layer], dec.values[layer], dec.mask
+        ).view(W, C)
         out[:n_dec] = y if dec.slots is None else y.index_select(0, dec.slots)
     for c in batch.chunks:
         T = c.num_tokens
@@ -119,13 +111,17 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-    def forward_packed(
-        self, x: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch
-    ) -> torch.Tensor:
-        """Inference step on a packed (N, C) batch (dropout is off at inference: skipped)."""
-        x = x + self.attn.forward_packed(self.ln_1(x), layer, kv, batch)
-        mlp = self.mlp
-        return x + mlp.c_proj(mlp.gelu(mlp.c_fc(self.ln_2(x))))
+
+@dataclass(frozen=True)
+class _InferenceWeights:
+    """Every parameter ``GPT.forward_packed`` reads, as plain tensors (views of the parameters)."""
+
+    wte: torch.Tensor
+    wpe: torch.Tensor
+    layers: tuple[tuple[torch.Tensor | None, ...], ...]
+    ln_f: torch.Tensor
+    ln_f_bias: torch.Tensor | None
+    gelu: str
 
 
 class GPT(nn.Module):
@@ -149,6 +145,7 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self._weights: _InferenceWeights | None = None
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (GPT-2; nanoGPT)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -200,14 +197,49 @@ class GPT(nn.Module):
     def forward_packed(self, batch: PackedBatch, kv_cache: KVCache) -> torch.Tensor:
         """One inference step over a packed batch (see ``model.kv_cache``): every token's keys
         and values are written to ``kv_cache``; returns the logits (R, V) of the batch's
-        ``logit_rows`` only (the final LayerNorm and the LM head run on those rows alone)."""
-        wte, wpe = self.transformer.wte, self.transformer.wpe
-        x = wte(batch.tokens) + wpe(batch.positions)  # (N, n_embd)
-        for i, block in enumerate(self.transformer.h):
-            x = block.forward_packed(x, i, kv_cache, batch)
+        ``logit_rows`` only (the final LayerNorm and the LM head run on those rows alone).
+
+        The same network as ``forward``, written with functional calls over the parameters
+        (``_inference_weights``): at decode time a step is a few hundred small kernels, and
+        module dispatch, attribute lookups and no-op dropouts would cost as much as the math.
+        """
+        w = self._inference_weights()
+        C, eps = self.config.n_embd, 1e-5
+        x = F.embedding(batch.tokens, w.wte) + F.embedding(batch.positions, w.wpe)  # (N, C)
+        for i, (ln1, ln1_b, attn, attn_b, proj, proj_b, ln2, ln2_b, fc, fc_b, fc2, fc2_b) in (
+            enumerate(w.layers)
+        ):
+            qkv = F.linear(F.layer_norm(x, (C,), ln1, ln1_b, eps), attn, attn_b)  # (N, 3C)
+            kv_cache.write(i, batch, qkv[:, C:])
+            x += F.linear(packed_attention(qkv[:, :C], i, kv_cache, batch), proj, proj_b)
+            h = F.gelu(F.linear(F.layer_norm(x, (C,), ln2, ln2_b, eps), fc, fc_b), approximate=w.gelu)
+            x += F.linear(h, fc2, fc2_b)
         if batch.logit_rows is not None:
-            x = x.index_select(0, batch.logit_rows)  # (R, n_embd)
-        return self.lm_head(self.transformer.ln_f(x))
+            x = x.index_select(0, batch.logit_rows)  # (R, C)
+        return F.linear(F.layer_norm(x, (C,), w.ln_f, w.ln_f_bias, eps), w.wte)
+
+    def _inference_weights(self) -> _InferenceWeights:
+        """The parameters as plain tensors, gathered once (again after ``.to()``/``.half()``)."""
+        if self._weights is None:
+            t = self.transformer
+            bias = lambda m: None if m.bias is None else m.bias.detach()  # noqa: E731
+            layers = tuple(
+                (b.ln_1.weight.detach(), bias(b.ln_1), b.attn.c_attn.weight.detach(),
+                 bias(b.attn.c_attn), b.attn.c_proj.weight.detach(), bias(b.attn.c_proj),
+                 b.ln_2.weight.detach(), bias(b.ln_2), b.mlp.c_fc.weight.detach(),
+                 bias(b.mlp.c_fc), b.mlp.c_proj.weight.detach(), bias(b.mlp.c_proj))
+                for b in t.h
+            )
+            self._weights = _InferenceWeights(
+                wte=t.wte.weight.detach(), wpe=t.wpe.weight.detach(), layers=layers,
+                ln_f=t.ln_f.weight.detach(), ln_f_bias=bias(t.ln_f),
+                gelu="tanh" if self.config.activation == "gelu_tanh" else "none",
+            )
+        return self._weights
+
+    def _apply(self, fn, recurse: bool = True):
+        self._weights = None  # .to(), .half(), .cuda() replace the parameter tensors
+        return super()._apply(fn, recurse)
 
     def estimate_flops_per_token(self, context: int | None = None) -> int:
         """Training FLOPs per token, PaLM appendix B convention: 6N + 12·L·H·Q·T."""

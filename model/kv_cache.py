@@ -33,6 +33,8 @@ class DecodeGroup:
     width: int
     length: int
     mask: torch.Tensor
+    keys: torch.Tensor  # (n_layer, width, n_head, length, head_dim) view of the cache
+    values: torch.Tensor
     slots: torch.Tensor | None = None
 
 
@@ -91,6 +93,8 @@ class KVCache:
         self.data = torch.zeros(
             (n_layer, n_slots + 1, max_len, 2, self.n_embd), device=device, dtype=dtype
         )
+        # per layer, one row per (slot, position): where index_copy_ writes
+        self._rows = [self.data[i].view(-1, 2 * self.n_embd) for i in range(n_layer)]
 
     @classmethod
     def for_model(cls, config, n_slots: int, *, device=None, dtype=None) -> KVCache:
@@ -116,15 +120,17 @@ class KVCache:
 
     def write(self, layer: int, batch: PackedBatch, kv: torch.Tensor) -> None:
         """Store the batch's keys and values ``kv`` (N, 2 * n_embd), token n at its cache row."""
-        rows = self.data[layer].view(-1, 2 * self.n_embd)  # ((n_slots + 1) * max_len, 2C)
-        rows.index_copy_(0, batch.write_index, kv.to(rows.dtype))
+        if kv.dtype is not self.data.dtype:
+            kv = kv.to(self.data.dtype)
+        self._rows[layer].index_copy_(0, batch.write_index, kv)
 
-    def slots_view(self, layer: int, width: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of slots ``0..width-1``, positions ``0..length-1``, as
-        ``(width, n_head, length, head_dim)`` views (no copy)."""
-        kv = self.data[layer, :width, :length]  # (width, length, 2, C)
-        shape = (width, length, self.n_head, self.head_dim)
-        return kv[:, :, 0].view(shape).transpose(1, 2), kv[:, :, 1].view(shape).transpose(1, 2)
+    def slots_view(self, width: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots ``0..width-1``, positions ``0..length-1``, for every layer:
+        ``(n_layer, width, n_head, length, head_dim)`` views (no copy)."""
+        kv = self.data[:, :width, :length]  # (n_layer, width, length, 2, C)
+        shape = (self.n_layer, width, length, self.n_head, self.head_dim)
+        return (kv[:, :, :, 0].view(shape).transpose(2, 3),
+                kv[:, :, :, 1].view(shape).transpose(2, 3))
 
     def slot_view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one slot, positions ``0..length-1``: ``(1, n_head, length, hd)``."""
@@ -206,9 +212,10 @@ class KVCache:
             key_pos = torch.arange(length, device=dev.device)
             visible = (key_pos < lens.unsqueeze(1)).view(width, 1, 1, length)
             mask = torch.zeros(visible.shape, device=dev.device, dtype=self.data.dtype)
+            keys, values = self.slots_view(width, length)
             group = DecodeGroup(
                 width=width, length=length, mask=mask.masked_fill_(~visible, float("-inf")),
-                slots=None if identity else d,
+                keys=keys, values=values, slots=None if identity else d,
             )
         packed_chunks = []
         for row, T, slot, start in spans:

@@ -20,6 +20,7 @@ import torch
 
 from model.gpt import GPT
 from model.kv_cache import KVCache
+from service.engine.graphs import StaticDecode
 from service.engine.scheduler import ScheduledChunk, SchedulerOutput
 from service.engine.sequence import Sequence
 
@@ -37,7 +38,7 @@ class ModelRunner:
 
     def __init__(
         self, model: GPT, n_slots: int, device: torch.device, dtype: torch.dtype,
-        batch_invariant: bool = False,
+        batch_invariant: bool = False, *, cuda_graphs: bool = False, compile: bool = False,
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.config = model.config
@@ -45,6 +46,10 @@ class ModelRunner:
         self.n_slots = n_slots
         self.batch_invariant = batch_invariant
         self.kv = KVCache.for_model(model.config, n_slots, device=device, dtype=dtype)
+        self.static = None  # decode-only steps through bucketed static buffers
+        if not batch_invariant and (compile or (cuda_graphs and device.type == "cuda")):
+            self.static = StaticDecode(self.model, self.kv, cuda_graphs=cuda_graphs,
+                                       compile=compile)
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         leaders, followers = _share_prompts(plan.prefill)
@@ -53,6 +58,8 @@ class ModelRunner:
         rows = [c.seq for c in plan.decode] + [c.seq for c in leaders if c.samples]
         if self.batch_invariant:
             logits = self._invariant_forwards(decode, chunks)
+        elif self.static is not None and decode and not plan.prefill:
+            logits = self.static.run(decode)
         elif decode or chunks:
             logits = self.model.forward_packed(self.kv.pack(decode, chunks), self.kv)
         else:

@@ -1,0 +1,112 @@
+"""Decode-only steps over static input buffers, ready for CUDA graphs and ``torch.compile``.
+
+A decode step's shapes are bucketed: the batch width (slots ``0..W-1``, padded) and the number of
+key positions attention reads (``L``) are rounded up to powers of two, so a handful of shapes
+covers every step. Per bucket, the step's inputs live in static tensors (token, position, cache
+row and context length per slot) that the host fills with one copy; the attention mask is
+computed from the lengths inside the captured region. On CUDA each bucket's forward is captured
+once into a CUDA graph (nano-vllm and vLLM do the same) and replayed; elsewhere, or with graphs
+off, the same function runs eagerly, or compiled with ``torch.compile`` when asked.
+
+The logits come back for every slot of the bucket (row i is slot i); the runner picks the rows
+that hold sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model.gpt import GPT
+from model.kv_cache import DecodeGroup, KVCache, PackedBatch
+
+
+def bucket(n: int, limit: int, floor: int = 1) -> int:
+    """The smallest power of two >= max(n, floor), capped at ``limit``."""
+    size = floor
+    while size < n:
+        size *= 2
+    return min(size, limit)
+
+
+@dataclass
+class _Bucket:
+    """One (width, length) shape: its static inputs, its batch view and its runnable."""
+
+    inputs: torch.Tensor  # (4, W) int64: tokens, positions, cache rows, context lengths
+    batch: PackedBatch
+    run: Callable[[], torch.Tensor]
+
+
+class StaticDecode:
+    """Owns the static buffers and captured graphs (or compiled functions) of decode steps."""
+
+    def __init__(self, model: GPT, kv: KVCache, *, cuda_graphs: bool, compile: bool) -> None:
+        self.model, self.kv = model, kv
+        self.device = kv.data.device
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.forward = torch.compile(model.forward_packed, fullgraph=True) if compile else (
+            model.forward_packed)
+        self._key_pos = torch.arange(kv.max_len, device=self.device)
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._pool = None  # CUDA graphs share one memory pool
+
+    def run(self, decode: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """Logits (D, V) of the decode rows ``(slot, position, token)`` (increasing slots)."""
+        width = bucket(decode[-1][0] + 1, self.kv.n_slots)
+        length = bucket(max(pos for _, pos, _ in decode) + 1, self.kv.max_len, floor=16)
+        b = self._buckets.get((width, length)) or self._make(width, length)
+        host = torch.zeros((4, width), dtype=torch.long)
+        host[2] = self.kv.scratch_slot * self.kv.max_len  # padding rows write into scratch
+        host[3] = 1  # and see one key
+        slots = torch.tensor([s for s, _, _ in decode])
+        host[:, slots] = torch.tensor(
+            [[t for _, _, t in decode], [p for _, p, _ in decode],
+             [s * self.kv.max_len + p for s, p, _ in decode], [p + 1 for _, p, _ in decode]])
+        b.inputs.copy_(host, non_blocking=True)
+        logits = b.run()  # (W, V): row i is slot i
+        return logits.index_select(0, slots.to(self.device, non_blocking=True))
+
+    def _make(self, width: int, length: int) -> _Bucket:
+        inputs = torch.zeros((4, width), dtype=torch.long, device=self.device)
+        inputs[2] = self.kv.scratch_slot * self.kv.max_len  # until filled: padding rows only
+        inputs[3] = 1
+        mask = torch.zeros((width, 1, 1, length), dtype=self.kv.data.dtype, device=self.device)
+        keys, values = self.kv.slots_view(width, length)
+        batch = PackedBatch(
+            tokens=inputs[0], positions=inputs[1], write_index=inputs[2], logit_rows=None,
+            decode=DecodeGroup(width, length, mask, keys, values), chunks=(),
+        )
+        key_pos = self._key_pos[:length]
+
+        def step() -> torch.Tensor:
+            visible = (key_pos < inputs[3].unsqueeze(1)).view(width, 1, 1, length)
+            mask.copy_(torch.where(visible, 0.0, float("-inf")))
+            return self.forward(batch, self.kv)
+
+        run = step
+        if self.cuda_graphs:
+            run = self._capture(step)
+        b = self._buckets[(width, length)] = _Bucket(inputs, batch, run)
+        return b
+
+    def _capture(self, step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Capture ``step`` into a CUDA graph (after a warm-up run on a side stream, as
+        ``torch.cuda.graphs`` requires); replaying it reruns the same kernels on the buffers."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # padding rows only touch the scratch slot
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = step()
+        self._pool = graph.pool()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay
