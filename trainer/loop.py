@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,11 @@ from trainer.config import TrainSpec
 from trainer.data import BatchSampler, TokenData
 from trainer.distributed import DistContext, all_mean, barrier, gather_objects
 from trainer.errors import TrainerError, TrainingInterrupted
-from trainer.flops import Peak, measure_matmul_flops, peak_flops
 from trainer.interrupt import StopSignal
-from trainer.metrics import EvalRecord, MetricsLog, StepRecord
+from trainer.metrics import EvalRecord, MetricsLog
 from trainer.optim import learning_rate, make_optimizer
-from trainer.progress import EvalProgress, ProgressBar, TrainClock
-from trainer.sinks import MetricSinks
+from trainer.progress import EvalProgress
+from trainer.report import RunReport, RunShape, StepOutcome
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EVAL_SEED_OFFSET = 1  # eval batches come from their own generator: the same batches every eval
@@ -45,16 +43,6 @@ class TrainResult:
     final_step: int
     tokens_seen: int
     wall_s: float
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    """One optimizer step, as tensors on the device: reading them (``.item()``) syncs a GPU, so
-    the loop does it only every ``log_interval`` steps."""
-
-    loss: torch.Tensor  # mean over the step's micro-batches
-    grad_norm: torch.Tensor  # global norm before clipping
-    lr: float
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -180,40 +168,44 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         self._started = time.perf_counter()
-        self.peak = peak_flops(self.device, self.dtype, self.spec.loop.peak_flops)
-        self.flops_per_token = self.raw_model.estimate_flops_per_token()
-        self.sinks = MetricSinks(self.spec, self.run_dir, self.step) if self.ctx.is_main else None
-        self._banner()
-        self.clock = TrainClock()
-        self._logged_at = (0, 0.0)  # (clock.steps, clock.seconds) at the last step record
-        bar = ProgressBar(self.step, self.spec.loop.max_iters, self.clock, self.progress)
+        shape = RunShape(
+            self.raw_model.num_params(),
+            self.tokens_per_step,
+            self.raw_model.estimate_flops_per_token(),
+            self.device,
+            self.dtype,
+        )
+        report = RunReport(
+            self.spec,
+            self.run_dir,
+            self.log,
+            shape,
+            self.ctx,
+            start_step=self.step,
+            progress=self.progress,
+        )
         try:
+            report.banner()
             with StopSignal(self.ctx, self.device) as stop:
-                self._train(stop, bar)
+                self._train(stop, report)
         finally:
-            bar.close()
-            if self.sinks is not None:
-                self.sinks.close()
+            report.close()
         barrier(self.ctx)  # rank 0 may still be writing the last checkpoint
         return TrainResult(
             self.best_val, self.best_step, self.step, self.tokens_seen, self._elapsed()
         )
 
-    def _train(self, stop: StopSignal, bar: ProgressBar) -> None:
-        loop = self.spec.loop
-        if self._eval_due() and not self._evaluate_and_save(bar, stop):
+    def _train(self, stop: StopSignal, report: RunReport) -> None:
+        if self._eval_due() and not self._evaluate_and_save(report, stop):
             self._stop(stop)
-        while self.step < loop.max_iters:
+        while self.step < self.spec.loop.max_iters:
             if stop.requested():
                 self._stop(stop)
             outcome = self.train_step()
-            self.clock.lap()
-            bar.step()
-            if self.step % self.spec.log.log_interval == 0:
-                self._log_step(outcome, bar)
+            report.step_done(self.step, outcome, self.tokens_seen, self._elapsed())
             if self._eval_due():
-                completed = self._evaluate_and_save(bar, stop)
-                self.clock.restart()
+                completed = self._evaluate_and_save(report, stop)
+                report.resume_clock()
                 if not completed:
                     self._stop(stop)
 
@@ -316,7 +308,7 @@ class Trainer:
         )
         return self.data.tokenizer_spec, provenance
 
-    def _evaluate_and_save(self, bar: ProgressBar, stop: StopSignal) -> bool:
+    def _evaluate_and_save(self, report: RunReport, stop: StopSignal) -> bool:
         """Evaluate, log, and (after step 0) checkpoint; False if a signal cut the eval short."""
         losses = self.evaluate(stop)
         if losses is None:
@@ -340,13 +332,7 @@ class Trainer:
             self.saved_step = self.step
         if not self.ctx.is_main:
             return True
-        self.log.append(record)
-        self.log.plot()
-        self.sinks.eval(record)
-        bar.write(
-            f"step {self.step}: train loss {losses['train']:.4f}, "
-            f"val loss {losses['val']:.4f}{' (best)' if improved else ''}"
-        )
+        report.eval_done(record, improved)
         if save:
             tokenizer_spec, provenance = self._provenance(losses["val"])
             if improved:
@@ -358,68 +344,4 @@ class Trainer:
                     self.spec.loop.save_dtype,
                 )
             save_latest(self.run_dir, self.raw_model, tokenizer_spec, provenance, state)
-        self.sinks.flush()
         return True
-
-    # --- reporting -----------------------------------------------------------------------------
-    def _banner(self) -> None:
-        """The start-up lines: model, device, MFU's peak (with a measured one beside it), sinks."""
-        if not self.ctx.is_main:
-            return
-        peak = self.peak
-        measured = ""
-        if self.spec.loop.peak_flops is None:  # the table's figure: show this machine's beside it
-            flops = measure_matmul_flops(self.device, self.dtype)
-            measured = f", measured matmul here {_tflops(flops)}"
-        loop = self.spec.loop
-        _say(
-            f"model: {self.raw_model.num_params() / 1e6:.2f}M params, "
-            f"{self.tokens_per_step:,} tokens/step, {self.device} "
-            f"{str(self.dtype).removeprefix('torch.')}, steps {self.step} -> {loop.max_iters}; "
-            f"MFU peak {_tflops(peak.flops)} per device ({peak.source}){measured}"
-        )
-        _say(f"metrics every {self.spec.log.log_interval} steps: {self.sinks.describe()}")
-        if self.step >= loop.max_iters:
-            _say(
-                f"the run is already at step {self.step} of {loop.max_iters}: nothing to train; "
-                "raise --max-iters to continue it"
-            )
-
-    def _log_step(self, outcome: StepOutcome, bar: ProgressBar) -> None:
-        loss = all_mean(outcome.loss.item(), self.ctx, self.device)  # the only per-step GPU sync
-        steps = self.clock.steps - self._logged_at[0]
-        seconds = self.clock.seconds - self._logged_at[1]
-        self._logged_at = (self.clock.steps, self.clock.seconds)
-        if not self.ctx.is_main:
-            return
-        tokens_per_s = mfu = None
-        if steps > 0:
-            tokens_per_s = round(self.tokens_per_step * steps / max(seconds, 1e-9), 1)
-            mfu = round(_mfu(tokens_per_s, self.flops_per_token, self.peak, self.ctx.world_size), 6)
-        record = StepRecord(
-            self.step,
-            round(loss, 6),
-            outcome.lr,
-            round(outcome.grad_norm.item(), 6),
-            tokens_per_s,
-            mfu,
-            self.tokens_seen,
-            round(self._elapsed(), 2),
-        )
-        self.log.append(record)
-        self.sinks.step(record)
-        bar.show(loss, tokens_per_s, mfu)
-
-
-def _mfu(tokens_per_s: float, flops_per_token: int, peak: Peak, world_size: int) -> float:
-    """Model FLOP/s over peak FLOP/s; model FLOPs follow PaLM's appendix B (6N + 12·L·H·Q·T per
-    token, ``GPT.estimate_flops_per_token``)."""
-    return tokens_per_s * flops_per_token / (peak.flops * world_size)
-
-
-def _tflops(flops: float) -> str:
-    return f"{flops / 1e12:.3g} TFLOP/s"
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
