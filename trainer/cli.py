@@ -116,15 +116,16 @@ def _add_hyperparameter(parser: argparse._ArgumentGroup, field: dataclasses.Fiel
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from model.checkpoint import CheckpointError  # imports torch: only once a command runs
-    from model.tokenizer import TokenizerError
-
     try:
-        return _COMMANDS[args.command](args)
-    except (TrainerError, CheckpointError, TokenizerError) as err:
-        return _fail(str(err))
-    except TrainingInterrupted as stopped:
-        return _interrupted(stopped, args)
+        from model.checkpoint import CheckpointError  # imports torch: only once a command runs
+        from model.tokenizer import TokenizerError
+
+        try:
+            return _COMMANDS[args.command](args)
+        except (TrainerError, CheckpointError, TokenizerError) as err:
+            return _fail(str(err))
+        except TrainingInterrupted as stopped:
+            return _interrupted(stopped, args)
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
         _say("\ninterrupted: nothing more was saved (checkpoints on disk are complete)")
         return EXIT_INTERRUPTED

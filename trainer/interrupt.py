@@ -7,6 +7,8 @@ then the default one again: a second Ctrl-C interrupts at once (``KeyboardInterr
 
 Under torchrun every rank checks the flag at the same points and the ranks agree on it with one
 all-reduce (MAX), so they all stop at the same step even if the signal reached only some of them.
+Reading that all-reduce's result syncs a GPU, so between steps they check only every
+``check_every`` steps (the log interval, where the loop syncs anyway).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopSignal:
     """Owns the SIGINT/SIGTERM handlers while a run trains; ``requested()`` says whether to stop."""
 
-    def __init__(self, ctx: DistContext, device: torch.device) -> None:
-        self.ctx, self.device = ctx, device
+    def __init__(self, ctx: DistContext, device: torch.device, check_every: int = 1) -> None:
+        self.ctx, self.device, self.check_every = ctx, device, check_every
         self.received = 0  # the signal number, 0 while none arrived
         self._previous: dict[int, object] = {}
 
@@ -45,10 +47,15 @@ class StopSignal:
         self.received = signum
         signal.signal(signum, self._previous[signum])  # a second one acts at once
 
-    def requested(self) -> int:
-        """The signal to stop for (0: keep going); the same answer on every rank."""
+    def requested(self, step: int | None = None) -> int:
+        """The signal to stop for (0: keep going); the same answer on every rank.
+
+        With ``step`` (between optimizer steps), ranks of a job look only every ``check_every``.
+        """
         if not self.ctx.enabled:
             return self.received
+        if step is not None and step % self.check_every != 0:
+            return 0
         flag = torch.tensor([self.received], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())

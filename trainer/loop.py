@@ -184,9 +184,10 @@ class Trainer:
             start_step=self.step,
             progress=self.progress,
         )
+        stop = StopSignal(self.ctx, self.device, check_every=self.spec.log.log_interval)
         try:
-            report.banner()
-            with StopSignal(self.ctx, self.device) as stop:
+            with stop:
+                report.banner()
                 self._train(stop, report)
         finally:
             report.close()
@@ -199,7 +200,7 @@ class Trainer:
         if self._eval_due() and not self._evaluate_and_save(report, stop):
             self._stop(stop)
         while self.step < self.spec.loop.max_iters:
-            if stop.requested():
+            if stop.requested(self.step):
                 self._stop(stop)
             outcome = self.train_step()
             report.step_done(self.step, outcome, self.tokens_seen, self._elapsed())
