@@ -7,9 +7,17 @@ import subprocess
 import sys
 
 import pytest
-from trainer_support import REPO, TINY, child_env, write_corpus
+from trainer_support import (
+    REPO,
+    TINY,
+    child_env,
+    single_thread,  # noqa: F401 (a fixture)
+    write_corpus,
+)
 
 from trainer.cli import main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _one_error_line(capsys) -> str:

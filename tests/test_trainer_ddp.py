@@ -7,18 +7,17 @@ with batch 4 must follow a single process with batch 8 (dropout 0), up to float 
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
-from trainer_support import REPO, TINY, child_env, run_trainer, write_corpus
+from trainer_support import REPO, TINY, child_env, records, run_trainer, write_corpus
 
 TINY_NO_DROPOUT = [*TINY, "--dropout", "0.0", "--max-iters", "12", "--eval-interval", "6"]
 
 
 def _records(run):
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return records(run, "eval")
 
 
 @pytest.mark.timeout(180)

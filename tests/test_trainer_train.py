@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from trainer_support import TINY, write_corpus
+from trainer_support import (
+    TINY,
+    records,
+    single_thread,  # noqa: F401 (a fixture)
+    write_corpus,
+)
 
 from model.checkpoint import load_checkpoint
 from trainer.cli import main
 from trainer.config import PRESETS, build_train_spec
 from trainer.optim import learning_rate
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +47,15 @@ def test_run_folder_holds_best_latest_log_and_curve(tiny_run):
     assert (run / "latest" / "train_state.pt").is_file()
     assert not (run / "best" / "train_state.pt").exists(), "best/ is for serving: no optimizer"
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 10, 20, 30]
-    assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.5, f"no learning: {records}"
-    assert records[-1]["tokens_seen"] == 30 * 8 * 32
+    evals = records(run, "eval")
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, f"no learning: {evals}"
+    assert evals[-1]["tokens_seen"] == 30 * 8 * 32
 
 
 def test_best_checkpoint_loads_with_provenance_and_matches_logged_val_loss(tiny_run):
     ckpt = load_checkpoint(tiny_run / "run" / "best")
-    records = [
-        json.loads(line) for line in (tiny_run / "run" / "log.jsonl").read_text().splitlines()
-    ]
-    best = min(records, key=lambda r: r["val_loss"])
+    best = min(records(tiny_run / "run", "eval"), key=lambda r: r["val_loss"])
     prov = ckpt.provenance
     assert prov["iterations"] == best["step"] and prov["val_loss"] == pytest.approx(
         best["val_loss"]
@@ -128,24 +130,41 @@ def test_mixed_precision_on_cpu_trains_and_saves_fp32_weights(tiny_run, dtype):
         "2",
     ]
     assert main(args) == 0
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert records[-1]["val_loss"] < records[0]["val_loss"], records
+    evals = records(out, "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"], evals
     ckpt = load_checkpoint(out / "latest")
     assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_device_without_a_gpu_is_one_error_line(tiny_run, capsys):
-    args = [
-        "train",
-        "--data",
-        str(tiny_run / "data"),
-        "--out",
-        str(tiny_run / "cuda"),
-        *TINY,
-        "--device",
-        "cuda",
-    ]
-    assert main(args) == 2
+def test_a_device_this_machine_lacks_is_one_error_line(tiny_run, capsys):
+    """cuda:N one past the last GPU: no GPU at all on a CPU host, an index out of range on a GPU
+    host. Either way one error line, before anything is written."""
+    count = torch.cuda.device_count()
+    args = ["train", "--data", str(tiny_run / "data"), "--out", str(tiny_run / "nodev"), *TINY]
+    assert main([*args, "--device", f"cuda:{count}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --device cuda: no CUDA GPU is available to this torch build"], err
+    expected = (
+        f"error: --device cuda:{count}: this machine has {count} CUDA GPU(s), cuda:0 to "
+        f"cuda:{count - 1}"
+        if torch.cuda.is_available()
+        else f"error: --device cuda:{count}: no CUDA GPU is available to this torch build"
+    )
+    assert err == [expected], err
+    assert not (tiny_run / "nodev").exists()
+
+
+def test_auto_device_and_dtype_train_on_the_best_device_here(tiny_run, capsys):
+    """--device auto / --dtype auto: CUDA with bf16 autocast on a GPU host, fp32 on CPU otherwise;
+    the run learns and latest/ keeps fp32 weights either way."""
+    out = tiny_run / "auto"
+    args = ["train", "--data", str(tiny_run / "data"), "--out", str(out), *TINY]
+    args += ["--device", "auto", "--dtype", "auto", "--max-iters", "20", "--eval-interval", "10"]
+    assert main(args) == 0
+    banner = capsys.readouterr().err
+    cuda = torch.cuda.is_available()
+    expect = "cuda:0 bfloat16" if cuda and torch.cuda.is_bf16_supported() else "cpu float32"
+    assert expect in banner, banner
+    evals = records(out, "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"], evals
+    ckpt = load_checkpoint(out / "latest")
+    assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())

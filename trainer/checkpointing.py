@@ -28,7 +28,7 @@ class Provenance:
 
     dataset: str
     step: int
-    val_loss: float
+    val_loss: float | None  # None: saved between evals (an interrupted run)
     tokens_seen: int
     hyperparameters: dict[str, Any]
 
@@ -37,7 +37,7 @@ class Provenance:
             "trainer": "gptserve.trainer",
             "dataset": self.dataset,
             "iterations": self.step,
-            "val_loss": round(self.val_loss, 6),
+            "val_loss": None if self.val_loss is None else round(self.val_loss, 6),
             "tokens_seen": self.tokens_seen,
             "preset": self.hyperparameters.get("preset"),
             "hyperparameters": self.hyperparameters,
@@ -61,17 +61,27 @@ def save_latest(
     train_state: dict[str, Any],
 ) -> None:
     """fp32 weights (resume must be exact) plus the train state, in one atomic swap."""
+
+    def write_state(path: Path) -> None:
+        # Through a Python file object: on a full disk the OSError (ENOSPC) stays chained to
+        # torch's "[enforce fail at inline_container.cc]" RuntimeError, where a path would lose it.
+        with path.open("wb") as f:
+            torch.save(train_state, f)
+
     save_checkpoint(
         run_dir / "latest",
         model,
         tokenizer_spec,
         provenance.to_dict(),
-        extra_files={TRAIN_STATE: lambda path: torch.save(train_state, path)},
+        extra_files={TRAIN_STATE: write_state},
     )
 
 
 def load_latest(run_dir: Path, tokenizer_spec: dict, expected_model: dict) -> tuple[GPT, dict]:
-    """The latest checkpoint's model and train state; refuses a different tokenizer or shape."""
+    """The latest checkpoint's model and train state; refuses a different tokenizer or shape.
+
+    Dropout is not part of the shape: a resumed run may change it.
+    """
     folder = run_dir / "latest"
     if not (folder / TRAIN_STATE).is_file():
         raise TrainerError(f"--resume: {folder} has no {TRAIN_STATE} to resume from")
@@ -84,12 +94,12 @@ def load_latest(run_dir: Path, tokenizer_spec: dict, expected_model: dict) -> tu
             f"--resume: {folder} was trained with a different tokenizer than the --data folder "
             f"({_describe(ckpt.tokenizer.spec())} vs {_describe(tokenizer_spec)})"
         )
-    if ckpt.config.to_dict() != expected_model:
-        diff = {
-            k: (v, expected_model.get(k))
-            for k, v in ckpt.config.to_dict().items()
-            if expected_model.get(k) != v
-        }
+    diff = {
+        k: (v, expected_model.get(k))
+        for k, v in ckpt.config.to_dict().items()
+        if expected_model.get(k) != v and k != "dropout"
+    }
+    if diff:
         raise TrainerError(
             f"--resume: model shape differs from the checkpoint's (checkpoint, flags): {diff}"
         )

@@ -80,6 +80,14 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainerError(f"--device {device}: no CUDA GPU is available to this torch build")
-    if device == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
+    try:
+        target = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    except RuntimeError:
+        raise TrainerError(f"--device {device}: not a device name (cpu, cuda, cuda:N)") from None
+    if target.type == "cuda" and target.index is not None:
+        count = torch.cuda.device_count()
+        if target.index >= count:
+            raise TrainerError(
+                f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    return target

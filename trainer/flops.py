@@ -1,16 +1,74 @@
-"""The peak FLOP/s that MFU is measured against.
+"""The peak FLOP/s that MFU is measured against: a fixed, documented figure per device and dtype.
 
-Without ``--peak-flops`` the peak is *measured*: the best of a few square matmuls in the run's
-dtype on the run's device. On a CPU there is no datasheet number that applies to a shared,
-thread-limited machine, so a measured matmul peak is the honest denominator; on a GPU pass the
-datasheet figure (e.g. 989e12 for an H100's dense bf16) to get the conventional MFU.
+MFU = achieved model FLOP/s / peak FLOP/s. The peak is a fixed number so that MFU compares across
+runs and machines of a kind (nanoGPT divides by an A100's 312 TFLOP/s bf16 on every GPU). A matmul
+peak measured on the run's own device is printed beside it once, at start-up, for context.
+
+``PEAK_FLOPS`` is keyed by (device kind, dtype). GPU kinds are matched against the CUDA device
+name; figures are NVIDIA's dense (no sparsity) tensor-core numbers from the datasheets, fp32 being
+plain (non-TF32) fp32. A GPU not in the table uses the A100 row, nanoGPT's convention.
+
+The CPU row is a nominal 1 TFLOP/s for every dtype: roughly one 16-core AVX-512 server socket's
+fp32 FMA peak (16 cores x 2 FMA units x 16 lanes x 2 FLOPs x ~2 GHz). No datasheet figure fits
+every CPU, so CPU MFU is comparable between runs, not an efficiency. For reference, this
+repository's 2-core development VM measures ~0.19 TFLOP/s per thread (2048x2048 fp32 matmul).
+
+``--peak-flops`` replaces the table's figure (per device, FLOP/s).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
+
+_FP32, _BF16, _FP16 = torch.float32, torch.bfloat16, torch.float16
+
+PEAK_FLOPS: dict[tuple[str, torch.dtype], float] = {
+    ("A100", _BF16): 312e12,
+    ("A100", _FP16): 312e12,
+    ("A100", _FP32): 19.5e12,
+    ("H100", _BF16): 989e12,  # SXM
+    ("H100", _FP16): 989e12,
+    ("H100", _FP32): 67e12,
+    ("H200", _BF16): 989e12,
+    ("H200", _FP16): 989e12,
+    ("H200", _FP32): 67e12,
+    ("cpu", _BF16): 1e12,
+    ("cpu", _FP16): 1e12,
+    ("cpu", _FP32): 1e12,
+}
+DEFAULT_GPU = "A100"
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The FLOP/s per device MFU divides by, and where that figure came from."""
+
+    flops: float
+    source: str  # e.g. "table: H100 bfloat16" or "--peak-flops"
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, given: float | None) -> Peak:
+    """``given`` if set, else the table's figure for this device kind and dtype."""
+    if given is not None:
+        return Peak(given, "--peak-flops")
+    kind = device_kind(device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if (kind, dtype) in PEAK_FLOPS:
+        return Peak(PEAK_FLOPS[kind, dtype], f"table: {kind} {dtype_name}")
+    return Peak(
+        PEAK_FLOPS[DEFAULT_GPU, dtype], f"table: {DEFAULT_GPU} {dtype_name}, for an unlisted GPU"
+    )
+
+
+def device_kind(device: torch.device) -> str:
+    """``cpu``, or the table's GPU name found in the CUDA device's name (else the device name)."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return next((kind for kind, _ in PEAK_FLOPS if kind in name), name)
 
 
 def measure_matmul_flops(

@@ -1,15 +1,16 @@
 """The training loop: one ``Trainer`` per run, driven by a ``TrainSpec`` and a prepared data folder.
 
 Each optimizer step: ``grad_accum_steps`` micro-batches under autocast, gradient clipping, AdamW
-with the warmup + cosine learning rate. Every ``eval_interval`` steps (and at the end): mean loss on
-fixed train/val batches, a log line, the loss curve, ``best/`` when val improved, and ``latest/``.
+with the warmup + cosine learning rate. Every ``log_interval`` steps: a per-step metrics record.
+Every ``eval_interval`` steps (and at the end): mean loss on fixed train/val batches, an eval
+record, the loss curve, ``best/`` when val improved, and ``latest/``. On SIGINT / SIGTERM:
+``latest/`` at the current step, then ``TrainingInterrupted``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,12 @@ from trainer.checkpointing import Provenance, load_latest, save_best, save_lates
 from trainer.config import TrainSpec
 from trainer.data import BatchSampler, TokenData
 from trainer.distributed import DistContext, all_mean, barrier, gather_objects
-from trainer.errors import TrainerError
-from trainer.flops import measure_matmul_flops
+from trainer.errors import TrainerError, TrainingInterrupted
+from trainer.interrupt import StopSignal
+from trainer.metrics import EvalRecord, MetricsLog
 from trainer.optim import learning_rate, make_optimizer
-from trainer.progress import EvalLog, EvalRecord, ProgressBar
+from trainer.progress import EvalProgress
+from trainer.report import RunReport, RunShape, StepOutcome
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EVAL_SEED_OFFSET = 1  # eval batches come from their own generator: the same batches every eval
@@ -83,7 +86,9 @@ class Trainer:
         self.elapsed_before = 0.0  # wall seconds spent by the runs this one resumes
         self._started = time.perf_counter()
         self.best_val, self.best_step = math.inf, -1
-        self.log = EvalLog(run_dir)
+        self.evaluated_step = -1  # the last step whose eval completed
+        self.saved_step = -1  # the step latest/ holds
+        self.log = MetricsLog(run_dir)
         self.sampler = BatchSampler(
             data.splits["train"],
             spec.model.block_size,
@@ -134,7 +139,10 @@ class Trainer:
         if self.device.type == "cuda" and rng[self.ctx.rank].get("cuda") is not None:
             torch.cuda.set_rng_state(rng[self.ctx.rank]["cuda"], self.device)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.elapsed_before = state.get("elapsed_s", 0.0)  # absent in states from before it existed
+        self.saved_step = self.step
+        # absent from states written before these existed: such a state was saved after its eval
+        self.evaluated_step = state.get("evaluated_step", self.step)
+        self.elapsed_before = state.get("elapsed_s", 0.0)
         self.best_val, self.best_step = state["best_val"], state["best_step"]
         if self.ctx.is_main:
             self.log.resume_at(self.step)
@@ -148,6 +156,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "elapsed_s": self._elapsed(),
+            "evaluated_step": self.evaluated_step,
             "best_val": self.best_val,
             "best_step": self.best_step,
             "optimizer": self.optimizer.state_dict(),
@@ -158,38 +167,66 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        loop = self.spec.loop
         self._started = time.perf_counter()
-        peak = loop.peak_flops or measure_matmul_flops(self.device, self.dtype)
-        flops_per_token = self.raw_model.estimate_flops_per_token()
-        if self.ctx.is_main:
-            print(
-                f"model: {self.raw_model.num_params() / 1e6:.2f}M params, "
-                f"{self.tokens_per_step:,} tokens/step, {self.device} {self.dtype}, "
-                f"peak {peak / 1e9:.1f} GFLOP/s per device "
-                f"({'given' if loop.peak_flops else 'measured matmul'})",
-                file=sys.stderr,
-                flush=True,
-            )
-        bar = ProgressBar(
-            self.step,
-            loop.max_iters,
+        shape = RunShape(
+            self.raw_model.num_params(),
             self.tokens_per_step,
-            flops_per_token,
-            peak * self.ctx.world_size,
-            self.progress,
+            self.raw_model.estimate_flops_per_token(),
+            self.device,
+            self.dtype,
         )
-        if self.step == 0:
-            self._evaluate_and_save(bar, save=False)
-        while self.step < loop.max_iters:
-            bar.step(self.train_step())
-            if self.step % loop.eval_interval == 0 or self.step == loop.max_iters:
-                self._evaluate_and_save(bar, save=True)
-                bar.pause()
-        bar.close()
+        report = RunReport(
+            self.spec,
+            self.run_dir,
+            self.log,
+            shape,
+            self.ctx,
+            start_step=self.step,
+            progress=self.progress,
+        )
+        stop = StopSignal(self.ctx, self.device, check_every=self.spec.log.log_interval)
+        try:
+            with stop:
+                report.banner()
+                self._train(stop, report)
+        finally:
+            report.close()
         barrier(self.ctx)  # rank 0 may still be writing the last checkpoint
         return TrainResult(
             self.best_val, self.best_step, self.step, self.tokens_seen, self._elapsed()
+        )
+
+    def _train(self, stop: StopSignal, report: RunReport) -> None:
+        if self._eval_due() and not self._evaluate_and_save(report, stop):
+            self._stop(stop)
+        while self.step < self.spec.loop.max_iters:
+            if stop.requested(self.step):
+                self._stop(stop)
+            outcome = self.train_step()
+            report.step_done(self.step, outcome, self.tokens_seen, self._elapsed())
+            if self._eval_due():
+                completed = self._evaluate_and_save(report, stop)
+                report.resume_clock()
+                if not completed:
+                    self._stop(stop)
+
+    def _eval_due(self) -> bool:
+        at = self.step
+        due = at == 0 or at % self.spec.loop.eval_interval == 0 or at == self.spec.loop.max_iters
+        return due and self.evaluated_step != at
+
+    def _stop(self, stop: StopSignal) -> None:
+        """Save latest/ at this step (unless it already holds it) and raise TrainingInterrupted."""
+        signum = stop.requested()
+        if self.saved_step != self.step:
+            state = self._train_state()  # a collective: every rank takes part
+            if self.ctx.is_main:
+                save_latest(self.run_dir, self.raw_model, *self._provenance(None), state)
+            self.saved_step = self.step
+        if self.ctx.is_main:
+            self.log.plot()
+        raise TrainingInterrupted(
+            self.step, signum, self.run_dir / "latest", self.ctx.world_size, self.ctx.is_main
         )
 
     def _autocast(self):
@@ -197,12 +234,13 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def train_step(self) -> float:
-        """One optimizer step at this step's learning rate; returns the last micro-batch's loss."""
+    def train_step(self) -> StepOutcome:
+        """One optimizer step at this step's learning rate."""
         lr = learning_rate(self.step, self.spec.optim, self.spec.lr_decay_iters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = self.spec.loop.grad_accum_steps
+        total = torch.zeros((), device=self.device)
         for micro in range(accum):
             x, y = self.sampler.next_batch(self.device)
             # under DDP, all-reduce gradients only on the last micro-step (nanoGPT)
@@ -215,49 +253,71 @@ class Trainer:
                 _, loss = self.model(x, y)
                 loss = loss / accum
             self.scaler.scale(loss).backward()
-        if self.spec.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.spec.optim.grad_clip)
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)  # true gradients for the norm (a no-op unless fp16)
+        clip = self.spec.optim.grad_clip if self.spec.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return loss.item() * accum
+        return StepOutcome(total, grad_norm.detach(), lr)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean loss over ``eval_iters`` batches per split: the same batches at every eval."""
+    def evaluate(self, stop: StopSignal | None = None) -> dict[str, float] | None:
+        """Mean loss over ``eval_iters`` batches per split: the same batches at every eval.
+
+        None when ``stop`` asked to stop part-way.
+        """
         self.raw_model.eval()
-        out = {}
-        for split, tokens in self.data.splits.items():
-            sampler = BatchSampler(
-                tokens,
-                self.spec.model.block_size,
-                self.spec.loop.batch_size,
-                self.spec.loop.seed + EVAL_SEED_OFFSET,
-                self.ctx.rank,
-                self.ctx.world_size,
-            )
-            total = 0.0
-            for _ in range(self.spec.loop.eval_iters):
-                x, y = sampler.next_batch(self.device)
-                with self._autocast():
-                    _, loss = self.raw_model(x, y)
-                total += loss.item()
-            out[split] = all_mean(total / self.spec.loop.eval_iters, self.ctx, self.device)
-        self.raw_model.train()
+        loop = self.spec.loop
+        progress = EvalProgress(self.step, len(self.data.splits) * loop.eval_iters, self.progress)
+        out: dict[str, float] | None = {}
+        try:
+            for split, tokens in self.data.splits.items():
+                sampler = BatchSampler(
+                    tokens,
+                    self.spec.model.block_size,
+                    loop.batch_size,
+                    loop.seed + EVAL_SEED_OFFSET,
+                    self.ctx.rank,
+                    self.ctx.world_size,
+                )
+                total = 0.0
+                for _ in range(loop.eval_iters):
+                    if stop is not None and stop.requested():
+                        return None
+                    x, y = sampler.next_batch(self.device)
+                    with self._autocast():
+                        _, loss = self.raw_model(x, y)
+                    total += loss.item()
+                    progress.update()
+                out[split] = all_mean(total / loop.eval_iters, self.ctx, self.device)
+        finally:
+            progress.close()
+            self.raw_model.train()
         return out
 
     def _elapsed(self) -> float:
         """Wall seconds of training so far, including the runs this one resumed."""
         return self.elapsed_before + time.perf_counter() - self._started
 
-    def _evaluate_and_save(self, bar: ProgressBar, save: bool) -> None:
-        losses = self.evaluate()
+    def _provenance(self, val_loss: float | None) -> tuple[dict, Provenance]:
+        provenance = Provenance(
+            str(self.data.folder), self.step, val_loss, self.tokens_seen, self.spec.flat()
+        )
+        return self.data.tokenizer_spec, provenance
+
+    def _evaluate_and_save(self, report: RunReport, stop: StopSignal) -> bool:
+        """Evaluate, log, and (after step 0) checkpoint; False if a signal cut the eval short."""
+        losses = self.evaluate(stop)
+        if losses is None:
+            return False
         improved = losses["val"] < self.best_val
         if improved:
             self.best_val, self.best_step = losses["val"], self.step
+        self.evaluated_step = self.step
         lr = learning_rate(self.step, self.spec.optim, self.spec.lr_decay_iters)
         record = EvalRecord(
             self.step,
@@ -267,20 +327,22 @@ class Trainer:
             self.tokens_seen,
             round(self._elapsed(), 2),
         )
+        save = self.step > 0  # step 0's weights are the seed's: nothing worth keeping
         state = self._train_state() if save else None  # a collective: every rank takes part
+        if save:
+            self.saved_step = self.step
         if not self.ctx.is_main:
-            return
-        self.log.append(record)
-        bar.write(
-            f"step {self.step}: train loss {losses['train']:.4f}, "
-            f"val loss {losses['val']:.4f}{' (best)' if improved else ''}"
-        )
-        if not save:
-            return
-        provenance = Provenance(
-            str(self.data.folder), self.step, losses["val"], self.tokens_seen, self.spec.flat()
-        )
-        spec = self.data.tokenizer_spec
-        if improved:
-            save_best(self.run_dir, self.raw_model, spec, provenance, self.spec.loop.save_dtype)
-        save_latest(self.run_dir, self.raw_model, spec, provenance, state)
+            return True
+        report.eval_done(record, improved)
+        if save:
+            tokenizer_spec, provenance = self._provenance(losses["val"])
+            if improved:
+                save_best(
+                    self.run_dir,
+                    self.raw_model,
+                    tokenizer_spec,
+                    provenance,
+                    self.spec.loop.save_dtype,
+                )
+            save_latest(self.run_dir, self.raw_model, tokenizer_spec, provenance, state)
+        return True

@@ -1,150 +1,133 @@
-"""What a person watching a run sees: the progress bar, the JSONL eval log, the loss-curve PNG."""
+"""What a person watching a run sees: the step bar with its ETA, and progress through an eval.
+
+On a terminal both are tqdm bars; when stderr is a file or a pipe (``nohup``, CI), the step bar
+redraws at most every 30 s and an eval prints plain lines instead of a bar.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from tqdm import tqdm
 
-
-@dataclass(frozen=True)
-class EvalRecord:
-    """One periodic evaluation: mean losses over ``eval_iters`` fixed batches per split."""
-
-    step: int
-    train_loss: float
-    val_loss: float
-    lr: float
-    tokens_seen: int
-    elapsed_s: float
+NON_TTY_INTERVAL_S = 30.0
 
 
-class EvalLog:
-    """Owns ``log.jsonl`` (one EvalRecord per line) and ``loss_curve.png`` in a run folder."""
+class TrainClock:
+    """Wall time spent training: from one optimizer step's end to the next one's, except across
+    work that is not training (an eval, a checkpoint), which ``restart`` leaves out. So the ETA
+    and tokens/s exclude evals, while a GPU sync at logging time still counts as training.
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "log.jsonl"
-        self.png = run_dir / "loss_curve.png"
-        self.records: list[EvalRecord] = []
+    A process's first step is left out too: it pays one-time costs (lazy imports, kernel
+    selection, allocator warm-up) that would inflate the ETA (nanoGPT skips early steps for MFU).
+    """
 
-    def resume_at(self, step: int) -> None:
-        """Keep the records up to ``step`` (the checkpoint resumed from); drop any written later."""
-        self.records = [r for r in self._read() if r.step <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.steps = 0  # steps timed, the warm-up step excluded
+        self._warm = False
+        self._mark = time.perf_counter()
 
-    def start_fresh(self) -> None:
-        self.records = []
-        self.path.write_text("")
+    def lap(self) -> None:
+        """Call after each optimizer step."""
+        now = time.perf_counter()
+        if self._warm:
+            self.seconds += now - self._mark
+            self.steps += 1
+        self._warm = True
+        self._mark = now
 
-    def append(self, record: EvalRecord) -> None:
-        self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(asdict(record)) + "\n")
-        self.plot()
+    def restart(self) -> None:
+        """Call after anything that is not training; its time is not counted."""
+        self._mark = time.perf_counter()
 
-    def plot(self) -> None:
-        plot_losses(self.records, self.png)
-
-    def _read(self) -> list[EvalRecord]:
-        if not self.path.is_file():
-            return []
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(EvalRecord(**json.loads(line)))
-            except (json.JSONDecodeError, TypeError):
-                break  # a line torn by a hard kill: it and anything after it is dropped
-        return records
-
-
-def plot_losses(records: list[EvalRecord], png: Path) -> None:
-    """Train and val loss vs step, written atomically (matplotlib's Agg backend, no display)."""
-    from matplotlib.figure import Figure  # Figure() needs no pyplot and no GUI backend
-
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    ax = fig.add_subplot()
-    steps = [r.step for r in records]
-    ax.plot(steps, [r.train_loss for r in records], label="train", marker=".")
-    ax.plot(steps, [r.val_loss for r in records], label="val", marker=".")
-    if records:
-        best = min(records, key=lambda r: r.val_loss)
-        ax.set_title(f"best val loss {best.val_loss:.4f} at step {best.step}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    tmp = png.with_name(png.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, png)
+    def eta(self, steps_left: int) -> float | None:
+        return None if self.steps == 0 else steps_left * self.seconds / self.steps
 
 
 class ProgressBar:
-    """A tqdm bar over optimizer steps showing loss, tokens/s, MFU and (tqdm's own) ETA.
+    """A tqdm bar over optimizer steps: the last logged loss, tokens/s and MFU, and an ETA from
+    training time alone (tqdm's own ETA would count evals and checkpoints)."""
 
-    MFU = achieved model FLOP/s / peak FLOP/s, where model FLOPs follow PaLM's appendix B
-    convention (6N + 12·L·H·Q·T per token, ``GPT.estimate_flops_per_token``).
-    """
-
-    def __init__(
-        self,
-        start: int,
-        total: int,
-        tokens_per_step: int,
-        flops_per_token: int,
-        peak_flops: float,
-        enabled: bool,
-    ) -> None:
-        self.tokens_per_step = tokens_per_step
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
+    def __init__(self, start: int, total: int, clock: TrainClock, enabled: bool) -> None:
+        self.position, self.total = start, total
+        self.clock = clock
+        self._stats = ""
+        self._postfix = ""
         self._bar = tqdm(
             total=total,
             initial=start,
             disable=not enabled,
             unit="step",
             dynamic_ncols=True,
-            mininterval=1.0 if _isatty() else 30.0,
+            mininterval=1.0 if _isatty() else NON_TTY_INTERVAL_S,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
         )
-        self._last = time.perf_counter()
-        self._tokens_per_s = 0.0
 
-    def step(self, loss: float) -> None:
-        now = time.perf_counter()
-        rate = self.tokens_per_step / max(now - self._last, 1e-9)
-        self._last = now
-        # exponential moving average, so one slow step (an eval, a save) does not dominate
-        self._tokens_per_s = (
-            rate if self._tokens_per_s == 0 else 0.9 * self._tokens_per_s + 0.1 * rate
-        )
-        mfu = self._tokens_per_s * self.flops_per_token / self.peak_flops
-        self._bar.set_postfix(
-            loss=f"{loss:.4f}",
-            tok_s=f"{self._tokens_per_s:,.0f}",
-            mfu=f"{100 * mfu:.1f}%",
-            refresh=False,
-        )
+    def step(self) -> None:
+        self.position += 1
+        eta = self.clock.eta(self.total - self.position)
+        parts = [self._stats] if self._stats else []
+        if eta is not None:
+            parts.append(f"eta {_clock(eta)}")
+        self._postfix = ", ".join(parts)
+        self._bar.set_postfix_str(self._postfix, refresh=False)
         self._bar.update(1)
 
-    def pause(self) -> None:
-        """Restart the rate clock after work that is not a training step (eval, checkpointing)."""
-        self._last = time.perf_counter()
+    def show(self, loss: float, tokens_per_s: float | None, mfu: float | None) -> None:
+        """The latest logged metrics, shown from the next step on."""
+        self._stats = f"loss {loss:.4f}"
+        if tokens_per_s is not None and mfu is not None:
+            self._stats += f", {tokens_per_s:,.0f} tok/s, mfu {100 * mfu:.1f}%"
+
+    @property
+    def postfix(self) -> str:
+        """What the bar shows after the counts: the logged metrics and the ETA."""
+        return self._postfix
 
     def write(self, message: str) -> None:
-        tqdm.write(message, file=sys.stderr)  # beside the bar, unbuffered under nohup
+        tqdm.write(message, file=sys.stderr)  # above the bar, unbuffered under nohup
 
     def close(self) -> None:
         self._bar.close()
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self._tokens_per_s
+
+class EvalProgress:
+    """Progress through one evaluation's batches: a transient bar on a terminal, else a start
+    line and a line every 30 s, so a long eval (the one at step 0 above all) shows life."""
+
+    def __init__(self, step: int, total: int, enabled: bool) -> None:
+        self.step, self.total, self.done = step, total, 0
+        self._bar = None
+        self._lines = enabled and not _isatty()
+        if enabled and _isatty():
+            self._bar = tqdm(total=total, desc=f"eval step {step}", unit="batch", leave=False)
+        elif self._lines:
+            _print(f"eval step {step}: {total} batches")
+        self._last_line = time.perf_counter()
+
+    def update(self) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self._lines and time.perf_counter() - self._last_line >= NON_TTY_INTERVAL_S:
+            self._last_line = time.perf_counter()
+            _print(f"eval step {self.step}: {self.done}/{self.total} batches")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _print(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
 
 
 def _isatty() -> bool:
