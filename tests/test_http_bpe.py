@@ -65,3 +65,19 @@ def test_padded_vocab_rows_are_outside_the_vocabulary(server):
         resp = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["param"] in ("prompt", "logit_bias")
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_prompt_not_a_silent_replacement(server):
+    for path, body in (
+        ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 1}'),
+        ("/tokenize", b'{"prompt": "\\udc00"}'),
+    ):
+        resp = httpx.post(
+            server.url + path,
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert resp.status_code == 400, (path, resp.text)
+        error = resp.json()["error"]
+        assert error["param"] == "prompt" and "surrogate" in error["message"], error

@@ -100,6 +100,8 @@ CASES = [
     ("stream_string", b'{"prompt": "a", "stream": "true"}', {}, None, 400, "stream"),
     ("user_number", b'{"prompt": "a", "user": 5}', {}, None, 400, "user"),
     ("unknown_field", b'{"prompt": "a", "best_of_all": 2}', {}, None, 400, "best_of_all"),
+    ("lone_surrogate", b'{"prompt": "a\\ud800"}', {}, None, 400, "prompt"),
+    ("tokenize_lone_surrogate", b'{"prompt": "\\udfff"}', {}, "/tokenize", 400, "prompt"),
     (
         "stream_options_without_stream",
         b'{"prompt": "a", "stream_options": {"include_usage": true}}',
@@ -242,3 +244,27 @@ def test_while_the_checkpoint_loads_health_answers_and_ready_and_work_get_503(
             srv.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 2}, timeout=30
         )
         assert ok.status_code == 200
+
+
+def _rejected(http, reason: str) -> float:
+    for line in http.get("/metrics", headers=AUTH).text.splitlines():
+        if line.startswith(f'gptserve_request_rejected_total{{reason="{reason}"}} '):
+            return float(line.split()[-1])
+    raise AssertionError(f"no rejected series for {reason}")
+
+
+def test_schema_errors_count_as_invalid_rejections(http):
+    bad = [
+        (b'{"prompt": "a",', {}),  # malformed JSON
+        (b"[1, 2]", {}),  # not an object
+        (b'{"prompt": 5}', {}),  # wrong types
+        (b'{"prompt": "a", "temperature": "hot"}', {}),
+        (b'{"prompt": "a", "no_such_field": 1}', {}),  # unknown field (refused for now)
+        (b'{"prompt": "\xff"}', {}),  # invalid UTF-8
+        (b"prompt=a", {"Content-Type": "text/plain"}),  # not JSON at all
+    ]
+    before = _rejected(http, "invalid")
+    for body, headers in bad:
+        resp = http.post("/v1/completions", content=body, headers={**JSON, **headers})
+        assert 400 <= resp.status_code < 500, (body, resp.text)
+    assert _rejected(http, "invalid") - before == len(bad)

@@ -24,6 +24,7 @@ from service.api.protocol import (
 from service.api.serving import CompletionServing
 from service.api.state import ServerState, server_state
 from service.metrics import CONTENT_TYPE
+from service.text import encode_text
 
 router = APIRouter()
 StateDep = Annotated[ServerState, Depends(server_state)]
@@ -79,7 +80,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
     engine = _engine_or_503(state)
     _check_model(state, body.model)
     try:
-        ids = engine.tokenizer.encode(body.prompt)
+        ids = encode_text(engine.tokenizer, body.prompt)
     except TokenizerError as err:
         raise APIError(400, str(err), param="prompt", code="invalid_value") from None
     return TokenizeResponse(

@@ -28,14 +28,13 @@ from service.api.protocol import (
 )
 from service.api.state import ServerState
 from service.engine.types import (
-    EngineStoppedError,
     InvalidRequestError,
-    QueueFullError,
     Request,
     RequestOutput,
     SamplingParams,
 )
 from service.reload import system_fingerprint
+from service.text import encode_text
 
 log = logging.getLogger("service.api")
 _END = object()
@@ -50,29 +49,17 @@ class CompletionServing:
     async def create(self, body: CompletionRequest, http: HTTPRequest) -> Response:
         state = self.state
         if not state.ready:  # loading, warming up or draining: a balancer should go elsewhere
-            state.metrics.reject("not_ready")
             raise not_ready()
         engine = state.engine
         served = state.settings.served_model_name
         if body.model is not None and body.model != served:
-            state.metrics.reject("invalid")
             raise APIError(
                 404,
                 f"model {body.model!r} does not exist; this server serves {served!r}",
                 param="model",
                 code="model_not_found",
             )
-        try:
-            job = self._submit(body, engine)
-        except InvalidRequestError as err:
-            state.metrics.reject("invalid")
-            raise APIError(400, err.message, param=err.param, code="invalid_value") from None
-        except QueueFullError:
-            state.metrics.reject("queue_full")
-            raise
-        except EngineStoppedError:
-            state.metrics.reject("not_ready")
-            raise
+        job = self._submit(body, engine)  # refusals raise; the app's handlers answer and count them
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
@@ -133,7 +120,7 @@ class CompletionServing:
                 if not item:
                     raise InvalidRequestError("prompt", "prompt must not be empty")
                 try:
-                    ids = engine.tokenizer.encode(item)
+                    ids = encode_text(engine.tokenizer, item)
                 except TokenizerError as err:
                     raise InvalidRequestError("prompt", str(err)) from None
             else:
