@@ -102,6 +102,8 @@ CASES = [
     ("unknown_field", b'{"prompt": "a", "best_of_all": 2}', {}, None, 400, "best_of_all"),
     ("lone_surrogate", b'{"prompt": "a\\ud800"}', {}, None, 400, "prompt"),
     ("tokenize_lone_surrogate", b'{"prompt": "\\udfff"}', {}, "/tokenize", 400, "prompt"),
+    ("chat_malformed_json", b'{"messages": [', {}, "/v1/chat/completions", 400, None),
+    ("chat_wrong_type", b'{"messages": "hi"}', {}, "/v1/chat/completions", 400, "messages"),
     (
         "stream_options_without_stream",
         b'{"prompt": "a", "stream_options": {"include_usage": true}}',
@@ -253,18 +255,23 @@ def _rejected(http, reason: str) -> float:
     raise AssertionError(f"no rejected series for {reason}")
 
 
-def test_schema_errors_count_as_invalid_rejections(http):
+def test_schema_errors_count_as_invalid_rejections_on_both_endpoints(http):
     bad = [
-        (b'{"prompt": "a",', {}),  # malformed JSON
-        (b"[1, 2]", {}),  # not an object
-        (b'{"prompt": 5}', {}),  # wrong types
-        (b'{"prompt": "a", "temperature": "hot"}', {}),
-        (b'{"prompt": "a", "no_such_field": 1}', {}),  # unknown field (refused for now)
-        (b'{"prompt": "\xff"}', {}),  # invalid UTF-8
-        (b"prompt=a", {"Content-Type": "text/plain"}),  # not JSON at all
+        (path, body, headers)
+        for path in ("/v1/completions", "/v1/chat/completions")
+        for body, headers in (
+            (b'{"prompt": "a",', {}),  # malformed JSON
+            (b"[1, 2]", {}),  # not an object
+            (b'{"prompt": 5, "messages": 5}', {}),  # wrong types
+            (b'{"prompt": "a", "messages": [], "temperature": "hot"}', {}),
+            (b'{"prompt": "a", "messages": [], "no_such_field": 1}', {}),  # refused for now
+            (b'{"prompt": "\xff"}', {}),  # invalid UTF-8
+            (b"prompt=a", {"Content-Type": "text/plain"}),  # not JSON at all
+        )
     ]
     before = _rejected(http, "invalid")
-    for body, headers in bad:
-        resp = http.post("/v1/completions", content=body, headers={**JSON, **headers})
-        assert 400 <= resp.status_code < 500, (body, resp.text)
+    for path, body, headers in bad:
+        resp = http.post(path, content=body, headers={**JSON, **headers})
+        assert 400 <= resp.status_code < 500, (path, body, resp.text)
     assert _rejected(http, "invalid") - before == len(bad)
+

@@ -171,3 +171,23 @@ def test_n_choices_stop_independently_and_free_the_engine(client, server):
         lambda: engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0,
         what="stopped choices to leave the engine",
     )
+
+
+def test_stream_chunks_report_each_window_slide_as_it_happens(server, client):
+    """Endless generation (the web page's endless mode) sees where the window slid: every chunk
+    whose token needed a new crop carries the choice's ``context_window`` at once."""
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 50, "temperature": 0}
+    final = client.completions.create(**body).choices[0].model_extra["context_window"]
+    assert final["crops"] > 5  # window_shift=1: one crop per token past the 32-token window
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30
+    ) as resp:
+        events = [e for e in resp.read().split(b"\n\n") if e][:-1]
+    reported = [
+        json.loads(e[6:])["choices"][0].get("context_window", {}).get("crops") for e in events
+    ]
+    slides = [c for c in reported if c is not None]
+    # each slide once, as it happens; the last chunk (which always carries it) may repeat it
+    expected = list(range(1, final["crops"] + 1))
+    assert slides in (expected, [*expected, final["crops"]]), reported
+    assert reported[-1] == final["crops"]
