@@ -41,6 +41,7 @@ class ChoiceState:
         default_factory=list
     )
     num_tokens: int = 0
+    cumulative_logprob: float = 0.0  # over every generated token (best_of ranks by it)
     finish_reason: str | None = None
     crops: int = 0  # sliding-window crops so far (engine-reported)
     prompt_cropped: bool = False
@@ -111,7 +112,7 @@ class Job:
     id: str
     created: int
     model: str
-    n: int  # choices per engine request
+    n: int  # choices per engine request (best_of candidates when best_of > n)
     tokenizer: object
     system_fingerprint: str | None = None  # which checkpoint served it (service.reload)
     request_ids: list[str] = field(default_factory=list)
@@ -172,7 +173,10 @@ class Job:
         text, reason = "", None
         if out.token_id is not None:
             choice.num_tokens += 1
-            choice.pending.append((out.token_id, _finite(out.logprob), out.top_logprobs))
+            logprob = _finite(out.logprob)
+            if logprob is not None:
+                choice.cumulative_logprob += logprob
+            choice.pending.append((out.token_id, logprob, out.top_logprobs))
             delta = choice.stream.push(out.token_id)
             text += self._take(choice, delta)
             if delta.stopped:

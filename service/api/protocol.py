@@ -1,7 +1,8 @@
 """The OpenAI-compatible wire format shared by both endpoints, and ``/v1/completions``'s own.
 
-Requests are validated strictly (no string-to-number coercion, no NaN/Infinity, unknown fields
-rejected). ``GenerationRequest`` holds the sampling fields that completions and chat share and converts them
+Known fields are validated strictly (no string-to-number coercion, no NaN/Infinity); unknown
+fields are accepted and ignored with a warning in the log, as vLLM does (``OpenAIModel``).
+``GenerationRequest`` holds the sampling fields that completions and chat share and converts them
 into the engine's ``SamplingParams``; the engine re-validates ranges. The chat shapes live in
 ``service.api.chat_protocol``. Extension fields beyond OpenAI's shape are documented in
 docs/API.md (``context_window`` on each choice, ``chat_template`` on the model card).
@@ -23,9 +24,13 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 class OpenAIModel(BaseModel):
-    """A request model: strict on the fields it declares, unknown fields refused."""
+    """A request model: strict on the fields it declares, unknown fields kept aside and ignored
+    (OpenAI's API and vLLM accept them; the serving layer logs their names)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
 
 
 class StreamOptions(OpenAIModel):
@@ -113,6 +118,10 @@ class CompletionRequest(GenerationRequest):
     max_tokens: StrictInt = Field(16, description="tokens to generate (may run past the window)")
     logprobs: StrictInt | None = Field(None, description="top-k log-probabilities per token, 0..5")
     echo: bool = Field(False, description="prepend the prompt to the text")
+    best_of: StrictInt | None = Field(
+        None, description="candidates per prompt; the n with the highest total logprob return"
+    )
+    suffix: StrictStr | None = Field(None, description="refused: insertion is not supported")
 
 
 class TokenizeRequest(OpenAIModel):

@@ -70,6 +70,11 @@ class Serving:
                 param="model",
                 code="model_not_found",
             )
+        ignored = body.ignored_fields()
+        if ignored:  # accepted and ignored, as vLLM does; names only (values may be private)
+            shown = ", ".join(repr(name[:64]) for name in ignored[:10])
+            more = f" (+{len(ignored) - 10} more)" if len(ignored) > 10 else ""
+            log.warning("ignoring unknown request field(s): %s%s", shown, more)
         return state.engine
 
     def encode(self, engine, text: str, param: str) -> list[int]:
