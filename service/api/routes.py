@@ -157,3 +157,9 @@ async def page() -> HTMLResponse:
     html = resources.files("service.web").joinpath("index.html").read_text(encoding="utf-8")
     return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 
+
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> Response:
+    # An SVG icon (every current browser takes one, whatever the path says).
+    svg = resources.files("service.web").joinpath("favicon.svg").read_bytes()
+    return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
