@@ -149,8 +149,8 @@ def _read_confined(folder: Path, name: str, limit: int) -> str | None:
     try:
         resolved = path.resolve(strict=True)
         inside = resolved.is_relative_to(folder.resolve(strict=True))
-    except (OSError, RuntimeError) as err:  # a dangling link or a loop
-        raise TemplateError(f"checkpoint {name}: cannot be read ({err})") from None
+    except (OSError, RuntimeError):  # /v1/models shows this: no filesystem paths in it
+        raise TemplateError(f"checkpoint {name}: a dangling or looping link") from None
     if not inside:
         raise TemplateError(f"checkpoint {name}: points outside the checkpoint folder")
     return _read_text(resolved, limit, label=f"checkpoint {name}")

@@ -92,6 +92,11 @@ def test_template_files_outside_the_folder_or_not_regular_are_refused(tmp_path):
         from_checkpoint(folder)
     assert "root:x" not in str(err.value)
     (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.jinja").symlink_to("chat_template.jinja")  # a loop
+    with pytest.raises(TemplateError, match="looping link") as err:
+        from_checkpoint(folder)
+    assert str(tmp_path) not in str(err.value), "the message must not show server paths"
+    (folder / "chat_template.jinja").unlink()
     os.mkfifo(folder / "chat_template.jinja")  # opening must not wait for a writer
     with pytest.raises(TemplateError, match="not a regular file"):
         from_checkpoint(folder)
