@@ -5,12 +5,13 @@ seed, stop, usage and errors. A scripted checkpoint makes the greedy reply known
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import openai
 import pytest
 from chat_support import save_scripted_checkpoint
-from conftest import live_server
+from conftest import live_server, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 PROMPT = "User: hi\nAssistant:"  # the builtin template's rendering of HI
@@ -208,3 +209,27 @@ def test_a_chat_template_flag_replaces_the_builtin(checkpoint):
         assert resp["usage"]["prompt_tokens"] == len("abc;")
         card = httpx.get(srv.url + "/v1/models").json()["data"][0]["chat_template"]
         assert card == {"origin": "--chat-template", "template": template, "stop": [], "error": None}
+
+
+def test_the_access_log_line_carries_tokens_and_time_to_first_token(server, caplog):
+    caplog.set_level(logging.INFO, logger="service.access")
+    ids = []
+    for path, body in (
+        ("/v1/chat/completions", {"messages": HI, "max_tokens": 40, "temperature": 0}),
+        ("/v1/chat/completions", {"messages": HI, "max_tokens": 4, "stream": True}),
+        ("/v1/completions", {"prompt": "ab", "max_tokens": 3, "n": 2}),
+    ):
+        resp = httpx.post(server.url + path, json=body, timeout=30)
+        assert resp.status_code == 200
+        ids.append(resp.headers["x-request-id"])
+    wait_until(
+        lambda: {r.fields["request_id"] for r in caplog.records if r.name == "service.access"}
+        >= set(ids),
+        what="the three access lines",
+    )
+    lines = {r.fields["request_id"]: r.fields for r in caplog.records if r.name == "service.access"}
+    expected = [(len(PROMPT), len(REPLY + "\nUser:")), (len(PROMPT), 4), (2, 2 * 3)]
+    for request_id, (prompt, completion) in zip(ids, expected, strict=True):
+        fields = lines[request_id]
+        assert (fields["prompt_tokens"], fields["completion_tokens"]) == (prompt, completion)
+        assert 0 < fields["ttft_s"] <= fields["duration_s"], fields

@@ -38,7 +38,7 @@ class ChatServing(Serving):
         self.templates = templates
 
     async def create(self, body: ChatCompletionRequest, http: HTTPRequest) -> Response:
-        engine = self.admit(body)
+        engine = self.admit(body, http)
         body.refuse_unsupported()
         template = self._template(engine)
         prompt = self.encode(engine, self._render(body, template, engine), "messages")

@@ -122,6 +122,7 @@ class Job:
     finished_requests: set[str] = field(default_factory=set)
     prompt_index: dict[str, int] = field(default_factory=dict)  # engine request id -> prompt
     num_done: int = 0  # finished choices
+    first_token_at: float | None = None  # time.perf_counter() of the first token (the server's)
 
     def add_prompt(
         self,

@@ -29,7 +29,7 @@ class CompletionServing(Serving):
     """Owns how a ``CompletionRequest`` becomes prompts and how its choices look."""
 
     async def create(self, body: CompletionRequest, http: HTTPRequest) -> Response:
-        engine = self.admit(body)
+        engine = self.admit(body, http)
         if body.suffix:
             raise APIError(
                 400,

@@ -8,7 +8,8 @@ of a choice and of a stream chunk) lives in ``service.api.completions`` and ``se
 the stream's per-chunk shape comes in as a ``ChunkShape``. A client disconnect, a timeout, or the
 end of the response aborts whatever is still running in the engine, at once. Refusals raise
 (``APIError``, ``InvalidRequestError``, the engine's typed errors); the app's error handlers
-answer and count them.
+answer and count them. When the job ends, its token counts and time to first token go to the
+access log's record for the request (``request.state.access``, ``service.api.access``).
 """
 
 from __future__ import annotations
@@ -54,11 +55,14 @@ class Serving:
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self.started = time.perf_counter()  # the handler's start (one Serving per request)
+        self._access = None  # the access log's record of this request
 
     # -- admission -------------------------------------------------------------------------
 
-    def admit(self, body: GenerationRequest):
+    def admit(self, body: GenerationRequest, http: HTTPRequest):
         """The engine to run ``body`` on, once the server is ready and the model is ours."""
+        self._access = getattr(http.state, "access", None)
         state = self.state
         if not state.ready:  # loading, warming up or draining: a balancer should go elsewhere
             raise not_ready()
@@ -136,6 +140,8 @@ class Serving:
 
     def _apply(self, job: Job, out: RequestOutput, engine) -> tuple[ChoiceState, str] | None:
         """Fold one engine event into the job; record finishes, free engine work at once."""
+        if job.first_token_at is None and out.token_id is not None:
+            job.first_token_at = time.perf_counter()
         update = job.apply(out)
         if update is None:
             return None
@@ -162,6 +168,11 @@ class Serving:
                 engine.abort(request_id)
                 job.finished_requests.add(request_id)
                 self.state.untrack(request_id)
+        if count and self._access is not None:
+            self._access.prompt_tokens = job.prompt_tokens
+            self._access.completion_tokens = job.usage().completion_tokens
+            if job.first_token_at is not None:
+                self._access.time_to_first_token = job.first_token_at - self.started
 
     # -- answers ----------------------------------------------------------------------------
 
