@@ -23,6 +23,7 @@ from service.api.errors import install_error_handlers
 from service.api.middleware import GateMiddleware
 from service.api.routes import router
 from service.api.state import ServerState
+from service.chat_template import ChatTemplates
 from service.metrics import Metrics
 from service.reload import server_reloader
 from service.settings import Settings
@@ -110,6 +111,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         description="OpenAI-compatible completions for GPT checkpoints. See docs/API.md.",
     )
     app.state.server = state
+    app.state.chat_templates = ChatTemplates(settings.chat_template)
     app.include_router(router)
     app.include_router(admin_router)
     install_error_handlers(app)

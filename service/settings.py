@@ -58,6 +58,8 @@ class Settings:
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     max_connections: int = 1024  # open connections; lowered at start to fit RLIMIT_NOFILE
     log_format: str = "text"
+    # Jinja2 text for /v1/chat/completions; None: the checkpoint's own, else the builtin one
+    chat_template: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -109,6 +111,16 @@ def parse_flag(text: str | bool) -> bool:
     if value in ("0", "false", "no", "off", ""):
         return False
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r} (use 1/0, true/false)")
+
+
+def _chat_template(value: str) -> str:
+    """``--chat-template``: a Jinja2 template or a file holding one, compiled at startup."""
+    from service.chat_template import TemplateError, template_arg
+
+    try:
+        return template_arg(value)
+    except TemplateError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _origins(text: str) -> tuple[str, ...]:
@@ -245,6 +257,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=float,
     )
     _add_edge_flags(add, d)
+    add(
+        "--chat-template",
+        "Jinja2 chat template for /v1/chat/completions, or a file holding one (unset: the "
+        "checkpoint's chat_template.jinja or config chat_template, else the builtin plain-text "
+        "'User: ... / Assistant:' template; /v1/models shows the one in use)",
+        d.chat_template,
+        type=_chat_template,
+    )
     return parser
 
 

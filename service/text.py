@@ -5,14 +5,15 @@ ids into text incrementally (never splitting a multi-byte character, via the mod
 ``IncrementalDecoder``) and finds stop strings across token boundaries. Text that might be the
 start of a stop string is held back, so a stop string is never partly emitted: a stop string can
 only begin inside the held-back tail, because everything released earlier was, at release time,
-not a prefix of any stop string.
+not a prefix of any stop string. Going the other way, ``encode_text`` is the one door from request
+text to token ids: it refuses text that is not Unicode before any tokenizer sees it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.tokenizer import IncrementalDecoder, Tokenizer
+from model.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 
 
 @dataclass(frozen=True)
@@ -120,3 +121,20 @@ class TextStream:
         del self._token_starts[:done]
         del self._token_ends[:done]
         return TextDelta(text, done, offsets=offsets)
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """``tokenizer.encode(text)``, refusing text that is not Unicode characters.
+
+    JSON can carry a lone surrogate (``"\\ud800"``), which is not a character and has no UTF-8
+    bytes: a byte-level BPE tokenizer would silently replace it, so it is refused here for every
+    tokenizer, like any other text the tokenizer cannot encode.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TokenizerError(
+            f"the text holds a lone surrogate U+{ord(text[err.start]):04X} at character "
+            f"{err.start}, which is not a Unicode character and cannot be encoded"
+        ) from None
+    return tokenizer.encode(text)

@@ -43,6 +43,7 @@ FLAGS = {
     "--keep-alive-timeout": ("2.5", 2.5),
     "--max-connections": ("300", 300),
     "--log-format": ("json", "json"),
+    "--chat-template": ("{{ messages[0].content }}", "{{ messages[0].content }}"),
 }
 
 

@@ -29,3 +29,20 @@ def test_text_chunk_fast_path_is_byte_identical_to_the_json_encoder():
         )
         assert fast == general, (text, fast, general)
         assert json.loads(fast.decode("utf-8")[6:])["choices"][0]["text"] == text
+
+
+def test_chat_chunk_fast_path_is_byte_identical_to_the_json_encoder():
+    frame = sse.ChunkFramer(
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m"},
+        chat=True,
+    )
+    rng = random.Random(1)
+    alphabet = ["a", " ", "\n", '"', "\\", "\x00", "\u2028", "é", "🎉"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+        index = rng.randint(0, 15)
+        fast = frame.text(index, text)
+        general = frame.choice(
+            {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+        )
+        assert fast == general, (text, fast, general)

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from model.tokenizer import CharTokenizer, TiktokenTokenizer
-from service.text import TextStream
+from model.tokenizer import CharTokenizer, TiktokenTokenizer, TokenizerError
+from service.text import TextStream, encode_text
 
 CHARS = CharTokenizer(list("abcdefgh \n"))
 
@@ -100,3 +100,26 @@ def _invalid_alone(piece: bytes) -> bool:
         return False
     except UnicodeDecodeError:
         return True
+
+
+def _byte_level_bpe() -> TiktokenTokenizer:
+    """A byte-level BPE with one token per byte (no merges): built here, needs no ranks file."""
+    import tiktoken
+
+    from model.tokenizer import GPT2_PAT_STR
+
+    ranks = {bytes([b]): b for b in range(256)}
+    encoding = tiktoken.Encoding(
+        name="bytes", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks, special_tokens={}
+    )
+    return TiktokenTokenizer(encoding, {"type": "tiktoken", "name": "bytes"})
+
+
+@pytest.mark.parametrize("text", ["\ud800", "ab\udfffcd", "x\ud83d"])
+def test_a_lone_surrogate_is_refused_by_every_tokenizer(text):
+    bpe = _byte_level_bpe()
+    assert bpe.encode(text), "byte-level BPE alone replaces the surrogate silently"
+    for tokenizer in (bpe, CharTokenizer(list("abcdx"))):
+        with pytest.raises(TokenizerError, match="lone surrogate"):
+            encode_text(tokenizer, text)
+    assert encode_text(bpe, "héllo 🎉") == bpe.encode("héllo 🎉")

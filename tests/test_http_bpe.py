@@ -65,3 +65,24 @@ def test_padded_vocab_rows_are_outside_the_vocabulary(server):
         resp = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["param"] in ("prompt", "logit_bias")
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_prompt_not_a_silent_replacement(server):
+    for path, body, param in (
+        ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 1}', "prompt"),
+        ("/tokenize", b'{"prompt": "\\udc00"}', "prompt"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "\\ud83d"}], "max_tokens": 1}',
+            "messages",
+        ),
+    ):
+        resp = httpx.post(
+            server.url + path,
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert resp.status_code == 400, (path, resp.text)
+        error = resp.json()["error"]
+        assert error["param"] == param and "surrogate" in error["message"], error

@@ -99,7 +99,22 @@ CASES = [
     ("echo_string", b'{"prompt": "a", "echo": "yes"}', {}, None, 400, "echo"),
     ("stream_string", b'{"prompt": "a", "stream": "true"}', {}, None, 400, "stream"),
     ("user_number", b'{"prompt": "a", "user": 5}', {}, None, 400, "user"),
-    ("unknown_field", b'{"prompt": "a", "best_of_all": 2}', {}, None, 400, "best_of_all"),
+    ("suffix", b'{"prompt": "a", "suffix": "b"}', {}, None, 400, "suffix"),
+    ("best_of_below_n", b'{"prompt": "a", "n": 3, "best_of": 2}', {}, None, 400, "best_of"),
+    ("best_of_above_max_n", b'{"prompt": "a", "best_of": 17}', {}, None, 400, "best_of"),
+    (
+        "best_of_streamed",
+        b'{"prompt": "a", "best_of": 2, "stream": true}',
+        {},
+        None,
+        400,
+        "best_of",
+    ),
+    ("best_of_string", b'{"prompt": "a", "best_of": "2"}', {}, None, 400, "best_of"),
+    ("lone_surrogate", b'{"prompt": "a\\ud800"}', {}, None, 400, "prompt"),
+    ("tokenize_lone_surrogate", b'{"prompt": "\\udfff"}', {}, "/tokenize", 400, "prompt"),
+    ("chat_malformed_json", b'{"messages": [', {}, "/v1/chat/completions", 400, None),
+    ("chat_wrong_type", b'{"messages": "hi"}', {}, "/v1/chat/completions", 400, "messages"),
     (
         "stream_options_without_stream",
         b'{"prompt": "a", "stream_options": {"include_usage": true}}',
@@ -242,3 +257,43 @@ def test_while_the_checkpoint_loads_health_answers_and_ready_and_work_get_503(
             srv.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 2}, timeout=30
         )
         assert ok.status_code == 200
+
+
+def _rejected(http, reason: str) -> float:
+    for line in http.get("/metrics", headers=AUTH).text.splitlines():
+        if line.startswith(f'gptserve_request_rejected_total{{reason="{reason}"}} '):
+            return float(line.split()[-1])
+    raise AssertionError(f"no rejected series for {reason}")
+
+
+def test_schema_errors_count_as_invalid_rejections_on_both_endpoints(http):
+    bad = [
+        (path, body, headers)
+        for path in ("/v1/completions", "/v1/chat/completions")
+        for body, headers in (
+            (b'{"prompt": "a",', {}),  # malformed JSON
+            (b"[1, 2]", {}),  # not an object
+            (b'{"prompt": 5, "messages": 5}', {}),  # wrong types
+            (b'{"prompt": "a", "messages": [], "temperature": "hot"}', {}),
+            (b'{"prompt": "\xff"}', {}),  # invalid UTF-8
+            (b"prompt=a", {"Content-Type": "text/plain"}),  # not JSON at all
+        )
+    ]
+    before = _rejected(http, "invalid")
+    for path, body, headers in bad:
+        resp = http.post(path, content=body, headers={**JSON, **headers})
+        assert 400 <= resp.status_code < 500, (path, body, resp.text)
+    assert _rejected(http, "invalid") - before == len(bad)
+
+
+def test_unknown_fields_are_ignored_with_a_warning_as_vllm_does(http, caplog):
+    body = {"prompt": "abc", "max_tokens": 6, "temperature": 0}
+    plain = http.post("/v1/completions", json=body, headers=AUTH)
+    with caplog.at_level("WARNING", logger="service.api"):
+        extra = http.post(
+            "/v1/completions", json={**body, "best_of_all": 2, "guided_json": {}}, headers=AUTH
+        )
+    assert extra.status_code == 200, extra.text
+    assert extra.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    warned = [r.getMessage() for r in caplog.records if "unknown request field" in r.getMessage()]
+    assert warned and "'best_of_all'" in warned[0] and "'guided_json'" in warned[0], warned

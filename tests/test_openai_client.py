@@ -171,3 +171,58 @@ def test_n_choices_stop_independently_and_free_the_engine(client, server):
         lambda: engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0,
         what="stopped choices to leave the engine",
     )
+
+
+def test_best_of_returns_the_n_candidates_with_the_highest_total_logprob(client):
+    """best_of runs best_of candidates and keeps the n best by cumulative logprob; the same seed
+    with n=best_of and logprobs shows every candidate and its total."""
+    reordered = False
+    for seed in range(5, 15):  # until the ranking differs from the candidates' own order
+        kw = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "seed": seed}
+        best = client.completions.create(best_of=4, n=2, **kw)
+        candidates = client.completions.create(n=4, logprobs=0, **kw).choices
+        ranked = sorted(candidates, key=lambda c: -sum(c.logprobs.token_logprobs))
+        assert [c.text for c in best.choices] == [c.text for c in ranked[:2]], seed
+        assert [c.index for c in best.choices] == [0, 1]
+        assert all(c.logprobs is None for c in best.choices), "logprobs were not asked for"
+        assert best.usage.completion_tokens == 4 * 8, "every candidate's tokens count"
+        reordered = [c.index for c in ranked[:2]] != [0, 1]
+        if reordered:
+            break
+    assert reordered, "no seed put a later candidate first: the test proves nothing"
+
+
+def test_best_of_works_per_prompt_and_keeps_asked_logprobs(client):
+    resp = client.completions.create(
+        model="tiny", prompt=[PROMPT, "abc"], max_tokens=5, best_of=3, seed=1, logprobs=2
+    )
+    assert [c.index for c in resp.choices] == [0, 1]
+    assert all(len(c.logprobs.tokens) == 5 for c in resp.choices)
+    assert resp.usage.completion_tokens == 2 * 3 * 5
+
+
+def test_suffix_is_refused_as_openai_does_for_models_without_insertion(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt=PROMPT, suffix="THE END")
+    assert "insertion" in str(err.value) and err.value.body["param"] == "suffix"
+    assert _greedy(client, max_tokens=3, suffix="").choices[0].text  # empty: nothing to insert
+
+
+def test_stream_chunks_report_each_window_slide_as_it_happens(server, client):
+    """Endless generation (the web page's endless mode) sees where the window slid: every chunk
+    whose token needed a new crop carries the choice's ``context_window`` at once."""
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 50, "temperature": 0}
+    final = client.completions.create(**body).choices[0].model_extra["context_window"]
+    assert final["crops"] > 5  # window_shift=1: one crop per token past the 32-token window
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30
+    ) as resp:
+        events = [e for e in resp.read().split(b"\n\n") if e][:-1]
+    reported = [
+        json.loads(e[6:])["choices"][0].get("context_window", {}).get("crops") for e in events
+    ]
+    slides = [c for c in reported if c is not None]
+    # each slide once, as it happens; the last chunk (which always carries it) may repeat it
+    expected = list(range(1, final["crops"] + 1))
+    assert slides in (expected, [*expected, final["crops"]]), reported
+    assert reported[-1] == final["crops"]

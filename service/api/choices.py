@@ -1,9 +1,10 @@
-"""Folding engine events into OpenAI choices: text, logprobs, usage and finish per choice.
+"""Folding engine events into choices: text, logprobs, usage, window crops and finish per choice.
 
-A ``Job`` is one admitted ``/v1/completions`` call: one engine request per prompt, ``n`` choices
-each. ``Job.apply`` feeds one engine event to its choice's ``TextStream`` (stop strings, UTF-8
-safety) and logprob bookkeeping, and says what changed; the serving layer acts on that (metrics,
-aborting the engine request). Nothing here does I/O.
+A ``Job`` is one admitted generation call (completions or chat): one engine request per prompt,
+``n`` choices each. ``Job.apply`` feeds one engine event to its choice's ``TextStream`` (stop
+strings, UTF-8 safety) and logprob bookkeeping, and says what changed; the serving layer acts on
+that (metrics, aborting the engine request). Logprobs are kept as neutral ``TokenEntry`` records
+that ``service.api.logprobs`` renders in either endpoint's shape. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -12,31 +13,41 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from service.api.protocol import ContextWindow, Logprobs, Usage
-from service.engine.types import RequestOutput
+from service.api.protocol import ContextWindow, Usage
+from service.engine.types import RequestOutput, TokenLogprob
 from service.text import TextDelta, TextStream
 
 
-def token_text(tokenizer, token_id: int) -> str:
-    """A token's own text for logprobs (bytes of a split character show as U+FFFD)."""
-    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+@dataclass(frozen=True)
+class TokenEntry:
+    """One token of a choice's text with its log-probability (None for echoed prompt tokens)."""
+
+    token_id: int
+    logprob: float | None
+    top: tuple[TokenLogprob, ...] | None
+    offset: int  # where the token's text starts in the choice's full text
 
 
 @dataclass
 class ChoiceState:
-    """One choice's running text, pending logprobs, usage and finish."""
+    """One choice's running text, logprob entries, usage, window crops and finish."""
 
     index: int
     stream: TextStream
     prefix: str = ""  # echoed prompt text
-    logprobs: Logprobs | None = None
-    pending: list[tuple[int, float | None, dict[str, float] | None]] = field(default_factory=list)
+    want_logprobs: bool = False
+    entries: list[TokenEntry] = field(default_factory=list)
+    pending: list[tuple[int, float | None, tuple[TokenLogprob, ...] | None]] = field(
+        default_factory=list
+    )
     num_tokens: int = 0
+    cumulative_logprob: float = 0.0  # over every generated token (best_of ranks by it)
     finish_reason: str | None = None
     crops: int = 0  # sliding-window crops so far (engine-reported)
     prompt_cropped: bool = False
     parts: list[str] = field(default_factory=list)
     lp_sent: int = 0  # logprob entries already sent in stream chunks
+    window_sent: ContextWindow = field(default_factory=ContextWindow)  # last one streamed
 
     @property
     def done(self) -> bool:
@@ -47,45 +58,41 @@ class ChoiceState:
         return self.prefix + "".join(self.parts)
 
     @property
+    def generated_text(self) -> str:
+        return "".join(self.parts)
+
+    @property
     def window(self) -> ContextWindow:
         return ContextWindow(prompt_cropped=self.prompt_cropped, crops=self.crops)
 
     @property
-    def has_unsent_logprobs(self) -> bool:
-        return self.logprobs is not None and len(self.logprobs.tokens) > self.lp_sent
+    def window_moved(self) -> bool:
+        """The window slid (or the prompt was cropped) since the last streamed chunk said so."""
+        return self.window != self.window_sent
 
-    def echo_logprobs(self, prompt: Sequence[int], tokenizer) -> None:
+    @property
+    def has_unsent_logprobs(self) -> bool:
+        return self.want_logprobs and len(self.entries) > self.lp_sent
+
+    def take_entries(self) -> list[TokenEntry]:
+        """Logprob entries not yet streamed (and mark them sent)."""
+        entries = self.entries[self.lp_sent :]
+        self.lp_sent = len(self.entries)
+        return entries
+
+    def take_window(self) -> dict | None:
+        """``context_window`` for a stream chunk: on the last chunk, and whenever it moved."""
+        if not (self.done or self.window_moved):
+            return None
+        self.window_sent = self.window
+        return self.window.model_dump()
+
+    def echo_prompt(self, prompt: Sequence[int], tokenizer) -> None:
         """List the echoed prompt tokens, with null logprobs: the engine does not score prompts."""
         offset = 0
         for token_id in prompt:
-            text = token_text(tokenizer, token_id)
-            self.logprobs.tokens.append(text)
-            self.logprobs.token_logprobs.append(None)
-            self.logprobs.top_logprobs.append(None)
-            self.logprobs.text_offset.append(offset)
-            offset += len(text)
-
-    def chunk(self, text: str) -> dict:
-        """This choice's part of a stream chunk: ``text`` plus logprob entries not yet sent."""
-        logprobs = None
-        if self.logprobs is not None:
-            lp, k = self.logprobs, self.lp_sent
-            logprobs = {
-                "tokens": lp.tokens[k:],
-                "token_logprobs": lp.token_logprobs[k:],
-                "top_logprobs": lp.top_logprobs[k:],
-                "text_offset": lp.text_offset[k:],
-            }
-            self.lp_sent = len(lp.tokens)
-        out = {
-            "index": self.index,
-            "text": text,
-            "logprobs": logprobs,
-            "finish_reason": self.finish_reason,
-        }
-        if self.done:
-            out["context_window"] = self.window.model_dump()
-        return out
+            self.entries.append(TokenEntry(token_id, None, None, offset))
+            offset += len(tokenizer.token_bytes(token_id).decode("utf-8", errors="replace"))
 
 
 @dataclass(frozen=True)
@@ -100,12 +107,12 @@ class Update:
 
 @dataclass
 class Job:
-    """One admitted ``/v1/completions`` call: its engine requests, streams and choices."""
+    """One admitted generation call: its engine requests, streams and choices."""
 
     id: str
     created: int
     model: str
-    n: int
+    n: int  # choices per engine request (best_of candidates when best_of > n)
     tokenizer: object
     system_fingerprint: str | None = None  # which checkpoint served it (service.reload)
     request_ids: list[str] = field(default_factory=list)
@@ -115,6 +122,7 @@ class Job:
     finished_requests: set[str] = field(default_factory=set)
     prompt_index: dict[str, int] = field(default_factory=dict)  # engine request id -> prompt
     num_done: int = 0  # finished choices
+    first_token_at: float | None = None  # time.perf_counter() of the first token (the server's)
 
     def add_prompt(
         self,
@@ -135,12 +143,13 @@ class Job:
         prefix = self.tokenizer.decode(list(prompt)) if echo else ""
         for j in range(self.n):
             choice = ChoiceState(
-                index=index * self.n + j, stream=TextStream(self.tokenizer, stop), prefix=prefix
+                index=index * self.n + j,
+                stream=TextStream(self.tokenizer, stop),
+                prefix=prefix,
+                want_logprobs=logprobs,
             )
-            if logprobs:
-                choice.logprobs = Logprobs()
-                if echo:
-                    choice.echo_logprobs(prompt, self.tokenizer)
+            if logprobs and echo:
+                choice.echo_prompt(prompt, self.tokenizer)
             self.choices.append(choice)
 
     @property
@@ -165,7 +174,10 @@ class Job:
         text, reason = "", None
         if out.token_id is not None:
             choice.num_tokens += 1
-            choice.pending.append((out.token_id, _finite(out.logprob), self._top(out)))
+            logprob = _finite(out.logprob)
+            if logprob is not None:
+                choice.cumulative_logprob += logprob
+            choice.pending.append((out.token_id, logprob, out.top_logprobs))
             delta = choice.stream.push(out.token_id)
             text += self._take(choice, delta)
             if delta.stopped:
@@ -187,27 +199,14 @@ class Job:
         choice.finish_reason = reason
         self.num_done += 1
 
-    def _top(self, out: RequestOutput) -> dict[str, float] | None:
-        if out.top_logprobs is None:
-            return None
-        # Masked tokens have logprob -inf, which JSON cannot carry: they are left out.
-        return {
-            token_text(self.tokenizer, t.token_id): t.logprob
-            for t in out.top_logprobs
-            if math.isfinite(t.logprob)
-        }
-
     def _take(self, choice: ChoiceState, delta: TextDelta) -> str:
         """Move the tokens whose text ``delta`` releases from pending into the logprobs."""
         released = choice.pending[: delta.num_tokens]
         del choice.pending[: delta.num_tokens + delta.num_dropped]
-        if choice.logprobs is not None:
+        if choice.want_logprobs:
             base = len(choice.prefix)
             for (token_id, logprob, top), start in zip(released, delta.offsets, strict=True):
-                choice.logprobs.tokens.append(token_text(self.tokenizer, token_id))
-                choice.logprobs.token_logprobs.append(logprob)
-                choice.logprobs.top_logprobs.append(top)
-                choice.logprobs.text_offset.append(base + start)
+                choice.entries.append(TokenEntry(token_id, logprob, top, base + start))
         return delta.text
 
 

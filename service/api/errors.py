@@ -2,7 +2,9 @@
 
 Handlers turn every failure (our ``APIError``, pydantic validation, FastAPI's request validation,
 Starlette's HTTP errors, the engine's typed errors, anything unexpected) into that envelope, so a
-client never sees FastAPI's default 422 shape.
+client never sees FastAPI's default 422 shape. They are also where refused requests are counted
+(``gptserve_request_rejected_total{reason}``): schema errors, bad values, unknown models, a full
+queue, a server not ready. Operator routes (``/admin/``) have their own reload metric.
 """
 
 from __future__ import annotations
@@ -116,32 +118,51 @@ def _looks_like_type(part: str) -> bool:
     )
 
 
+def reject_reason(err: APIError) -> str | None:
+    """The ``gptserve_request_rejected_total`` reason for answering ``err``, if it is one."""
+    if err.status == 401:
+        return "unauthorized"
+    if err.status == 503:
+        return "queue_full" if err.code == "queue_full" else "not_ready"
+    if err.status in (400, 404, 413, 415):
+        return "invalid"
+    return None
+
+
+def _refuse(request: Request, err: APIError) -> JSONResponse:
+    """Answer ``err``, counting the refusal."""
+    reason = reject_reason(err)
+    if reason is not None and not request.url.path.startswith("/admin/"):
+        request.app.state.server.metrics.reject(reason)
+    return err.response()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the envelope handlers on ``app``."""
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, err: APIError) -> JSONResponse:
-        return err.response()
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        return _refuse(request, err)
 
     @app.exception_handler(RequestValidationError)
-    async def _request_validation(_: Request, err: RequestValidationError) -> JSONResponse:
-        return from_validation_error(err).response()
+    async def _request_validation(request: Request, err: RequestValidationError) -> JSONResponse:
+        return _refuse(request, from_validation_error(err))
 
     @app.exception_handler(ValidationError)
-    async def _validation(_: Request, err: ValidationError) -> JSONResponse:
-        return from_validation_error(err).response()
+    async def _validation(request: Request, err: ValidationError) -> JSONResponse:
+        return _refuse(request, from_validation_error(err))
 
     @app.exception_handler(InvalidRequestError)
-    async def _invalid(_: Request, err: InvalidRequestError) -> JSONResponse:
-        return APIError(400, err.message, param=err.param, code="invalid_value").response()
+    async def _invalid(request: Request, err: InvalidRequestError) -> JSONResponse:
+        return _refuse(request, APIError(400, err.message, param=err.param, code="invalid_value"))
 
     @app.exception_handler(QueueFullError)
-    async def _queue_full(_: Request, __: QueueFullError) -> JSONResponse:
-        return queue_full().response()
+    async def _queue_full(request: Request, __: QueueFullError) -> JSONResponse:
+        return _refuse(request, queue_full())
 
     @app.exception_handler(EngineStoppedError)
-    async def _stopped(_: Request, __: EngineStoppedError) -> JSONResponse:
-        return not_ready("the server is shutting down").response()
+    async def _stopped(request: Request, __: EngineStoppedError) -> JSONResponse:
+        return _refuse(request, not_ready("the server is shutting down"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:

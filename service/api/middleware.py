@@ -47,6 +47,7 @@ class GateMiddleware:
             await self._reject_too_large(scope, receive, send)
             return
         if scope["method"] in ("POST", "PUT", "PATCH") and not _is_json(scope):
+            self.metrics.reject("invalid")
             err = APIError(
                 415,
                 "send the body as JSON with 'Content-Type: application/json'",
@@ -61,6 +62,7 @@ class GateMiddleware:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as err:
+            self.metrics.reject("invalid")
             await APIError(
                 400,
                 f"request body is not valid UTF-8 ({err.reason} at byte {err.start})",

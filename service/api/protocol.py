@@ -1,9 +1,11 @@
-"""The OpenAI-compatible wire format: pydantic models for requests and responses.
+"""The OpenAI-compatible wire format shared by both endpoints, and ``/v1/completions``'s own.
 
-Requests are validated strictly (no string-to-number coercion, no NaN/Infinity, unknown fields
-rejected) and converted into the engine's ``SamplingParams``; the engine re-validates ranges.
-Extension fields beyond OpenAI's shape are documented in docs/API.md (``context_window`` on each
-choice).
+Known fields are validated strictly (no string-to-number coercion, no NaN/Infinity); unknown
+fields are accepted and ignored with a warning in the log, as vLLM does (``OpenAIModel``).
+``GenerationRequest`` holds the sampling fields that completions and chat share and converts them
+into the engine's ``SamplingParams``; the engine re-validates ranges. The chat shapes live in
+``service.api.chat_protocol``. Extension fields beyond OpenAI's shape are documented in
+docs/API.md (``context_window`` on each choice, ``chat_template`` on the model card).
 """
 
 from __future__ import annotations
@@ -18,28 +20,28 @@ from service.engine.types import InvalidRequestError, SamplingParams
 
 Number = StrictInt | StrictFloat
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+class OpenAIModel(BaseModel):
+    """A request model: strict on the fields it declares, unknown fields kept aside and ignored
+    (OpenAI's API and vLLM accept them; the serving layer logs their names)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
 
 
-class StreamOptions(StrictModel):
+class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-class CompletionRequest(StrictModel):
-    """``POST /v1/completions``: OpenAI's legacy completions request, plus top_k/min_p/
-    repetition_penalty (vLLM's extensions)."""
+class GenerationRequest(OpenAIModel):
+    """The sampling fields completions and chat share (OpenAI's, plus vLLM's top_k, min_p and
+    repetition_penalty)."""
 
     model: StrictStr | None = Field(None, description="must equal the served model's id")
-    prompt: (
-        StrictStr
-        | Annotated[list[StrictStr], Field(min_length=1)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
-    ) = Field(description="text, texts, token ids, or lists of token ids; never empty")
-    max_tokens: StrictInt = Field(16, description="tokens to generate (may run past the window)")
     temperature: Number = Field(1.0, description="0 is greedy")
     top_p: Number = Field(1.0, description="nucleus sampling mass in (0, 1]; 1 = off")
     top_k: StrictInt = Field(0, description="keep the k most likely tokens; 0 = off")
@@ -49,8 +51,6 @@ class CompletionRequest(StrictModel):
     )
     seed: StrictInt | None = Field(None, description="reproducible sampling, alone or batched")
     n: StrictInt = Field(1, description="choices per prompt")
-    logprobs: StrictInt | None = Field(None, description="top-k log-probabilities per token, 0..5")
-    echo: bool = Field(False, description="prepend the prompt to the text")
     presence_penalty: Number = 0.0
     frequency_penalty: Number = 0.0
     repetition_penalty: Number = 1.0
@@ -59,18 +59,30 @@ class CompletionRequest(StrictModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not s for s in stop):
+            raise InvalidRequestError("stop", "stop strings must be non-empty")
+        return stop
 
-    def sampling_params(self) -> SamplingParams:
-        """The engine's view; ``logit_bias`` keys must be token ids (strings of integers)."""
+    def sampling_params(
+        self, *, max_tokens: int, n: int | None = None, logprobs: int | None = None
+    ) -> SamplingParams:
+        """The engine's view (``n`` defaults to the request's); ``logit_bias`` keys must be
+        token ids (strings of integers)."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options", "stream_options needs stream: true")
         bias: dict[int, float] = {}
         for key, value in (self.logit_bias or {}).items():
             bias[_token_key(key)] = float(value)
         return SamplingParams.create(
-            max_tokens=self.max_tokens,
+            max_tokens=max_tokens,
             temperature=float(self.temperature),
             top_p=float(self.top_p),
             top_k=self.top_k,
@@ -80,8 +92,8 @@ class CompletionRequest(StrictModel):
             repetition_penalty=float(self.repetition_penalty),
             logit_bias=bias,
             seed=self.seed,
-            n=self.n,
-            logprobs=self.logprobs,
+            n=self.n if n is None else n,
+            logprobs=logprobs,
         )
 
 
@@ -94,7 +106,25 @@ def _token_key(key: str) -> int:
         ) from None
 
 
-class TokenizeRequest(StrictModel):
+class CompletionRequest(GenerationRequest):
+    """``POST /v1/completions``: OpenAI's legacy completions request."""
+
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    ) = Field(description="text, texts, token ids, or lists of token ids; never empty")
+    max_tokens: StrictInt = Field(16, description="tokens to generate (may run past the window)")
+    logprobs: StrictInt | None = Field(None, description="top-k log-probabilities per token, 0..5")
+    echo: bool = Field(False, description="prepend the prompt to the text")
+    best_of: StrictInt | None = Field(
+        None, description="candidates per prompt; the n with the highest total logprob return"
+    )
+    suffix: StrictStr | None = Field(None, description="refused: insertion is not supported")
+
+
+class TokenizeRequest(OpenAIModel):
     model: StrictStr | None = None
     prompt: StrictStr
 
@@ -105,7 +135,7 @@ class TokenizeResponse(BaseModel):
     max_model_len: int
 
 
-class DetokenizeRequest(StrictModel):
+class DetokenizeRequest(OpenAIModel):
     model: StrictStr | None = None
     tokens: list[StrictInt]
 
@@ -134,7 +164,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Logprobs | None = None
-    finish_reason: Literal["stop", "length", "abort", "error"] | None = None
+    finish_reason: FinishReason | None = None
     context_window: ContextWindow | None = None
 
 
@@ -144,8 +174,8 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-def completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class CompletionResponse(BaseModel):
@@ -159,14 +189,25 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ChatTemplateCard(BaseModel):
+    """Extension: the chat template ``/v1/chat/completions`` renders messages with."""
+
+    origin: str  # "builtin", "--chat-template", or the checkpoint file it came from
+    template: str | None = None  # the Jinja2 source
+    stop: list[str] = Field(default_factory=list)  # stop strings the template implies
+    error: str | None = None  # the checkpoint's template could not be used: chat answers 500
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "gptserve"
     max_model_len: int
-    # gptserve extension: the live checkpoint and its provenance (iteration, val_loss, ...)
+    # gptserve extensions: the live checkpoint and its provenance (iteration, val_loss, ...),
+    # and the chat template in use
     checkpoint: dict | None = None
+    chat_template: ChatTemplateCard | None = None
 
 
 class ModelList(BaseModel):

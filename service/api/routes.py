@@ -9,8 +9,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from model.tokenizer import TokenizerError
+from service.api.chat import ChatServing
+from service.api.chat_protocol import ChatCompletionRequest, ChatCompletionResponse
+from service.api.completions import CompletionServing
 from service.api.errors import APIError, not_ready
 from service.api.protocol import (
+    ChatTemplateCard,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -21,13 +25,22 @@ from service.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from service.api.serving import CompletionServing
 from service.api.state import ServerState, server_state
+from service.chat_template import ChatTemplates
 from service.metrics import CONTENT_TYPE
+from service.text import encode_text
 
 router = APIRouter()
 StateDep = Annotated[ServerState, Depends(server_state)]
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+
+
+def chat_templates(request: Request) -> ChatTemplates:
+    """The app's ``ChatTemplates`` (FastAPI dependency)."""
+    return request.app.state.chat_templates
+
+
+TemplatesDep = Annotated[ChatTemplates, Depends(chat_templates)]
 
 
 def _engine_or_503(state: ServerState):
@@ -57,8 +70,20 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     return await CompletionServing(state).create(body, request)
 
 
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=_ERRORS,
+    summary="Create a chat completion (OpenAI-compatible; SSE when stream is true)",
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, state: StateDep, templates: TemplatesDep
+) -> Response:
+    return await ChatServing(state, templates).create(body, request)
+
+
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
-async def list_models(request: Request, state: StateDep) -> ModelList:
+async def list_models(request: Request, state: StateDep, templates: TemplatesDep) -> ModelList:
     engine = _engine_or_503(state)
     reloader = getattr(request.app.state, "reloader", None)
     live = reloader.info if reloader is not None else None
@@ -69,6 +94,7 @@ async def list_models(request: Request, state: StateDep) -> ModelList:
                 created=state.started,
                 max_model_len=engine.model_config.block_size,
                 checkpoint=live.to_dict() if live is not None else None,
+                chat_template=ChatTemplateCard(**templates.card(engine)),
             )
         ]
     )
@@ -79,7 +105,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
     engine = _engine_or_503(state)
     _check_model(state, body.model)
     try:
-        ids = engine.tokenizer.encode(body.prompt)
+        ids = encode_text(engine.tokenizer, body.prompt)
     except TokenizerError as err:
         raise APIError(400, str(err), param="prompt", code="invalid_value") from None
     return TokenizeResponse(
@@ -130,3 +156,10 @@ async def metrics(state: StateDep) -> Response:
 async def page() -> HTMLResponse:
     html = resources.files("service.web").joinpath("index.html").read_text(encoding="utf-8")
     return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> Response:
+    # An SVG icon (every current browser takes one, whatever the path says).
+    svg = resources.files("service.web").joinpath("favicon.svg").read_bytes()
+    return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})

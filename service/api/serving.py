@@ -1,9 +1,15 @@
-"""Serving logic for ``/v1/completions``: prompts in, engine requests out, OpenAI shapes back.
+"""The serving path both generation endpoints share: admission, engine requests, answers.
 
-``CompletionServing`` validates a request, tokenizes its prompts, submits one engine request per
-prompt (each with ``n`` choices) and answers with one JSON response or an SSE stream, folding the
-engine's token events into choices with ``service.api.choices.Job``. A client disconnect, a
-timeout, or the end of the response aborts whatever is still running in the engine, at once.
+``Serving`` checks readiness and the model name, turns text into token ids, submits one engine
+request per prompt (each with ``n`` choices), folds the engine's token events into choices with
+``service.api.choices.Job``, and answers with one JSON response or an SSE stream. What differs
+between ``/v1/completions`` and ``/v1/chat/completions`` (how a request becomes prompts, the shape
+of a choice and of a stream chunk) lives in ``service.api.completions`` and ``service.api.chat``;
+the stream's per-chunk shape comes in as a ``ChunkShape``. A client disconnect, a timeout, or the
+end of the response aborts whatever is still running in the engine, at once. Refusals raise
+(``APIError``, ``InvalidRequestError``, the engine's typed errors); the app's error handlers
+answer and count them. When the job ends, its token counts and time to first token go to the
+access log's record for the request (``request.state.access``, ``service.api.access``).
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
 
+from pydantic import BaseModel
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response, StreamingResponse
 
@@ -20,82 +28,94 @@ from model.tokenizer import TokenizerError
 from service.api import sse
 from service.api.choices import ChoiceState, Job
 from service.api.errors import APIError, not_ready
-from service.api.protocol import (
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    completion_id,
-)
+from service.api.protocol import GenerationRequest
 from service.api.state import ServerState
-from service.engine.types import (
-    EngineStoppedError,
-    InvalidRequestError,
-    QueueFullError,
-    Request,
-    RequestOutput,
-    SamplingParams,
-)
+from service.engine.types import InvalidRequestError, Request, RequestOutput, SamplingParams
 from service.reload import system_fingerprint
+from service.text import encode_text
 
 log = logging.getLogger("service.api")
 _END = object()
 
 
-class CompletionServing:
-    """Owns the path from a validated ``CompletionRequest`` to its response or SSE stream."""
+class ChunkShape(Protocol):
+    """How one endpoint shapes a choice's stream chunks (a dict, framed by ``sse``)."""
+
+    framer: sse.ChunkFramer
+
+    def opening(self, choice: ChoiceState) -> dict | None:
+        """The choice's first chunk, sent before any token (None: none)."""
+
+    def chunk(self, choice: ChoiceState, text: str) -> dict:
+        """A chunk with ``text``, the choice's unsent logprobs, window and finish."""
+
+
+class Serving:
+    """Owns the path from a validated generation request to its response or SSE stream."""
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self.started = time.perf_counter()  # the handler's start (one Serving per request)
+        self._access = None  # the access log's record of this request
 
-    async def create(self, body: CompletionRequest, http: HTTPRequest) -> Response:
+    # -- admission -------------------------------------------------------------------------
+
+    def admit(self, body: GenerationRequest, http: HTTPRequest):
+        """The engine to run ``body`` on, once the server is ready and the model is ours."""
+        self._access = getattr(http.state, "access", None)
         state = self.state
         if not state.ready:  # loading, warming up or draining: a balancer should go elsewhere
-            state.metrics.reject("not_ready")
             raise not_ready()
-        engine = state.engine
         served = state.settings.served_model_name
         if body.model is not None and body.model != served:
-            state.metrics.reject("invalid")
             raise APIError(
                 404,
                 f"model {body.model!r} does not exist; this server serves {served!r}",
                 param="model",
                 code="model_not_found",
             )
+        ignored = body.ignored_fields()
+        if ignored:  # accepted and ignored, as vLLM does; names only (values may be private)
+            shown = ", ".join(repr(name[:64]) for name in ignored[:10])
+            more = f" (+{len(ignored) - 10} more)" if len(ignored) > 10 else ""
+            log.warning("ignoring unknown request field(s): %s%s", shown, more)
+        return state.engine
+
+    def encode(self, engine, text: str, param: str) -> list[int]:
+        """Token ids of ``text``; 400 naming ``param`` if it is empty or cannot be encoded."""
+        if not text:
+            raise InvalidRequestError(param, f"{param} must not be empty")
         try:
-            job = self._submit(body, engine)
-        except InvalidRequestError as err:
-            state.metrics.reject("invalid")
-            raise APIError(400, err.message, param=err.param, code="invalid_value") from None
-        except QueueFullError:
-            state.metrics.reject("queue_full")
-            raise
-        except EngineStoppedError:
-            state.metrics.reject("not_ready")
-            raise
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                self._stream(job, engine, include_usage),
-                media_type=sse.MEDIA_TYPE,
-                headers=sse.HEADERS,
+            ids = encode_text(engine.tokenizer, text)
+        except TokenizerError as err:
+            raise InvalidRequestError(param, str(err)) from None
+        if not ids:
+            raise InvalidRequestError(param, f"{param} must hold at least one token")
+        return ids
+
+    def check_ids(self, engine, ids: Sequence[int], param: str) -> list[int]:
+        bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                param, f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})"
             )
-        return await self._respond(job, engine, http)
+        return list(ids)
 
-    # -- admission -------------------------------------------------------------------------
-
-    def _submit(self, body: CompletionRequest, engine) -> Job:
-        stop = body.stop_strings()
-        if any(not s for s in stop):
-            raise InvalidRequestError("stop", "stop strings must be non-empty")
-        if body.stream_options is not None and not body.stream:
-            raise InvalidRequestError("stream_options", "stream_options needs stream: true")
-        params: SamplingParams = body.sampling_params()
+    def submit(
+        self,
+        engine,
+        job_id: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        stop: tuple[str, ...],
+        echo: bool = False,
+        logprobs: bool = False,
+    ) -> Job:
+        """Queue one engine request per prompt; all or none are admitted."""
         params.validate(engine.vocab_size, max_n=self.state.settings.max_n)
-        prompts = self._prompt_ids(body.prompt, engine)
-        cid = completion_id()
         job = Job(
-            id=cid,
+            id=job_id,
             created=int(time.time()),
             model=self.state.settings.served_model_name,
             n=params.n,
@@ -104,16 +124,11 @@ class CompletionServing:
         )
         try:
             for i, prompt in enumerate(prompts):
-                request_id = f"{cid}-{i}"
+                request_id = f"{job_id}-{i}"
                 stream = engine.add_request(Request(request_id, tuple(prompt), params))
                 self.state.track(request_id, engine)
                 job.add_prompt(
-                    request_id,
-                    stream,
-                    prompt,
-                    stop=stop,
-                    echo=body.echo,
-                    logprobs=body.logprobs is not None,
+                    request_id, stream, prompt, stop=stop, echo=echo, logprobs=logprobs
                 )
                 self.state.metrics.observe_prompt(len(prompt))
         except BaseException:
@@ -121,38 +136,12 @@ class CompletionServing:
             raise
         return job
 
-    def _prompt_ids(self, prompt, engine) -> list[list[int]]:
-        items = (
-            [prompt]
-            if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
-            else list(prompt)
-        )
-        out: list[list[int]] = []
-        for item in items:
-            if isinstance(item, str):
-                if not item:
-                    raise InvalidRequestError("prompt", "prompt must not be empty")
-                try:
-                    ids = engine.tokenizer.encode(item)
-                except TokenizerError as err:
-                    raise InvalidRequestError("prompt", str(err)) from None
-            else:
-                ids = list(item)
-                bad = [t for t in ids if not 0 <= t < engine.vocab_size]
-                if bad:
-                    raise InvalidRequestError(
-                        "prompt",
-                        f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})",
-                    )
-            if not ids:
-                raise InvalidRequestError("prompt", "prompt must hold at least one token")
-            out.append(ids)
-        return out
-
     # -- engine events -----------------------------------------------------------------------
 
     def _apply(self, job: Job, out: RequestOutput, engine) -> tuple[ChoiceState, str] | None:
         """Fold one engine event into the job; record finishes, free engine work at once."""
+        if job.first_token_at is None and out.token_id is not None:
+            job.first_token_at = time.perf_counter()
         update = job.apply(out)
         if update is None:
             return None
@@ -179,16 +168,18 @@ class CompletionServing:
                 engine.abort(request_id)
                 job.finished_requests.add(request_id)
                 self.state.untrack(request_id)
+        if count and self._access is not None:
+            self._access.prompt_tokens = job.prompt_tokens
+            self._access.completion_tokens = job.usage().completion_tokens
+            if job.first_token_at is not None:
+                self._access.time_to_first_token = job.first_token_at - self.started
 
-    # -- responses --------------------------------------------------------------------------
+    # -- answers ----------------------------------------------------------------------------
 
-    async def _collect(self, job: Job, engine) -> None:
-        async for out in _events(job):
-            self._apply(job, out, engine)
-            if job.all_done:
-                break
-
-    async def _respond(self, job: Job, engine, http: HTTPRequest) -> Response:
+    async def respond(
+        self, job: Job, engine, http: HTTPRequest, build: Callable[[Job], BaseModel]
+    ) -> Response:
+        """Run ``job`` to its end and answer ``build(job)`` as JSON (499 if the client left)."""
         timeout = self.state.settings.request_timeout or None
         work = asyncio.create_task(asyncio.wait_for(self._collect(job, engine), timeout))
         gone = asyncio.create_task(_wait_disconnect(http))
@@ -216,55 +207,41 @@ class CompletionServing:
                 "the engine failed while running this request; see the server log",
                 code="engine_error",
             )
-        choices = [
-            CompletionChoice(
-                index=c.index,
-                text=c.text,
-                logprobs=c.logprobs,
-                finish_reason=c.finish_reason,
-                context_window=c.window,
-            )
-            for c in job.choices
-        ]
-        return Response(
-            CompletionResponse(
-                id=job.id,
-                created=job.created,
-                model=job.model,
-                choices=choices,
-                usage=job.usage(),
-                system_fingerprint=job.system_fingerprint,
-            )
-            .model_dump_json()
-            .encode(),
-            media_type="application/json",
+        return Response(build(job).model_dump_json().encode(), media_type="application/json")
+
+    async def _collect(self, job: Job, engine) -> None:
+        async for out in _events(job):
+            self._apply(job, out, engine)
+            if job.all_done:
+                break
+
+    def stream(self, job: Job, engine, shape: ChunkShape, include_usage: bool) -> Response:
+        return StreamingResponse(
+            self._stream(job, engine, shape, include_usage),
+            media_type=sse.MEDIA_TYPE,
+            headers=sse.HEADERS,
         )
 
-    async def _stream(self, job: Job, engine, include_usage: bool) -> AsyncIterator[bytes]:
-        frame = sse.ChunkFramer(
-            {
-                "id": job.id,
-                "object": "text_completion",
-                "created": job.created,
-                "model": job.model,
-                "system_fingerprint": job.system_fingerprint,
-            }
-        )
+    async def _stream(
+        self, job: Job, engine, shape: ChunkShape, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        frame = shape.framer
         completed = False
         try:
             timeout = self.state.settings.request_timeout or None
             async with asyncio.timeout(timeout):
                 for c in job.choices:
-                    if c.prefix:
-                        yield frame.choice(c.chunk(c.prefix))
+                    first = shape.opening(c)
+                    if first is not None:
+                        yield frame.choice(first)
                 async for out in _events(job):
                     applied = self._apply(job, out, engine)
                     if applied is None:
                         continue
                     choice, text = applied
-                    if choice.done or choice.logprobs is not None:
-                        if text or choice.done or choice.has_unsent_logprobs:
-                            yield frame.choice(choice.chunk(text))
+                    if choice.done or choice.want_logprobs or choice.window_moved:
+                        if text or choice.done or choice.has_unsent_logprobs or choice.window_moved:
+                            yield frame.choice(shape.chunk(choice, text))
                     elif text:  # the per-token hot path
                         yield frame.text(choice.index, text)
                     if job.all_done:
@@ -282,6 +259,17 @@ class CompletionServing:
             if not completed:  # cancelled by a client disconnect
                 self.state.metrics.disconnect()
             self._release(job, engine)
+
+
+def stream_head(job: Job, obj: str) -> dict:
+    """The fields every chunk of ``job``'s stream repeats."""
+    return {
+        "id": job.id,
+        "object": obj,
+        "created": job.created,
+        "model": job.model,
+        "system_fingerprint": job.system_fingerprint,
+    }
 
 
 async def _wait_disconnect(http: HTTPRequest) -> None:

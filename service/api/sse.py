@@ -1,4 +1,4 @@
-"""Server-sent events framing for streamed completions (OpenAI's ``data: {...}`` lines)."""
+"""Server-sent events framing for streamed completions and chat (OpenAI's ``data: {...}`` lines)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,15 @@ def event(data: Any) -> bytes:
 
 
 class ChunkFramer:
-    """Frames a completion's stream chunks; the fields every chunk repeats are encoded once
-    (the per-token path is the server's hottest Python code)."""
+    """Frames a stream's chunks; the fields every chunk repeats are encoded once (the per-token
+    path is the server's hottest Python code). ``chat``: choices carry ``delta.content`` (chat
+    completion chunks) rather than ``text``."""
 
-    def __init__(self, head: dict[str, Any]) -> None:
+    def __init__(self, head: dict[str, Any], *, chat: bool = False) -> None:
         self._head = head
         self._prefix = b"data: " + _json(head)[:-1] + b',"choices":['
+        self._text_key = b'"delta":{"content":' if chat else b'"text":'
+        self._text_end = b"}" if chat else b""
 
     def choice(self, choice: dict[str, Any]) -> bytes:
         """A chunk carrying one choice's delta."""
@@ -41,8 +44,10 @@ class ChunkFramer:
         return b"".join(
             (
                 self._prefix,
-                b'{"index":%d,"text":' % index,
+                b'{"index":%d,' % index,
+                self._text_key,
                 _string(text).encode(),
+                self._text_end,
                 b',"logprobs":null,"finish_reason":null}]}\n\n',
             )
         )

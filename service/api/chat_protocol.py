@@ -1,0 +1,158 @@
+"""``/v1/chat/completions`` on the wire: OpenAI's chat request, response and logprob shapes.
+
+The sampling fields are ``GenerationRequest``'s (shared with ``/v1/completions``). Fields OpenAI
+defines for features these models do not have (tools, structured output) are declared so that a
+request using them gets a clear 400 instead of being silently ignored; an absent or neutral value
+(``tools: []``, ``tool_choice: "none"``, ``response_format: {"type": "text"}``) is accepted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, StrictInt, StrictStr
+
+from service.api.protocol import (
+    ContextWindow,
+    FinishReason,
+    GenerationRequest,
+    OpenAIModel,
+    Usage,
+)
+from service.engine.types import InvalidRequestError
+
+Role = Literal["system", "developer", "user", "assistant"]
+
+
+class ContentPart(OpenAIModel):
+    """One part of a message's content; only ``{"type": "text", "text": ...}`` is supported."""
+
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class ChatMessage(OpenAIModel):
+    role: Role
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self, index: int) -> str:
+        """The content as one string (text parts joined by newlines, as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise InvalidRequestError(
+                    "messages",
+                    f"messages[{index}].content: a {part.type!r} part is not supported; "
+                    "this model takes text only",
+                )
+            texts.append(part.text)
+        return "\n".join(texts)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    """``POST /v1/chat/completions``: OpenAI's chat request (sampling fields shared)."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+        description="the conversation, rendered into one prompt by the chat template"
+    )
+    max_completion_tokens: StrictInt | None = Field(
+        None, description="tokens to generate (default: the model's context window)"
+    )
+    max_tokens: StrictInt | None = Field(None, description="older name of max_completion_tokens")
+    logprobs: bool = Field(False, description="return each generated token's log-probability")
+    top_logprobs: StrictInt | None = Field(
+        None, description="alternatives per token, 0..5 (needs logprobs: true)"
+    )
+    tools: list[Any] | None = Field(None, description="refused when non-empty: no tool calling")
+    tool_choice: Any = Field(None, description='only "none" is accepted')
+    functions: list[Any] | None = Field(None, description="refused when non-empty")
+    function_call: Any = Field(None, description='only "none" is accepted')
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}')
+
+    def max_new_tokens(self, window: int) -> int:
+        """``max_completion_tokens`` (or the older ``max_tokens``), else one context window
+        (the engine checks the upper bound)."""
+        for param in ("max_completion_tokens", "max_tokens"):
+            value = getattr(self, param)
+            if value is not None:
+                if value < 1:
+                    raise InvalidRequestError(param, f"{param} must be at least 1, got {value}")
+                return value
+        return window
+
+    def engine_logprobs(self) -> int | None:
+        """The engine's ``logprobs`` (None: none; k: the chosen token's plus the top k)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs", "top_logprobs needs logprobs: true")
+        if not self.logprobs:
+            return None
+        k = self.top_logprobs or 0
+        if not 0 <= k <= 5:
+            raise InvalidRequestError(
+                "top_logprobs", f"top_logprobs must be an integer in [0, 5], got {k}"
+            )
+        return k
+
+    def refuse_unsupported(self) -> None:
+        """400 for the OpenAI features these models lack, rather than silently ignoring them."""
+        if self.tools or self.functions:
+            param = "tools" if self.tools else "functions"
+            raise InvalidRequestError(param, f"{param}: tool calling is not supported by this model")
+        for param in ("tool_choice", "function_call"):
+            value = getattr(self, param)
+            if value not in (None, "none"):
+                raise InvalidRequestError(
+                    param, f'{param}: tool calling is not supported by this model; use "none"'
+                )
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise InvalidRequestError(
+                "response_format",
+                "response_format: structured output is not supported by this model; "
+                'only {"type": "text"} is accepted',
+            )
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] = Field(default_factory=list)
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    context_window: ContextWindow | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
