@@ -239,11 +239,11 @@ def start_server(checkpoint: Path, settings: Settings) -> tuple[subprocess.Popen
         "--port",
         str(port),
         "--max-batch-size",
-        str(settings.max_batch_size),
+        str(settings.engine.max_batch_size),
         "--max-queue",
-        str(settings.max_queue),
+        str(settings.engine.max_queue),
         "--device",
-        settings.device,
+        settings.engine.device,
         "--log-level",
         "warning",
     ]
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             temperature=args.temperature,
             rounds=args.rounds,
         )
-        settings = Settings(
+        settings = Settings.create(
             checkpoint=checkpoint,
             device="cpu",
             max_batch_size=max(32, cfg.concurrency),

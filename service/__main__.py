@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             TransportLimits.from_settings(settings),
             max_connections=fit_to_file_limit(settings.max_connections),
         )
-        check_device(settings.device)
+        check_device(settings.engine.device)
     except (ConfigError, ListenError) as err:
         for sock in sockets:
             sock.close()

@@ -32,21 +32,8 @@ log = logging.getLogger("service")
 
 
 def engine_config(settings: Settings):
-    """The engine's config from the server settings (engine defaults where a flag is unset)."""
-    from service.engine import EngineConfig
-
-    overrides = {
-        "max_batch_size": settings.max_batch_size,
-        "max_queue": settings.max_queue,
-        "device": settings.device,
-        "dtype": settings.dtype,
-        "batch_invariant": settings.batch_invariant,
-    }
-    if settings.kv_memory is not None:
-        overrides["kv_memory"] = settings.kv_memory
-    if settings.window_shift is not None:
-        overrides["window_shift"] = settings.window_shift
-    return EngineConfig(**overrides)
+    """The engine's config: the server's settings carry it whole (``Settings.engine``)."""
+    return settings.engine
 
 
 def load_engine(settings: Settings):

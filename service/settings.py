@@ -14,39 +14,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.engine.config import EngineConfig
+
 ENV_PREFIX = "GPTSERVE_"
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOG_FORMATS = ("text", "json")
 # The shipped weights, found next to the package (not the working directory).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "shakespeare-char"
-MAX_N = 16  # SamplingParams.validate's default bound on n, which the engine applies
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the HTTP server is configured with (engine knobs are passed through)."""
+    """Everything the HTTP server is configured with. The engine's knobs are not repeated here:
+    ``engine`` is the engine's own config, and its flags are generated from its fields."""
 
     checkpoint: Path = DEFAULT_CHECKPOINT
     host: str = "127.0.0.1"
     port: int = 8000
-    device: str = "auto"
-    dtype: str = "auto"
     model_name: str | None = None  # None: the checkpoint folder's name
-    max_batch_size: int = 32
-    max_queue: int = 256
-    kv_memory: int | None = None  # bytes; None: the engine sizes it for max_batch_size windows
-    window_shift: int | None = None  # None: the engine's default
-    batch_invariant: bool = False  # on: a seeded request samples the same tokens in any batch
+    engine: EngineConfig = field(default_factory=EngineConfig)
     api_key: str | None = field(default=None, repr=False)  # never printed or logged
     cors_origins: tuple[str, ...] = ()
     request_timeout: float = 600.0  # seconds; 0 = no limit
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     max_request_bytes: int = 1024 * 1024
-    max_n: int = 16
     watch: bool = False  # reload the checkpoint when the trainer swaps in a new one
     watch_interval: float = 2.0  # seconds between two looks at the checkpoint folder
     # The HTTP edge (service/transport): limits on what a client may hold open or send before
@@ -62,20 +55,13 @@ class Settings:
     chat_template: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
-        for name in ("max_batch_size", "max_queue", "max_request_bytes", "max_n",
-                     "max_header_bytes", "max_headers", "max_connections"):
+        for name in ("max_request_bytes", "max_header_bytes", "max_headers", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_n > MAX_N:
-            raise ValueError(f"max_n must be <= {MAX_N} (the engine's limit), got {self.max_n}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.request_timeout < 0 or self.shutdown_timeout < 0:
@@ -87,6 +73,14 @@ class Settings:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset to disable auth)")
+
+    @classmethod
+    def create(cls, **values) -> Settings:
+        """Settings from flat keyword arguments, as the command line gives them: the engine's
+        knobs (``EngineConfig``'s fields) go into ``engine``."""
+        knobs = {f.name for f in EngineConfig.knobs()}
+        engine = {name: values.pop(name) for name in list(values) if name in knobs}
+        return cls(engine=EngineConfig(**engine), **values)
 
     @property
     def served_model_name(self) -> str:
@@ -155,54 +149,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     add("--host", "address to listen on", d.host)
     add("--port", "TCP port to listen on", d.port, type=int)
-    add("--device", "where the model runs (auto: cuda when available)", d.device, choices=DEVICES)
-    add(
-        "--dtype",
-        "weight/activation dtype (auto: bfloat16 on cuda, float32 on cpu)",
-        d.dtype,
-        choices=DTYPES,
-    )
     add(
         "--model-name",
         "model name reported by /v1/models and required in requests "
         "(unset: the checkpoint folder's name)",
         d.model_name,
     )
-    add(
-        "--max-batch-size",
-        "most sequences decoded together (engine slots)",
-        d.max_batch_size,
-        type=int,
-    )
-    add(
-        "--max-queue",
-        "most requests waiting for a slot; beyond it requests get 503 with Retry-After",
-        d.max_queue,
-        type=int,
-    )
-    add(
-        "--kv-memory",
-        "bytes for the KV cache, e.g. 512M (unset: enough for max-batch-size full context windows)",
-        d.kv_memory,
-        type=parse_size,
-    )
-    add(
-        "--window-shift",
-        "tokens dropped when a sequence outgrows the context window "
-        "(1 = exactly nanoGPT's crop every step; unset: the engine's default)",
-        d.window_shift,
-        type=int,
-    )
-    add(
-        "--batch-invariant",
-        "on: a seeded request gets the same tokens alone or in any batch (decode always runs "
-        "every slot at full window width); off: decode only the busy slots, ~3x faster for a lone "
-        "request on CPU, but rows may differ in the last bits between batch sizes",
-        d.batch_invariant,
-        type=parse_flag,
-        nargs="?",
-        const=True,
-    )
+    _add_engine_flags(add)
     add(
         "--api-key",
         "require 'Authorization: Bearer KEY' on every route except /health and "
@@ -236,12 +189,6 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=parse_size,
     )
     add(
-        "--max-n",
-        "largest n (choices per prompt) a request may ask for (at most 16)",
-        d.max_n,
-        type=int,
-    )
-    add(
         "--watch",
         "reload the checkpoint live when a new one appears in its folder (the trainer's atomic "
         "save): requests in flight finish on the old weights, new ones get the new weights",
@@ -266,6 +213,22 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=_chat_template,
     )
     return parser
+
+
+def _add_engine_flags(add) -> None:
+    """One flag per ``EngineConfig`` field, with the field's help text and default: the engine's
+    config is the one place its knobs are defined."""
+    for knob in EngineConfig.knobs():
+        flag = "--" + knob.name.replace("_", "-")
+        meta, kind = knob.metadata, str(knob.type)
+        if kind == "bool":
+            add(flag, meta["help"], knob.default, type=parse_flag, nargs="?", const=True)
+        elif meta.get("size"):
+            add(flag, meta["help"], knob.default, type=parse_size)
+        elif "choices" in meta:
+            add(flag, meta["help"], knob.default, choices=meta["choices"])
+        else:
+            add(flag, meta["help"], knob.default, type=float if kind == "float" else int)
 
 
 def _add_edge_flags(add, d: Settings) -> None:
@@ -323,7 +286,7 @@ def parse_settings(
     if isinstance(values["cors_origins"], str):
         values["cors_origins"] = _origins(values["cors_origins"])
     try:
-        return Settings(**values)
+        return Settings.create(**values)
     except ValueError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits

@@ -111,7 +111,7 @@ def live_server(checkpoint, **overrides) -> LiveServer:
         "shutdown_timeout": 5.0,
     }
     options.update(overrides)
-    return LiveServer(create_app(Settings(checkpoint=checkpoint, **options)))
+    return LiveServer(create_app(Settings.create(checkpoint=checkpoint, **options)))
 
 
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:

@@ -13,7 +13,10 @@ import httpx
 import pytest
 from conftest import wait_until
 
+from service.engine import EngineConfig
 from service.settings import DEFAULT_CHECKPOINT, Settings, build_parser, parse_settings
+
+ENGINE_KNOBS = {f.name for f in EngineConfig.knobs()}
 
 FLAGS = {
     "--checkpoint": ("/tmp/ckpt", Path("/tmp/ckpt")),
@@ -26,7 +29,13 @@ FLAGS = {
     "--max-queue": ("9", 9),
     "--kv-memory": ("64M", 64 * 1024 * 1024),
     "--window-shift": ("4", 4),
-    "--batch-invariant": ("off", False),
+    "--batch-invariant": ("on", True),
+    "--max-request-sequences": ("12", 12),
+    "--kv-memory-fraction": ("0.5", 0.5),
+    "--prefill-chunk": ("64", 64),
+    "--max-tokens-per-step": ("300", 300),
+    "--compile": ("1", True),
+    "--cuda-graphs": ("off", False),
     "--api-key": ("k3y", "k3y"),
     "--cors-origins": ("http://a.test, http://b.test", ("http://a.test", "http://b.test")),
     "--request-timeout": ("12.5", 12.5),
@@ -55,9 +64,14 @@ def _env(flag: str) -> str:
     return "GPTSERVE_" + _field(flag).upper()
 
 
-def test_every_settings_field_has_a_flag():
-    fields = set(Settings.__dataclass_fields__)
+def test_every_settings_field_and_engine_knob_has_a_flag():
+    fields = (set(Settings.__dataclass_fields__) - {"engine"}) | ENGINE_KNOBS
     assert fields == {_field(f) for f in FLAGS}, "a Settings field lacks a flag (or the test)"
+
+
+def _value(settings: Settings, name: str):
+    """A setting, or an engine knob: the engine's config is not copied into the settings."""
+    return getattr(settings.engine if name in ENGINE_KNOBS else settings, name)
 
 
 @pytest.mark.parametrize("flag", sorted(FLAGS))
@@ -65,8 +79,8 @@ def test_each_flag_and_its_env_twin_set_the_same_field(flag):
     raw, value = FLAGS[flag]
     from_flag = parse_settings([flag, raw], environ={})
     from_env = parse_settings([], environ={_env(flag): raw})
-    assert getattr(from_flag, _field(flag)) == value
-    assert getattr(from_env, _field(flag)) == value
+    assert _value(from_flag, _field(flag)) == value
+    assert _value(from_env, _field(flag)) == value
 
 
 def test_flag_overrides_environment():

@@ -240,7 +240,7 @@ def test_while_the_checkpoint_loads_health_answers_and_ready_and_work_get_503(
         return real_load(settings)
 
     monkeypatch.setattr(service.app, "load_engine", slow_load)
-    app = service.app.create_app(Settings(checkpoint=tiny_checkpoint, device="cpu"))
+    app = service.app.create_app(Settings.create(checkpoint=tiny_checkpoint, device="cpu"))
     with LiveServer(app, wait_ready=False) as srv:
         assert httpx.get(srv.url + "/health").status_code == 200
         ready = httpx.get(srv.url + "/ready")

@@ -61,7 +61,7 @@ class CompletionServing(Serving):
         """Sequences per prompt in the engine: ``best_of`` when given, else ``n``."""
         if body.best_of is None or body.best_of == body.n:
             return body.n
-        max_n = self.state.settings.max_n
+        max_n = self.state.settings.engine.max_n
         if not 1 <= body.n <= max_n:
             raise InvalidRequestError("n", f"n must be an integer in [1, {max_n}], got {body.n}")
         if not body.n <= body.best_of <= max_n:

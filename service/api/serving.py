@@ -113,7 +113,7 @@ class Serving:
         logprobs: bool = False,
     ) -> Job:
         """Queue one engine request per prompt; all or none are admitted."""
-        params.validate(engine.vocab_size, max_n=self.state.settings.max_n)
+        params.validate(engine.vocab_size, max_n=self.state.settings.engine.max_n)
         job = Job(
             id=job_id,
             created=int(time.time()),
@@ -122,18 +122,16 @@ class Serving:
             tokenizer=engine.tokenizer,
             system_fingerprint=system_fingerprint(engine),
         )
-        try:
-            for i, prompt in enumerate(prompts):
-                request_id = f"{job_id}-{i}"
-                stream = engine.add_request(Request(request_id, tuple(prompt), params))
-                self.state.track(request_id, engine)
-                job.add_prompt(
-                    request_id, stream, prompt, stop=stop, echo=echo, logprobs=logprobs
-                )
-                self.state.metrics.observe_prompt(len(prompt))
-        except BaseException:
-            self._release(job, engine, count=False)
-            raise
+        # one group: the engine admits all prompts or none, and shares slots fairly between
+        # this call and other clients' (not between its own prompts)
+        requests = [Request(f"{job_id}-{i}", tuple(prompt), params, group=job_id)
+                    for i, prompt in enumerate(prompts)]
+        streams = engine.add_requests(requests)
+        for request, stream in zip(requests, streams, strict=True):
+            self.state.track(request.request_id, engine)
+            job.add_prompt(request.request_id, stream, request.prompt_token_ids, stop=stop,
+                           echo=echo, logprobs=logprobs)
+            self.state.metrics.observe_prompt(len(request.prompt_token_ids))
         return job
 
     # -- engine events -----------------------------------------------------------------------
@@ -150,10 +148,9 @@ class Serving:
             self.state.metrics.observe_finished(
                 choice.finish_reason, out.metrics, choice.num_tokens
             )
+            if out.finish_reason is None:  # a stop string ended it: free its slot now
+                engine.abort(out.request_id, out.index)
         if update.request_done:
-            # Choices ended by a stop string are still running in the engine: free their slots
-            # now (a no-op when the engine finished them itself).
-            engine.abort(out.request_id)
             self.state.untrack(out.request_id)
         return update.choice, update.text
 
