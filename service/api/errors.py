@@ -161,8 +161,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return _refuse(request, queue_full())
 
     @app.exception_handler(EngineStoppedError)
-    async def _stopped(request: Request, __: EngineStoppedError) -> JSONResponse:
-        return _refuse(request, not_ready("the server is shutting down"))
+    async def _stopped(request: Request, err: EngineStoppedError) -> JSONResponse:
+        return _refuse(request, not_ready(str(err) or "the server is shutting down"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:

@@ -128,9 +128,16 @@ async def detokenize(body: DetokenizeRequest, state: StateDep) -> DetokenizeResp
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
 
-@router.get("/health", summary="Liveness: the process is up")
-async def health() -> dict:
-    return {"status": "ok"}
+@router.get(
+    "/health",
+    summary="Liveness: the process is up (503 once its engine thread has died: restart it)",
+    responses={503: {"model": ErrorResponse}},
+)
+async def health(state: StateDep) -> JSONResponse:
+    if state.has_engine and state.engine.error is not None:
+        return APIError(503, f"the engine failed: {state.engine.error!r}",
+                        code="engine_failed").response()
+    return JSONResponse({"status": "ok"})
 
 
 @router.get(
@@ -140,8 +147,7 @@ async def health() -> dict:
 )
 async def ready(state: StateDep) -> JSONResponse:
     if not state.ready:
-        reason = "draining" if state.draining else "loading"
-        return not_ready(f"not ready: {reason}").response()
+        return not_ready(f"not ready: {state.not_ready_reason()}").response()
     return JSONResponse({"status": "ready"})
 
 

@@ -65,7 +65,7 @@ class Serving:
         self._access = getattr(http.state, "access", None)
         state = self.state
         if not state.ready:  # loading, warming up or draining: a balancer should go elsewhere
-            raise not_ready()
+            raise not_ready(state.not_ready_reason())
         served = state.settings.served_model_name
         if body.model is not None and body.model != served:
             raise APIError(

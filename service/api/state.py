@@ -58,6 +58,14 @@ class ServerState:
     def ready(self) -> bool:
         return self._engine is not None and bool(self._engine.ready) and not self.draining
 
+    def not_ready_reason(self) -> str:
+        """Why ``ready`` is False, for a 503's message: draining, a dead engine, or loading."""
+        if self.draining:
+            return "the server is draining (shutting down or restarting)"
+        if self._engine is not None and self._engine.error is not None:
+            return f"the engine failed: {self._engine.error!r}"
+        return "the server is loading its model"
+
     def track(self, request_id: str, engine: Engine) -> None:
         self._inflight[request_id] = engine
         self._idle.clear()

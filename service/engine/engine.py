@@ -33,6 +33,7 @@ from service.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+JOIN_GRACE = 10.0  # seconds shutdown waits for the engine thread beyond its drain timeout
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -197,14 +198,14 @@ class Engine:
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting requests; let in-flight ones finish for up to ``timeout`` seconds
         (None: abort them at once), abort the rest, and join the engine thread (giving up after
-        ``timeout`` + 10 s: a step that never returns cannot hold the process)."""
+        ``timeout`` + ``JOIN_GRACE`` s: a step that never returns cannot hold the process)."""
         with self._cond:
             if self._state in ("new", "running"):
                 self._deadline = time.monotonic() + (timeout or 0.0)
                 self._state = "draining" if self._thread is not None else "stopped"
             self._cond.notify()
         if self._thread is not None:
-            self._thread.join((timeout or 0.0) + 10.0)
+            self._thread.join((timeout or 0.0) + JOIN_GRACE)
             if self._thread.is_alive():
                 log.error("the engine thread did not stop in time; abandoning it")
         else:  # never started: requests queued so far end with an abort event

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from service.engine.types import RequestOutput
+
+log = logging.getLogger(__name__)
+MAX_BACKLOG = 65536  # unread events before a request is cancelled (~13 MB of events)
 
 
 class RequestStream:
@@ -13,22 +17,33 @@ class RequestStream:
     last choice's finishing event.
 
     The engine thread calls ``put`` (from any thread); it hands the events to the event loop with
-    ``loop.call_soon_threadsafe``, so the loop only ever runs cheap queue operations.
+    ``loop.call_soon_threadsafe``, so the loop only ever runs cheap queue operations. The backlog
+    is bounded: a consumer that stops reading (a client that stopped reading its socket) while
+    the engine keeps producing gets its request cancelled once ``max_backlog`` events wait, so
+    its memory cannot grow without end (``overflowed`` is then True).
     """
 
     def __init__(
         self, request_id: str, n: int, loop: asyncio.AbstractEventLoop,
-        on_abort: Callable[[str], None],
+        on_abort: Callable[[str], None], max_backlog: int = MAX_BACKLOG,
     ) -> None:
         self.request_id = request_id
         self._remaining = n
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._on_abort = on_abort
+        self.max_backlog = max_backlog
         self.finished = False
+        self.overflowed = False
 
     def put(self, outputs: list[RequestOutput]) -> None:
         """Hand events over from the engine thread (thread-safe)."""
+        # qsize from another thread is a racy read of a deque's length: good enough for a bound
+        if not self.overflowed and self._queue.qsize() + len(outputs) > self.max_backlog:
+            self.overflowed = True
+            log.warning("request %s: %d events unread; cancelling it (the client stopped reading)",
+                        self.request_id, self._queue.qsize())
+            self._on_abort(self.request_id)
         try:
             self._loop.call_soon_threadsafe(self._put_many, outputs)
         except RuntimeError:  # the loop is closed: nobody is listening any more
