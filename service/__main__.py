@@ -76,11 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not settings.checkpoint.exists():  # fail fast on the common mistake, before listening
-        print(
-            f"gptserve: cannot load checkpoint: {settings.checkpoint}: no such file or folder",
-            file=sys.stderr,
-        )
+    from model.checkpoint.files import CheckpointError, checkpoint_kind
+
+    try:  # fail fast on the common mistakes (missing, a symlink loop), before listening
+        checkpoint_kind(settings.checkpoint)
+    except CheckpointError as err:
+        print(f"gptserve: cannot load checkpoint: {err}", file=sys.stderr)
         return 2
     return serve(settings)
 

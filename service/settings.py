@@ -8,6 +8,7 @@ tests build settings exactly as the command line does.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,7 @@ class Settings:
     port: int = 8000
     device: str = "auto"
     dtype: str = "auto"
-    model_name: str | None = None  # None: the checkpoint folder's name
+    model_name: str | None = None  # None: a name from the checkpoint (see served_model_name)
     max_batch_size: int = 32
     max_queue: int = 256
     kv_memory: int | None = None  # bytes; None: the engine sizes it for max_batch_size windows
@@ -48,6 +49,7 @@ class Settings:
     max_n: int = 16
     watch: bool = False  # reload the checkpoint when the trainer swaps in a new one
     watch_interval: float = 2.0  # seconds between two looks at the checkpoint folder
+    load_timeout: float = 300.0  # seconds a checkpoint load may take (start-up and reloads)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -67,12 +69,18 @@ class Settings:
             raise ValueError("request_timeout and shutdown_timeout must be >= 0")
         if self.watch_interval <= 0:
             raise ValueError(f"watch_interval must be > 0, got {self.watch_interval}")
+        if self.load_timeout <= 0:
+            raise ValueError(f"load_timeout must be > 0, got {self.load_timeout}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (leave it unset to disable auth)")
 
-    @property
+    @functools.cached_property
     def served_model_name(self) -> str:
-        return self.model_name or self.checkpoint.name
+        """``--model-name``, else the checkpoint's provenance name, its run folder's name (for
+        ``RUN/best`` and ``RUN/latest``) or its folder's name (read once, then fixed)."""
+        from model.checkpoint.naming import default_model_name
+
+        return self.model_name or default_model_name(self.checkpoint)
 
 
 def parse_size(text: str) -> int:
@@ -136,8 +144,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     add(
         "--model-name",
-        "model name reported by /v1/models and required in requests "
-        "(unset: the checkpoint folder's name)",
+        "model name reported by /v1/models and required in requests (unset: the checkpoint's "
+        "provenance name, else the run folder's name for RUN/best and RUN/latest, else the "
+        "checkpoint folder's name)",
         d.model_name,
     )
     add(
@@ -226,6 +235,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "--watch-interval",
         "seconds between two looks at the checkpoint folder when --watch is on",
         d.watch_interval,
+        type=float,
+    )
+    add(
+        "--load-timeout",
+        "seconds a checkpoint load may take, at start-up and on each reload, before it is "
+        "abandoned and refused",
+        d.load_timeout,
         type=float,
     )
     return parser

@@ -36,6 +36,7 @@ FLAGS = {
     "--max-n": ("4", 4),
     "--watch": ("1", True),
     "--watch-interval": ("0.5", 0.5),
+    "--load-timeout": ("7.5", 7.5),
 }
 
 
