@@ -51,6 +51,13 @@ def model_field(key: str, value) -> Callable[[Path], Path]:
     return build
 
 
+def model_fields(**values) -> Callable[[Path], Path]:
+    def build(folder: Path) -> Path:
+        return _edit_config(native(folder), lambda m: m["model"].update(values))
+
+    return build
+
+
 def config_key(key: str, value) -> Callable[[Path], Path]:
     def build(folder: Path) -> Path:
         return _edit_config(native(folder), lambda m: m.__setitem__(key, value))
@@ -233,6 +240,10 @@ CASES: list[BadCheckpoint] = [
                   r"config\.json"),
     BadCheckpoint("n_layer-1e9", model_field("n_layer", _BIG), r"n_layer.*at most 4096"),
     BadCheckpoint("too-big-to-fit", model_field("n_embd", 2**20), r"n_embd=1048576.*memory"),
+    # loads in ~0.3 GB, but its KV cache (4096 layers x 4M positions per slot) is terabytes
+    BadCheckpoint("kv-cache-too-big",
+                  model_fields(n_layer=4096, n_head=1, n_embd=2, block_size=2**22),
+                  r"KV cache.*memory|memory.*KV cache"),
     BadCheckpoint("n_embd-1e9-float", model_field("n_embd", 1e9), r"n_embd.*integer"),
     BadCheckpoint("n_embd-1e9", model_field("n_embd", _BIG), r"n_embd=1000000000.*memory"),
     BadCheckpoint("vocab-1e12", model_field("vocab_size", 10**12), r"vocab_size"),

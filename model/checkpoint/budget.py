@@ -32,7 +32,7 @@ class BudgetError(CheckpointError):
 def parameter_count(config: GPTConfig) -> int:
     """Parameters of ``GPT(config)`` (the tied LM head counted once), from the shape alone."""
     c, b = config.n_embd, int(config.bias)
-    per_layer = 12 * c * c + 2 * c + b * 9 * c  # attn 4C^2 + mlp 8C^2, two LayerNorms, biases
+    per_layer = 12 * c * c + 2 * c + b * 11 * c  # attn 4C^2 + mlp 8C^2, 2 LayerNorms, biases
     embeddings = (config.vocab_size + config.block_size) * c
     return embeddings + config.n_layer * per_layer + c + b * c  # + ln_f
 
