@@ -73,13 +73,15 @@ class CharTokenizer:
     """One token per Unicode character; the vocabulary lives in the checkpoint (nanoGPT)."""
 
     def __init__(self, chars: list[str]) -> None:
-        if any(not isinstance(c, str) or len(c) != 1 for c in chars):
-            raise TokenizerError("a char vocabulary must be a list of single characters")
+        if any(not isinstance(c, str) or len(c) != 1 or "\ud800" <= c <= "\udfff" for c in chars):
+            raise TokenizerError(
+                "a char vocabulary must be a list of single characters (no lone surrogates)"
+            )
         if len(set(chars)) != len(chars):
             raise TokenizerError("a char vocabulary must hold distinct characters")
         self.chars = list(chars)
         self._stoi = {c: i for i, c in enumerate(self.chars)}
-        self._bytes = [c.encode("utf-8", errors="surrogatepass") for c in self.chars]
+        self._bytes = [c.encode("utf-8") for c in self.chars]
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:

@@ -265,6 +265,8 @@ CASES: list[BadCheckpoint] = [
                   r"chars.*list"),
     BadCheckpoint("chars-of-ints", tokenizer_spec({"type": "char", "chars": [1, 2, 3]}),
                   r"single characters"),
+    BadCheckpoint("chars-lone-surrogate", tokenizer_spec({"type": "char", "chars": ["a", "\ud800"]}),
+                  r"surrogate"),
     BadCheckpoint("chars-duplicated", tokenizer_spec({"type": "char", "chars": ["a", "a"]}),
                   r"distinct"),
     BadCheckpoint("chars-exceed-model-vocab",

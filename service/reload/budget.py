@@ -38,7 +38,10 @@ def serving_budget(
     engine serving now (named in a refusal), ``memory`` reads the host's free memory."""
 
     def check(config: GPTConfig) -> None:
-        device = resolve_device(engine.device)
+        try:
+            device = resolve_device(engine.device)
+        except ValueError:  # no such device: the engine says so itself, it is not the checkpoint's
+            device = torch.device("cpu")
         dtype = resolve_dtype(engine.dtype, device)
         slots = plan_slots(config, dtype, engine.max_batch_size, engine.kv_memory)
         kv = slots * bytes_per_slot(config, dtype)
