@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -83,7 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"gptserve: cannot load checkpoint: {err}", file=sys.stderr)
         return 2
-    return serve(settings)
+    status = serve(settings)
+    from service.reload.loading import jobs_still_running
+
+    if stuck := jobs_still_running():  # abandoned loads: never finalize the interpreter under them
+        log.warning("exiting while still running: %s", "; ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -211,13 +211,13 @@ def test_a_load_past_load_timeout_is_refused_holds_off_others_then_reloads_resum
     release = tmp_path / "release"
     os.mkfifo(release)
     server = BlockingServer(live, tmp_path / "server.log",
-                            ("--api-key", KEY, "--load-timeout", "5"), release=release)  # fmt: skip
+                            ("--api-key", KEY, "--load-timeout", "30"), release=release)  # fmt: skip
     server.start()
     url = f"{server.url}/admin/reload"
     try:
         server.wait_ready()
         stuck = httpx.post(url, json={"checkpoint": str(blocked)}, headers=AUTH, timeout=60)
-        assert stuck.status_code == 400 and "did not finish within 5s" in stuck.text, stuck.text
+        assert stuck.status_code == 400 and "did not finish within 30s" in stuck.text, stuck.text
         assert _failed(server) == 1
         held = httpx.post(url, json={"checkpoint": str(good)}, headers=AUTH, timeout=60)
         assert held.status_code == 409, held.text
@@ -232,5 +232,20 @@ def test_a_load_past_load_timeout_is_refused_holds_off_others_then_reloads_resum
 
         _wait(reloaded, "a reload to go through once the stuck load ended")
         assert _iteration(server) == 300 and _completes(server)
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_start_up_load_past_load_timeout_exits_2_with_one_line(tmp_path):
+    blocked = make_tiny_checkpoint(tmp_path / "blocked", seed=2)
+    os.mkfifo(tmp_path / "release")  # never released: the deadline, not the load, ends this
+    server = BlockingServer(blocked, tmp_path / "server.log", ("--load-timeout", "3"),
+                            release=tmp_path / "release")  # fmt: skip
+    server.start()
+    try:
+        assert server.proc.wait(60) == 2, server.log()[-3000:]
+        lines = [line for line in server.log().splitlines() if line.startswith("gptserve:")]
+        assert len(lines) == 1 and "did not finish within 3s" in lines[0], server.log()[-3000:]
     finally:
         server.stop()

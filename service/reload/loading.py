@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 from model.checkpoint import CheckpointError
 
 T = TypeVar("T")
+THREAD_PREFIX = "gptserve job: "  # names every DaemonJob's thread (see jobs_still_running)
 
 
 class LoadTimeout(CheckpointError):
@@ -34,7 +35,9 @@ class DaemonJob(Generic[T]):
         self.name = name
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[T] = self._loop.create_future()
-        self.thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self.thread = threading.Thread(
+            target=self._run, args=(fn,), name=THREAD_PREFIX + name, daemon=True
+        )
         self.thread.start()
 
     def _run(self, fn: Callable[[], T]) -> None:
@@ -57,6 +60,20 @@ class DaemonJob(Generic[T]):
             raise LoadTimeout(
                 f"{self.name} did not finish within {timeout:g}s and was abandoned"
             ) from None
+
+
+def jobs_still_running() -> list[str]:
+    """What abandoned jobs are still running (their threads are named ``THREAD_PREFIX ...``).
+
+    The process must not finalize the interpreter under one: a daemon thread inside torch while
+    Python tears down can crash the exit (seen as SIGSEGV). ``python -m service`` exits with
+    ``os._exit`` when this is not empty.
+    """
+    return [
+        t.name.removeprefix(THREAD_PREFIX)
+        for t in threading.enumerate()
+        if t.daemon and t.name.startswith(THREAD_PREFIX) and t.is_alive()
+    ]
 
 
 async def in_daemon_thread(fn: Callable[[], T], *, name: str, timeout: float) -> T:
