@@ -1,14 +1,23 @@
 """Tokenizers behind one small interface: character-level and tiktoken BPE.
 
 A tokenizer is described by a JSON-able *spec* stored in the checkpoint's ``config.json``:
-``{"type": "char", "chars": [...]}`` (the vocabulary in id order, as nanoGPT's ``meta.pkl`` holds
-it) or ``{"type": "tiktoken", "encoding": "r50k_base"}`` or, with BPE ranks shipped in the
-checkpoint folder, ``{"type": "tiktoken", "ranks_file": "tokenizer.tiktoken"}``.
+- ``{"type": "char", "chars": [...]}``: the vocabulary in id order, as nanoGPT's ``meta.pkl``;
+- ``{"type": "tiktoken", "encoding": "r50k_base"}``: GPT-2's BPE by name (tiktoken's cache);
+- ``{"type": "tiktoken", "ranks_file": "tokenizer.tiktoken", "ranks_sha256": "..."}`` (optionally
+  with ``"encoding"``, ``"special_tokens"``, ``"pat_str"``): BPE ranks shipped in the checkpoint
+  folder, so it needs no tiktoken cache. ``save_checkpoint`` writes this form for every BPE model.
+
+``Tokenizer.spec()`` is the tokenizer's *identity* (equal specs encode alike): the storage fields
+(``ranks_file``, ``ranks_sha256`` of GPT-2's own ranks) are not part of it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
+import hashlib
+import re
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -18,11 +27,27 @@ GPT2_PAT_STR = (
 )
 GPT2_EOT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
+# sha256 of r50k_base.tiktoken as tiktoken publishes it (tiktoken_ext/openai_public.py,
+# ``expected_hash``); ``dump_ranks`` writes GPT-2's ranks byte for byte as that file.
+R50K_BASE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+RANKS_FILE = "tokenizer.tiktoken"
 _ENCODING_ALIASES = {"gpt2": "r50k_base", "r50k_base": "r50k_base"}
+_SPEC_KEYS = {
+    "char": {"type", "chars"},
+    "tiktoken": {"type", "encoding", "ranks_file", "ranks_sha256", "special_tokens", "pat_str",
+                 "name"},
+}
+_RANKS_LIMIT = 64 * 1024 * 1024
 
 
 class TokenizerError(ValueError):
-    """Text or ids that this tokenizer cannot represent."""
+    """Text or ids that this tokenizer cannot represent, or a spec that describes no tokenizer."""
+
+
+class FileSource(Protocol):
+    """Reads one file of a checkpoint folder by plain name (``model.checkpoint.files``)."""
+
+    def read(self, name: str, limit: int = ...) -> bytes: ...
 
 
 @runtime_checkable
@@ -48,8 +73,12 @@ class CharTokenizer:
     """One token per Unicode character; the vocabulary lives in the checkpoint (nanoGPT)."""
 
     def __init__(self, chars: list[str]) -> None:
-        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
-            raise TokenizerError("a char vocabulary must be distinct single characters")
+        if any(not isinstance(c, str) or len(c) != 1 or "\ud800" <= c <= "\udfff" for c in chars):
+            raise TokenizerError(
+                "a char vocabulary must be a list of single characters (no lone surrogates)"
+            )
+        if len(set(chars)) != len(chars):
+            raise TokenizerError("a char vocabulary must hold distinct characters")
         self.chars = list(chars)
         self._stoi = {c: i for i, c in enumerate(self.chars)}
         self._bytes = [c.encode("utf-8") for c in self.chars]
@@ -114,21 +143,42 @@ class TiktokenTokenizer:
         return cls(encoding, {"type": "tiktoken", "encoding": canonical})
 
     @classmethod
-    def from_ranks_file(cls, path: Path, spec: dict[str, Any]) -> TiktokenTokenizer:
+    def from_ranks(
+        cls,
+        ranks: dict[bytes, int],
+        *,
+        special_tokens: dict[str, int] | None = None,
+        pat_str: str = GPT2_PAT_STR,
+        name: str = "bpe",
+    ) -> TiktokenTokenizer:
+        """BPE over ``ranks`` (GPT-2's regex, ``<|endoftext|>`` after the last rank, by default).
+        Its spec is ``r50k_base`` when the ranks are GPT-2's, else their sha256."""
         import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
 
-        if not path.is_file():
-            raise TokenizerError(f"{path}: BPE ranks file not found")
-        ranks = load_tiktoken_bpe(str(path))
-        special = spec.get("special_tokens", {GPT2_EOT: len(ranks)})
-        enc = tiktoken.Encoding(
-            name=spec.get("name", path.stem),
-            pat_str=spec.get("pat_str", GPT2_PAT_STR),
-            mergeable_ranks=ranks,
-            special_tokens=special,
-        )
-        return cls(enc, spec)
+        if special_tokens is None:
+            special_tokens = {GPT2_EOT: max(ranks.values()) + 1}
+        taken = set(ranks.values())
+        if any(i in taken for i in special_tokens.values()):
+            raise TokenizerError("a special token's id is also a BPE rank")
+        try:
+            encoding = tiktoken.Encoding(
+                name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens
+            )
+        except Exception as err:  # tiktoken's regex compiler and BPE core raise their own types
+            raise TokenizerError(f"tiktoken refused the BPE ranks ({type(err).__name__})") from None
+        sha = hashlib.sha256(dump_ranks(ranks)).hexdigest()
+        gpt2 = sha == R50K_BASE_SHA256 and pat_str == GPT2_PAT_STR and special_tokens == {
+            GPT2_EOT: GPT2_EOT_ID
+        }
+        spec: dict[str, Any] = {"type": "tiktoken"}
+        if gpt2:
+            spec["encoding"] = "r50k_base"
+        else:
+            spec["ranks_sha256"] = sha
+            spec["special_tokens"] = dict(special_tokens)
+            if pat_str != GPT2_PAT_STR:
+                spec["pat_str"] = pat_str
+        return cls(encoding, spec)
 
     @property
     def vocab_size(self) -> int:
@@ -162,19 +212,132 @@ class TiktokenTokenizer:
         """The BPE ranks (token bytes -> id), without special tokens."""
         return dict(self._enc._mergeable_ranks)
 
+    def stored_spec(self) -> tuple[dict[str, Any], bytes]:
+        """What a checkpoint stores: its spec naming ``RANKS_FILE``, and that file's bytes."""
+        data = dump_ranks(self.mergeable_ranks())
+        spec = {k: v for k, v in self._spec.items() if k != "ranks_sha256"}
+        spec.update(ranks_file=RANKS_FILE, ranks_sha256=hashlib.sha256(data).hexdigest())
+        if "encoding" not in spec:
+            spec["special_tokens"] = dict(self._enc._special_tokens)
+            if self._enc._pat_str != GPT2_PAT_STR:
+                spec["pat_str"] = self._enc._pat_str
+        return spec, data
 
-def tokenizer_from_spec(spec: dict[str, Any], folder: Path | None = None) -> Tokenizer:
-    """Build the tokenizer a checkpoint's spec describes (``folder`` holds any ranks file)."""
-    kind = spec.get("type")
-    if kind == "char":
+
+def dump_ranks(ranks: dict[bytes, int]) -> bytes:
+    """tiktoken's ``.tiktoken`` format: ``base64(token) rank`` per line, in rank order."""
+    ordered = sorted(ranks.items(), key=lambda item: item[1])
+    return b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ordered)
+
+
+def parse_ranks(data: bytes, where: str) -> dict[bytes, int]:
+    """Parse a ``.tiktoken`` ranks file; errors name the line, never its contents."""
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+        except (ValueError, binascii.Error):
+            raise TokenizerError(
+                f"{where}: line {lineno} is not '<base64 token> <rank>' (not a BPE ranks file)"
+            ) from None
+        if not token or rank < 0 or token in ranks:
+            raise TokenizerError(f"{where}: line {lineno} repeats a token or has a bad rank")
+        ranks[token] = rank
+    if not ranks:
+        raise TokenizerError(f"{where}: holds no BPE ranks")
+    if len(set(ranks.values())) != len(ranks):
+        raise TokenizerError(f"{where}: two tokens share a rank")
+    return ranks
+
+
+def tokenizer_from_spec(spec: object, files: FileSource | Path | None = None) -> Tokenizer:
+    """Build the tokenizer a checkpoint's spec describes (``files`` reads its ranks file)."""
+    spec = validate_spec(spec)
+    if spec["type"] == "char":
         return CharTokenizer(spec["chars"])
-    if kind == "tiktoken":
-        if "ranks_file" in spec:
-            if folder is None:
-                raise TokenizerError("a tokenizer with a ranks_file needs its checkpoint folder")
-            return TiktokenTokenizer.from_ranks_file(folder / spec["ranks_file"], spec)
-        return TiktokenTokenizer.by_name(spec.get("encoding", "r50k_base"))
-    raise TokenizerError(f"unknown tokenizer type {kind!r} (expected 'char' or 'tiktoken')")
+    if "ranks_file" not in spec:
+        return TiktokenTokenizer.by_name(spec["encoding"])
+    if files is None:
+        raise TokenizerError("a tokenizer with a ranks_file needs its checkpoint folder")
+    name = spec["ranks_file"]
+    if isinstance(files, Path):  # a plain folder (the trainer's data folder): read it safely
+        from model.checkpoint.files import CheckpointFiles
+
+        with CheckpointFiles(files) as folder:
+            data = folder.read(name, _RANKS_LIMIT)
+    else:
+        data = files.read(name, _RANKS_LIMIT)
+    expected = spec.get("ranks_sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise TokenizerError(
+            f"{name}: its sha256 differs from tokenizer.ranks_sha256 in config.json (the ranks "
+            "file was changed or corrupted)"
+        )
+    tokenizer = TiktokenTokenizer.from_ranks(
+        parse_ranks(data, name),
+        special_tokens=spec.get("special_tokens"),
+        pat_str=spec.get("pat_str", GPT2_PAT_STR),
+        name=spec.get("name", "bpe"),
+    )
+    claimed = spec.get("encoding")
+    if claimed is not None and tokenizer.spec().get("encoding") != _ENCODING_ALIASES[claimed]:
+        raise TokenizerError(
+            f"{name}: tokenizer.encoding says {claimed} but these ranks (with these special "
+            f"tokens) are not tiktoken's published {_ENCODING_ALIASES[claimed]}"
+        )
+    return tokenizer
+
+
+def validate_spec(spec: object) -> dict[str, Any]:
+    """Check a spec's shape and types (before reading any file); returns it."""
+    if not isinstance(spec, dict):
+        raise TokenizerError(f"the tokenizer spec must be a JSON object, got {type(spec).__name__}")
+    kind = spec.get("type")
+    if kind not in _SPEC_KEYS:
+        raise TokenizerError(f"unknown tokenizer type {kind!r} (expected 'char' or 'tiktoken')")
+    unknown = sorted(str(k) for k in set(spec) - _SPEC_KEYS[kind])
+    if unknown:
+        raise TokenizerError(f"unknown keys in the {kind} tokenizer spec: {', '.join(unknown)}")
+    if kind == "char":
+        if not isinstance(spec.get("chars"), list):
+            raise TokenizerError("tokenizer.chars must be a list of single characters")
+        return spec
+    _check_type(spec, "encoding", str)
+    if "encoding" in spec and spec["encoding"] not in _ENCODING_ALIASES:
+        raise TokenizerError(
+            f"unknown tiktoken encoding {spec['encoding']!r}; known: gpt2, r50k_base"
+        )
+    if "encoding" not in spec and "ranks_file" not in spec:
+        raise TokenizerError("a tiktoken spec needs an 'encoding' or a 'ranks_file'")
+    for key in ("ranks_file", "ranks_sha256", "pat_str", "name"):
+        _check_type(spec, key, str)
+    name = spec.get("ranks_file")
+    if name is not None and (name in ("", ".", "..") or re.search(r"[/\\\0]", name)):
+        raise TokenizerError(
+            f"tokenizer.ranks_file {name!r} must name a file inside the checkpoint folder (a "
+            "plain file name: no '/', no '..')"
+        )
+    sha = spec.get("ranks_sha256")
+    if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise TokenizerError("tokenizer.ranks_sha256 must be 64 lowercase hex digits")
+    special = spec.get("special_tokens")
+    if special is not None and (
+        not isinstance(special, dict)
+        or any(not k or not isinstance(v, int) or isinstance(v, bool) or v < 0
+               for k, v in special.items())
+    ):
+        raise TokenizerError("tokenizer.special_tokens must map token text to ids >= 0")
+    return spec
+
+
+def _check_type(spec: dict[str, Any], key: str, kind: type) -> None:
+    if key in spec and not isinstance(spec[key], kind):
+        raise TokenizerError(f"tokenizer.{key} must be a {kind.__name__}, got {spec[key]!r:.40}")
 
 
 class IncrementalDecoder:

@@ -11,6 +11,7 @@ listen.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -31,8 +32,13 @@ class ConfigError(Exception):
 
 
 def check_checkpoint(settings: Settings) -> None:
-    if not settings.checkpoint.exists():  # the common mistake; the loader checks the rest
-        raise ConfigError(f"cannot load checkpoint: {settings.checkpoint}: no such file or folder")
+    """Fail fast on the common mistakes (missing, a symlink loop); the loader checks the rest."""
+    from model.checkpoint.files import CheckpointError, checkpoint_kind
+
+    try:
+        checkpoint_kind(settings.checkpoint)
+    except CheckpointError as err:
+        raise ConfigError(f"cannot load checkpoint: {err}") from None
 
 
 def check_device(device: str) -> None:
@@ -70,7 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_LISTEN if isinstance(err, ListenError) else EXIT_CONFIG
     from service.server import serve  # imports the app, the engine and torch
 
-    return serve(settings, sockets, limits)
+    status = serve(settings, sockets, limits)
+    from service.reload.loading import jobs_still_running
+
+    if stuck := jobs_still_running():  # abandoned loads: never finalize the interpreter under them
+        log.warning("exiting while still running: %s", "; ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

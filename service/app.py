@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,7 @@ from service.api.state import ServerState
 from service.chat_template import ChatTemplates
 from service.metrics import Metrics
 from service.reload import server_reloader
+from service.reload.loading import in_daemon_thread
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -37,12 +39,14 @@ def engine_config(settings: Settings):
 
 
 def load_engine(settings: Settings):
-    """Load ``settings.checkpoint`` and build an (unstarted) engine for it."""
+    """Load ``settings.checkpoint`` and build an (unstarted) engine for it; a checkpoint that is
+    bad, or too big to serve with these settings, is one ``CheckpointError``."""
     from model.checkpoint import load_checkpoint
     from service.engine import Engine
+    from service.reload.budget import serving_budget
 
     config = engine_config(settings)
-    checkpoint = load_checkpoint(settings.checkpoint)
+    checkpoint = load_checkpoint(settings.checkpoint, budget=serving_budget(config))
     return Engine(checkpoint, config)
 
 
@@ -68,8 +72,12 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
             )
 
         async def load_and_start() -> None:
-            try:
-                start(await asyncio.to_thread(load_engine, settings))
+            try:  # a daemon thread with a deadline: a stuck load never blocks the exit
+                start(await in_daemon_thread(
+                    functools.partial(load_engine, settings),
+                    name=f"loading {settings.checkpoint}",
+                    timeout=settings.load_timeout,
+                ))  # fmt: skip
             except Exception as err:  # noqa: BLE001 - reported, and the server stops (exit 2)
                 log.error("cannot load checkpoint %s: %s", settings.checkpoint, err)
                 state.load_error = err

@@ -8,6 +8,7 @@ tests build settings exactly as the command line does.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,7 @@ class Settings:
     checkpoint: Path = DEFAULT_CHECKPOINT
     host: str = "127.0.0.1"
     port: int = 8000
-    model_name: str | None = None  # None: the checkpoint folder's name
+    model_name: str | None = None  # None: a name from the checkpoint (see served_model_name)
     engine: EngineConfig = field(default_factory=EngineConfig)
     api_key: str | None = field(default=None, repr=False)  # never printed or logged
     cors_origins: tuple[str, ...] = ()
@@ -42,6 +43,7 @@ class Settings:
     max_request_bytes: int = 1024 * 1024
     watch: bool = False  # reload the checkpoint when the trainer swaps in a new one
     watch_interval: float = 2.0  # seconds between two looks at the checkpoint folder
+    load_timeout: float = 300.0  # seconds a checkpoint load may take (start-up and reloads)
     # The HTTP edge (service/transport): limits on what a client may hold open or send before
     # the app sees a request, and the log format.
     max_header_bytes: int = 16 * 1024  # request line + header fields; beyond it 431
@@ -68,6 +70,8 @@ class Settings:
             raise ValueError("request_timeout and shutdown_timeout must be >= 0")
         if self.watch_interval <= 0:
             raise ValueError(f"watch_interval must be > 0, got {self.watch_interval}")
+        if self.load_timeout <= 0:
+            raise ValueError(f"load_timeout must be > 0, got {self.load_timeout}")
         for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
@@ -82,9 +86,13 @@ class Settings:
         engine = {name: values.pop(name) for name in list(values) if name in knobs}
         return cls(engine=EngineConfig(**engine), **values)
 
-    @property
+    @functools.cached_property
     def served_model_name(self) -> str:
-        return self.model_name or self.checkpoint.name
+        """``--model-name``, else the checkpoint's provenance name, its run folder's name (for
+        ``RUN/best`` and ``RUN/latest``) or its folder's name (read once, then fixed)."""
+        from model.checkpoint.naming import default_model_name
+
+        return self.model_name or default_model_name(self.checkpoint)
 
 
 def parse_size(text: str) -> int:
@@ -151,8 +159,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     add("--port", "TCP port to listen on", d.port, type=int)
     add(
         "--model-name",
-        "model name reported by /v1/models and required in requests "
-        "(unset: the checkpoint folder's name)",
+        "model name reported by /v1/models and required in requests (unset: the checkpoint's "
+        "provenance name, else the run folder's name for RUN/best and RUN/latest, else the "
+        "checkpoint folder's name)",
         d.model_name,
     )
     _add_engine_flags(add)
@@ -201,6 +210,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "--watch-interval",
         "seconds between two looks at the checkpoint folder when --watch is on",
         d.watch_interval,
+        type=float,
+    )
+    add(
+        "--load-timeout",
+        "seconds a checkpoint load may take, at start-up and on each reload, before it is "
+        "abandoned and refused",
+        d.load_timeout,
         type=float,
     )
     _add_edge_flags(add, d)

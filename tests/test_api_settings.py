@@ -53,6 +53,7 @@ FLAGS = {
     "--max-connections": ("300", 300),
     "--log-format": ("json", "json"),
     "--chat-template": ("{{ messages[0].content }}", "{{ messages[0].content }}"),
+    "--load-timeout": ("7.5", 7.5),
 }
 
 

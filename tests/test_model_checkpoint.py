@@ -93,7 +93,7 @@ def test_interrupted_non_atomic_swap_is_recovered(tmp_path):
 
 
 def test_missing_path_names_the_path(tmp_path):
-    with pytest.raises(CheckpointError, match=r"nope: no such file or folder"):
+    with pytest.raises(CheckpointError, match=r"nope: does not exist"):
         load_checkpoint(tmp_path / "nope")
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import GPT, GPTConfig, export_huggingface, load_checkpoint, reference_generate
+from model import (
+    GPT,
+    CharTokenizer,
+    GPTConfig,
+    export_huggingface,
+    load_checkpoint,
+    reference_generate,
+)
+from model.checkpoint.hf_tokenizer import write_char_files
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,11 +38,18 @@ def _random_hf_gpt2(activation: str = "gelu_new"):
     return model
 
 
+def _chars(n: int) -> CharTokenizer:
+    """A vocabulary of ``n`` tokens: a GPT-2 folder without tokenizer files is GPT-2's 50,257-token
+    BPE, too many for these tiny models, so each folder gets a character vocabulary of its size."""
+    return CharTokenizer([chr(0x100 + i) for i in range(n)])
+
+
 @pytest.mark.parametrize("safetensors", [True, False])
 @pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
 def test_hf_gpt2_folder_loads_with_equal_logits(tmp_path, safetensors, activation):
     hf = _random_hf_gpt2(activation)
     hf.save_pretrained(tmp_path, safe_serialization=safetensors)
+    write_char_files(_chars(101), tmp_path)
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.source_format == "huggingface"
     idx = torch.randint(0, 101, (3, 24))
@@ -48,6 +63,7 @@ def test_hf_gpt2_folder_loads_with_equal_logits(tmp_path, safetensors, activatio
 def test_greedy_tokens_equal_hf_generate(tmp_path):
     hf = _random_hf_gpt2()
     hf.save_pretrained(tmp_path)
+    write_char_files(_chars(101), tmp_path)
     ckpt = load_checkpoint(tmp_path)
     prompt = [5, 17, 42, 3]
     ours = reference_generate(ckpt.model, prompt, 12, temperature=0.0)
@@ -70,7 +86,7 @@ def test_exported_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, b
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    export_huggingface(ours, tmp_path / "hf")
+    export_huggingface(ours, tmp_path / "hf", tokenizer=_chars(67))
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     idx = torch.randint(0, 67, (2, 16))
     with torch.no_grad():

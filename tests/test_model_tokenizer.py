@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from model import (
     TokenizerError,
     tokenizer_from_spec,
 )
+from model.tokenizer import R50K_BASE_SHA256
 
 MIXED = "Hello, world! 你好，世界 🙂🚀 naïve café — ünïcödé\nnew line"
 
@@ -69,9 +72,12 @@ def test_bpe_special_token_text_is_plain_text(bpe):
 
 
 def test_bpe_ranks_file_in_checkpoint_folder(bpe, tmp_path):
-    cache = os.environ["TIKTOKEN_CACHE_DIR"]
-    ranks = next(p for p in os.listdir(cache) if not p.endswith(".json"))
-    shutil.copy(os.path.join(cache, ranks), tmp_path / "tokenizer.tiktoken")
+    cache = Path(os.environ["TIKTOKEN_CACHE_DIR"])
+    ranks = next(  # the cache may hold other files: pick GPT-2's ranks by their published hash
+        p for p in cache.iterdir()
+        if hashlib.sha256(p.read_bytes()).hexdigest() == R50K_BASE_SHA256
+    )
+    shutil.copy(ranks, tmp_path / "tokenizer.tiktoken")
     tok = tokenizer_from_spec({"type": "tiktoken", "ranks_file": "tokenizer.tiktoken"}, tmp_path)
     assert tok.encode(MIXED) == bpe.encode(MIXED)
     assert tok.eot_id == 50256

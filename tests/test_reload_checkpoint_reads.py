@@ -92,4 +92,5 @@ def test_nan_weights_and_a_different_tokenizer_are_refused(tmp_path):
 def test_model_info_reads_the_trainers_provenance(tmp_path):
     path = make_tiny_checkpoint(tmp_path / "best", provenance={"iterations": 250, "val_loss": 1.5})
     info = ModelInfo.of(load_consistent(path).checkpoint, path)
-    assert (info.iteration, info.val_loss, info.checkpoint) == (250, 1.5, str(path))
+    assert (info.iteration, info.val_loss, info.path) == (250, 1.5, path)
+    assert info.checkpoint == f"{tmp_path.name}/best", "clients see the run and folder, not a path"

@@ -6,6 +6,9 @@
   merge of exactly two parts that lower ranks produce).
 - Character vocabularies: a ``tokenizer.json`` for ``PreTrainedTokenizerFast``: a word-level
   model over single characters, a pre-tokenizer that isolates every character, a fusing decoder.
+
+``read_hf_tokenizer`` reads both back (and the BPE ``tokenizer.json`` of Hugging Face's own GPT-2
+folders) as tiktoken ranks, so a GPT-2 folder with its tokenizer files needs no tiktoken cache.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.tokenizer import GPT2_EOT, CharTokenizer, TiktokenTokenizer, Tokenizer
+from model.checkpoint.files import CheckpointError, CheckpointFiles
+from model.tokenizer import GPT2_EOT, CharTokenizer, TiktokenTokenizer, Tokenizer, TokenizerError
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -104,23 +108,106 @@ def write_char_files(tokenizer: CharTokenizer, folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def read_char_tokenizer(file: Path) -> CharTokenizer | None:
-    """The character vocabulary of a ``tokenizer.json`` written by ``write_char_files``, or None
-    when the file is absent or describes another tokenizer (e.g. GPT-2's BPE)."""
+def read_hf_tokenizer(files: CheckpointFiles) -> Tokenizer | None:
+    """The tokenizer a Hugging Face folder's files describe, None when it has none.
+
+    ``tokenizer.json`` (a character WordLevel vocabulary as ``write_char_files`` writes, or a
+    byte-level BPE), else ``vocab.json`` + ``merges.txt`` (GPT-2's files). Files describing a
+    tokenizer this server cannot run are refused by name, never replaced by GPT-2's BPE.
+    """
+    if files.exists("tokenizer.json"):
+        return _from_tokenizer_json(files.read_json("tokenizer.json"), files.where("tokenizer.json"))
+    has_vocab, has_merges = files.exists("vocab.json"), files.exists("merges.txt")
+    if not (has_vocab or has_merges):
+        return None
+    if not (has_vocab and has_merges):
+        missing = "merges.txt" if has_vocab else "vocab.json"
+        raise CheckpointError(f"{files.where(missing)}: missing; a BPE tokenizer needs vocab.json "
+                              "and merges.txt")  # fmt: skip
+    vocab = files.read_json("vocab.json")
+    text = files.read("merges.txt")
     try:
-        spec = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        lines = text.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise CheckpointError(
+            f"{files.where('merges.txt')}: not UTF-8 text (bad byte at offset {err.start})"
+        ) from None
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    return bpe_from_vocab(vocab, [line for line in lines if line], files.where("vocab.json"), {})
+
+
+def _from_tokenizer_json(spec: object, where: Path) -> Tokenizer:
     model = spec.get("model") if isinstance(spec, dict) else None
-    if not isinstance(model, dict) or model.get("type") != "WordLevel":
-        return None
-    vocab = model.get("vocab") or {}
-    if not vocab or any(len(c) != 1 for c in vocab):
-        return None
-    by_id = {i: c for c, i in vocab.items()}
-    if sorted(by_id) != list(range(len(by_id))):
-        return None
-    return CharTokenizer([by_id[i] for i in range(len(by_id))])
+    kind = model.get("type") if isinstance(model, dict) else None
+    if kind == "WordLevel":
+        vocab = model.get("vocab")
+        if not isinstance(vocab, dict) or not vocab:
+            raise CheckpointError(f"{where}: a WordLevel model needs a 'vocab' object")
+        by_id = {i: c for c, i in vocab.items() if isinstance(i, int) and not isinstance(i, bool)}
+        if sorted(by_id) != list(range(len(vocab))) or any(len(c) != 1 for c in vocab):
+            raise CheckpointError(
+                f"{where}: only a WordLevel vocabulary of single characters with ids 0..n-1 "
+                "can be served (a character model)"
+            )
+        return CharTokenizer([by_id[i] for i in range(len(by_id))])
+    if kind == "BPE":
+        added = spec.get("added_tokens") or []
+        special = {
+            t["content"]: t["id"]
+            for t in added
+            if isinstance(t, dict) and isinstance(t.get("content"), str)
+            and isinstance(t.get("id"), int)
+        }
+        return bpe_from_vocab(model.get("vocab"), model.get("merges"), where, special)
+    raise CheckpointError(
+        f"{where}: describes a {str(kind)[:40]} tokenizer; this server runs character vocabularies "
+        "and GPT-2-style byte-level BPE"
+    )
+
+
+def bpe_from_vocab(
+    vocab: object, merges: object, where: Path, special: dict[str, int]
+) -> TiktokenTokenizer:
+    """tiktoken ranks from GPT-2-style files: the 256 bytes in GPT-2's order, then each merge in
+    order (what tiktoken's ``data_gym_to_mergeable_bpe_ranks`` does); ``vocab`` must agree."""
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise CheckpointError(f"{where}: a BPE tokenizer needs a vocab object and a merges list")
+    byte_char = bytes_to_unicode()
+    char_byte = {c: b for b, c in byte_char.items()}
+
+    def to_bytes(text: object) -> bytes | None:
+        if not isinstance(text, str) or not text or any(c not in char_byte for c in text):
+            return None
+        return bytes(char_byte[c] for c in text)
+
+    ranks = {bytes([b]): rank for rank, b in enumerate(byte_char)}
+    for lineno, merge in enumerate(merges, 1):
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        pair = [to_bytes(p) for p in parts] if isinstance(parts, list) and len(parts) == 2 else []
+        if len(pair) != 2 or None in pair:
+            raise CheckpointError(f"{where}: merge {lineno} is not two byte-level BPE tokens")
+        ranks.setdefault(pair[0] + pair[1], len(ranks))
+    matched = 0
+    for text, token_id in vocab.items():
+        token = to_bytes(text)
+        if token is not None and token in ranks:
+            matched += 1
+            if ranks[token] != token_id:
+                raise CheckpointError(
+                    f"{where}: token ids do not follow the merge order (not a GPT-2-style "
+                    "byte-level BPE this server can run)"
+                )
+        elif isinstance(token_id, int) and not isinstance(token_id, bool):
+            special.setdefault(text, token_id)
+        else:
+            raise CheckpointError(f"{where}: vocab ids must be integers")
+    if matched != len(ranks):
+        raise CheckpointError(f"{where}: the vocab lacks {len(ranks) - matched} tokens the merges make")
+    try:
+        return TiktokenTokenizer.from_ranks(ranks, special_tokens=special)
+    except TokenizerError as err:
+        raise CheckpointError(f"{where}: {err}") from None
 
 
 def write_tokenizer_files(tokenizer: Tokenizer, folder: Path) -> None:

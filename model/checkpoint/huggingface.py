@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from model.checkpoint.atomic import atomic_folder
-from model.checkpoint.common import Checkpoint, CheckpointError, build_model
-from model.checkpoint.hf_tokenizer import read_char_tokenizer, write_tokenizer_files
+from model.checkpoint.budget import Budget, apply_budget
+from model.checkpoint.common import Checkpoint, CheckpointError, build_model, check_vocab
+from model.checkpoint.files import CheckpointFiles
+from model.checkpoint.hf_tokenizer import read_hf_tokenizer, write_tokenizer_files
+from model.checkpoint.tensors import read_safetensors, read_torch, tensor_dict
 from model.config import GPTConfig
 from model.gpt import GPT
 from model.tokenizer import GPT2_EOT_ID, TiktokenTokenizer, Tokenizer
@@ -24,20 +26,37 @@ from model.tokenizer import GPT2_EOT_ID, TiktokenTokenizer, Tokenizer
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _ACT_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 _ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+# transformers' GPT2Config switches that change the computation, with the value GPT-2 uses.
+_FLAGS = {
+    "tie_word_embeddings": True,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+}
 
 
 def is_huggingface(meta: object) -> bool:
     return isinstance(meta, dict) and meta.get("model_type") == "gpt2"
 
 
-def load_huggingface(folder: Path, meta: dict) -> Checkpoint:
-    cfg_file = folder / "config.json"
+def hf_config(meta: dict, where: Path) -> GPTConfig:
+    """The ``GPTConfig`` a Hugging Face GPT-2 ``config.json`` describes; every field the network
+    depends on is type-checked, and what this network cannot compute is refused by name."""
     act = meta.get("activation_function", "gelu_new")
-    if act not in _ACT_IN:
-        raise CheckpointError(f"{cfg_file}: unsupported activation_function {act!r}")
+    if not isinstance(act, str) or act not in _ACT_IN:
+        raise CheckpointError(f"{where}: unsupported activation_function {act!r:.60}")
     eps = meta.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise CheckpointError(f"{where}: layer_norm_epsilon must be a number, got {eps!r:.60}")
     if abs(eps - 1e-5) > 1e-12:
-        raise CheckpointError(f"{cfg_file}: layer_norm_epsilon {eps} unsupported (GPT-2 uses 1e-5)")
+        raise CheckpointError(f"{where}: layer_norm_epsilon {eps} unsupported (GPT-2 uses 1e-5)")
+    for key, supported in _FLAGS.items():
+        if meta.get(key, supported) is not supported:
+            raise CheckpointError(f"{where}: {key}={meta[key]!r:.60} is not supported (GPT-2: "
+                                  f"{str(supported).lower()})")  # fmt: skip
+    missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{where}: missing key {missing[0]!r}")
     try:
         config = GPTConfig(
             block_size=meta.get("n_positions", meta.get("n_ctx", 1024)),
@@ -49,43 +68,70 @@ def load_huggingface(folder: Path, meta: dict) -> Checkpoint:
             bias=True,
             activation=_ACT_IN[act],
         )
-    except KeyError as err:
-        raise CheckpointError(f"{cfg_file}: missing key {err.args[0]!r}") from None
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{cfg_file}: {err}") from None
-    raw, weights = _read_hf_weights(folder)
-    state = {}
-    for key, tensor in raw.items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # old HF causal-mask buffers
-        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
-        state[name] = tensor.t().contiguous() if name.endswith(_CONV1D) else tensor
+        raise CheckpointError(f"{where}: {err}") from None
+    n_inner = meta.get("n_inner")
+    if n_inner is not None and n_inner != 4 * config.n_embd:
+        raise CheckpointError(
+            f"{where}: n_inner={n_inner!r:.60} is not supported (the MLP is 4 x n_embd wide)"
+        )
+    return config
+
+
+def load_huggingface(files: CheckpointFiles, meta: dict, budget: Budget) -> Checkpoint:
+    where = files.where("config.json")
+    config = hf_config(meta, where)
+    apply_budget(budget, config, where)
+    # Weights-only GPT-2 folders (no tokenizer files) use GPT-2's BPE, as transformers' gpt2 does;
+    # tokenizer files that describe something else are read, or refused, never ignored.
+    tokenizer = read_hf_tokenizer(files) or TiktokenTokenizer.by_name("gpt2")
+    check_vocab(tokenizer, config, where)
+    state, weights = _read_hf_weights(files, config)
     model = build_model(config, state, weights)
-    provenance = {"converted_from": "huggingface", "name_or_path": meta.get("_name_or_path")}
-    tokenizer = read_char_tokenizer(folder / "tokenizer.json") or TiktokenTokenizer.by_name("gpt2")
-    return Checkpoint(model, tokenizer, config, "huggingface", folder, provenance)
+    name = meta.get("_name_or_path")
+    provenance = {
+        "converted_from": "huggingface",
+        "name_or_path": name if isinstance(name, str) else None,
+    }
+    return Checkpoint(model, tokenizer, config, "huggingface", files.folder, provenance)
 
 
-def _read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    st, pt = folder / "model.safetensors", folder / "pytorch_model.bin"
-    if st.is_file():
-        try:
-            return load_file(str(st)), st
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{st}: unreadable or truncated safetensors file ({err})") from None
-    if pt.is_file():
-        try:
-            return torch.load(pt, map_location="cpu", weights_only=True), pt
-        except Exception as err:
-            raise CheckpointError(f"{pt}: unreadable or refused torch file ({err})") from None
-    raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin in this GPT-2 folder")
+def _hf_name(key: str) -> str | None:
+    if key.endswith((".attn.bias", ".attn.masked_bias")):
+        return None  # old HF causal-mask buffers
+    return key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+
+
+def _is_conv1d(name: str) -> bool:
+    return name.endswith(_CONV1D)
+
+
+def _read_hf_weights(
+    files: CheckpointFiles, config: GPTConfig
+) -> tuple[dict[str, torch.Tensor], Path]:
+    if files.exists("model.safetensors"):
+        state = read_safetensors(files, "model.safetensors", config, _hf_name, _is_conv1d)
+        return state, files.where("model.safetensors")
+    if files.exists("pytorch_model.bin"):
+        where = files.where("pytorch_model.bin")
+        raw = tensor_dict(read_torch(files, "pytorch_model.bin"), where, "pytorch_model.bin")
+        state = {}
+        for key, tensor in raw.items():
+            name = _hf_name(key)
+            if name is not None:
+                state[name] = tensor.t().contiguous() if _is_conv1d(name) else tensor
+        return state, where
+    raise CheckpointError(
+        f"{files.folder}: no model.safetensors or pytorch_model.bin in this GPT-2 folder"
+    )
 
 
 def export_huggingface(model: GPT, out: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 folder (config.json + model.safetensors).
 
     With ``tokenizer`` the folder also gets the tokenizer files ``AutoTokenizer`` reads (so
-    vLLM or transformers need nothing else), and its end-of-text id as ``eos_token_id``.
+    vLLM or transformers need nothing else), its end-of-text id as ``eos_token_id``, and only
+    as many embedding rows as it has tokens (padded rows are dropped).
     """
     cfg = model.config
     state: dict[str, torch.Tensor] = {}
@@ -104,13 +150,19 @@ def export_huggingface(model: GPT, out: str | Path, tokenizer: Tokenizer | None 
             state[p + "mlp.c_fc.bias"] = torch.zeros(4 * cfg.n_embd)
             state[p + "mlp.c_proj.bias"] = torch.zeros(cfg.n_embd)
         state["transformer.ln_f.bias"] = torch.zeros(cfg.n_embd)
+    vocab_size = cfg.vocab_size
+    if tokenizer is not None and tokenizer.vocab_size < vocab_size:
+        # nanoGPT pads GPT-2's 50,257 tokens to 50,304 rows; transformers would sample the padded
+        # ids (they are no tokens), so the export keeps exactly the tokenizer's rows.
+        vocab_size = tokenizer.vocab_size
+        state["transformer.wte.weight"] = state["transformer.wte.weight"][:vocab_size].clone()
     eos_token_id = GPT2_EOT_ID if tokenizer is None else tokenizer.eot_id
-    if eos_token_id is not None and eos_token_id >= cfg.vocab_size:
+    if eos_token_id is not None and eos_token_id >= vocab_size:
         eos_token_id = None
     hf_config = {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": vocab_size,
         "n_positions": cfg.block_size,
         "n_ctx": cfg.block_size,
         "n_embd": cfg.n_embd,

@@ -1,7 +1,9 @@
 """gptserve's native checkpoint: a folder with ``model.safetensors`` and ``config.json``.
 
 ``config.json`` holds ``{"format": "gptserve", "format_version": 1, "model": GPTConfig,
-"tokenizer": spec, "provenance": {...}}``. Tied ``lm_head.weight`` is not stored.
+"tokenizer": spec, "provenance": {...}}``. Tied ``lm_head.weight`` is not stored. A BPE
+checkpoint also holds its ranks (``tokenizer.tiktoken``, sha256 in the spec), so serving it
+needs no tiktoken cache.
 """
 
 from __future__ import annotations
@@ -12,14 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from model.checkpoint.atomic import atomic_folder
-from model.checkpoint.common import Checkpoint, CheckpointError, build_model
+from model.checkpoint.budget import Budget, apply_budget
+from model.checkpoint.common import Checkpoint, CheckpointError, build_model, check_vocab
+from model.checkpoint.files import CheckpointFiles
+from model.checkpoint.tensors import read_safetensors
 from model.config import GPTConfig
 from model.gpt import GPT
-from model.tokenizer import TokenizerError, tokenizer_from_spec
+from model.tokenizer import (
+    RANKS_FILE,
+    TiktokenTokenizer,
+    Tokenizer,
+    TokenizerError,
+    tokenizer_from_spec,
+)
 
 FORMAT = "gptserve"
 FORMAT_VERSION = 1
@@ -30,7 +40,7 @@ CONFIG = "config.json"
 def save_checkpoint(
     path: str | Path,
     model: GPT,
-    tokenizer_spec: dict[str, Any],
+    tokenizer: Tokenizer | Mapping[str, Any],
     provenance: Mapping[str, Any] | None = None,
     *,
     dtype: torch.dtype | None = None,
@@ -38,11 +48,21 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model`` as a native checkpoint folder at ``path``, atomically.
 
+    ``tokenizer`` is a ``Tokenizer`` or its spec; a BPE tokenizer's ranks are written beside the
+    weights (``tokenizer.tiktoken``, sha256 recorded in config.json).
     ``dtype`` (e.g. ``torch.float16``) casts floating weights for a smaller file.
     ``extra_files`` maps a file name to a function that writes it (optimizer state, logs); they
     land in the same atomic swap as the weights.
     """
     path = Path(path)
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = tokenizer_from_spec(dict(tokenizer))
+    check_vocab(tokenizer, model.config, path)
+    ranks = None
+    if isinstance(tokenizer, TiktokenTokenizer):
+        spec, ranks = tokenizer.stored_spec()
+    else:
+        spec = tokenizer.spec()
     state = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
         .detach()
@@ -55,56 +75,51 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": model.config.to_dict(),
-        "tokenizer": tokenizer_spec,
+        "tokenizer": spec,
         "provenance": dict(provenance or {}),
     }
     with atomic_folder(path) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        if ranks is not None:
+            (tmp / RANKS_FILE).write_bytes(ranks)
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
     return path
 
 
-def is_native(folder: Path) -> bool:
-    meta = read_json(folder / CONFIG)
+def is_native(meta: object) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
-
-
-def load_native(folder: Path) -> Checkpoint:
-    meta = read_json(folder / CONFIG)
+def load_native(files: CheckpointFiles, meta: dict, budget: Budget) -> Checkpoint:
+    where = files.where(CONFIG)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{folder / CONFIG}: unsupported format_version {version!r}")
+        raise CheckpointError(f"{where}: unsupported format_version {version!r}")
+    for key in ("model", "tokenizer"):
+        if key not in meta:
+            raise CheckpointError(f"{where}: missing key {key!r}")
+    provenance = meta.get("provenance") or {}
+    if not isinstance(provenance, dict):
+        raise CheckpointError(f"{where}: provenance must be a JSON object")
     try:
         config = GPTConfig.from_dict(meta["model"])
-        tokenizer = tokenizer_from_spec(meta["tokenizer"], folder)
-    except KeyError as err:
-        raise CheckpointError(f"{folder / CONFIG}: missing key {err.args[0]!r}") from None
-    except (TypeError, ValueError, TokenizerError) as err:
-        raise CheckpointError(f"{folder / CONFIG}: {err}") from None
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: weights file not found")
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: model: {err}") from None
+    apply_budget(budget, config, where)
     try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({err})") from None
-    model = build_model(config, state, weights)
+        tokenizer = tokenizer_from_spec(meta["tokenizer"], files)
+    except TokenizerError as err:
+        raise CheckpointError(f"{where}: tokenizer: {err}") from None
+    check_vocab(tokenizer, config, where)
+    state = read_safetensors(files, WEIGHTS, config)
+    model = build_model(config, state, files.where(WEIGHTS))
     return Checkpoint(
         model=model,
         tokenizer=tokenizer,
         config=config,
         source_format=FORMAT,
-        path=folder,
-        provenance=dict(meta.get("provenance") or {}),
+        path=files.folder,
+        provenance=dict(provenance),
     )

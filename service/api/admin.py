@@ -37,7 +37,7 @@ class ReloadResponse(BaseModel):
 @router.post(
     "/admin/reload",
     response_model=ReloadResponse,
-    responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 503)},
+    responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 409, 503)},
     summary="Load a checkpoint beside the live model and switch to it (needs --api-key)",
 )
 async def reload_checkpoint(
@@ -56,9 +56,9 @@ async def reload_checkpoint(
         outcome = await request.app.state.reloader.reload(target)
     except ReloadError as err:
         raise APIError(
-            400,
+            err.status,
             f"checkpoint refused, the old model keeps serving: {err}",
             param="checkpoint",
-            code="invalid_checkpoint",
+            code=err.code,
         ) from None
     return ReloadResponse(status=outcome.status, model=outcome.model.to_dict())
