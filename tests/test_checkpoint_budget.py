@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from service.engine.kv_cache import bytes_per_slot
 
 from model import GPT, GPTConfig
 from model.checkpoint import BudgetError
 from model.checkpoint.budget import Memory, host_memory, load_bytes, parameter_count
 from service.engine.config import EngineConfig
-from service.engine.kv_cache import bytes_per_slot
 from service.reload.budget import serving_budget
 
 SHAPES = [
