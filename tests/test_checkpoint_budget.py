@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from service.engine.kv_cache import bytes_per_slot
 
 from model import GPT, GPTConfig
 from model.checkpoint import BudgetError
 from model.checkpoint.budget import Memory, host_memory, load_bytes, parameter_count
+from model.kv_cache import KVCache
 from service.engine.config import EngineConfig
 from service.reload.budget import serving_budget
 
@@ -66,7 +66,7 @@ def test_host_memory_reads_a_cgroup_v1_limit(tmp_path):
 def test_the_serving_budget_counts_the_kv_cache_beside_the_serving_engine():
     config = SHAPES[1]
     engine = EngineConfig(device="cpu", dtype="float32", max_batch_size=8)
-    need = load_bytes(config) + 8 * bytes_per_slot(config, torch.float32)
+    need = load_bytes(config) + (8 + 1) * KVCache.bytes_per_slot(config, torch.float32)  # + scratch
 
     class Live:  # what the budget reads of the engine serving now
         model_config, dtype, n_slots = SHAPES[0], torch.float32, 4
@@ -76,5 +76,5 @@ def test_the_serving_budget_counts_the_kv_cache_beside_the_serving_engine():
     short = serving_budget(engine, Live(), lambda: Memory(need - 1, "test"))
     with pytest.raises(BudgetError, match=r"KV cache.*beside the serving model's \d+ bytes"):
         short(config)
-    with pytest.raises(ValueError, match="kv_memory"):  # not even one slot fits the budget
+    with pytest.raises(BudgetError, match="kv_memory"):  # not even one slot fits the budget
         serving_budget(EngineConfig(device="cpu", kv_memory=16))(config)

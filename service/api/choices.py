@@ -41,6 +41,7 @@ class ChoiceState:
         default_factory=list
     )
     num_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # released tokens (stop strings cut)
     cumulative_logprob: float = 0.0  # over every generated token (best_of ranks by it)
     finish_reason: str | None = None
     crops: int = 0  # sliding-window crops so far (engine-reported)
@@ -203,6 +204,7 @@ class Job:
         """Move the tokens whose text ``delta`` releases from pending into the logprobs."""
         released = choice.pending[: delta.num_tokens]
         del choice.pending[: delta.num_tokens + delta.num_dropped]
+        choice.token_ids.extend(token_id for token_id, _, _ in released)
         if choice.want_logprobs:
             base = len(choice.prefix)
             for (token_id, logprob, top), start in zip(released, delta.offsets, strict=True):

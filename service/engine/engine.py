@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -348,6 +348,24 @@ class Engine:
             self.validate(request)
         with torch.inference_mode():
             return self._core.run(requests, arrival_steps)
+
+    def iterate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
+        """Serve ``requests`` on the calling thread (no engine thread, no queue limit), yielding
+        every event as its step produces it; ``cancel`` ends a choice at once meanwhile. The
+        offline ``service.LLM`` runs on this."""
+        if self._thread is not None:
+            raise RuntimeError("iterate() drives the engine synchronously; the thread is started")
+        requests = list(requests)
+        for request in requests:
+            self.validate(request)
+        for request in requests:
+            self._core.add_request(request)
+        while self._core.has_work():
+            yield from self._core.step().outputs
+
+    def cancel(self, request_id: str, index: int | None = None) -> None:
+        """End a choice (or a whole request) during ``iterate``; its slot is free at once."""
+        self._core.abort(request_id, index)
 
     def generate(
         self, requests: Iterable[Request], arrival_steps: Iterable[int] | None = None

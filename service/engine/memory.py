@@ -16,10 +16,9 @@ docs/BENCHMARKS.md, "Paging").
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from model.checkpoint.budget import host_memory
 from model.config import GPTConfig
 from model.kv_cache import KVCache
 from service.engine.config import EngineConfig
@@ -55,35 +54,11 @@ def plan_slots(
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device`` now: CUDA's free memory, or on CPU the kernel's MemAvailable,
-    lowered to what the process's cgroup (a container's memory limit) still allows."""
+    """Bytes free on ``device`` now: CUDA's free memory, or on CPU what this process may still
+    take (``MemAvailable``, lowered to any memory cgroup's headroom: a container's limit)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    free = _meminfo_available()
-    cgroup = _cgroup_room()
-    return min(free, cgroup) if cgroup is not None else free
-
-
-def _meminfo_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2**62  # not Linux: no figure to check against
-
-
-def _cgroup_room() -> int | None:
-    """cgroup v2 memory.max - memory.current, or None without a limit."""
-    base = Path("/sys/fs/cgroup")
-    try:
-        limit = (base / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return max(0, int(limit) - int((base / "memory.current").read_text()))
-    except (OSError, ValueError):
-        return None
+    return host_memory().available
 
 
 def _gib(n: int) -> str:

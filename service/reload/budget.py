@@ -1,7 +1,7 @@
 """The memory a checkpoint needs to be *served*, checked from its config before it is loaded.
 
 ``model.checkpoint.budget`` counts what a load takes; serving adds the engine's KV cache (slots
-planned exactly as the engine will plan them, with ``service.engine.kv_cache.plan_slots``) and,
+planned exactly as the engine will plan them, with ``service.engine.memory.plan_slots``) and,
 on an accelerator, the weights in the serving dtype. The check runs against what this process
 may still allocate: host ``MemAvailable`` and the memory cgroup's headroom, the accelerator's free
 memory. The engine already serving is resident (its weights are loaded and its KV cache is
@@ -16,17 +16,25 @@ from collections.abc import Callable
 import torch
 
 from model.checkpoint import Budget
-from model.checkpoint.budget import Memory, check_fits, host_memory, load_bytes, parameter_count
+from model.checkpoint.budget import (
+    BudgetError,
+    Memory,
+    check_fits,
+    host_memory,
+    load_bytes,
+    parameter_count,
+)
 from model.config import GPTConfig
+from model.kv_cache import KVCache
 from service.engine.config import EngineConfig
 from service.engine.engine import resolve_device, resolve_dtype
-from service.engine.kv_cache import bytes_per_slot, plan_slots
+from service.engine.memory import plan_slots
 
 
 def engine_bytes(config: GPTConfig, dtype: torch.dtype, n_slots: int) -> int:
     """Weights plus KV cache of an engine serving ``config`` in ``dtype`` with ``n_slots``."""
     element = torch.empty((), dtype=dtype).element_size()
-    return parameter_count(config) * element + n_slots * bytes_per_slot(config, dtype)
+    return parameter_count(config) * element + (n_slots + 1) * KVCache.bytes_per_slot(config, dtype)
 
 
 def serving_budget(
@@ -43,8 +51,12 @@ def serving_budget(
         except ValueError:  # no such device: the engine says so itself, it is not the checkpoint's
             device = torch.device("cpu")
         dtype = resolve_dtype(engine.dtype, device)
-        slots = plan_slots(config, dtype, engine.max_batch_size, engine.kv_memory)
-        kv = slots * bytes_per_slot(config, dtype)
+        try:
+            slots = plan_slots(config, dtype, engine, device)
+        except ValueError as err:  # the KV cache alone cannot fit: the checkpoint's shape is why
+            raise BudgetError(f"{err} (n_layer={config.n_layer}, n_embd={config.n_embd}, "
+                              f"block_size={config.block_size})") from None
+        kv = (slots + 1) * KVCache.bytes_per_slot(config, dtype)
         host = memory()
         if live is not None:
             in_use = engine_bytes(live.model_config, live.dtype, live.n_slots)

@@ -1,0 +1,67 @@
+"""The offline batch API: the server's engine and text path in the caller's thread."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import live_server
+from openai import OpenAI
+
+from model import load_checkpoint
+from model.tokenizer import TokenizerError
+from service import LLM, SamplingParams
+from service.engine import InvalidRequestError
+
+PROMPTS = ["to be or", "what light"]
+
+
+def test_offline_results_equal_the_server_s_for_the_same_request(tiny_checkpoint):
+    knobs = dict(max_batch_size=4, batch_invariant=True, device="cpu")
+    body = dict(prompt=PROMPTS, n=2, seed=5, temperature=0.9, max_tokens=40, stop=["e", "a"])
+    with live_server(tiny_checkpoint, **knobs) as srv:
+        client = OpenAI(base_url=srv.url + "/v1", api_key="unused")
+        over_http = client.completions.create(model="tiny", **body).choices
+    llm = LLM(tiny_checkpoint, **knobs)
+    offline = llm.generate(PROMPTS, SamplingParams(n=2, seed=5, temperature=0.9, max_tokens=40),
+                           stop=["e", "a"])
+    got = [(o.text, o.finish_reason) for r in offline for o in r.outputs]
+    want = [(c.text, c.finish_reason) for c in sorted(over_http, key=lambda c: c.index)]
+    assert got == want
+    assert any(reason == "stop" for _, reason in got), "no stop string was hit: weak test"
+
+
+def test_offline_greedy_equals_the_reference_generator(tiny_checkpoint):
+    from model import reference_generate
+
+    ck = load_checkpoint(tiny_checkpoint)
+    llm = LLM(ck, device="cpu", window_shift=1)
+    [result] = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=70, temperature=0.0))
+    want = reference_generate(ck.model, [1, 2, 3], 70, temperature=0.0)
+    assert list(result.outputs[0].token_ids) == want  # past the 32-token window
+
+
+def test_a_batch_job_larger_than_the_server_queue_is_served_whole(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, max_batch_size=4, max_queue=8, device="cpu")
+    prompts = ["line " + "abcdefghij"[i % 10] * (1 + i // 10) for i in range(60)]
+    results = llm.generate(prompts, SamplingParams(max_tokens=5))
+    assert len(results) == 60
+    assert all(r.outputs[0].finish_reason == "length" for r in results)
+    assert [r.prompt for r in results] == prompts
+
+
+def test_logprobs_add_up_to_the_cumulative_logprob(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, device="cpu")
+    [result] = llm.generate("abc", SamplingParams(max_tokens=12, seed=1, logprobs=2))
+    out = result.outputs[0]
+    assert len(out.logprobs) == 12 and all(len(e.top) == 2 for e in out.logprobs)
+    assert out.cumulative_logprob == pytest.approx(sum(e.logprob for e in out.logprobs))
+
+
+def test_bad_prompts_are_refused_with_the_api_s_errors(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, device="cpu")
+    with pytest.raises(InvalidRequestError):
+        llm.generate([[]])
+    with pytest.raises(TokenizerError):
+        llm.generate(["\ud800"])
+    with pytest.raises(InvalidRequestError) as err:
+        llm.generate("ab", SamplingParams(max_tokens=0))
+    assert err.value.param == "max_tokens"
