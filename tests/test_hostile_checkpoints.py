@@ -79,7 +79,7 @@ def test_reload_answers_a_bad_checkpoint_with_one_clean_4xx(server, case, tmp_pa
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_start_up_load_refuses_a_bad_checkpoint_with_one_checkpoint_error(case, tmp_path):
     path = case.build(tmp_path)
-    settings = Settings(checkpoint=path, device="cpu", max_batch_size=4)
+    settings = Settings.create(checkpoint=path, device="cpu", max_batch_size=4)
     with pytest.raises(CheckpointError) as info:
         load_engine(settings)
     message = str(info.value)

@@ -32,6 +32,26 @@ def plan_slots(
     """How many KV slots to preallocate; raises ``ValueError`` when not even the planned
     cache fits the device's free memory."""
     per_slot = KVCache.bytes_per_slot(config, dtype)
+    free = free_memory(device)
+    slots = slots_wanted(config, dtype, engine, device, free)
+    needed = (slots + 1) * per_slot  # + the scratch slot padding writes into
+    if slots < 1 or needed > free * _HEADROOM:
+        raise ValueError(
+            f"the KV cache needs {_gib(needed)} for {max(slots, 1)} sequence window(s) of "
+            f"{_gib(per_slot)} each, but the {device.type} device has {_gib(free)} free: lower "
+            f"--max-batch-size or --kv-memory, or use a smaller dtype"
+        )
+    return slots
+
+
+def slots_wanted(
+    config: GPTConfig, dtype: torch.dtype, engine: EngineConfig, device: torch.device,
+    free: int | None = None,
+) -> int:
+    """The slot count the settings ask for: ``max_batch_size``, lowered by ``kv_memory`` and, on
+    CUDA with ``kv_memory`` unset, by ``kv_memory_fraction`` of the free memory (not checked
+    against the free memory here: ``plan_slots`` does that)."""
+    per_slot = KVCache.bytes_per_slot(config, dtype)
     slots = engine.max_batch_size
     if engine.kv_memory is not None:
         slots = min(slots, engine.kv_memory // per_slot)
@@ -40,16 +60,9 @@ def plan_slots(
                 f"kv_memory={engine.kv_memory} bytes cannot hold one sequence window "
                 f"({per_slot} bytes for this model in {dtype})"
             )
-    free = free_memory(device)
-    if device.type == "cuda" and engine.kv_memory is None:
+    elif device.type == "cuda":
+        free = free_memory(device) if free is None else free
         slots = min(slots, int(free * engine.kv_memory_fraction) // per_slot)
-    needed = (slots + 1) * per_slot  # + the scratch slot padding writes into
-    if slots < 1 or needed > free * _HEADROOM:
-        raise ValueError(
-            f"the KV cache needs {_gib(needed)} for {max(slots, 1)} sequence window(s) of "
-            f"{_gib(per_slot)} each, but the {device.type} device has {_gib(free)} free: lower "
-            f"--max-batch-size or --kv-memory, or use a smaller dtype"
-        )
     return slots
 
 

@@ -1,7 +1,7 @@
 """The memory a checkpoint needs to be *served*, checked from its config before it is loaded.
 
 ``model.checkpoint.budget`` counts what a load takes; serving adds the engine's KV cache (slots
-planned exactly as the engine will plan them, with ``service.engine.memory.plan_slots``) and,
+counted exactly as the engine will count them, with ``service.engine.memory.slots_wanted``) and,
 on an accelerator, the weights in the serving dtype. The check runs against what this process
 may still allocate: host ``MemAvailable`` and the memory cgroup's headroom, the accelerator's free
 memory. The engine already serving is resident (its weights are loaded and its KV cache is
@@ -28,7 +28,7 @@ from model.config import GPTConfig
 from model.kv_cache import KVCache
 from service.engine.config import EngineConfig
 from service.engine.engine import resolve_device, resolve_dtype
-from service.engine.memory import plan_slots
+from service.engine.memory import slots_wanted
 
 
 def engine_bytes(config: GPTConfig, dtype: torch.dtype, n_slots: int) -> int:
@@ -51,11 +51,10 @@ def serving_budget(
         except ValueError:  # no such device: the engine says so itself, it is not the checkpoint's
             device = torch.device("cpu")
         dtype = resolve_dtype(engine.dtype, device)
-        try:
-            slots = plan_slots(config, dtype, engine, device)
-        except ValueError as err:  # the KV cache alone cannot fit: the checkpoint's shape is why
-            raise BudgetError(f"{err} (n_layer={config.n_layer}, n_embd={config.n_embd}, "
-                              f"block_size={config.block_size})") from None
+        try:  # the engine's own count; whether it fits is checked below, naming the shape
+            slots = max(1, slots_wanted(config, dtype, engine, device))
+        except ValueError as err:
+            raise BudgetError(str(err)) from None
         kv = (slots + 1) * KVCache.bytes_per_slot(config, dtype)
         host = memory()
         if live is not None:
