@@ -215,3 +215,10 @@ def test_batch_invariance_is_opt_in_and_reaches_the_engine():
     assert engine_config(parse_settings([], environ={})).batch_invariant is False
     on = parse_settings(["--batch-invariant", "on"], environ={})
     assert engine_config(on).batch_invariant is True
+
+
+def test_the_api_docs_list_every_flag():
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "API.md").read_text()
+    flags = [a.option_strings[0] for a in build_parser({})._actions if a.option_strings]
+    missing = [f for f in flags if f not in ("-h",) and f"`{f}" not in docs]
+    assert not missing, f"docs/API.md does not list: {missing}"
