@@ -3,16 +3,22 @@
 Run (the shipped weights, or a random stand-in of the same shape when they are absent):
     OMP_NUM_THREADS=2 python3 bench/engine.py --checkpoint weights/shakespeare-char
 
-Prints, for ``--requests`` concurrent requests with mixed prompt lengths and ``--new-tokens``
-new tokens each (greedy, eos ignored):
+At GPT-2-small's size (context 1024), e.g. the sliding window and the price of invariance:
+    OMP_NUM_THREADS=2 python3 bench/engine.py --checkpoint gpt2-small --sections 4,5 \
+        --requests 1 --window-tokens 600 --new-tokens 64 --rounds 2
+
+Prints (``--sections`` picks), for ``--requests`` concurrent requests with mixed prompt lengths
+and ``--new-tokens`` new tokens each (greedy, eos ignored):
 1. engine throughput vs the same engine serving them one at a time (max_batch_size=1);
 2. engine vs Hugging Face ``transformers`` ``generate`` (KV cache, greedy) on the same weights
    exported with ``model.export_huggingface``, same batch; HF cannot run past its
    ``n_positions``, so this comparison caps new tokens to fit the window;
 3. decode FLOP/s at batch ``--decode-batch`` as a fraction of this machine's measured fp32
    matmul peak (best of square ``torch.mm``), FLOPs per token =
-   2 * (12 * n_layer * n_embd^2 + vocab * n_embd) + 4 * n_layer * n_embd * context;
-4. tokens/s inside vs past the context window for window_shift 1 and the default.
+   2 * (12 * n_layer * n_embd^2 + vocab * n_embd) + 4 * n_layer * n_embd * context, and what a
+   paged KV layout's gather would add per step;
+4. tokens/s inside vs past the context window for window_shift 1, 64 and the default (half);
+5. the price of ``--batch-invariant on``: one request alone and ``--requests`` together.
 """
 
 from __future__ import annotations
@@ -47,7 +53,10 @@ class BenchConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="weights/shakespeare-char",
-                   help="checkpoint folder; a random stand-in of the same shape if missing")
+                   help="checkpoint folder (a random stand-in of the same shape if missing), or "
+                        "'gpt2-small' for a random GPT-2-small-shaped model")
+    p.add_argument("--sections", default="1,2,3,4,5",
+                   help="comma-separated sections to run (see the module docstring)")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--decode-batch", type=int, default=64)
@@ -60,7 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def gpt2_small(seed: int = 0) -> Checkpoint:
+    """A GPT-2-small-shaped model (12 x 768, vocab 50257, context 1024), random weights."""
+    torch.manual_seed(seed)
+    config = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768,
+                       activation="gelu_tanh")
+    chars = [chr(0x10000 + i) for i in range(config.vocab_size)]  # any 50257-token tokenizer
+    return Checkpoint(GPT(config).eval(), CharTokenizer(chars), config, "gptserve",
+                      Path("gpt2-small"))
+
+
 def load_or_stand_in(path: str | None) -> tuple[Checkpoint, str]:
+    if path == "gpt2-small":
+        return gpt2_small(), "GPT-2-small shape (12 x 768, vocab 50257, context 1024), random"
     if path and Path(path).exists():
         return load_checkpoint(path), f"{path} (shipped weights)"
     torch.manual_seed(0)
@@ -168,33 +189,27 @@ def decode_flops_per_token(cfg: GPTConfig, context: int) -> int:
     return 2 * matmul + 4 * cfg.n_layer * cfg.n_embd * context
 
 
-def decode_throughput(ck, batch: int, steps: int = 20) -> tuple[float, float, float]:
-    """(tokens/s of whole engine steps, tokens/s of the runner's decode alone, mean context)."""
+def decode_throughput(ck, batch: int, steps: int = 20) -> tuple[float, float]:
+    """(tokens/s of whole engine steps at ``batch`` sequences decoding, mean context)."""
     ctx0 = ck.config.block_size // 2
     engine = Engine(ck, EngineConfig(max_batch_size=batch, prefill_chunk=ctx0,
                                      max_tokens_per_step=batch * (ctx0 + 1), device="cpu"))
     core = engine._core  # one step admits and prefills every sequence: all decode in lockstep
     prompts = make_prompts(ck, batch, ctx0, seed=1)
     prompts = [(p * ctx0)[:ctx0] for p in prompts]
-    with torch.inference_mode():
-        for r in requests(prompts, 10**6, "d"):
-            core.add_request(r)
-        while any(s.status.value != "decode" for s in core.scheduler.running) or \
-                core.scheduler.waiting:
+    for r in requests(prompts, 10**6, "d"):
+        core.add_request(r)
+    while core.scheduler.num_waiting or any(s.num_to_compute > 1 for s in core.scheduler.running):
+        core.step()
+    seqs = list(core.scheduler.running)
+    ctx = sum(s.window_len for s in seqs) / len(seqs)
+    full = 0.0
+    for _ in range(3):  # best of 3 (a shared machine disturbs some runs)
+        t0 = time.perf_counter()
+        for _ in range(steps):
             core.step()
-        seqs = list(core.scheduler.running)
-        ctx = sum(s.window_len for s in seqs) / len(seqs)
-        full = runner = 0.0
-        for _ in range(3):  # best of 3 (a shared machine disturbs some runs)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                core.step()
-            full = max(full, batch * steps / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                core.runner.decode(seqs)
-            runner = max(runner, batch * steps / (time.perf_counter() - t0))
-    return full, runner, ctx + 1.5 * steps
+        full = max(full, batch * steps / (time.perf_counter() - t0))
+    return full, ctx + 1.5 * steps
 
 
 def slot_vs_block_gather(ck, batch: int, block_tokens: int = 16, reps: int = 20) -> float:
@@ -234,7 +249,8 @@ def window_runner(ck, shift: int, n: int, tokens: int, past: bool) -> Callable[[
         with torch.inference_mode():
             for r in requests(prompts, tokens + 1, "w"):
                 core.add_request(r)
-            while core.scheduler.waiting or any(s.num_generated == 0 for s in core.scheduler.running):
+            while core.scheduler.num_waiting or any(
+                    s.num_generated == 0 for s in core.scheduler.running):
                 core.step()  # untimed: prompt prefill up to every sequence's first token
             t0, generated = time.perf_counter(), 0
             while core.has_work():
@@ -248,71 +264,80 @@ def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     cfg = BenchConfig(a.checkpoint, a.requests, a.new_tokens, a.decode_batch, a.window_tokens,
                       tuple(a.shifts), a.skip_hf, a.rounds)
+    sections = {int(x) for x in a.sections.split(",")}
     ck, source = load_or_stand_in(cfg.checkpoint)
     mc = ck.config
     print(f"model: {source}\ntorch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32"
           f"; best of {cfg.rounds} interleaved rounds")
-    default = EngineConfig(device="cpu")
+    default = EngineConfig(max_batch_size=cfg.requests, device="cpu")
+    invariant = EngineConfig(max_batch_size=cfg.requests, device="cpu", batch_invariant=True)
     prompts = make_prompts(ck, cfg.requests, mc.block_size // 2, cfg.seed)
     reqs = requests(prompts, cfg.new_tokens, "r")
-    batched = EngineConfig(max_batch_size=cfg.requests, device="cpu")
 
-    r = race({"batched": engine_runner(ck, batched, reqs),
-              "serial": engine_runner(ck, EngineConfig(max_batch_size=1, device="cpu"), reqs)},
-             cfg.rounds)
-    (b, tb), (s1, ts) = r["batched"], r["serial"]
-    print(f"\n1. {cfg.requests} requests x {cfg.new_tokens} new tokens (prompts 1..{mc.block_size // 2}"
-          f", window_shift {default.window_shift}):\n   engine batched {b:8.1f} tok/s | one at "
-          f"a time {s1:8.1f} tok/s | ratio {b / s1:5.2f}x (target >= 8x)"
-          f" | same tokens: {tb.outputs == ts.outputs}")
+    if 1 in sections:
+        r = race({"batched": engine_runner(ck, default, reqs),
+                  "serial": engine_runner(ck, EngineConfig(max_batch_size=1, device="cpu"), reqs)},
+                 cfg.rounds)
+        (b, tb), (s1, ts) = r["batched"], r["serial"]
+        print(f"\n1. {cfg.requests} requests x {cfg.new_tokens} new tokens (prompts 1.."
+              f"{mc.block_size // 2}):\n   engine batched {b:8.1f} tok/s | one at a time "
+              f"{s1:8.1f} tok/s | ratio {b / s1:5.2f}x | same tokens: {tb.outputs == ts.outputs}")
 
-    if not cfg.skip_hf:
+    if 2 in sections and not cfg.skip_hf:
         hf_new = min(cfg.new_tokens, mc.block_size - max(len(p) for p in prompts))
         hf_reqs = requests(prompts, hf_new, "h")
-        loose = EngineConfig(max_batch_size=cfg.requests, device="cpu", batch_invariant=False)
-        r = race({"engine": engine_runner(ck, batched, hf_reqs),
-                  "loose": engine_runner(ck, loose, hf_reqs),
+        r = race({"engine": engine_runner(ck, default, hf_reqs),
+                  "invariant": engine_runner(ck, invariant, hf_reqs),
                   "hf": hf_runner(ck, prompts, hf_new)}, cfg.rounds)
-        (e, te), (lo, _), (hf, th) = r["engine"], r["loose"], r["hf"]
+        (e, te), (inv, _), (hf, th) = r["engine"], r["invariant"], r["hf"]
         same = sum(x == y for x, y in zip(te.outputs, th.outputs, strict=True))
-        print(f"\n2. vs HF transformers generate (greedy, KV cache), {cfg.requests} x {hf_new} new "
-              f"tokens (inside the window):\n   engine {e:8.1f} tok/s | HF {hf:8.1f} tok/s | "
-              f"ratio {e / hf:5.2f}x (target >= 1.5x) | identical outputs {same}/{len(prompts)}\n"
-              f"   engine with batch_invariant=False {lo:8.1f} tok/s | ratio {lo / hf:5.2f}x")
+        print(f"\n2. vs HF transformers generate (greedy, KV cache), {cfg.requests} x {hf_new} "
+              f"new tokens (inside the window):\n   engine {e:8.1f} tok/s | HF {hf:8.1f} tok/s | "
+              f"ratio {e / hf:5.2f}x | identical outputs {same}/{len(prompts)}\n"
+              f"   engine with --batch-invariant on {inv:8.1f} tok/s | ratio {inv / hf:5.2f}x")
 
-    peak = max(matmul_peak(), matmul_peak())
-    full, runner, ctx = decode_throughput(ck, cfg.decode_batch)
-    fpt = decode_flops_per_token(mc, round(ctx))
-    print(f"\n3. decode at batch {cfg.decode_batch} (context ~{ctx:.0f}), "
-          f"{fpt / 1e6:.2f} MFLOP/token; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s\n"
-          f"   engine step {full:8.1f} tok/s = {full * fpt / 1e9:6.2f} GFLOP/s = "
-          f"{100 * full * fpt / peak:5.1f}% of peak | runner.decode alone {runner:8.1f} tok/s = "
-          f"{100 * runner * fpt / peak:5.1f}% (target >= 30%)")
-    gather_ms = slot_vs_block_gather(ck, cfg.decode_batch)
-    print(f"   a paged (16-token block) KV layout would add >= {gather_ms:.2f} ms per decode step "
-          f"for the gather alone (step: {1e3 * cfg.decode_batch / full:.2f} ms) -> slots")
+    if 3 in sections:
+        peak = max(matmul_peak(), matmul_peak())
+        full, ctx = decode_throughput(ck, cfg.decode_batch)
+        fpt = decode_flops_per_token(mc, round(ctx))
+        print(f"\n3. decode at batch {cfg.decode_batch} (context ~{ctx:.0f}), "
+              f"{fpt / 1e6:.2f} MFLOP/token; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s\n"
+              f"   engine step {full:8.1f} tok/s = {full * fpt / 1e9:6.2f} GFLOP/s = "
+              f"{100 * full * fpt / peak:5.1f}% of peak")
+        gather_ms = slot_vs_block_gather(ck, cfg.decode_batch)
+        print(f"   a paged (16-token block) KV layout would add >= {gather_ms:.2f} ms per decode "
+              f"step for the gather alone (step: {1e3 * cfg.decode_batch / full:.2f} ms)")
 
-    print(f"\n4. steady-state tokens/s inside vs past the window ({cfg.requests} requests x "
-          f"{cfg.window_tokens} tokens):")
-    shifts = sorted({1, min(default.window_shift, mc.block_size // 2), *cfg.shifts})
-    runners = {}
-    for shift in shifts:
-        for past in (False, True):
-            runners[(shift, past)] = window_runner(ck, shift, cfg.requests, cfg.window_tokens, past)
-    r = race(runners, cfg.rounds)
-    for shift in shifts:
-        rate_in, rate_past = r[(shift, False)][0], r[(shift, True)][0]
-        print(f"   window_shift {shift:4d}: inside {rate_in:8.1f} tok/s | past {rate_past:8.1f}"
-              f" tok/s | past/inside {rate_past / rate_in:5.2f}")
+    if 4 in sections:
+        print(f"\n4. steady-state tokens/s inside vs past the window ({cfg.requests} requests x "
+              f"{cfg.window_tokens} tokens, context {mc.block_size}):")
+        half = default.window_shift_for(mc.block_size)
+        shifts = sorted({1, 64, half, *cfg.shifts} & set(range(1, half + 1)))
+        runners = {}
+        for shift in shifts:
+            for past in (False, True):
+                runners[(shift, past)] = window_runner(ck, shift, cfg.requests,
+                                                       max(cfg.window_tokens, shift), past)
+        r = race(runners, cfg.rounds)
+        for shift in shifts:
+            rate_in, rate_past = r[(shift, False)][0], r[(shift, True)][0]
+            mark = " (default)" if shift == half else ""
+            print(f"   window_shift {shift:4d}{mark}: inside {rate_in:8.1f} tok/s | past "
+                  f"{rate_past:8.1f} tok/s | past/inside {rate_past / rate_in:5.2f}")
 
-    one = requests(prompts[:1], cfg.new_tokens, "one")
-    r = race({name: engine_runner(ck, config, one) for name, config in (
-        ("invariant", batched),
-        ("loose", EngineConfig(max_batch_size=cfg.requests, device="cpu", batch_invariant=False)),
-        ("single-slot", EngineConfig(max_batch_size=1, device="cpu")))}, cfg.rounds)
-    print(f"\n5. one request alone (the price of batch invariance at low load), tok/s:\n"
-          f"   {cfg.requests}-slot engine {r['invariant'][0]:8.1f} | same with batch_invariant=False "
-          f"{r['loose'][0]:8.1f} | max_batch_size=1 {r['single-slot'][0]:8.1f}")
+    if 5 in sections:
+        one = requests(prompts[:1], cfg.new_tokens, "one")
+        r = race({"default": engine_runner(ck, default, one),
+                  "invariant": engine_runner(ck, invariant, one)}, cfg.rounds)
+        d, i = r["default"][0], r["invariant"][0]
+        print(f"\n5. one request alone, tok/s: default {d:8.1f} | --batch-invariant on "
+              f"{i:8.1f} | invariance costs {100 * (1 - i / d):5.1f}%")
+        many = requests(prompts, cfg.new_tokens, "many")
+        r = race({"default": engine_runner(ck, default, many),
+                  "invariant": engine_runner(ck, invariant, many)}, cfg.rounds)
+        d, i = r["default"][0], r["invariant"][0]
+        print(f"   {cfg.requests} requests, tok/s: default {d:8.1f} | --batch-invariant on "
+              f"{i:8.1f} | invariance costs {100 * (1 - i / d):5.1f}%")
 
 
 if __name__ == "__main__":
