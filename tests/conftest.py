@@ -120,3 +120,18 @@ def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def no_engine_thread_left_behind():
+    """Fail the test that leaves a running engine thread behind: a leaked engine with work
+    steps forever and slows every later test (CI once took 48 minutes because of one)."""
+    before = {t for t in threading.enumerate() if t.name == "engine"}
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        left = [t for t in threading.enumerate() if t.name == "engine" and t not in before]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not left, f"{len(left)} engine thread(s) still running after the test"

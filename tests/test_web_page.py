@@ -57,10 +57,15 @@ def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     if not shutil.which(CHROMIUM):
         pytest.skip("Debian chromium is not installed (CI installs it)")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield browser
-        browser.close()
+    # The page uses only system fonts; Playwright's screenshot otherwise first awaits
+    # document.fonts.ready, which hung for 30 s under a loaded full-suite run. Its documented
+    # switch skips that wait (the driver reads it from its environment at start).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PW_TEST_SCREENSHOT_NO_FONTS_READY", "1")
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            yield browser
+            browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -262,7 +262,11 @@ class Engine:
                     self._core.add_request(request)
                 self._inbox.clear()
                 aborts, self._aborts = self._aborts, []
-                draining = self._state == "draining"
+                # "stopped" here: shutdown gave up on a step that later returned. Leave at once
+                # (never spin on with nothing to do).
+                draining = self._state in ("draining", "stopped")
+                if self._state == "stopped":
+                    self._deadline = 0.0
             outputs: list[RequestOutput] = []
             for request_id, index in aborts:
                 outputs += self._core.abort(request_id, index)
