@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=min(2, len(os.sched_getaffinity(0))),
-                   help="CPU threads of every system: torch in this process, CTranslate2's "
-                        "intra_threads, OMP_NUM_THREADS of gptserve's server, vLLM's bind list")
+                   help="CPU threads of every system on CPU: torch in this process, "
+                        "CTranslate2's intra_threads, gptserve's server (OMP_NUM_THREADS), "
+                        "vLLM's bind list")
     p.add_argument("--slots", type=int, default=None,
                    help="gptserve --max-batch-size and vLLM --max-num-seqs "
                         "(default: 32, or the largest stream count if larger)")
@@ -127,9 +128,15 @@ def plan(o: Options) -> list[Workload]:
 
 
 def header(o: Options, vllm_python: Path | None) -> list[str]:
-    import ctranslate2
+    import importlib.metadata
+
     import torch
     import transformers
+
+    try:
+        ct2 = importlib.metadata.version("ctranslate2")
+    except importlib.metadata.PackageNotFoundError:
+        ct2 = "not installed"
 
     def run(*cmd: str) -> str:
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=servers.REPO)
@@ -145,7 +152,7 @@ def header(o: Options, vllm_python: Path | None) -> list[str]:
     return [
         f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}",
         f"versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, ctranslate2 {ctranslate2.__version__}, {vllm}; gptserve "
+        f"{transformers.__version__}, ctranslate2 {ct2}, {vllm}; gptserve "
         f"{run('git', 'rev-parse', '--short', 'HEAD')}{' (dirty)' if run('git', 'status', '--porcelain') else ''}",
         f"machine: {cpu}, {len(os.sched_getaffinity(0))} CPUs{gpu}; {o.device} {o.dtype}, "
         f"{o.threads} threads per system; load average at start {os.getloadavg()}",
@@ -156,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     o = parse(argv)
     import torch
 
-    torch.set_num_threads(o.threads)
+    if o.device == "cpu":
+        torch.set_num_threads(o.threads)
     o.workdir.mkdir(parents=True, exist_ok=True)
     workloads = plan(o)
     gpt2 = models.gpt2_small(o.workdir, o.seed)
@@ -170,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     specs: dict[str, servers.ServerSpec] = {}
     flags = [("gptserve", ())] if "gptserve" in o.systems else []
     for label, f in [*flags, *((f"gptserve[{lb}]", fl) for lb, fl in o.variants)]:
-        specs[label] = servers.gptserve(label, gpt2.hf, o.device, o.dtype, o.slots, o.threads, f)
+        threads = o.threads if o.device == "cpu" else None
+        specs[label] = servers.gptserve(label, gpt2.hf, o.device, o.dtype, o.slots, threads, f)
     vllm_python = None
     if "vllm" in o.systems:
         found = servers.vllm_python(o.workdir, o.vllm_version)
@@ -248,7 +257,7 @@ def run_in_process(system: str, gpt2: models.ModelFiles, tiny: models.ModelFiles
         key = (system, model.name)
         if key not in generators:
             generators[key] = build(system, model, o)
-            generators[key](prompts[w.model][:1], 2)  # warm up
+        generators[key](prompts[w.model][:w.streams], 2)  # warm this batch size up
         repeats = 1 if w.model == "gpt2-small" else 5  # tiny calls take milliseconds
         figures = inproc.measure(generators[key], prompts[w.model][:w.streams], w.new_tokens,
                                  repeats)

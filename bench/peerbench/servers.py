@@ -37,11 +37,13 @@ class ServerSpec:
     startup_s: float = 300.0
 
 
-def gptserve(name: str, checkpoint: Path, device: str, dtype: str, slots: int, threads: int,
-             flags: tuple[str, ...] = ()) -> ServerSpec:
+def gptserve(name: str, checkpoint: Path, device: str, dtype: str, slots: int,
+             threads: int | None, flags: tuple[str, ...] = ()) -> ServerSpec:
+    """``threads``: the server's OMP_NUM_THREADS (None: torch's default)."""
     argv = (sys.executable, "-m", "service", "--checkpoint", str(checkpoint), "--device", device,
             "--dtype", dtype, "--max-batch-size", str(slots), "--log-level", "warning", *flags)
-    return ServerSpec(name, argv, (("OMP_NUM_THREADS", str(threads)),), "/ready")
+    env = () if threads is None else (("OMP_NUM_THREADS", str(threads)),)
+    return ServerSpec(name, argv, env, "/ready")
 
 
 def vllm(python: Path, checkpoint: Path, dtype: str, slots: int, max_len: int, kv_gib: int,
