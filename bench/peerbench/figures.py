@@ -11,8 +11,9 @@ class Figures:
 
     ``rate`` is the headline: with one stream, decode tokens/s with the first token's latency
     left out, ``(tokens - 1) / (t_last - t_first)``; with several, total tokens/s over the whole
-    run (first request sent to last token received). Latencies are in seconds; ``None`` where
-    the system gives no per-token timing (in-process batch calls).
+    run (first request sent to last token received). Latencies are in seconds. In-process batch
+    calls give no per-token timing: ``ttft_p50`` is the 1-token call, ``itl_p50`` the mean step,
+    and the p99s are ``None``.
     """
 
     streams: int

@@ -3,7 +3,8 @@
 Each builder returns ``generate(prompts, new_tokens) -> token ids per prompt`` (greedy, exactly
 ``new_tokens`` each, prompts of equal length run as one batch). ``measure`` times a call for one
 token and a call for all of them, so every system is timed the same way without per-token
-callbacks: TTFT = the 1-token call, decode tokens/s = streams x (new - 1) / (T_new - T_1).
+callbacks: TTFT = the 1-token call, decode tokens/s = streams x (new - 1) / (T_new - T_1), and the
+inter-token latency is the mean step, (T_new - T_1) / (new - 1) (no percentiles).
 """
 
 from __future__ import annotations
@@ -92,4 +93,5 @@ def measure(generate: Generate, prompts: list[list[int]], new_tokens: int,
     tokens = sum(len(o) for o in outputs)
     # one stream: decode rate without the first token; several: total over the whole call
     rate = n * (new_tokens - 1) / (tn - t1) if n == 1 and tn > t1 else tokens / tn
-    return Figures(n, rate, t1, None, None, None, tokens, n * new_tokens)
+    step = (tn - t1) / (new_tokens - 1) if new_tokens > 1 else None  # every stream, every step
+    return Figures(n, rate, t1, None, step, None, tokens, n * new_tokens)

@@ -67,7 +67,8 @@ def _pair(runs: list[Figures], p50: str, p99: str) -> str:
 def table(results: Results, workloads: list[Workload], limits: Limits,
           sizes: dict[str, tuple[int, int]]) -> list[str]:
     """One row per (system, workload); ``sizes``: model -> (params, weight bytes)."""
-    lines = ["| system | workload | tok/s median [range] | TTFT p50 / p99 ms | "
+    lines = ["In-process rows: TTFT = a 1-token call, ITL = its mean step (no percentiles).", "",
+             "| system | workload | tok/s median [range] | TTFT p50 / p99 ms | "
              "ITL p50 / p99 ms | tokens | peak RSS | of machine limit |",
              "|---|---|---|---|---|---|---|---|"]
     for w in workloads:

