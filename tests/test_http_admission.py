@@ -49,11 +49,15 @@ def test_a_simultaneous_burst_is_admitted_like_the_same_requests_staggered(tiny_
     slots, queue = 2, 4
     with live_server(tiny_checkpoint, max_batch_size=slots, max_queue=queue) as srv:
 
+        all_in = asyncio.Event()  # seen once: the first holder to see it must not leave alone
+
         async def hold(client: httpx.AsyncClient) -> int:
             body = {"prompt": "ab", "max_tokens": 1_000_000, "stream": True}
             async with client.stream("POST", "/v1/completions", json=body) as resp:
                 if resp.status_code == 200:  # admitted: hold the stream until all are in
-                    await asyncio.to_thread(wait_until, lambda: _live(srv) == slots + queue)
+                    await asyncio.to_thread(
+                        wait_until, lambda: all_in.is_set() or _live(srv) == slots + queue)
+                    all_in.set()
                 return resp.status_code
 
         async def burst() -> list[int]:
