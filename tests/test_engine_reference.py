@@ -14,6 +14,7 @@ from engine_support import (
 )
 
 from model import load_checkpoint, reference_generate
+from service.engine.runner import ModelRunner
 
 # (prompt length, max_tokens, arrival step): block_size is 32, so some prompts overflow the
 # window and most generations run far past it.
@@ -30,8 +31,12 @@ def _reference(checkpoint, req):
     )
 
 
+@pytest.mark.parametrize("prepack", ["timed", "forced"])
 @pytest.mark.parametrize("prefill_chunk", [8, 32])
-def test_greedy_mixed_batch_matches_reference_past_block_size(prefill_chunk):
+def test_greedy_mixed_batch_matches_reference_past_block_size(prefill_chunk, prepack, monkeypatch):
+    if prepack == "forced":  # the oneDNN prepacked path, whatever the warm-up's timing says
+        monkeypatch.setattr(ModelRunner, "_prepacking_pays",
+                            lambda self, width: self.model.prepack_cpu_weights(True))
     ck = tiny_checkpoint()
     eng = engine(ck, max_batch_size=4, window_shift=1, prefill_chunk=prefill_chunk,
                  max_tokens_per_step=prefill_chunk + 8)

@@ -65,8 +65,11 @@ def _run_packed(model, seqs, slots, chunk, n_slots, *, fixed: bool = False, seed
 @pytest.mark.parametrize("chunk", [1, 3, 32])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("fixed", [False, True], ids=["tight", "fixed-shape"])
-def test_packed_forward_equals_full_forward_for_ragged_mixed_steps(chunk, bias, fixed):
+@pytest.mark.parametrize("prepack", [False, True], ids=["mkl", "onednn-prepacked"])
+def test_packed_forward_equals_full_forward_for_ragged_mixed_steps(chunk, bias, fixed, prepack):
     model = _tiny(bias)
+    if prepack and not model.prepack_cpu_weights():
+        pytest.skip("no oneDNN in this torch build")
     g = torch.Generator().manual_seed(1)
     lengths = [32, 17, 5, 1, 9]
     seqs = [torch.randint(0, 53, (n,), generator=g).tolist() for n in lengths]
@@ -114,3 +117,12 @@ def test_full_forward_rejects_sequences_longer_than_block_size():
     model = _tiny()
     with pytest.raises(ValueError, match="block_size is 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_prepacked_weights_are_dropped_on_request_and_after_a_move():
+    model = _tiny()
+    if not model.prepack_cpu_weights():
+        pytest.skip("no oneDNN in this torch build")
+    assert model._inference_weights().packed is not None
+    assert not model.prepack_cpu_weights(False) and model._inference_weights().packed is None
+    assert not model.to(torch.float64).prepack_cpu_weights(), "fp32 only"

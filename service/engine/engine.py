@@ -350,6 +350,7 @@ class Engine:
         requests = list(requests)
         for request in requests:
             self.validate(request)
+        self._core.runner.warm_up()
         with torch.inference_mode():
             return self._core.run(requests, arrival_steps)
 
@@ -362,6 +363,7 @@ class Engine:
         requests = list(requests)
         for request in requests:
             self.validate(request)
+        self._core.runner.warm_up()
         for request in requests:
             self._core.add_request(request)
         while self._core.has_work():
