@@ -21,7 +21,7 @@ from model.checkpoint import Checkpoint
 from service.engine.config import EngineConfig
 from service.engine.core import EngineCore
 from service.engine.memory import plan_slots
-from service.engine.stream import RequestStream
+from service.engine.stream import RequestStream, put_all
 from service.engine.types import (
     EngineStats,
     EngineStoppedError,
@@ -333,8 +333,11 @@ class Engine:
                 if self._remaining[request_id] == 0:
                     del self._streams[request_id], self._remaining[request_id]
                     del self._live[request_id]
+        by_loop: dict[int, list] = {}
         for stream, outs in streams:
-            stream.put(outs)
+            by_loop.setdefault(id(stream.loop), []).append((stream, outs))
+        for items in by_loop.values():
+            put_all(items[0][0].loop, items)
 
     # ---- synchronous use (tests, benchmarks; no thread) --------------------------------------
 

@@ -36,17 +36,20 @@ class RequestStream:
         self.finished = False
         self.overflowed = False
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
     def put(self, outputs: list[RequestOutput]) -> None:
         """Hand events over from the engine thread (thread-safe)."""
+        put_all(self._loop, [(self, outputs)])
+
+    def _check_backlog(self, incoming: int) -> None:
         # qsize from another thread is a racy read of a deque's length: good enough for a bound
-        if not self.overflowed and self._queue.qsize() + len(outputs) > self.max_backlog:
+        if not self.overflowed and self._queue.qsize() + incoming > self.max_backlog:
             self.overflowed = True
             log.warning("request %s: %d events unread; cancelling it (the client stopped reading)",
                         self.request_id, self._queue.qsize())
-            self._on_abort(self.request_id)
-        try:
-            self._loop.call_soon_threadsafe(self._put_many, outputs)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
             self._on_abort(self.request_id)
 
     def _put_many(self, outputs: list[RequestOutput]) -> None:
@@ -68,3 +71,22 @@ class RequestStream:
             self._remaining -= 1
             self.finished = self._remaining == 0
         return out
+
+
+def put_all(loop: asyncio.AbstractEventLoop,
+            items: list[tuple[RequestStream, list[RequestOutput]]]) -> None:
+    """Hand a step's events to the streams of one event loop with one wake-up of that loop (one
+    ``call_soon_threadsafe`` per step, not one per stream: at 32 streams the per-stream wake-ups
+    cost the loop more than the events)."""
+    for stream, outputs in items:
+        stream._check_backlog(len(outputs))
+    try:
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        for stream, _ in items:
+            stream._on_abort(stream.request_id)
+
+
+def _deliver(items: list[tuple[RequestStream, list[RequestOutput]]]) -> None:
+    for stream, outputs in items:
+        stream._put_many(outputs)
