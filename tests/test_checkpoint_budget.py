@@ -13,6 +13,7 @@ from model.checkpoint import BudgetError
 from model.checkpoint.budget import Memory, host_memory, load_bytes, parameter_count
 from model.kv_cache import KVCache
 from service.engine.config import EngineConfig
+from service.engine.memory import prepacked_bytes
 from service.reload.budget import serving_budget
 
 SHAPES = [
@@ -67,6 +68,7 @@ def test_the_serving_budget_counts_the_kv_cache_beside_the_serving_engine():
     config = SHAPES[1]
     engine = EngineConfig(device="cpu", dtype="float32", max_batch_size=8)
     need = load_bytes(config) + (8 + 1) * KVCache.bytes_per_slot(config, torch.float32)  # + scratch
+    need += prepacked_bytes(config, torch.float32, engine, torch.device("cpu"))  # oneDNN's copy
 
     class Live:  # what the budget reads of the engine serving now
         model_config, dtype, n_slots = SHAPES[0], torch.float32, 4

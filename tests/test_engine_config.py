@@ -57,10 +57,16 @@ def test_a_kv_cache_larger_than_free_memory_is_refused_before_allocation(monkeyp
 
     cfg = tiny_checkpoint().config
     per_slot = KVCache.bytes_per_slot(cfg, torch.float32)
-    monkeypatch.setattr(memory, "free_memory", lambda device: 5 * per_slot)
-    with pytest.raises(ValueError, match="--max-batch-size or --kv-memory"):
+    packed = memory.prepacked_bytes(cfg, torch.float32, EngineConfig(device="cpu"),
+                                    torch.device("cpu"))
+    assert packed > 0, "an fp32 CPU engine plans room for its prepacked weights"
+    free = (5 * per_slot + packed) / 0.9
+    monkeypatch.setattr(memory, "free_memory", lambda device: free)
+    with pytest.raises(ValueError, match="prepacked CPU weights.*--max-batch-size or --kv-memory"):
         engine(max_batch_size=8)
     assert engine(max_batch_size=3).n_slots == 3
+    # the same free memory without the prepacked copy to plan for (batch invariance uses MKL)
+    assert engine(max_batch_size=4, batch_invariant=True).n_slots == 4
 
 
 def test_window_shift_is_capped_at_half_the_block_and_defaults_to_half():

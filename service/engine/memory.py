@@ -11,14 +11,15 @@ Why slots, not blocks: a sequence never holds more than one window (``block_size
 shipped shakespeare-char, 1024 for GPT-2) and is re-encoded when it outgrows it, so paging would
 save memory only for sequences shorter than a window, at the price of a gather of every block on
 every decode step; with slots, a decode step attends over a plain view of the cache (see
-docs/BENCHMARKS.md, "Paging").
+docs/BENCHMARKS.md, Engine, "Slots, not pages"). An fp32 CPU engine also plans room for a
+second copy of the weights (``prepacked_bytes``: oneDNN's reordered layout, see ``model.gpt``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from model.checkpoint.budget import host_memory
+from model.checkpoint.budget import host_memory, parameter_count
 from model.config import GPTConfig
 from model.kv_cache import KVCache
 from service.engine.config import EngineConfig
@@ -35,13 +36,26 @@ def plan_slots(
     free = free_memory(device)
     slots = slots_wanted(config, dtype, engine, device, free)
     needed = (slots + 1) * per_slot  # + the scratch slot padding writes into
-    if slots < 1 or needed > free * _HEADROOM:
+    packed = prepacked_bytes(config, dtype, engine, device)
+    if slots < 1 or needed + packed > free * _HEADROOM:
+        also = f" (and {_gib(packed)} for the prepacked CPU weights)" if packed else ""
         raise ValueError(
             f"the KV cache needs {_gib(needed)} for {max(slots, 1)} sequence window(s) of "
-            f"{_gib(per_slot)} each, but the {device.type} device has {_gib(free)} free: lower "
-            f"--max-batch-size or --kv-memory, or use a smaller dtype"
+            f"{_gib(per_slot)} each{also}, but the {device.type} device has {_gib(free)} free: "
+            f"lower --max-batch-size or --kv-memory, or use a smaller dtype"
         )
     return slots
+
+
+def prepacked_bytes(
+    config: GPTConfig, dtype: torch.dtype, engine: EngineConfig, device: torch.device
+) -> int:
+    """Room for the second copy of the weights that fp32 CPU engines may reorder for oneDNN
+    (``GPT.prepack_cpu_weights``; the warm-up drops it when it does not pay): planned for, so
+    that the KV cache never takes the memory that copy needs."""
+    if device.type != "cpu" or dtype != torch.float32 or engine.batch_invariant or engine.compile:
+        return 0
+    return parameter_count(config) * 4
 
 
 def slots_wanted(

@@ -28,7 +28,7 @@ from model.config import GPTConfig
 from model.kv_cache import KVCache
 from service.engine.config import EngineConfig
 from service.engine.engine import resolve_device, resolve_dtype
-from service.engine.memory import slots_wanted
+from service.engine.memory import prepacked_bytes, slots_wanted
 
 
 def engine_bytes(config: GPTConfig, dtype: torch.dtype, n_slots: int) -> int:
@@ -62,7 +62,11 @@ def serving_budget(
             host = Memory(host.available, f"{host.source}, beside the serving model's "
                                           f"{in_use} bytes of weights and KV cache")  # fmt: skip
         if device.type == "cpu":
-            check_fits(config, {"to load": load_bytes(config), "KV cache": kv}, host, "host")
+            parts = {"to load": load_bytes(config), "KV cache": kv}
+            packed = prepacked_bytes(config, dtype, engine, device)
+            if packed:
+                parts["prepacked weights"] = packed
+            check_fits(config, parts, host, "host")
             return
         check_fits(config, {"to load": load_bytes(config)}, host, "host")
         free, _total = torch.cuda.mem_get_info(device)
