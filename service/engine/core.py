@@ -16,6 +16,7 @@ import torch
 from model.gpt import GPT
 from model.sampling import random_seed
 from service.engine.config import EngineConfig
+from service.engine.memory import prepacks
 from service.engine.runner import ModelRunner
 from service.engine.sampler import SampledToken, Sampler
 from service.engine.scheduler import Scheduler
@@ -47,7 +48,8 @@ class EngineCore:
         self.block_size = block_size
         self.eos_token_id = eos_token_id
         self.runner = ModelRunner(model, n_slots, device, dtype, config.batch_invariant,
-                                  cuda_graphs=config.cuda_graphs, compile=config.compile)
+                                  cuda_graphs=config.cuda_graphs, compile=config.compile,
+                                  prepack=prepacks(config, device, dtype))
         self.scheduler = Scheduler(n_slots, config.prefill_chunk, config.token_budget)
         self.sampler = Sampler(n_slots, model.config.vocab_size, vocab_size, device)
         self._seq_ids = itertools.count()

@@ -262,15 +262,14 @@ class Engine:
                     self._core.add_request(request)
                 self._inbox.clear()
                 aborts, self._aborts = self._aborts, []
-                # "stopped" here: shutdown gave up on a step that later returned. Leave at once
-                # (never spin on with nothing to do).
-                draining = self._state in ("draining", "stopped")
-                if self._state == "stopped":
-                    self._deadline = 0.0
+                # "stopped" here: shutdown gave up on a step that later returned; leave at once
+                # (never spin on with nothing to do)
+                abandoned = self._state == "stopped"
+                draining = abandoned or self._state == "draining"
             outputs: list[RequestOutput] = []
             for request_id, index in aborts:
                 outputs += self._core.abort(request_id, index)
-            if draining and time.monotonic() >= self._deadline:
+            if draining and (abandoned or time.monotonic() >= self._deadline):
                 outputs += self._core.abort_all(FinishReason.ABORT)
             if self._core.has_work():
                 outputs += self._step()
@@ -333,11 +332,11 @@ class Engine:
                 if self._remaining[request_id] == 0:
                     del self._streams[request_id], self._remaining[request_id]
                     del self._live[request_id]
-        by_loop: dict[int, list] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for stream, outs in streams:
-            by_loop.setdefault(id(stream.loop), []).append((stream, outs))
-        for items in by_loop.values():
-            put_all(items[0][0].loop, items)
+            by_loop.setdefault(stream.loop, []).append((stream, outs))
+        for loop, items in by_loop.items():
+            put_all(loop, items)
 
     # ---- synchronous use (tests, benchmarks; no thread) --------------------------------------
 

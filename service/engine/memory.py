@@ -53,9 +53,15 @@ def prepacked_bytes(
     """Room for the second copy of the weights that fp32 CPU engines may reorder for oneDNN
     (``GPT.prepack_cpu_weights``; the warm-up drops it when it does not pay): planned for, so
     that the KV cache never takes the memory that copy needs."""
-    if device.type != "cpu" or dtype != torch.float32 or engine.batch_invariant or engine.compile:
-        return 0
-    return parameter_count(config) * 4
+    return parameter_count(config) * 4 if prepacks(engine, device, dtype) else 0
+
+
+def prepacks(engine: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether an engine with these settings tries oneDNN-prepacked weights: fp32 on CPU, not
+    under batch invariance (its fixed shapes rely on one kernel) nor ``compile`` (Inductor
+    packs by itself)."""
+    return (device.type == "cpu" and dtype == torch.float32 and not engine.batch_invariant
+            and not engine.compile)
 
 
 def slots_wanted(

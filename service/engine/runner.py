@@ -43,11 +43,12 @@ class ModelRunner:
     def __init__(
         self, model: GPT, n_slots: int, device: torch.device, dtype: torch.dtype,
         batch_invariant: bool = False, *, cuda_graphs: bool = False, compile: bool = False,
+        prepack: bool = False,
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
-        # oneDNN over prepacked weights for multi-row steps on CPU (not under invariance, whose
-        # fixed shapes rely on one kernel; not when compiling: Inductor packs by itself)
-        self.prepacked = not batch_invariant and not compile and self.model.prepack_cpu_weights()
+        # oneDNN over prepacked weights for multi-row steps (``memory.prepacks`` decides when to
+        # try; the warm-up keeps them only if they pay)
+        self.prepacked = prepack and self.model.prepack_cpu_weights()
         self.config = model.config
         self.device = device
         self.n_slots = n_slots
