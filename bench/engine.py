@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peerbench import limits
 
 from model import GPT, CharTokenizer, Checkpoint, GPTConfig, export_huggingface, load_checkpoint
 from service.engine import Engine, EngineConfig, Request, SamplingParams
@@ -172,18 +173,6 @@ def race(runners: dict[str, Callable[[], Timed]], rounds: int) -> dict[str, tupl
     return best
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """Best fp32 FLOP/s of an n x n x n torch.mm on this machine (same thread count)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
 def decode_flops_per_token(cfg: GPTConfig, context: int) -> int:
     matmul = 12 * cfg.n_layer * cfg.n_embd**2 + cfg.vocab_size * cfg.n_embd
     return 2 * matmul + 4 * cfg.n_layer * cfg.n_embd * context
@@ -298,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
               f"   engine with --batch-invariant on {inv:8.1f} tok/s | ratio {inv / hf:5.2f}x")
 
     if 3 in sections:
-        peak = max(matmul_peak(), matmul_peak())
+        peak = max(limits.matmul_flops(), limits.matmul_flops())
         full, ctx = decode_throughput(ck, cfg.decode_batch)
         fpt = decode_flops_per_token(mc, round(ctx))
         print(f"\n3. decode at batch {cfg.decode_batch} (context ~{ctx:.0f}), "
