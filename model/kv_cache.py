@@ -27,12 +27,13 @@ class DecodeGroup:
     the slot of each of the D decode rows, which attention scatters its queries by (None: the
     first ``width`` rows are slots ``0..width-1`` in order, nothing to scatter). ``mask``
     (width, 1, 1, length) is additive: 0 for keys at or before the row's position, -inf after (a
-    slot without a token here sees only key 0, and its output is never used).
+    slot without a token here sees only key 0, and its output is never used); None when every
+    row reads all ``length`` keys (one row alone, or rows at one position).
     """
 
     width: int
     length: int
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     keys: torch.Tensor  # (n_layer, width, n_head, length, head_dim) view of the cache
     values: torch.Tensor
     slots: torch.Tensor | None = None
@@ -95,6 +96,7 @@ class KVCache:
         )
         # per layer, one row per (slot, position): where index_copy_ writes
         self._rows = [self.data[i].view(-1, 2 * self.n_embd) for i in range(n_layer)]
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # width -> full-length
 
     @classmethod
     def for_model(cls, config, n_slots: int, *, device=None, dtype=None) -> KVCache:
@@ -127,10 +129,13 @@ class KVCache:
     def slots_view(self, width: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots ``0..width-1``, positions ``0..length-1``, for every layer:
         ``(n_layer, width, n_head, length, head_dim)`` views (no copy)."""
-        kv = self.data[:, :width, :length]  # (n_layer, width, length, 2, C)
-        shape = (self.n_layer, width, length, self.n_head, self.head_dim)
-        return (kv[:, :, :, 0].view(shape).transpose(2, 3),
-                kv[:, :, :, 1].view(shape).transpose(2, 3))
+        full = self._views.get(width)
+        if full is None:  # built once per width: a step then slices two views, not ten
+            kv = self.data[:, :width]  # (n_layer, width, max_len, 2, C)
+            shape = (self.n_layer, width, self.max_len, self.n_head, self.head_dim)
+            full = self._views[width] = (kv[:, :, :, 0].view(shape).transpose(2, 3),
+                                         kv[:, :, :, 1].view(shape).transpose(2, 3))
+        return full[0][:, :, :, :length], full[1][:, :, :, :length]
 
     def slot_view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one slot, positions ``0..length-1``: ``(1, n_head, length, hd)``."""
@@ -209,14 +214,15 @@ class KVCache:
         t, p, w, r, d, lens = dev.split([n, n, n, len(rows), len(dec_slot_list), width])
         group = None
         if n_dec:
-            key_pos = torch.arange(length, device=dev.device)
-            visible = (key_pos < lens.unsqueeze(1)).view(width, 1, 1, length)
-            mask = torch.zeros(visible.shape, device=dev.device, dtype=self.data.dtype)
+            mask = None
+            if any(n != length for n in lengths):
+                key_pos = torch.arange(length, device=dev.device)
+                visible = (key_pos < lens.unsqueeze(1)).view(width, 1, 1, length)
+                mask = torch.zeros(visible.shape, device=dev.device, dtype=self.data.dtype)
+                mask.masked_fill_(~visible, float("-inf"))
             keys, values = self.slots_view(width, length)
-            group = DecodeGroup(
-                width=width, length=length, mask=mask.masked_fill_(~visible, float("-inf")),
-                keys=keys, values=values, slots=None if identity else d,
-            )
+            group = DecodeGroup(width=width, length=length, mask=mask, keys=keys, values=values,
+                                slots=None if identity else d)
         packed_chunks = []
         for row, T, slot, start in spans:
             mask = None

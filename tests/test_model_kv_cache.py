@@ -126,3 +126,36 @@ def test_prepacked_weights_are_dropped_on_request_and_after_a_move():
     assert model._inference_weights().packed is not None
     assert not model.prepack_cpu_weights(False) and model._inference_weights().packed is None
     assert not model.to(torch.float64).prepack_cpu_weights(), "fp32 only"
+
+
+def test_decode_rows_reading_the_same_keys_attend_without_a_mask():
+    model = _tiny()
+    cache = KVCache.for_model(model.config, 3)
+    prompts = {0: [1, 2, 3, 4], 1: [5, 6, 7, 8], 2: [9, 10]}
+    with torch.no_grad():
+        model.forward_packed(cache.pack([], [(s, 0, p[:-1], False) for s, p in prompts.items()]),
+                             cache)
+        alone = cache.pack([(0, 3, 4)])
+        same = cache.pack([(0, 3, 4), (1, 3, 8)])
+        ragged = cache.pack([(0, 3, 4), (1, 3, 8), (2, 1, 10)])
+        assert alone.decode.mask is None and same.decode.mask is None
+        assert ragged.decode.mask is not None and ragged.decode.mask.shape == (3, 1, 1, 4)
+        for batch, slots in ((same, [0, 1]), (ragged, [0, 1, 2])):
+            logits = model.forward_packed(batch, cache)
+            for row, s in enumerate(slots):
+                want = _full_logits(model, prompts[s])[-1]
+                assert torch.allclose(logits[row], want, atol=1e-5), f"slot {s}"
+
+
+@pytest.mark.parametrize("mkldnn", [True, False])
+def test_exact_gelu_takes_the_native_kernel_and_leaves_onednn_as_it_was(mkldnn):
+    from model.gpt import _gelu
+
+    x = torch.randn(3, 64) * 4
+    want = torch.nn.functional.gelu(x.double()).float()
+    with torch.backends.mkldnn.flags(enabled=mkldnn):
+        got = _gelu(x, "none")
+        assert torch.backends.mkldnn.is_available() is False or (
+            torch._C._get_mkldnn_enabled() is mkldnn)
+        assert torch.allclose(got, want, atol=1e-6)
+        assert torch.equal(_gelu(x, "tanh"), torch.nn.functional.gelu(x, approximate="tanh"))

@@ -80,17 +80,22 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[SampledToken]:
         """One token per row of ``logits`` (R, V_model), row r belonging to ``seqs[r]``."""
         params = [s.params for s in seqs]
-        host = torch.tensor([*(s.slot for s in seqs), *(s.num_generated for s in seqs)])
-        slots, counters = host.to(self.device, non_blocking=True).split(len(seqs))
         logits = logits.float()
         if self.model_vocab > self.vocab_size:
             logits[:, self.vocab_size :] = float("-inf")  # fresh tensor from the LM head
-        if any(_penalised(p) for p in params):
+        greedy_rows = [p.temperature == 0 for p in params]
+        penalised = any(_penalised(p) for p in params)
+        if (all(greedy_rows) and not penalised and not any(p.logit_bias for p in params)
+                and all(p.logprobs is None for p in params)):
+            # plain greedy rows (the common case): nothing reads the per-slot state
+            return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
+        host = torch.tensor([*(s.slot for s in seqs), *(s.num_generated for s in seqs)])
+        slots, counters = host.to(self.device, non_blocking=True).split(len(seqs))
+        if penalised:
             logits = self._penalise(logits, slots)
         if any(p.logit_bias for p in params):
             logits = logits + self._bias.index_select(0, slots)
         tokens = logits.argmax(dim=-1)
-        greedy_rows = [p.temperature == 0 for p in params]
         probs = None
         if not all(greedy_rows):
             temperature = self.temperature.index_select(0, slots)
@@ -105,7 +110,7 @@ class Sampler:
             drawn = sample_from_probs(probs, counter_uniforms(self.seed.index_select(0, slots),
                                                               counters))
             tokens = torch.where(temperature > 0, drawn, tokens) if any(greedy_rows) else drawn
-        if self._counts is not None and any(_penalised(p) for p in params):
+        if self._counts is not None and penalised:
             self._counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.float),
                                     accumulate=True)
         k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
