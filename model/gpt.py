@@ -7,7 +7,7 @@ head), Hugging Face GPT-2 (the parity oracle in tests).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -126,14 +126,18 @@ class _InferenceWeights:
     # of the LM head, when ``GPT.prepack_cpu_weights`` asked for them; None otherwise
     packed: tuple[tuple[torch.Tensor, ...], ...] | None = None
     lm_head_packed: torch.Tensor | None = None
+    # whether a product of (one row, several rows) uses them
+    packed_for: tuple[bool, bool] = (False, True)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-            packed: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, or oneDNN's matmul over a prepacked weight when there is one and more than
-    one row (measured on a 2-core Sapphire Rapids VM, GPT-2-small: the 12 layers and the LM head
-    take 60 ms with MKL's sgemm at 32 rows, 45 ms prepacked; at one row MKL's GEMV is faster)."""
-    if packed is not None and x.shape[0] > 1:
+            packed: torch.Tensor | None, use: tuple[bool, bool]) -> torch.Tensor:
+    """``F.linear``, or oneDNN's matmul over a prepacked weight when there is one and ``use``
+    says so for this row count (one row, several). Measured on a 2-core Sapphire Rapids VM,
+    GPT-2-small: in fp32 the 12 layers and the LM head take 60 ms with MKL's sgemm at 32 rows,
+    45 ms prepacked, but at one row MKL's GEMV is faster; in bf16 oneDNN wins at one row too
+    (LM head 2.6 vs 4.4 ms)."""
+    if packed is not None and use[x.shape[0] > 1]:
         return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
     return F.linear(x, w, b)
 
@@ -180,6 +184,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self._weights: _InferenceWeights | None = None
         self._prepack = False  # see prepack_cpu_weights
+        self._prepack_rows = (False, True)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (GPT-2; nanoGPT)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -244,27 +249,36 @@ class GPT(nn.Module):
             enumerate(w.layers)
         ):
             p_attn, p_proj, p_fc, p_fc2 = (None,) * 4 if w.packed is None else w.packed[i]
-            qkv = _linear(F.layer_norm(x, (C,), ln1, ln1_b, eps), attn, attn_b, p_attn)  # (N, 3C)
-            kv_cache.write(i, batch, qkv[:, C:])
-            x += _linear(packed_attention(qkv[:, :C], i, kv_cache, batch), proj, proj_b, p_proj)
-            h = _linear(F.layer_norm(x, (C,), ln2, ln2_b, eps), fc, fc_b, p_fc)
-            x += _linear(_gelu(h, w.gelu), fc2, fc2_b, p_fc2)
+            use = w.packed_for
+            qkv = _linear(F.layer_norm(x, (C,), ln1, ln1_b, eps), attn, attn_b, p_attn, use)
+            kv_cache.write(i, batch, qkv[:, C:])  # qkv: (N, 3C)
+            x += _linear(packed_attention(qkv[:, :C], i, kv_cache, batch), proj, proj_b, p_proj,
+                         use)
+            h = _linear(F.layer_norm(x, (C,), ln2, ln2_b, eps), fc, fc_b, p_fc, use)
+            x += _linear(_gelu(h, w.gelu), fc2, fc2_b, p_fc2, use)
         if batch.logit_rows is not None:
             x = x.index_select(0, batch.logit_rows)  # (R, C)
         x = F.layer_norm(x, (C,), w.ln_f, w.ln_f_bias, eps)
-        return _linear(x, w.wte, None, w.lm_head_packed)
+        return _linear(x, w.wte, None, w.lm_head_packed, w.packed_for)
 
-    def prepack_cpu_weights(self, on: bool = True) -> bool:
-        """Have ``forward_packed`` multiply batches of several rows with oneDNN over weights
-        reordered once into its blocked layout (a second copy of every matrix: the parameters
-        stay as they are for ``forward`` and one-row steps), or stop (``on=False`` frees the
-        copies). fp32 on CPU only; returns whether prepacked weights are now in use. The rows'
-        results then depend on the row count (use it only when batch invariance is off)."""
+    def prepack_cpu_weights(self, on: bool = True, rows: tuple[bool, bool] = (False, True)
+                            ) -> bool:
+        """Have ``forward_packed`` multiply with oneDNN over weights reordered once into its
+        blocked layout (a second copy of every matrix: the parameters stay as they are for
+        ``forward``), for products of one row and/or of several (``rows``), or stop (``on=False``
+        frees the copies). CPU, fp32 or (where oneDNN has bf16 kernels) bf16 only; returns
+        whether prepacked weights are now in use. The rows' results then depend on the row
+        count (use it only when batch invariance is off)."""
         p = self.lm_head.weight
-        on = on and p.device.type == "cpu" and p.dtype == torch.float32 and (
+        supported = p.dtype == torch.float32 or (
+            p.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        on = on and any(rows) and p.device.type == "cpu" and supported and (
             torch.backends.mkldnn.is_available())
         if on != self._prepack:
             self._prepack, self._weights = on, None
+        self._prepack_rows = rows
+        if self._weights is not None:
+            self._weights = replace(self._weights, packed_for=rows)
         return on
 
     def _inference_weights(self) -> _InferenceWeights:
@@ -288,7 +302,7 @@ class GPT(nn.Module):
                 wte=t.wte.weight.detach(), wpe=t.wpe.weight.detach(), layers=layers,
                 ln_f=t.ln_f.weight.detach(), ln_f_bias=bias(t.ln_f),
                 gelu="tanh" if self.config.activation == "gelu_tanh" else "none",
-                packed=packed, lm_head_packed=lm_head_packed,
+                packed=packed, lm_head_packed=lm_head_packed, packed_for=self._prepack_rows,
             )
         return self._weights
 

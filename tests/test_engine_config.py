@@ -60,6 +60,11 @@ def test_a_kv_cache_larger_than_free_memory_is_refused_before_allocation(monkeyp
     packed = memory.prepacked_bytes(cfg, torch.float32, EngineConfig(device="cpu"),
                                     torch.device("cpu"))
     assert packed > 0, "an fp32 CPU engine plans room for its prepacked weights"
+    bf16 = memory.prepacked_bytes(cfg, torch.bfloat16, EngineConfig(device="cpu"),
+                                  torch.device("cpu"))
+    assert bf16 == (packed // 2 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0)
+    assert memory.prepacked_bytes(cfg, torch.float16, EngineConfig(device="cpu"),
+                                  torch.device("cpu")) == 0
     free = (5 * per_slot + packed) / 0.9
     monkeypatch.setattr(memory, "free_memory", lambda device: free)
     with pytest.raises(ValueError, match="prepacked CPU weights.*--max-batch-size or --kv-memory"):

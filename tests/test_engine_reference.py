@@ -34,9 +34,10 @@ def _reference(checkpoint, req):
 @pytest.mark.parametrize("prepack", ["timed", "forced"])
 @pytest.mark.parametrize("prefill_chunk", [8, 32])
 def test_greedy_mixed_batch_matches_reference_past_block_size(prefill_chunk, prepack, monkeypatch):
-    if prepack == "forced":  # the oneDNN prepacked path, whatever the warm-up's timing says
+    if prepack == "forced":  # the oneDNN prepacked path for every row count, whatever the
+        # warm-up's timing says
         monkeypatch.setattr(ModelRunner, "_prepacking_pays",
-                            lambda self, width: self.model.prepack_cpu_weights(True))
+                            lambda self, width: self.model.prepack_cpu_weights(True, (True, True)))
     ck = tiny_checkpoint()
     eng = engine(ck, max_batch_size=4, window_shift=1, prefill_chunk=prefill_chunk,
                  max_tokens_per_step=prefill_chunk + 8)

@@ -68,7 +68,7 @@ def _run_packed(model, seqs, slots, chunk, n_slots, *, fixed: bool = False, seed
 @pytest.mark.parametrize("prepack", [False, True], ids=["mkl", "onednn-prepacked"])
 def test_packed_forward_equals_full_forward_for_ragged_mixed_steps(chunk, bias, fixed, prepack):
     model = _tiny(bias)
-    if prepack and not model.prepack_cpu_weights():
+    if prepack and not model.prepack_cpu_weights(True, (True, True)):  # one row and several
         pytest.skip("no oneDNN in this torch build")
     g = torch.Generator().manual_seed(1)
     lengths = [32, 17, 5, 1, 9]
@@ -159,3 +159,23 @@ def test_exact_gelu_takes_the_native_kernel_and_leaves_onednn_as_it_was(mkldnn):
             torch._C._get_mkldnn_enabled() is mkldnn)
         assert torch.allclose(got, want, atol=1e-6)
         assert torch.equal(_gelu(x, "tanh"), torch.nn.functional.gelu(x, approximate="tanh"))
+
+
+def test_bf16_prepacked_weights_give_the_plain_bf16_logits_at_one_row_and_several():
+    model = _tiny().to(torch.bfloat16)
+    supported = torch.backends.mkldnn.is_available() and (
+        torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert model.prepack_cpu_weights(True, (True, True)) is supported
+    cache = KVCache.for_model(model.config, 3, dtype=torch.bfloat16)
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    with torch.no_grad():
+        model.forward_packed(cache.pack([], [(s, 0, p[:-1], False) for s, p in enumerate(prompts)]),
+                             cache)
+        steps = [cache.pack([(0, 4, 5)]), cache.pack([(s, len(p) - 1, p[-1])
+                                                     for s, p in enumerate(prompts)])]
+        packed = [model.forward_packed(b, cache).float() for b in steps]
+        assert (model._inference_weights().packed is not None) is supported
+        model.prepack_cpu_weights(False)
+        plain = [model.forward_packed(b, cache).float() for b in steps]
+    for got, want in zip(packed, plain, strict=True):
+        assert torch.allclose(got, want, atol=0.05, rtol=0.05), (got - want).abs().max()

@@ -11,8 +11,8 @@ Why slots, not blocks: a sequence never holds more than one window (``block_size
 shipped shakespeare-char, 1024 for GPT-2) and is re-encoded when it outgrows it, so paging would
 save memory only for sequences shorter than a window, at the price of a gather of every block on
 every decode step; with slots, a decode step attends over a plain view of the cache (see
-docs/BENCHMARKS.md, Engine, "Slots, not pages"). An fp32 CPU engine also plans room for a
-second copy of the weights (``prepacked_bytes``: oneDNN's reordered layout, see ``model.gpt``).
+docs/BENCHMARKS.md, Engine, "Slots, not pages"). An fp32 or bf16 CPU engine also plans room
+for a second copy of the weights (``prepacked_bytes``: oneDNN's reordered layout, ``model.gpt``).
 """
 
 from __future__ import annotations
@@ -50,17 +50,21 @@ def plan_slots(
 def prepacked_bytes(
     config: GPTConfig, dtype: torch.dtype, engine: EngineConfig, device: torch.device
 ) -> int:
-    """Room for the second copy of the weights that fp32 CPU engines may reorder for oneDNN
-    (``GPT.prepack_cpu_weights``; the warm-up drops it when it does not pay): planned for, so
-    that the KV cache never takes the memory that copy needs."""
-    return parameter_count(config) * 4 if prepacks(engine, device, dtype) else 0
+    """Room for the second copy of the weights that fp32 and bf16 CPU engines may reorder for
+    oneDNN (``GPT.prepack_cpu_weights``; the warm-up drops it when it does not pay): planned
+    for, so that the KV cache never takes the memory that copy needs."""
+    if not prepacks(engine, device, dtype):
+        return 0
+    return parameter_count(config) * torch.empty((), dtype=dtype).element_size()
 
 
 def prepacks(engine: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether an engine with these settings tries oneDNN-prepacked weights: fp32 on CPU, not
-    under batch invariance (its fixed shapes rely on one kernel) nor ``compile`` (Inductor
-    packs by itself)."""
-    return (device.type == "cpu" and dtype == torch.float32 and not engine.batch_invariant
+    """Whether an engine with these settings tries oneDNN-prepacked weights: fp32 or bf16 on
+    CPU, not under batch invariance (its fixed shapes rely on one kernel) nor ``compile``
+    (Inductor packs by itself)."""
+    supported = dtype == torch.float32 or (
+        dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return (device.type == "cpu" and supported and not engine.batch_invariant
             and not engine.compile)
 
 
