@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
@@ -30,7 +31,12 @@ def tiny_checkpoint(block_size: int = 32, vocab_size: int = 72, seed: int = 0) -
 
 
 def engine(checkpoint: Checkpoint | None = None, **config) -> Engine:
-    config.setdefault("device", "cpu")
+    """An engine on the CPU, or on ``GPTSERVE_TEST_DEVICE`` (e.g. ``cuda``: the oracle tests run
+    there unchanged, in fp32, when a GPU machine runs them)."""
+    device = os.environ.get("GPTSERVE_TEST_DEVICE")
+    config.setdefault("device", device or "cpu")
+    if device:
+        config.setdefault("dtype", "float32")
     return Engine(checkpoint or tiny_checkpoint(), EngineConfig(**config))
 
 
