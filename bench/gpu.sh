@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU benchmark (issue 12): gptserve with CUDA graphs on and off vs Hugging Face `generate`, on a
+# GPU benchmark (issue 12): gptserve's server with CUDA graphs on and off and its engine in-process
+# (default settings: graphs on) vs Hugging Face `generate`, on a
 # GPT-2-small-shaped random model in bf16, at 1, 32 and 256 concurrent streams of 128 new tokens:
 # tokens/s, TTFT and inter-token latency, plus the GPU's measured bf16 matmul FLOP/s and memory
 # read bandwidth. The measuring is bench/peers.py's (--device cuda --dtype bfloat16).
@@ -64,12 +65,12 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 servers=()
 server_help="$("$PYTHON" -m service --help)"
 if grep -q -- "$CUDA_GRAPHS_FLAG" <<<"$server_help"; then
-    servers+=(--systems hf
+    servers+=(--systems hf,gptserve-inproc
               --gptserve-variant "graphs-on=$CUDA_GRAPHS_FLAG on"
               --gptserve-variant "graphs-off=$CUDA_GRAPHS_FLAG off")
 else
     echo "gptserve has no $CUDA_GRAPHS_FLAG flag yet: measuring its default server only"
-    servers+=(--systems "gptserve,hf")
+    servers+=(--systems "gptserve,gptserve-inproc,hf")
 fi
 
 status=0

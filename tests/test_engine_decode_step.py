@@ -118,3 +118,19 @@ def test_static_decode_buffers_give_the_packed_forward_logits(slots):
     assert torch.allclose(got, want, atol=1e-5) and torch.equal(got, again)
     width = max(slots) + 1
     assert all(w >= width and w & (w - 1) == 0 for w, _ in static._buckets), static._buckets
+
+
+def test_every_decode_bucket_is_made_at_start_up_and_serving_makes_none():
+    ck = _checkpoint(2)
+    kv = KVCache.for_model(ck.config, 6)  # widths 1, 2, 4, 6 (capped at the slot count)
+    static = StaticDecode(ck.model, kv, cuda_graphs=False, compile=False)
+    with torch.inference_mode():
+        made = static.capture_all()
+        lengths = {length for _, length in static._buckets}
+        assert made == len(static._buckets) == 4 * len(lengths)
+        assert {w for w, _ in static._buckets} == {1, 2, 4, 6}
+        assert min(lengths) == 16 and max(lengths) == kv.max_len
+        before = dict(static._buckets)
+        for slots, pos in (([0], 3), ([0, 4], 20), ([1, 2, 5], kv.max_len - 1)):
+            static.run([(s, pos, 1) for s in slots])
+    assert static._buckets == before, "a bucket was made while serving"

@@ -2,8 +2,10 @@
 
 Each request sends token ids as the prompt, greedy, a fixed ``max_tokens``, with
 ``stream_options.include_usage`` so the server says how many tokens it generated. Every SSE event
-that carries a choice is one token's arrival (gptserve and vLLM send one event per token, with
-empty text while a multi-byte character is incomplete); the usage chunk gives the count.
+that carries a choice is one token's arrival; the usage chunk gives the count. vLLM sends one event
+per token, with empty text while a multi-byte character is incomplete; gptserve sends nothing for
+such a token and the completed character with the next one, so with byte-level BPE (random
+weights emit partial characters) a run can count a few events fewer than tokens.
 """
 
 from __future__ import annotations

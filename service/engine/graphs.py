@@ -69,6 +69,20 @@ class StaticDecode:
         logits = b.run()  # (W, V): row i is slot i
         return logits.index_select(0, slots.to(self.device, non_blocking=True))
 
+    def capture_all(self) -> int:
+        """Make every (width, length) bucket now, widest first, and return how many: with CUDA
+        graphs each is a capture (a forward and more), and one made while serving stalls every
+        stream of that step, so they are all made at start-up (vLLM and nano-vllm capture their
+        batch sizes at start-up too)."""
+        n_slots, max_len = self.kv.n_slots, self.kv.max_len
+        widths = sorted({bucket(w, n_slots) for w in range(1, n_slots + 1)}, reverse=True)
+        lengths = sorted({bucket(n, max_len, floor=16) for n in range(1, max_len + 1)})
+        for width in widths:
+            for length in lengths:
+                if (width, length) not in self._buckets:
+                    self._make(width, length)
+        return len(widths) * len(lengths)
+
     def _make(self, width: int, length: int) -> _Bucket:
         inputs = torch.zeros((4, width), dtype=torch.long, device=self.device)
         inputs[2] = self.kv.scratch_slot * self.kv.max_len  # until filled: padding rows only
