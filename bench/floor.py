@@ -1,0 +1,151 @@
+"""How fast can eager PyTorch run one decode step of a model on this machine? The floor under the
+engine, measured side by side in one process.
+
+For ``--rows`` sequences at position ``--position`` it times, median of interleaved rounds:
+
+1. ``engine step``: ``EngineCore.step`` on decoding sequences (schedule, pack, the packed forward
+   over the KV cache, sampling, bookkeeping), the default engine settings;
+2. ``packed forward``: ``GPT.forward_packed`` alone on the same kind of batch;
+3. ``minimal forward``: the same network written as the fewest eager calls that compute it
+   (no cache writes, no packing, no mask: random keys and values of the right shape), greedy
+   argmax at the end: what any eager-PyTorch engine pays at least;
+4. ``weight products``: the minimal forward's matrix products alone;
+5. with ``--compile``, the minimal forward through ``torch.compile`` (Inductor, static shapes;
+   ``--cpp-wrapper`` for its C++ wrapper) and the compile time.
+
+    OMP_NUM_THREADS=1 python bench/floor.py --checkpoint weights/shakespeare-char --rows 1 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.checkpoint import load_checkpoint  # noqa: E402
+from model.kv_cache import KVCache  # noqa: E402
+from service.engine import EngineConfig, Request, SamplingParams  # noqa: E402
+from service.engine.core import EngineCore  # noqa: E402
+
+
+def median_us(fn: Callable[[], object], reps: int, rounds: int) -> float:
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        times.append((time.perf_counter() - t0) / reps * 1e6)
+    return statistics.median(times)
+
+
+def minimal_forward(model, rows: int, length: int, products_only: bool = False):
+    """The network as the fewest eager calls (tied LM head, pre-LayerNorm, exact or tanh GELU),
+    attending over random keys/values of ``length`` positions; returns a zero-argument step."""
+    cfg = model.config
+    C, nh = cfg.n_embd, cfg.n_head
+    hs = C // nh
+    gelu = "tanh" if cfg.activation == "gelu_tanh" else "none"
+    dtype = model.lm_head.weight.dtype
+    bias = lambda m: None if m.bias is None else m.bias.detach()  # noqa: E731
+    layers = [(b.ln_1.weight.detach(), bias(b.ln_1), b.attn.c_attn.weight.detach(),
+               bias(b.attn.c_attn), b.attn.c_proj.weight.detach(), bias(b.attn.c_proj),
+               b.ln_2.weight.detach(), bias(b.ln_2), b.mlp.c_fc.weight.detach(),
+               bias(b.mlp.c_fc), b.mlp.c_proj.weight.detach(), bias(b.mlp.c_proj))
+              for b in model.transformer.h]
+    kv = [(torch.randn(rows, nh, length, hs, dtype=dtype),
+           torch.randn(rows, nh, length, hs, dtype=dtype)) for _ in layers]
+    t = model.transformer
+    wte, wpe = t.wte.weight.detach(), t.wpe.weight.detach()
+    lnf, lnf_b = t.ln_f.weight.detach(), bias(t.ln_f)
+    tokens = torch.full((rows,), 1)
+    positions = torch.full((rows,), length - 1)
+
+    def step(tokens=tokens, positions=positions):
+        x = F.embedding(tokens, wte) + F.embedding(positions, wpe)
+        for (ln1, ln1b, wa, ba, wp, bp, ln2, ln2b, wf, bf, wf2, bf2), (k, v) in zip(
+                layers, kv, strict=True):
+            if products_only:
+                F.linear(x, wa, ba)
+                x = x + F.linear(x, wp, bp)
+                x = x + F.linear(F.linear(x, wf, bf), wf2, bf2)
+                continue
+            qkv = F.linear(F.layer_norm(x, (C,), ln1, ln1b, 1e-5), wa, ba)
+            y = F.scaled_dot_product_attention(qkv[:, :C].view(rows, nh, 1, hs), k, v)
+            x = x + F.linear(y.view(rows, C), wp, bp)
+            h = F.linear(F.layer_norm(x, (C,), ln2, ln2b, 1e-5), wf, bf)
+            x = x + F.linear(F.gelu(h, approximate=gelu), wf2, bf2)
+        return F.linear(F.layer_norm(x, (C,), lnf, lnf_b, 1e-5), wte).argmax(-1)
+
+    return step
+
+
+def engine_step(checkpoint, rows: int, position: int) -> tuple[Callable[[], object], Callable]:
+    """A default-settings engine with ``rows`` greedy sequences decoding near ``position``, and a
+    packed forward of the same batch shape; returns (engine step, packed forward)."""
+    config = EngineConfig(device="cpu", max_batch_size=rows)
+    core = EngineCore(checkpoint.model, checkpoint.tokenizer.vocab_size, None, config, rows,
+                      torch.device("cpu"), torch.float32)
+    core.runner.warm_up()
+    params = SamplingParams(max_tokens=10**9, temperature=0.0, ignore_eos=True)
+    prompt = tuple(i % checkpoint.tokenizer.vocab_size for i in range(position))
+    for i in range(rows):
+        core.add_request(Request(f"r{i}", prompt, params))
+    while any(s.num_to_compute > 1 for s in core.scheduler.running) or core.scheduler.num_waiting:
+        core.step()
+    kv: KVCache = core.runner.kv
+    batch = kv.pack([(s, position, 1) for s in range(rows)])
+    model = core.runner.model
+    return core.step, lambda: model.forward_packed(batch, kv)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="weights/shakespeare-char")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--position", type=int, default=60,
+                   help="key positions each row attends over (keep it inside the window)")
+    p.add_argument("--reps", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--cpp-wrapper", action="store_true")
+    a = p.parse_args()
+    checkpoint = load_checkpoint(a.checkpoint)
+    model = checkpoint.model.eval()
+    print(f"{a.checkpoint}: {model.config}; {torch.get_num_threads()} threads")
+    with torch.inference_mode():
+        for rows in a.rows:
+            step, packed = engine_step(checkpoint, rows, a.position)
+            minimal = minimal_forward(model, rows, a.position + 1)
+            products = minimal_forward(model, rows, a.position + 1, products_only=True)
+            # the engine's step generates tokens: keep it inside the window by timing few reps
+            reps = min(a.reps, (model.config.block_size - a.position - 2) // a.rounds // 2 or 1)
+            found = {"engine step": median_us(step, reps, a.rounds),
+                     "packed forward": median_us(packed, a.reps, a.rounds),
+                     "minimal forward": median_us(minimal, a.reps, a.rounds),
+                     "weight products": median_us(products, a.reps, a.rounds)}
+            if a.compile:
+                import torch._inductor.config as inductor
+
+                inductor.cpp_wrapper = a.cpp_wrapper
+                t0 = time.perf_counter()
+                compiled = torch.compile(minimal, fullgraph=True, dynamic=False)
+                compiled()
+                found[f"compiled minimal (compile {time.perf_counter() - t0:.1f} s)"] = (
+                    median_us(compiled, a.reps, a.rounds))
+            for name, us in found.items():
+                print(f"rows {rows:3d}  {name:40s} {us:9.1f} us  "
+                      f"({rows / us * 1e6:9.1f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()
