@@ -96,7 +96,7 @@ def engine_step(checkpoint, rows: int, position: int) -> tuple[Callable[[], obje
     core = EngineCore(checkpoint.model, checkpoint.tokenizer.vocab_size, None, config, rows,
                       torch.device("cpu"), torch.float32)
     core.runner.warm_up()
-    params = SamplingParams(max_tokens=10**9, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=1_000_000, temperature=0.0, ignore_eos=True)
     prompt = tuple(i % checkpoint.tokenizer.vocab_size for i in range(position))
     for i in range(rows):
         core.add_request(Request(f"r{i}", prompt, params))
