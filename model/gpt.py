@@ -266,20 +266,20 @@ class GPT(nn.Module):
         """Have ``forward_packed`` multiply with oneDNN over weights reordered once into its
         blocked layout (a second copy of every matrix: the parameters stay as they are for
         ``forward``), for products of one row and/or of several (``rows``), or stop (``on=False``
-        frees the copies). CPU, fp32 or (where oneDNN has bf16 kernels) bf16 only; returns
-        whether prepacked weights are now in use. The rows' results then depend on the row
-        count (use it only when batch invariance is off)."""
+        frees the copies; ``rows=(False, False)`` keeps them unused, for timing without a new
+        reorder). CPU, fp32 or (where oneDNN has bf16 kernels) bf16 only; returns whether
+        prepacked weights are now in use. The rows' results then depend on the row count (use
+        it only when batch invariance is off)."""
         p = self.lm_head.weight
         supported = p.dtype == torch.float32 or (
             p.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        on = on and any(rows) and p.device.type == "cpu" and supported and (
-            torch.backends.mkldnn.is_available())
+        on = on and p.device.type == "cpu" and supported and torch.backends.mkldnn.is_available()
         if on != self._prepack:
             self._prepack, self._weights = on, None
         self._prepack_rows = rows
         if self._weights is not None:
             self._weights = replace(self._weights, packed_for=rows)
-        return on
+        return on and any(rows)
 
     def _inference_weights(self) -> _InferenceWeights:
         """The parameters as plain tensors, gathered once (again after ``.to()``/``.half()``)."""

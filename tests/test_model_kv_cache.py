@@ -123,7 +123,12 @@ def test_prepacked_weights_are_dropped_on_request_and_after_a_move():
     model = _tiny()
     if not model.prepack_cpu_weights():
         pytest.skip("no oneDNN in this torch build")
-    assert model._inference_weights().packed is not None
+    packed = model._inference_weights().packed
+    assert packed is not None
+    # unused for every row count, for timing: the same copies stay (no second reorder)
+    assert not model.prepack_cpu_weights(True, (False, False))
+    assert model._inference_weights().packed is packed
+    assert model._inference_weights().packed_for == (False, False)
     assert not model.prepack_cpu_weights(False) and model._inference_weights().packed is None
     assert not model.to(torch.float64).prepack_cpu_weights(), "fp32 only"
 
