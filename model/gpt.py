@@ -142,6 +142,15 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     return F.linear(x, w, b)
 
 
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``GPT.prepack_cpu_weights`` can reorder weights on this device and dtype: CPU with
+    oneDNN, fp32, or bf16 where oneDNN has bf16 kernels."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (
+        dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     """``F.gelu`` through PyTorch's own vectorised kernel. For a contiguous fp32 CPU tensor and
     exact (erf) GELU, PyTorch calls a oneDNN primitive instead, which costs ~15-40 us per call on
@@ -271,9 +280,7 @@ class GPT(nn.Module):
         prepacked weights are now in use. The rows' results then depend on the row count (use
         it only when batch invariance is off)."""
         p = self.lm_head.weight
-        supported = p.dtype == torch.float32 or (
-            p.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        on = on and p.device.type == "cpu" and supported and torch.backends.mkldnn.is_available()
+        on = on and can_prepack(p.device, p.dtype)
         if on != self._prepack:
             self._prepack, self._weights = on, None
         self._prepack_rows = rows

@@ -12,9 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from model.checkpoint.files import CheckpointError
 from model.config import GPTConfig
+
+if TYPE_CHECKING:
+    import torch
 
 FP32 = 4
 # Python objects of one transformer block (modules, parameters, hooks dicts): a few KiB each;
@@ -35,6 +39,11 @@ def parameter_count(config: GPTConfig) -> int:
     per_layer = 12 * c * c + 2 * c + b * 11 * c  # attn 4C^2 + mlp 8C^2, 2 LayerNorms, biases
     embeddings = (config.vocab_size + config.block_size) * c
     return embeddings + config.n_layer * per_layer + c + b * c  # + ln_f
+
+
+def weight_bytes(config: GPTConfig, dtype: torch.dtype) -> int:
+    """Bytes of ``GPT(config)``'s parameters held in ``dtype``."""
+    return parameter_count(config) * dtype.itemsize
 
 
 def load_bytes(config: GPTConfig) -> int:

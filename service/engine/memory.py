@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from model.checkpoint.budget import host_memory, parameter_count
+from model.checkpoint.budget import host_memory, weight_bytes
 from model.config import GPTConfig
+from model.gpt import can_prepack
 from model.kv_cache import KVCache
 from service.engine.config import EngineConfig
 
@@ -53,19 +54,14 @@ def prepacked_bytes(
     """Room for the second copy of the weights that fp32 and bf16 CPU engines may reorder for
     oneDNN (``GPT.prepack_cpu_weights``; the warm-up drops it when it does not pay): planned
     for, so that the KV cache never takes the memory that copy needs."""
-    if not prepacks(engine, device, dtype):
-        return 0
-    return parameter_count(config) * torch.empty((), dtype=dtype).element_size()
+    return weight_bytes(config, dtype) if prepacks(engine, device, dtype) else 0
 
 
 def prepacks(engine: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether an engine with these settings tries oneDNN-prepacked weights: fp32 or bf16 on
-    CPU, not under batch invariance (its fixed shapes rely on one kernel) nor ``compile``
+    """Whether an engine with these settings tries oneDNN-prepacked weights: where the model can
+    prepack them (``model.gpt.can_prepack``: fp32 or bf16 on CPU), not under batch invariance (its fixed shapes rely on one kernel) nor ``compile``
     (Inductor packs by itself)."""
-    supported = dtype == torch.float32 or (
-        dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return (device.type == "cpu" and supported and not engine.batch_invariant
-            and not engine.compile)
+    return can_prepack(device, dtype) and not engine.batch_invariant and not engine.compile
 
 
 def slots_wanted(

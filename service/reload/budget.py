@@ -22,7 +22,7 @@ from model.checkpoint.budget import (
     check_fits,
     host_memory,
     load_bytes,
-    parameter_count,
+    weight_bytes,
 )
 from model.config import GPTConfig
 from model.kv_cache import KVCache
@@ -33,8 +33,7 @@ from service.engine.memory import prepacked_bytes, slots_wanted
 
 def engine_bytes(config: GPTConfig, dtype: torch.dtype, n_slots: int) -> int:
     """Weights plus KV cache of an engine serving ``config`` in ``dtype`` with ``n_slots``."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return parameter_count(config) * element + (n_slots + 1) * KVCache.bytes_per_slot(config, dtype)
+    return weight_bytes(config, dtype) + (n_slots + 1) * KVCache.bytes_per_slot(config, dtype)
 
 
 def serving_budget(
