@@ -54,26 +54,17 @@ def minimal_forward(model, rows: int, length: int, products_only: bool = False):
     cfg = model.config
     C, nh = cfg.n_embd, cfg.n_head
     hs = C // nh
-    gelu = "tanh" if cfg.activation == "gelu_tanh" else "none"
-    dtype = model.lm_head.weight.dtype
-    bias = lambda m: None if m.bias is None else m.bias.detach()  # noqa: E731
-    layers = [(b.ln_1.weight.detach(), bias(b.ln_1), b.attn.c_attn.weight.detach(),
-               bias(b.attn.c_attn), b.attn.c_proj.weight.detach(), bias(b.attn.c_proj),
-               b.ln_2.weight.detach(), bias(b.ln_2), b.mlp.c_fc.weight.detach(),
-               bias(b.mlp.c_fc), b.mlp.c_proj.weight.detach(), bias(b.mlp.c_proj))
-              for b in model.transformer.h]
+    w = model._inference_weights()  # the parameters as the engine's forward reads them
+    dtype = w.wte.dtype
     kv = [(torch.randn(rows, nh, length, hs, dtype=dtype),
-           torch.randn(rows, nh, length, hs, dtype=dtype)) for _ in layers]
-    t = model.transformer
-    wte, wpe = t.wte.weight.detach(), t.wpe.weight.detach()
-    lnf, lnf_b = t.ln_f.weight.detach(), bias(t.ln_f)
+           torch.randn(rows, nh, length, hs, dtype=dtype)) for _ in w.layers]
     tokens = torch.full((rows,), 1)
     positions = torch.full((rows,), length - 1)
 
     def step(tokens=tokens, positions=positions):
-        x = F.embedding(tokens, wte) + F.embedding(positions, wpe)
+        x = F.embedding(tokens, w.wte) + F.embedding(positions, w.wpe)
         for (ln1, ln1b, wa, ba, wp, bp, ln2, ln2b, wf, bf, wf2, bf2), (k, v) in zip(
-                layers, kv, strict=True):
+                w.layers, kv, strict=True):
             if products_only:
                 F.linear(x, wa, ba)
                 x = x + F.linear(x, wp, bp)
@@ -83,8 +74,8 @@ def minimal_forward(model, rows: int, length: int, products_only: bool = False):
             y = F.scaled_dot_product_attention(qkv[:, :C].view(rows, nh, 1, hs), k, v)
             x = x + F.linear(y.view(rows, C), wp, bp)
             h = F.linear(F.layer_norm(x, (C,), ln2, ln2b, 1e-5), wf, bf)
-            x = x + F.linear(F.gelu(h, approximate=gelu), wf2, bf2)
-        return F.linear(F.layer_norm(x, (C,), lnf, lnf_b, 1e-5), wte).argmax(-1)
+            x = x + F.linear(F.gelu(h, approximate=w.gelu), wf2, bf2)
+        return F.linear(F.layer_norm(x, (C,), w.ln_f, w.ln_f_bias, 1e-5), w.wte).argmax(-1)
 
     return step
 

@@ -46,8 +46,8 @@ class ModelRunner:
         prepack: bool = False,
     ) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
-        # oneDNN over prepacked weights for multi-row steps (``memory.prepacks`` decides when to
-        # try; the warm-up keeps them only if they pay)
+        # oneDNN over prepacked weights (``memory.prepacks`` decides when to try; the warm-up keeps
+        # them only for the row counts where they pay)
         self.prepacked = prepack and self.model.prepack_cpu_weights()
         self.config = model.config
         self.device = device

@@ -85,7 +85,8 @@ class Sampler:
             logits[:, self.vocab_size :] = float("-inf")  # fresh tensor from the LM head
         greedy_rows = [p.temperature == 0 for p in params]
         penalised = any(_penalised(p) for p in params)
-        if (all(greedy_rows) and not penalised and not any(p.logit_bias for p in params)
+        biased = any(p.logit_bias for p in params)
+        if (all(greedy_rows) and not penalised and not biased
                 and all(p.logprobs is None for p in params)):
             # plain greedy rows (the common case): nothing reads the per-slot state
             return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
@@ -93,7 +94,7 @@ class Sampler:
         slots, counters = host.to(self.device, non_blocking=True).split(len(seqs))
         if penalised:
             logits = self._penalise(logits, slots)
-        if any(p.logit_bias for p in params):
+        if biased:
             logits = logits + self._bias.index_select(0, slots)
         tokens = logits.argmax(dim=-1)
         probs = None
