@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
+from model.threads import openmp_env
 from service.logs import configure_logging
 from service.settings import Settings, parse_settings
 from service.transport.limits import TransportLimits
@@ -58,6 +59,7 @@ def check_device(device: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    openmp_env(os.environ)  # before torch loads: how OpenMP threads wait (model/threads.py)
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
     sockets = []

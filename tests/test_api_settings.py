@@ -36,6 +36,7 @@ FLAGS = {
     "--max-tokens-per-step": ("300", 300),
     "--compile": ("1", True),
     "--cuda-graphs": ("off", False),
+    "--threads": ("3", 3),
     "--api-key": ("k3y", "k3y"),
     "--cors-origins": ("http://a.test, http://b.test", ("http://a.test", "http://b.test")),
     "--request-timeout": ("12.5", 12.5),

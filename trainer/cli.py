@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import signal
 import sys
@@ -90,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=int, default=1337, help="sampling seed (default 1337)")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.add_argument(
+        "--threads", type=int, default=None,
+        help="intra-op CPU threads (fixed); default: OMP_NUM_THREADS if set, else every CPU this "
+        "process may use, moved between 1 and that by measured step times (as the server does)",
+    )
 
     e = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face GPT-2 folder")
     e.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder to export")
@@ -116,6 +122,10 @@ def _add_hyperparameter(parser: argparse._ArgumentGroup, field: dataclasses.Fiel
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "sample":
+        from model.threads import openmp_env
+
+        openmp_env(os.environ)  # before torch loads: how OpenMP threads wait (model/threads.py)
     try:
         from model.checkpoint import CheckpointError  # imports torch: only once a command runs
         from model.tokenizer import TokenizerError
@@ -199,6 +209,7 @@ def _sample(args: argparse.Namespace) -> int:
             args.top_k,
             args.seed,
             args.device,
+            args.threads,
         )
     )
     return 0

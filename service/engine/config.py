@@ -50,12 +50,16 @@ class EngineConfig:
     device: str = _knob("auto", "auto, cpu or cuda", choices=DEVICES)
     dtype: str = _knob("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16",
                        choices=DTYPES)
+    threads: int | None = _knob(
+        None, "intra-op CPU threads of the engine (fixed); unset: OMP_NUM_THREADS if set, else "
+        "every CPU the process may use (its affinity, capped by its cgroup CPU quota), moved "
+        "between 1 and that by measured step times so a busy neighbour core costs little")
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_request_sequences", "max_n",
                      "prefill_chunk"):
             _positive_int(name, getattr(self, name))
-        for name in ("kv_memory", "window_shift", "max_tokens_per_step"):
+        for name in ("kv_memory", "window_shift", "max_tokens_per_step", "threads"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         for name in ("batch_invariant", "compile", "cuda_graphs"):

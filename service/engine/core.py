@@ -15,6 +15,8 @@ import torch
 
 from model.gpt import GPT
 from model.sampling import random_seed
+from model.threads import ThreadPlan
+from model.tuner import ThreadTuner
 from service.engine.config import EngineConfig
 from service.engine.memory import prepacks
 from service.engine.runner import ModelRunner
@@ -41,7 +43,7 @@ class EngineCore:
 
     def __init__(
         self, model: GPT, vocab_size: int, eos_token_id: int | None, config: EngineConfig,
-        n_slots: int, device: torch.device, dtype: torch.dtype,
+        n_slots: int, device: torch.device, dtype: torch.dtype, threads: ThreadPlan | None = None,
     ) -> None:
         block_size = model.config.block_size
         self.window_shift = config.window_shift_for(block_size)
@@ -54,6 +56,18 @@ class EngineCore:
         self.sampler = Sampler(n_slots, model.config.vocab_size, vocab_size, device)
         self._seq_ids = itertools.count()
         self.total_steps = 0
+        self.threads = threads  # None: leave torch's thread count alone
+        self.tuner = ThreadTuner(threads.threads) if threads and threads.adaptive else None
+
+    def apply_threads(self) -> None:
+        """Run the calling thread's intra-op work on the planned (or tuned) thread count; an
+        OpenMP thread count belongs to the thread that sets it, so every stepping thread calls
+        this (each step does)."""
+        if self.threads is None:
+            return
+        wanted = self.tuner.threads if self.tuner else self.threads.threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     def add_request(self, request: Request) -> None:
         """Queue every choice of an already validated request. Choice i of a seeded request
@@ -90,6 +104,7 @@ class EngineCore:
     @torch.inference_mode()
     def step(self) -> StepResult:
         """Schedule, run the model, sample and post-process one iteration of the batch."""
+        self.apply_threads()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         for seq in plan.admitted:
@@ -101,11 +116,14 @@ class EngineCore:
         outputs, crops = self._postprocess(run.rows, sampled)
         crops += sum(seq.prompt_cropped for seq in plan.admitted)
         self.total_steps += 1
+        elapsed = time.perf_counter() - t0
+        if self.tuner is not None:
+            self.tuner.observe(_shape(len(plan.decode), plan.num_prefill_tokens), elapsed)
         stats = EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.scheduler.slots.usage,
-            step_time=time.perf_counter() - t0,
+            step_time=elapsed,
             batch_size=len(plan.decode) + len(plan.prefill),
             prompt_tokens=plan.num_prefill_tokens,  # re-encoded window tokens included
             generation_tokens=len(run.rows),
@@ -153,6 +171,12 @@ class EngineCore:
                     events[out.request_id].append(out)
             step += 1
         return events
+
+
+def _shape(decode_rows: int, prefill_tokens: int) -> tuple[int, int]:
+    """A step's shape for the thread tuner: decode rows and prefill tokens, each by power of
+    two (steps of one shape cost about the same)."""
+    return decode_rows.bit_length(), prefill_tokens.bit_length()
 
 
 def _output(seq: Sequence, token: SampledToken | None, *, now: float) -> RequestOutput:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from model.checkpoint import Checkpoint
+from model.threads import ThreadPlan, plan_threads
 from service.engine.config import EngineConfig
 from service.engine.core import EngineCore
 from service.engine.memory import plan_slots
@@ -51,12 +52,22 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _thread_plan(config: EngineConfig, device: torch.device) -> ThreadPlan:
+    """The CPU threads the engine runs (``model.threads``). The count stays fixed on CUDA (step
+    times measure the GPU there, not the threads) and with ``batch_invariant`` (a CPU matmul's
+    rounding may depend on how many threads split it)."""
+    plan = plan_threads(config.threads)
+    fixed = device.type == "cuda" or config.batch_invariant
+    return dataclasses.replace(plan, adaptive=False) if fixed else plan
+
+
 class Engine:
     """Owns the model runner/scheduler core, the engine thread, and the streams of live requests.
 
     Read-only attributes: ``tokenizer``, ``model_config``, ``vocab_size`` (the tokenizer's),
-    ``eos_token_id``, ``checkpoint``, ``device``, ``dtype``, ``config``, ``n_slots``,
-    ``window_shift`` (in force), ``ready`` (the thread has taken its warm-up step and is alive),
+    ``eos_token_id``, ``checkpoint``, ``device``, ``dtype``, ``config``, ``n_slots``, ``threads``
+    (the CPU thread plan), ``window_shift`` (in force), ``ready`` (the thread has taken its
+    warm-up step and is alive),
     ``error`` (why the engine thread died, if it did).
 
     Admission counts sequences (each choice of each prompt): a request is accepted while every
@@ -74,9 +85,11 @@ class Engine:
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         self.n_slots = plan_slots(self.model_config, self.dtype, self.config, self.device)
+        self.threads = _thread_plan(self.config, self.device)
+        log.info("%s", self.threads.describe())
         self._core = EngineCore(
             checkpoint.model, self.vocab_size, self.eos_token_id, self.config, self.n_slots,
-            self.device, self.dtype,
+            self.device, self.dtype, self.threads,
         )
         self.window_shift = self._core.window_shift
         self.ready = False
@@ -222,6 +235,7 @@ class Engine:
         loop's bookkeeping, a listener) kills the engine loudly, not silently: every live request
         gets an error event, ``ready`` turns false and new requests are refused."""
         try:
+            self._core.apply_threads()
             with torch.inference_mode():
                 self._core.runner.warm_up()
             self.ready = True
@@ -352,6 +366,7 @@ class Engine:
         requests = list(requests)
         for request in requests:
             self.validate(request)
+        self._core.apply_threads()
         self._core.runner.warm_up()
         with torch.inference_mode():
             return self._core.run(requests, arrival_steps)
@@ -365,6 +380,7 @@ class Engine:
         requests = list(requests)
         for request in requests:
             self.validate(request)
+        self._core.apply_threads()
         self._core.runner.warm_up()
         for request in requests:
             self._core.add_request(request)
