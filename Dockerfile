@@ -50,7 +50,6 @@ COPY --chown=gptserve:gptserve weights /app/weights
 WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    OMP_NUM_THREADS=2 \
     GPTSERVE_HOST=0.0.0.0 \
     GPTSERVE_PORT=8000 \
     GPTSERVE_CHECKPOINT=/app/weights/shakespeare-char

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from peerbench import inproc, limits, load, models, report, servers
+from peerbench.neighbour import Neighbour
 from peerbench.figures import Figures
 from peerbench.report import Results, Workload
 
@@ -61,6 +62,9 @@ class Options:
     vllm_kv_gib: int
     vllm_bind: str
     variants: tuple[tuple[str, tuple[str, ...]], ...]
+    gptserve_threads: int | None
+    neighbour: int
+    neighbour_cpu: int | None
     json_out: Path | None
     seed: int
     worker: str | None  # set in a worker process: the one in-process system it measures
@@ -81,8 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=min(2, len(os.sched_getaffinity(0))),
                    help="CPU threads of every system on CPU: torch in this process, "
-                        "CTranslate2's intra_threads, gptserve's server (OMP_NUM_THREADS), "
-                        "vLLM's bind list")
+                        "CTranslate2's intra_threads, vLLM's bind list (gptserve: see "
+                        "--gptserve-threads)")
+    p.add_argument("--gptserve-threads", type=int, default=None,
+                   help="gptserve server's --threads (default: unset, its own default: every "
+                        "usable CPU, adaptive)")
+    p.add_argument("--neighbour", type=int, default=0, metavar="N",
+                   help="run N busy-looping processes beside every system for the whole run "
+                        "(a shared machine; docs/BENCHMARKS.md, 'A busy neighbour')")
+    p.add_argument("--neighbour-cpu", type=int, default=None,
+                   help="pin the neighbour(s) to this CPU (default: unpinned)")
     p.add_argument("--tiny-threads", type=int, default=1,
                    help="threads of every system on the tiny model: on the 2-vCPU VM two make "
                         "CTranslate2 ~9x slower at 1 stream (2,100 vs 240 tok/s) and torch no "
@@ -133,7 +145,8 @@ def parse(argv: list[str] | None) -> Options:
     return Options(systems, workloads, a.rounds, a.repeats, a.new_tokens, a.prompt_tokens,
                    a.device, a.dtype, a.threads, a.tiny_threads, slots, a.workdir,
                    a.tiny_checkpoint, a.vllm_version, pip_args, a.vllm_preload == "on",
-                   a.vllm_kv_gib, bind, tuple(variants), a.json, a.seed, a.worker)
+                   a.vllm_kv_gib, bind, tuple(variants), a.gptserve_threads, a.neighbour,
+                   a.neighbour_cpu, a.json, a.seed, a.worker)
 
 
 def plan(o: Options) -> list[Workload]:
@@ -149,6 +162,10 @@ def plan(o: Options) -> list[Workload]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     o = parse(argv)
+    if o.worker == "gptserve-inproc":  # as `python -m service` does, before torch loads
+        from model.threads import openmp_env
+
+        openmp_env(os.environ)
     o.workdir.mkdir(parents=True, exist_ok=True)
     workloads = plan(o)
     gpt2 = models.gpt2_small(o.workdir, o.seed)
@@ -159,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     specs: dict[str, servers.ServerSpec] = {}
     flags = [("gptserve", ())] if "gptserve" in o.systems else []
     for label, f in [*flags, *((f"gptserve[{lb}]", fl) for lb, fl in o.variants)]:
-        threads = o.threads if o.device == "cpu" else None
-        specs[label] = servers.gptserve(label, gpt2.hf, o.device, o.dtype, o.slots, threads, f)
+        threads = ("--threads", str(o.gptserve_threads)) if o.gptserve_threads else ()
+        specs[label] = servers.gptserve(label, gpt2.hf, o.device, o.dtype, o.slots,
+                                        (*threads, *f))
     vllm_python = None
     if "vllm" in o.systems:
         found = servers.vllm_python(o.workdir, o.vllm_version, o.vllm_pip_args)
@@ -179,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     in_process = [s for s in o.systems if s in IN_PROCESS]
     prompts = gpt2_prompts(o, workloads)
     results = Results()
-    for r in range(o.rounds):
-        for system in specs:
-            run_server(specs[system], system, r, o, workloads, prompts, results)
-        for system in in_process:
-            run_worker(system, r, argv, o, workloads, results)
+    with Neighbour(o.neighbour, o.neighbour_cpu) as neighbour:
+        print(neighbour.describe(), flush=True)
+        for r in range(o.rounds):
+            for system in specs:
+                run_server(specs[system], system, r, o, workloads, prompts, results)
+            for system in in_process:
+                run_worker(system, r, argv, o, workloads, results)
 
     again = limits.measure(o.device, o.dtype, o.threads)  # the least disturbed of the two counts
     machine = limits.Limits(max(machine.flops, again.flops), max(machine.read_bytes,
@@ -280,8 +300,8 @@ def work(o: Options, workloads: list[Workload], gpt2: models.ModelFiles,
 
 
 def build(system: str, model: models.ModelFiles, o: Options, threads: int) -> inproc.Generate:
-    if system == "gptserve-inproc":
-        return inproc.gptserve(model.hf, o.device, o.dtype, o.slots)
+    if system == "gptserve-inproc":  # its engine's own thread plan, as the server's
+        return inproc.gptserve(model.hf, o.device, o.dtype, o.slots, o.gptserve_threads)
     if system == "ct2":
         return inproc.ctranslate2(models.ctranslate2_folder(model, o.workdir), o.device, o.dtype,
                                   threads)

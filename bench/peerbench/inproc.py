@@ -21,15 +21,18 @@ from peerbench.figures import Figures
 Generate = Callable[[list[list[int]], int], list[list[int]]]
 
 
-def gptserve(checkpoint: Path, device: str, dtype: str, slots: int) -> Generate:
+def gptserve(checkpoint: Path, device: str, dtype: str, slots: int,
+             threads: int | None = None) -> Generate:
     """gptserve's engine through its public facade only (``Engine(...).generate``), with the
-    engine's default config apart from the slot count, device and dtype. The engine's internals
-    are being redesigned; this function is the one place that knows how to drive it."""
+    engine's default config apart from the slot count, device, dtype and ``threads`` (None: its
+    own thread plan). The engine's internals are being redesigned; this function is the one
+    place that knows how to drive it."""
     from model.checkpoint import load_checkpoint
     from service.engine import Engine, EngineConfig, Request, SamplingParams
 
     engine = Engine(load_checkpoint(checkpoint),
-                    EngineConfig(max_batch_size=slots, device=device, dtype=dtype))
+                    EngineConfig(max_batch_size=slots, device=device, dtype=dtype,
+                                 threads=threads))
     ids = itertools.count()
 
     def generate(prompts: list[list[int]], new_tokens: int) -> list[list[int]]:

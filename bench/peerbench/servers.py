@@ -35,15 +35,17 @@ class ServerSpec:
     ready_path: str  # 200 once it serves
     ignore_eos: bool = False  # send vLLM's ignore_eos/min_tokens (see load.Target)
     startup_s: float = 300.0
+    unset: tuple[str, ...] = ()  # variables removed from this script's environment for it
 
 
 def gptserve(name: str, checkpoint: Path, device: str, dtype: str, slots: int,
-             threads: int | None, flags: tuple[str, ...] = ()) -> ServerSpec:
-    """``threads``: the server's OMP_NUM_THREADS (None: torch's default)."""
+             flags: tuple[str, ...] = ()) -> ServerSpec:
+    """The server with its own defaults (thread plan included) and ``flags``; OMP_NUM_THREADS
+    and the OpenMP wait variables are removed from its environment, so it picks them itself."""
     argv = (sys.executable, "-m", "service", "--checkpoint", str(checkpoint), "--device", device,
             "--dtype", dtype, "--max-batch-size", str(slots), "--log-level", "warning", *flags)
-    env = () if threads is None else (("OMP_NUM_THREADS", str(threads)),)
-    return ServerSpec(name, argv, env, "/ready")
+    return ServerSpec(name, argv, (), "/ready",
+                      unset=("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
 
 
 def vllm(python: Path, checkpoint: Path, dtype: str, slots: int, max_len: int, kv_gib: int,
@@ -134,7 +136,8 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = {**os.environ, **dict(self.spec.env)}
+        env = {k: v for k, v in os.environ.items() if k not in self.spec.unset}
+        env.update(self.spec.env)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("w") as out:
             self.proc = subprocess.Popen([*self.spec.argv, "--port", str(port)], cwd=REPO,
