@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from peerbench import inproc, limits, load, models, report, servers
-from peerbench.neighbour import Neighbour
 from peerbench.figures import Figures
+from peerbench.neighbour import Neighbour
 from peerbench.report import Results, Workload
 
 HTTP, IN_PROCESS = ("gptserve", "vllm"), ("gptserve-inproc", "ct2", "hf")
