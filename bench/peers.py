@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
           f"weights; load average at end {os.getloadavg()}\n")
     print("\n".join(report.table(results, workloads, machine, sizes)))
     print()
-    print("\n".join(report.ratios(results, workloads, [*specs, *in_process])))
+    targets = report.NEIGHBOUR_TARGETS if o.neighbour else report.TARGETS
+    print("\n".join(report.ratios(results, workloads, [*specs, *in_process], targets)))
     if o.json_out:
         o.json_out.write_text(json.dumps({
             "limits": asdict(machine),
