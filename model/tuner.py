@@ -11,9 +11,12 @@ two threads wait for each other at every parallel region and one thread is 1.3-3
 - every ``interval`` seconds it *probes* a neighbouring count on the ladder 1, 2, 4, ..., max for
   ``probe_steps`` steps (the first step after a switch is not counted: new threads warm up) and
   moves there if their median was at least ``margin`` below the recent median of the same shapes;
-- a probe that loses doubles the interval (up to ``max_interval``), so a settled choice costs a few
-  slow steps a minute; one that wins, or a recent median that drifts ``drift``x away from where it
-  settled (a neighbour arrived or left), brings the next probe forward to ``min_interval``.
+- a probe that loses multiplies the interval by ``backoff`` (1, 4, 16, 64 s), so a settled choice
+  costs a few slower steps a minute (a probe of a 32-row GPT-2 step at one thread on a quiet
+  machine costs ~0.4 s); one that wins, or a recent median that drifts ``drift``x away from where
+  it settled (a neighbour arrived), brings the next probe forward to ``min_interval``. A neighbour
+  that leaves changes nothing at one thread, so only the periodic probe finds it gone: within
+  ``max_interval``.
 
 The tuner never calls torch: the engine reads ``threads`` before each step and sets it.
 """
@@ -42,15 +45,16 @@ class ThreadTuner:
     """Owns the thread count the engine's next step should use."""
 
     def __init__(self, max_threads: int, *, clock: Callable[[], float] = time.monotonic,
-                 min_interval: float = 1.0, max_interval: float = 16.0, probe_steps: int = 4,
-                 margin: float = 0.1, drift: float = 1.5, window: int = 8) -> None:
+                 min_interval: float = 1.0, max_interval: float = 64.0, backoff: float = 4.0,
+                 probe_steps: int = 3, margin: float = 0.1, drift: float = 1.5,
+                 window: int = 8) -> None:
         if max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {max_threads}")
         self.counts = ladder(max_threads)
         self.current = max_threads
         self.switches = 0  # moves of ``current`` (a metric for the logs and tests)
         self._clock = clock
-        self._min, self._max = min_interval, max_interval
+        self._min, self._max, self._backoff = min_interval, max_interval, backoff
         self._interval = min_interval
         self._next_probe = clock() + min_interval
         self._probe_steps, self._margin, self._drift = probe_steps, margin, drift
@@ -107,6 +111,8 @@ class ThreadTuner:
                   for k, times in self._trial_times.items()
                   if len(self._recent.get(k, ())) >= self._probe_steps]
         now = self._clock()
+        log.debug("CPU threads: probe of %d against %d: %s", trial, self.current,
+                  f"{median(ratios):.2f}x the step time" if ratios else "no comparable steps")
         if ratios and median(ratios) < 1 - self._margin:
             log.info("CPU threads: %d -> %d (steps took %.2fx the time at %d)", self.current,
                      trial, median(ratios), trial)
@@ -118,5 +124,5 @@ class ThreadTuner:
         else:
             self._skip = 1
             if ratios:
-                self._interval = min(self._max, self._interval * 2)
+                self._interval = min(self._max, self._interval * self._backoff)
         self._next_probe = now + self._interval

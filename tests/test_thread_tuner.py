@@ -62,16 +62,16 @@ def test_a_quiet_machine_keeps_every_thread_and_probes_less_and_less(seed):
     assert tuner.switches <= 2, f"moved {tuner.switches} times on a quiet machine"
     share = used.count(2) / len(used)
     assert share > 0.97, f"only {share:.3f} of the steps ran on the faster count"
-    late = used[len(used) // 2:]  # backed off: at most one probe per max_interval (16 s)
+    late = used[len(used) // 2:]  # backed off: at most one probe per max_interval (64 s)
     probes = sum(1 for a, b in zip(late, late[1:], strict=False) if a == 2 and b == 1)
-    assert probes <= 60 / 16 + 1, f"{probes} probes in the last minute"
+    assert probes <= 2, f"{probes} probes in the last minute"
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_a_neighbour_arriving_moves_to_one_thread_within_a_second(seed):
     machine = Machine(QUIET, seed)
     tuner = ThreadTuner(2, clock=machine.clock)
-    machine.run(tuner, 60.0)  # settled and backed off
+    machine.run(tuner, 120.0)  # settled and backed off
     machine.costs = NEIGHBOUR
     used = machine.run(tuner, 1.0)
     assert tuner.current == 1, f"still at {tuner.current} a second after the neighbour came"
@@ -84,10 +84,10 @@ def test_a_neighbour_arriving_moves_to_one_thread_within_a_second(seed):
 def test_the_neighbour_leaving_brings_every_thread_back_within_the_longest_interval(seed):
     machine = Machine(NEIGHBOUR, seed)
     tuner = ThreadTuner(2, clock=machine.clock)
-    machine.run(tuner, 60.0)
+    machine.run(tuner, 120.0)
     assert tuner.current == 1
     machine.costs = QUIET
-    machine.run(tuner, 16.0 + 1.0)
+    machine.run(tuner, 64.0 + 1.0)
     assert tuner.current == 2, "the quiet machine was not noticed within max_interval"
 
 
