@@ -89,7 +89,9 @@ class ThreadTuner:
                 self._settled[key] = now  # the machine changed under us: look again soon
                 self._interval = self._min
                 self._next_probe = min(self._next_probe, self._clock())
-        if len(self.counts) > 1 and self._clock() >= self._next_probe:
+        # probe from a shape with a full history: the next steps are likely of the same shape
+        if len(self.counts) > 1 and len(recent) == self._window and \
+                self._clock() >= self._next_probe:
             self._start_trial()
 
     def _start_trial(self) -> None:
@@ -121,8 +123,7 @@ class ThreadTuner:
             self._recent = {k: deque(t, maxlen=self._window) for k, t in self._trial_times.items()}
             self._settled = {}
             self._interval = self._min
-        else:
+        else:  # lost, or no step to compare with: look again later
             self._skip = 1
-            if ratios:
-                self._interval = min(self._max, self._interval * self._backoff)
+            self._interval = min(self._max, self._interval * self._backoff)
         self._next_probe = now + self._interval
