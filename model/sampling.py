@@ -12,6 +12,7 @@ asked for it), never by inspecting device tensors, so no function here waits on 
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 import torch
@@ -22,6 +23,19 @@ _MASK32 = 0xFFFFFFFF
 def random_seed() -> int:
     """A fresh seed for a request that did not give one (63 bits, like ``SamplingParams.seed``)."""
     return secrets.randbits(63)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` of a request seeded with ``seed`` (63 bits).
+
+    Choice 0 keeps ``seed`` (so ``n=1`` and choice 0 of ``n>1`` agree); choice j > 0 draws with
+    a hash of (seed, j), so nearby seeds share no choices (``seed + j`` made (1, n=3) and
+    (2, n=3) return two of the same texts). BLAKE2b, not a PRNG's seeding: it is stable across
+    versions and platforms, and a client can recompute it (docs/API.md)."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
