@@ -66,15 +66,16 @@ def test_oracle_filters_keep_exactly_the_right_tokens():
 def test_oracle_draws_by_inverse_cdf_and_reports_logprobs():
     logits = [math.log(p) for p in (0.5, 0.3, 0.2)]
     params = ReferenceParams(temperature=1.0)
-    seeds = {}
-    for seed in range(200):  # find seeds whose first uniform lands in each interval
+    seen = set()
+    for seed in range(200):  # cumulative mass 0.5, 0.8, 1.0: u picks the interval it falls in
         u = counter_uniform(seed, 0)
-        seeds.setdefault(0 if u < 0.5 else 1 if u < 0.8 else 2, seed)
-    for token, seed in seeds.items():
+        want = 0 if u < 0.5 else 1 if u < 0.8 else 2
         step = next_token(logits, params, prompt=[0], generated=[], seed=seed, logprobs=2)
-        assert step.token_id == token, (seed, counter_uniform(seed, 0))
-        assert step.logprob == pytest.approx(logits[token])
+        assert step.token_id == want, f"seed {seed}: u = {u} drew {step.token_id}, not {want}"
+        assert step.logprob == pytest.approx(logits[want])
         assert [j for j, _ in step.top] == [0, 1]
+        seen.add(want)
+    assert seen == {0, 1, 2}
     greedy = next_token([0.0, 2.0, 1.0], ReferenceParams(temperature=0.0), prompt=[0],
                         generated=[], seed=0, logprobs=1)
     norm = math.log(1 + math.e**2 + math.e)
