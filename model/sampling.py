@@ -8,6 +8,10 @@ device, with no generator state to carry and nothing to synchronise with the hos
 
 Whether a filter runs at all is decided by the caller from host-side knowledge (``None`` = no row
 asked for it), never by inspecting device tensors, so no function here waits on the device.
+
+The engine's sampler (``service.engine.sampler``) composes them. The reference generator does
+not: it samples with ``model.reference_sampling``, written from the definitions, so the engine is
+tested against code it does not share.
 """
 
 from __future__ import annotations
@@ -124,28 +128,3 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     logits[..., vocab_size:] = float("-inf")
     return logits
 
-
-def sample(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    seeds: torch.Tensor,
-    counters: torch.Tensor,
-    top_k: torch.Tensor | None = None,
-    top_p: torch.Tensor | None = None,
-    min_p: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Next token per row: argmax where temperature == 0, else a draw from the filtered probs
-    with the row's counter-based uniform. The simple, per-call form (the reference generator);
-    the engine's sampler composes the same pieces without reading the device."""
-    greedy = temperature <= 0
-    tokens = logits.argmax(dim=-1)
-    if bool(greedy.all()):
-        return tokens
-    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    top_k = top_k if top_k is not None and bool((top_k > 0).any()) else None
-    top_p = top_p if top_p is not None and bool((top_p < 1.0).any()) else None
-    min_p = min_p if min_p is not None and bool((min_p > 0).any()) else None
-    k_max = int(top_k.max()) if top_k is not None else None
-    probs = logits_to_probs(logits, safe_t, top_k, top_p, min_p, top_k_max=k_max)
-    drawn = sample_from_probs(probs, counter_uniforms(seeds, counters))
-    return torch.where(greedy.to(tokens.device), tokens, drawn)

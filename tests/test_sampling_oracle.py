@@ -8,6 +8,7 @@ the same mistake."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -126,7 +127,8 @@ def test_sampler_matches_the_oracle_at_every_step(case):
     work then), row 2 is a plain sampled neighbour; 40 steps of fresh logits each."""
     rows = [dict(CASES[case], logprobs=5, seed=11), dict(CASES[case], seed=12),
             dict(temperature=1.0, seed=13)]
-    sampler = Sampler(4, V_MODEL, V_TOKENIZER, torch.device("cpu"))
+    device = torch.device(os.environ.get("GPTSERVE_TEST_DEVICE", "cpu"))  # as engine_support
+    sampler = Sampler(4, V_MODEL, V_TOKENIZER, device)
     seqs = []
     for slot, kw in enumerate(rows):
         request = Request(f"r{slot}", PROMPT, SamplingParams.create(max_tokens=100, **kw))
@@ -138,7 +140,7 @@ def test_sampler_matches_the_oracle_at_every_step(case):
     repeated = False
     for step in range(40):
         logits = _logits(g, len(rows))
-        got = sampler(logits.clone(), seqs)
+        got = sampler(logits.to(device), seqs)
         for row, (seq, token) in enumerate(zip(seqs, got, strict=True)):
             generated = seq.tokens[seq.num_prompt_tokens :]
             want = next_token(logits[row].tolist(), ReferenceParams.like(seq.params),
