@@ -21,13 +21,16 @@ up as a disagreement with this module instead of being copied into the reference
 - the draw is inverse-CDF: the first token (in id order) whose cumulative probability exceeds
   ``u * total``, with u the counter-based uniform of (the choice's seed, the number of tokens it
   has generated so far), re-implemented here from its definition (``counter_uniform``);
-- logprobs (docs/API.md): for a sampled token, the log-probability in the distribution it was
-  drawn from (after penalties, bias, temperature and filters); for a greedy one, the log-softmax
-  of the logits after penalties and bias.
+- logprobs: for a sampled token, the log-probability in the distribution it was drawn from
+  (after penalties, bias, temperature and filters); for a greedy one, the log-softmax of the
+  logits after penalties and bias.
+
+docs/API.md ("Choices made where OpenAI leaves room") states the same rules for users.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -130,7 +133,7 @@ def distribution(logits: Sequence[float], params: ReferenceParams) -> list[float
     """The probabilities a sampled (temperature > 0) token is drawn from, filters applied."""
     scaled = [x / params.temperature for x in logits]
     if params.top_k > 0:
-        kth = sorted(scaled, reverse=True)[min(params.top_k, len(scaled)) - 1]
+        kth = heapq.nlargest(params.top_k, scaled)[-1]  # the k-th largest (all, if k > V)
         scaled = [x if x >= kth else -math.inf for x in scaled]
     probs = _softmax(scaled)
     if params.top_p < 1.0:
@@ -188,14 +191,15 @@ def next_token(
         best = max(processed)
         token = processed.index(best)
         plausible = frozenset(j for j, x in enumerate(processed) if best - x <= tolerance)
-        top = max(processed)
-        norm = top + math.log(sum(math.exp(x - top) for x in processed))
-        lps = [x - norm for x in processed]
     else:
         probs = distribution(processed, params)
         token, plausible = _draw(probs, counter_uniform(seed, len(generated)), tolerance)
-        lps = [_log(p) for p in probs]
     if logprobs is None:
         return ReferenceToken(token, None, None, plausible)
+    if params.temperature == 0:
+        norm = best + math.log(sum(math.exp(x - best) for x in processed))
+        lps = [x - norm for x in processed]
+    else:
+        lps = [_log(p) for p in probs]
     order = sorted(range(len(lps)), key=lambda j: -lps[j])[:logprobs]
     return ReferenceToken(token, lps[token], tuple((j, lps[j]) for j in order), plausible)

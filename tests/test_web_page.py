@@ -286,7 +286,7 @@ def test_chat_tab_streams_a_reply_and_keeps_the_conversation(page, server):
     saved = json.loads(page.evaluate("localStorage.getItem('gptserve.chat')"))
     assert [m["role"] for m in saved] == ["user", "assistant"], saved
     assert saved[0]["content"] == "hello there"
-    assert _split_paragraphs(saved[1]["content"]) == said, "the reply on screen is not the saved one"
+    assert _split_paragraphs(saved[1]["content"]) == said, "the reply shown is not the one saved"
     page.reload()
     page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
     assert page.is_visible("#chat-log"), "the chat tab should stay selected"
@@ -429,8 +429,9 @@ def test_token_probabilities_show_on_hover(page, server, tmp_path):
     assert text.startswith(json.dumps(lp["tokens"][2])) and shown in text, (text, p)
     assert len(text.splitlines()) == 1 + len(lp["top_logprobs"][2]), text
     page.screenshot(path=tmp_path / "hover.png")  # to look at
-    box, shot_tip = tokens.nth(2).bounding_box(), tip.bounding_box()
-    assert shot_tip["y"] >= box["y"] + box["height"] or shot_tip["y"] + shot_tip["height"] <= box["y"]
+    token, shown_tip = tokens.nth(2).bounding_box(), tip.bounding_box()
+    below = shown_tip["y"] >= token["y"] + token["height"]
+    assert below or shown_tip["y"] + shown_tip["height"] <= token["y"], "the tip hides the token"
     r, g, b = _mean_rgb(tip.screenshot())
     assert max(r, g, b) - min(r, g, b) < 60 and r > 180, "the tip should be a light panel"
     page.mouse.move(5, 5)
@@ -443,8 +444,8 @@ def test_token_count_is_the_usage_even_when_chunks_hold_text_back(page, server):
     stops = [c + "€€€" for c in "etaoinshrdlumcwf"]  # 16 stops whose first char is common
     body = {"prompt": "ROMEO: ", "max_tokens": 80, "temperature": 1.0, "seed": 5, "stop": stops}
     chunks, usage = 0, None
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=streamed, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 event = json.loads(line[6:])
