@@ -8,10 +8,15 @@ device, with no generator state to carry and nothing to synchronise with the hos
 
 Whether a filter runs at all is decided by the caller from host-side knowledge (``None`` = no row
 asked for it), never by inspecting device tensors, so no function here waits on the device.
+
+The engine's sampler (``service.engine.sampler``) composes them. The reference generator does
+not: it samples with ``model.reference_sampling``, written from the definitions, so the engine is
+tested against code it does not share.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 import torch
@@ -22,6 +27,19 @@ _MASK32 = 0xFFFFFFFF
 def random_seed() -> int:
     """A fresh seed for a request that did not give one (63 bits, like ``SamplingParams.seed``)."""
     return secrets.randbits(63)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` of a request seeded with ``seed`` (63 bits).
+
+    Choice 0 keeps ``seed`` (so ``n=1`` and choice 0 of ``n>1`` agree); choice j > 0 draws with
+    a hash of (seed, j), so nearby seeds share no choices (``seed + j`` made (1, n=3) and
+    (2, n=3) return two of the same texts). BLAKE2b, not a PRNG's seeding: it is stable across
+    versions and platforms, and a client can recompute it (docs/API.md)."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -110,28 +128,3 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     logits[..., vocab_size:] = float("-inf")
     return logits
 
-
-def sample(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    seeds: torch.Tensor,
-    counters: torch.Tensor,
-    top_k: torch.Tensor | None = None,
-    top_p: torch.Tensor | None = None,
-    min_p: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Next token per row: argmax where temperature == 0, else a draw from the filtered probs
-    with the row's counter-based uniform. The simple, per-call form (the reference generator);
-    the engine's sampler composes the same pieces without reading the device."""
-    greedy = temperature <= 0
-    tokens = logits.argmax(dim=-1)
-    if bool(greedy.all()):
-        return tokens
-    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    top_k = top_k if top_k is not None and bool((top_k > 0).any()) else None
-    top_p = top_p if top_p is not None and bool((top_p < 1.0).any()) else None
-    min_p = min_p if min_p is not None and bool((min_p > 0).any()) else None
-    k_max = int(top_k.max()) if top_k is not None else None
-    probs = logits_to_probs(logits, safe_t, top_k, top_p, min_p, top_k_max=k_max)
-    drawn = sample_from_probs(probs, counter_uniforms(seeds, counters))
-    return torch.where(greedy.to(tokens.device), tokens, drawn)

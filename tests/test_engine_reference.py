@@ -1,7 +1,9 @@
-"""The engine against the oracle: nanoGPT's crop-the-context ``reference_generate``."""
+"""The engine against the oracle: nanoGPT's crop-the-context reference generator, which samples
+with the definitions-first sampling oracle (``model.reference_sampling``)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from engine_support import (
     tiny_checkpoint,
 )
 
-from model import load_checkpoint, reference_generate
+from model import load_checkpoint
+from model.generate import reference_steps
 from service.engine.runner import ModelRunner
 
 # (prompt length, max_tokens, arrival step): block_size is 32, so some prompts overflow the
@@ -22,13 +25,19 @@ MIX = [(5, 80), (20, 10), (40, 70), (1, 3), (31, 50), (12, 20), (32, 33), (70, 1
 ARRIVALS = [0, 0, 3, 5, 5, 9, 9, 14]
 
 
-def _reference(checkpoint, req):
+def _reference_steps(checkpoint, req):
     p = req.params
-    return reference_generate(
+    return reference_steps(
         checkpoint.model, list(req.prompt_token_ids), p.max_tokens, temperature=p.temperature,
-        top_k=p.top_k or None, top_p=p.top_p, seed=p.seed,
-        vocab_size=checkpoint.tokenizer.vocab_size,
+        top_k=p.top_k or None, top_p=p.top_p, min_p=p.min_p, presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
+        logit_bias=dict(p.logit_bias), seed=p.seed, vocab_size=checkpoint.tokenizer.vocab_size,
+        logprobs=p.logprobs,
     )
+
+
+def _reference(checkpoint, req):
+    return [step.token_id for step in _reference_steps(checkpoint, req)]
 
 
 @pytest.mark.parametrize("prepack", ["timed", "forced"])
@@ -62,6 +71,34 @@ def test_seeded_sampling_matches_reference_token_for_token():
     got = eng.generate(reqs, arrival_steps=[0, 1, 1, 4])
     for req, tokens in zip(reqs, got, strict=True):
         assert tokens == _reference(ck, req), f"{req.request_id} diverged from the reference"
+
+
+def test_penalties_bias_min_p_and_logprobs_match_the_reference_token_for_token():
+    """The reference samples with the oracle (model.reference_sampling), which shares no code
+    with the engine's sampler: tokens, logprobs and top logprobs agree past the window."""
+    ck = tiny_checkpoint()
+    eng = engine(ck, max_batch_size=3, window_shift=1, prefill_chunk=16, max_tokens_per_step=32)
+    settings = [
+        dict(temperature=2.0, frequency_penalty=1.5, logprobs=3),
+        dict(temperature=2.0, presence_penalty=1.5, min_p=0.01, logprobs=2),
+        dict(temperature=1.5, repetition_penalty=1.6, top_k=12, logit_bias={5: 4.0}, logprobs=5),
+        dict(temperature=0.0, frequency_penalty=0.8, repetition_penalty=1.3, logprobs=1),
+    ]
+    reqs = [request(f"p{i}", prompt_of(6 + 5 * i, 200 + i), max_tokens=40, seed=3 + i, **kw)
+            for i, kw in enumerate(settings)]
+    events = eng.run(reqs, arrival_steps=[0, 1, 1, 3])
+    for req in reqs:
+        got = [e for e in events[req.request_id] if e.token_id is not None]
+        want = _reference_steps(ck, req)
+        rid = req.request_id
+        assert [e.token_id for e in got] == [w.token_id for w in want], f"{rid}: tokens diverged"
+        assert len(set(e.token_id for e in got)) > 1, f"{rid}: one token repeated: weak test"
+        for t, (e, w) in enumerate(zip(got, want, strict=True)):
+            assert e.logprob == pytest.approx(w.logprob, abs=1e-4), f"{rid} token {t}: logprob"
+            mine = [(x.token_id, x.logprob) for x in e.top_logprobs if x.logprob > -math.inf]
+            ref = [(j, lp) for j, lp in w.top if lp > -math.inf]
+            assert [j for j, _ in mine] == [j for j, _ in ref], f"{rid} token {t}: top ids"
+            assert [lp for _, lp in mine] == pytest.approx([lp for _, lp in ref], abs=1e-4)
 
 
 def test_larger_window_shift_crops_less_often_and_counts_crops():

@@ -15,6 +15,7 @@ from engine_support import (
     with_eos,
 )
 
+from model.sampling import choice_seed
 from service.engine import FinishReason, InvalidRequestError
 from service.engine.sequence import SequenceStatus
 
@@ -66,6 +67,17 @@ def test_n_choices_are_separate_seeded_sequences():
     assert _tokens(sorted(again, key=lambda e: e.index)) == _tokens(
         sorted(events, key=lambda e: e.index)), "seeded choices are not reproducible"
     assert sum(e.finish_reason is not None for e in events) == 3
+
+
+def test_choices_of_nearby_seeds_are_not_shifted_copies_of_each_other():
+    """Choice j used to draw with seed + j, so (seed=1, n=3) and (seed=2, n=3) shared two
+    choices; every choice's seed is now a hash of (seed, j)."""
+    def choices(seed):
+        events = engine(max_batch_size=4).run(
+            [request("a", "xyz", max_tokens=20, n=3, seed=seed, temperature=1.5)])["a"]
+        return {tuple(_tokens([e for e in events if e.index == i])) for i in range(3)}
+
+    assert not choices(1) & choices(2), "nearby seeds share choices"
 
 
 def test_logprobs_are_log_probabilities_of_the_sampled_distribution():
@@ -137,5 +149,6 @@ def test_n_choices_encode_the_prompt_once_and_equal_separate_seeded_requests():
     together = eng.generate([request("a", prompt, max_tokens=12, n=3, seed=7, temperature=1.2)])
     assert sorted(encoded) == [(0, 8), (8, 8), (16, 4)], f"prompt chunks encoded {encoded}"
     apart = engine(ck, max_batch_size=4, prefill_chunk=8).generate(
-        [request(f"s{i}", prompt, max_tokens=12, seed=7 + i, temperature=1.2) for i in range(3)])
+        [request(f"s{i}", prompt, max_tokens=12, seed=choice_seed(7, i), temperature=1.2)
+         for i in range(3)])
     assert together == apart, "sharing the prompt changed a choice's tokens"

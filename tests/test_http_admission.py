@@ -73,7 +73,7 @@ def test_a_choice_ended_by_a_stop_string_frees_its_slot_while_its_sibling_runs(t
     with live_server(tiny_checkpoint, max_batch_size=4) as srv:
         probe = {"prompt": "ab", "n": 2, "seed": 3, "temperature": 1.0, "max_tokens": 12}
         first = httpx.post(srv.url + "/v1/completions", json=probe, timeout=60).json()
-        # choice 0's first 10 characters: it stops there, and its sibling (same seed + 1) would
+        # choice 0's first 10 characters: it stops there, and its sibling (its own derived seed) would
         # have to write the same 10 random characters to stop too, about 65**-10 per position
         stop = first["choices"][0]["text"][:10]
         assert len(stop) == 10 and stop != first["choices"][1]["text"][:10]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from conftest import live_server
 from openai import OpenAI
@@ -65,3 +67,18 @@ def test_bad_prompts_are_refused_with_the_api_s_errors(tiny_checkpoint):
     with pytest.raises(InvalidRequestError) as err:
         llm.generate("ab", SamplingParams(max_tokens=0))
     assert err.value.param == "max_tokens"
+
+
+def test_offline_choices_of_nearby_seeds_differ_and_replay_alone(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, device="cpu")
+
+    def texts(seed, n):
+        [result] = llm.generate("to be", SamplingParams(n=n, seed=seed, temperature=1.0,
+                                                        max_tokens=16))
+        return [o.text for o in result.outputs]
+
+    one, two = texts(1, 3), texts(2, 3)
+    assert not set(one) & set(two), f"seed=1 and seed=2 share choices: {one} {two}"
+    derived = [1] + [int.from_bytes(hashlib.blake2b(f"1:{j}".encode(), digest_size=8).digest(),
+                                    "big") >> 1 for j in (1, 2)]  # docs/API.md's derivation
+    assert [texts(seed, 1)[0] for seed in derived] == one

@@ -1,10 +1,13 @@
-"""Sampling is a pure, per-row function of (logits, params, seed, counter)."""
+"""Sampling is a pure, per-row function of (logits, params, seed, counter).
+
+The engine's sampler (service/engine/sampler.py) composes these pieces; tests/test_sampling_oracle.py
+checks it against the definitions, including greedy rows and penalties."""
 
 from __future__ import annotations
 
 import torch
 
-from model.sampling import counter_uniforms, logits_to_probs, mask_padded_vocab, sample
+from model.sampling import counter_uniforms, logits_to_probs, mask_padded_vocab, sample_from_probs
 
 
 def _logits(B=4, V=50, seed=0):
@@ -16,10 +19,12 @@ def _seeds(*values):
     return torch.tensor(values, dtype=torch.long)
 
 
-def test_temperature_zero_is_argmax():
-    logits = _logits()
-    out = sample(logits, torch.zeros(4), _seeds(0, 1, 2, 3), torch.zeros(4, dtype=torch.long))
-    assert torch.equal(out, logits.argmax(-1))
+def sample(logits, temperature, seeds, counters, **filters):
+    """A draw per row, composed as the engine's sampler does (temperature > 0)."""
+    k = filters.get("top_k")
+    probs = logits_to_probs(logits, temperature, **filters,
+                            top_k_max=int(k.max()) if k is not None else None)
+    return sample_from_probs(probs, counter_uniforms(seeds, counters))
 
 
 def test_top_k_one_and_tiny_top_p_and_min_p_one_are_greedy():

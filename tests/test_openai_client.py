@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -76,6 +77,28 @@ def test_n_choices_come_back_indexed_and_seeded_choices_differ(client):
     assert sorted(c.index for c in resp.choices) == [0, 1, 2]
     assert len({c.text for c in resp.choices}) > 1, "n seeded choices all sampled the same text"
     assert resp.usage.completion_tokens == 48
+
+
+def _choice_seed(seed: int, j: int) -> int:
+    """docs/API.md's derivation of choice j's seed (written out here, not imported)."""
+    if j == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{j}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def test_nearby_seeds_share_no_choice_and_each_choice_replays_alone(client):
+    def texts(seed, n):
+        resp = client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=16, n=n, seed=seed, temperature=1.0
+        )
+        return [c.text for c in sorted(resp.choices, key=lambda c: c.index)]
+
+    one, two = texts(1, 3), texts(2, 3)
+    shared = set(one) & set(two)
+    assert not shared, f"seed=1 and seed=2 (n=3) returned the same texts {shared}: seed + j?"
+    # choice j of a seeded request is the single request seeded as docs/API.md says
+    assert [texts(_choice_seed(1, j), 1)[0] for j in range(3)] == one
 
 
 def test_same_seed_same_text_different_seed_different_text(client):

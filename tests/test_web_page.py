@@ -1,13 +1,18 @@
 """The page at GET / in real headless Chromium, against a real server: tokens stream in live, Stop
 cancels, every sampling field reaches the API, n choices stand side by side, Ctrl+Enter sends,
 history and settings survive a reload, Copy copies, dark mode follows the browser, the chat tab
-streams, and endless mode marks each window slide. Screenshots are checked, not just taken."""
+streams (Enter sends, Shift+Enter is a new line) and lays replies out in paragraphs, endless mode
+marks each window slide at a word boundary, token probabilities show on hover, and the token
+count is the usage's. Screenshots are checked, not just taken."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import re
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,9 +30,11 @@ ARGS = [
     "--no-first-run",
 ]
 CONTROLS = (
-    "prompt", "temperature", "max-tokens", "top-p", "top-k", "seed", "stop-strings", "n",
-    "endless", "api-key", "generate", "stop", "tab-complete", "tab-chat", "history-box",
+    "prompt", "temperature", "max-tokens", "top-p", "top-k", "min-p", "presence-penalty",
+    "frequency-penalty", "repetition-penalty", "seed", "stop-strings", "n", "logprobs", "endless",
+    "api-key", "generate", "stop", "tab-complete", "tab-chat", "history-box",
 )
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "shakespeare-char"
 
 
 def _metric(url: str, name: str) -> float:
@@ -92,11 +99,12 @@ def page(browser, server):
     context.close()
 
 
-def _generate(page, path: str, press_on: str | None = None, button: str = "#generate") -> dict:
-    """Start a generation (Ctrl+Enter in ``press_on``, else a click); the request body sent."""
+def _generate(page, path: str, press_on: str | None = None, button: str = "#generate",
+              key: str = "Control+Enter") -> dict:
+    """Start a generation (``key`` in ``press_on``, else a click); the request body sent."""
     with page.expect_request(lambda r: r.url.endswith(path) and r.method == "POST") as sent:
         if press_on:
-            page.press(press_on, "Control+Enter")
+            page.press(press_on, key)
         else:
             page.click(button)
     return sent.value.post_data_json
@@ -199,10 +207,17 @@ def test_sampling_fields_reach_the_api_and_n_choices_stand_side_by_side(page, se
     page.fill("#top-p", "0.9")
     page.fill("#top-k", "20")
     page.fill("#seed", "42")
+    page.fill("#min-p", "0.02")
+    page.fill("#presence-penalty", "0.5")
+    page.fill("#frequency-penalty", "-0.25")
+    page.fill("#repetition-penalty", "1.2")
     page.fill("#stop-strings", r"zq, \n\n")
     page.fill("#n", "3")
     body = _generate(page, "/v1/completions", press_on="#prompt")  # Ctrl+Enter
     assert body["top_p"] == 0.9 and body["top_k"] == 20 and body["seed"] == 42, body
+    assert body["min_p"] == 0.02 and body["presence_penalty"] == 0.5, body
+    assert body["frequency_penalty"] == -0.25 and body["repetition_penalty"] == 1.2, body
+    assert "logprobs" not in body, "probabilities are off unless asked for"
     assert body["stop"] == ["zq", "\n\n"] and body["n"] == 3 and body["max_tokens"] == 24, body
     assert body["stream"] is True and body["prompt"] == "ROMEO: ", body
     _status_is(page, "finished")
@@ -267,17 +282,66 @@ def test_chat_tab_streams_a_reply_and_keeps_the_conversation(page, server):
     page.click("#chat-stop")
     _status_is(page, "stopped")
 
-    said = page.text_content(reply)
+    said = _paragraphs(page, reply)
     saved = json.loads(page.evaluate("localStorage.getItem('gptserve.chat')"))
-    assert saved == [
-        {"role": "user", "content": "hello there"},
-        {"role": "assistant", "content": said},
-    ]
+    assert [m["role"] for m in saved] == ["user", "assistant"], saved
+    assert saved[0]["content"] == "hello there"
+    assert _split_paragraphs(saved[1]["content"]) == said, "the reply shown is not the one saved"
     page.reload()
     page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
     assert page.is_visible("#chat-log"), "the chat tab should stay selected"
     assert page.text_content("#chat-log .msg.user .content") == "hello there"
-    assert page.text_content(reply) == said
+    assert _paragraphs(page, reply) == said
+
+
+def _paragraphs(page, selector: str) -> list[str]:
+    return page.eval_on_selector_all(f"{selector} p", "ps => ps.map(p => p.textContent)")
+
+
+def _split_paragraphs(text: str) -> list[str]:
+    """The page's layout: a blank line separates paragraphs, edge newlines are not shown."""
+    return [p.strip("\n") for p in re.split(r"\n{2,}", text) if p.strip("\n")]
+
+
+def test_chat_enter_sends_and_shift_enter_starts_a_new_line(page, server):
+    page.click("#tab-chat")
+    page.fill("#max-tokens", "5")
+    posted = []
+    page.on("request", lambda r: posted.append(r) if r.method == "POST" else None)
+    page.click("#chat-input")
+    page.keyboard.type("first line")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("second line")
+    assert page.input_value("#chat-input") == "first line\nsecond line"
+    assert posted == [], "Shift+Enter sent the message"
+    body = _generate(page, "/v1/chat/completions", press_on="#chat-input", key="Enter")
+    _status_is(page, "finished")
+    assert body["messages"] == [{"role": "user", "content": "first line\nsecond line"}], body
+    assert page.input_value("#chat-input") == "", "the input should be cleared once sent"
+
+
+def test_chat_lays_messages_out_in_paragraphs(page, server, tmp_path):
+    conversation = [
+        {"role": "user", "content": "Two questions.\n\nFirst: why?\nSecond: how?"},
+        {"role": "assistant", "content": "\nBecause.\n\n\nLike this,\nline by line.\n"},
+    ]
+    page.evaluate(f"localStorage.setItem('gptserve.chat', {json.dumps(json.dumps(conversation))})")
+    page.evaluate("localStorage.setItem('gptserve.tab', JSON.stringify('chat'))")
+    page.reload()
+    page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
+    assert _paragraphs(page, "#chat-log .msg.user") == ["Two questions.",
+                                                        "First: why?\nSecond: how?"]
+    replies = _paragraphs(page, "#chat-log .msg.assistant")
+    assert replies == ["Because.", "Like this,\nline by line."], replies
+    first, second = page.locator("#chat-log .msg.assistant p").all()
+    gap = second.bounding_box()["y"] - (first.bounding_box()["y"] + first.bounding_box()["height"])
+    assert gap > 4, f"paragraphs should stand apart, gap {gap:.1f}px"
+    lines = second.bounding_box()["height"] / first.bounding_box()["height"]
+    assert lines > 1.8, "a single newline should stay a line break inside a paragraph"
+    font = page.evaluate(
+        "getComputedStyle(document.querySelector('#chat-log .msg.assistant p')).fontFamily")
+    assert "monospace" not in font, f"chat replies read as prose, not code: {font}"
+    page.locator("#chat-log").screenshot(path=tmp_path / "paragraphs.png")  # to look at
 
 
 def test_endless_mode_streams_past_the_window_and_marks_each_slide(page, server):
@@ -288,11 +352,113 @@ def test_endless_mode_streams_past_the_window_and_marks_each_slide(page, server)
     assert body["max_tokens"] == 1_000_000, "endless mode should ask for as much as the API allows"
     page.wait_for_function("document.querySelectorAll('#output .slid').length >= 2")
     markers = page.locator("#output .slid")
-    assert markers.nth(0).text_content().endswith("×1")
-    assert markers.nth(1).text_content().endswith("×2")
-    assert int(page.text_content("#crops")) >= 2
+    # slides that come before the next word boundary share one marker: counts only grow
+    counts = [int(m.split("×")[1]) for m in markers.all_text_contents()]
+    assert counts[0] >= 1 and counts == sorted(set(counts)), counts
+    assert int(page.text_content("#crops")) >= counts[-1]
     assert len(page.text_content("#output .choice-text")) > window, "it should run past the window"
     r, g, b = _mean_rgb(markers.first.screenshot())
     assert r - b > 40, f"the marker should stand out in its own colour, got rgb {r, g, b}"
     page.click("#stop")
     _status_is(page, "stopped")
+
+
+def _marker_contexts(page) -> list[tuple[str, str]]:
+    """(the character before, the character after) each slide marker in the first choice."""
+    return page.evaluate(
+        """() => {
+            const parts = [];  // the box's text nodes and markers (null) in document order
+            const walk = (node) => {
+                for (const child of node.childNodes) {
+                    if (child.nodeType !== 1) parts.push(child.textContent);
+                    else if (child.classList.contains('slid')) parts.push(null);
+                    else walk(child);
+                }
+            };
+            walk(document.querySelector('#output .choice-text'));
+            const text = (list) => list.filter((x) => x !== null).join('');
+            return parts.flatMap((p, i) => p !== null ? [] :
+                [[text(parts.slice(0, i)).slice(-1), text(parts.slice(i + 1)).slice(0, 1)]]);
+        }"""
+    )
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no shipped weights")
+def test_slide_markers_sit_at_word_or_line_boundaries(browser, tmp_path):
+    """The shipped Shakespeare model writes words; a slide marker never splits one."""
+    with live_server(SHIPPED, model_name="tiny") as srv:
+        context, page = _open(browser, srv.url)
+        page.fill("#prompt", "ROMEO:\nBut soft, what light")
+        page.fill("#temperature", "0.8")
+        page.fill("#seed", "3")
+        page.check("#endless")
+        _generate(page, "/v1/completions")
+        page.wait_for_function("document.querySelectorAll('#output .slid').length >= 3")
+        page.click("#stop")
+        _status_is(page, "stopped")
+        contexts = _marker_contexts(page)
+        assert len(contexts) >= 3, contexts
+        for before, after in contexts:
+            assert before.isspace() or after.isspace(), (
+                f"a marker splits a word: ...{before!r}[marker]{after!r}...")
+        page.locator("#output .slid").first.scroll_into_view_if_needed()
+        page.locator("#output").screenshot(path=tmp_path / "slide_markers.png")  # to look at
+        context.close()
+
+
+def test_token_probabilities_show_on_hover(page, server, tmp_path):
+    page.fill("#prompt", "ROMEO: ")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "8")
+    page.check("#logprobs")
+    body = _generate(page, "/v1/completions")
+    assert body["logprobs"] == 5, body
+    _status_is(page, "finished")
+    tokens = page.locator("#output .tok")
+    assert tokens.count() == 8, "each generated token should be its own hover target"
+    again = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    lp = httpx.post(server.url + "/v1/completions", json=again, timeout=60).json()
+    lp = lp["choices"][0]["logprobs"]
+    assert page.locator("#tip").is_hidden()
+    tokens.nth(2).hover()
+    tip = page.locator("#tip")
+    tip.wait_for(state="visible")
+    text = tip.text_content()
+    p = 100 * math.exp(lp["token_logprobs"][2])
+    shown = f"{p:.1f}%" if p >= 10 else f"{p:.2g}%"
+    assert text.startswith(json.dumps(lp["tokens"][2])) and shown in text, (text, p)
+    assert len(text.splitlines()) == 1 + len(lp["top_logprobs"][2]), text
+    page.screenshot(path=tmp_path / "hover.png")  # to look at
+    token, shown_tip = tokens.nth(2).bounding_box(), tip.bounding_box()
+    below = shown_tip["y"] >= token["y"] + token["height"]
+    assert below or shown_tip["y"] + shown_tip["height"] <= token["y"], "the tip hides the token"
+    r, g, b = _mean_rgb(tip.screenshot())
+    assert max(r, g, b) - min(r, g, b) < 60 and r > 180, "the tip should be a light panel"
+    page.mouse.move(5, 5)
+    tip.wait_for(state="hidden")
+
+
+def test_token_count_is_the_usage_even_when_chunks_hold_text_back(page, server):
+    """A chunk is not a token: text held back for a possible stop string arrives later, two
+    tokens in one chunk. The page used to count chunks ("tokens 79" for max_tokens 80)."""
+    stops = [c + "€€€" for c in "etaoinshrdlumcwf"]  # 16 stops whose first char is common
+    body = {"prompt": "ROMEO: ", "max_tokens": 80, "temperature": 1.0, "seed": 5, "stop": stops}
+    chunks, usage = 0, None
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=streamed, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                chunks += sum(1 for c in event["choices"] if c["text"])
+                usage = event.get("usage") or usage
+    assert usage["completion_tokens"] == 80 and chunks < 80, (
+        f"{chunks} chunks with text for {usage}: no text was held back, the test proves nothing")
+    page.fill("#prompt", "ROMEO: ")
+    page.fill("#temperature", "1")
+    page.fill("#max-tokens", "80")
+    page.fill("#seed", "5")
+    page.fill("#stop-strings", ", ".join(stops))
+    sent = _generate(page, "/v1/completions")
+    assert sent["stop"] == stops, sent
+    _status_is(page, "finished")
+    assert page.text_content("#ntokens") == "80"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from model.gpt import GPT
-from model.sampling import random_seed
+from model.sampling import choice_seed, random_seed
 from model.threads import ThreadPlan
 from model.tuner import ThreadTuner
 from service.engine.config import EngineConfig
@@ -71,12 +71,12 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         """Queue every choice of an already validated request. Choice i of a seeded request
-        draws with seed + i (reproducible); an unseeded choice gets a random seed."""
+        draws with ``choice_seed(seed, i)`` (reproducible); an unseeded one with a random seed."""
         seed = request.params.seed
         for index in range(request.params.n):
             seq = Sequence(
                 next(self._seq_ids), request, index, self.block_size, self.window_shift,
-                random_seed() if seed is None else (seed + index) % 2**63,
+                random_seed() if seed is None else choice_seed(seed, index),
             )
             self.scheduler.add(seq)
 

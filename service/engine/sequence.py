@@ -26,8 +26,9 @@ class SequenceStatus(Enum):
 class Sequence:
     """Per-choice state: the token list, the encoded window, the KV slot, counters and times.
 
-    ``seed`` is the seed of this choice's draws (the request's seed + the choice index, or a
-    random one); the t-th token it samples uses draw counter t (``num_generated``).
+    ``seed`` is the seed of this choice's draws (``model.sampling.choice_seed`` of the request's
+    seed and the choice index, or a random one); the t-th token it samples uses draw counter t
+    (``num_generated``).
     """
 
     def __init__(
