@@ -7,6 +7,7 @@ the fix. Every wait is bounded by a socket or client timeout (a bound, not an ex
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import socket
@@ -228,7 +229,7 @@ def test_control_characters_from_a_request_are_escaped_in_the_text_log(keyed):
     log = keyed.log()
     assert "\x1b" not in log, "a raw escape character reached the log"
     lines = log.splitlines()
-    assert not [line for line in lines if " service.access: forged" in line], log[-2000:]
+    assert not [line for line in lines if line.startswith("2026-01-01")], "a forged line"
     assert any("/v1/models\\n2026-01-01" in line for line in lines), log[-2000:]
 
 
@@ -273,7 +274,7 @@ def test_an_echo_with_logprobs_of_a_huge_prompt_does_not_block_the_event_loop(se
     assert resp.status_code == 200, resp.text[:500]
     assert len(resp.json()["choices"][0]["logprobs"]["tokens"]) == 300_001
     during = [started, *(t for t in answers if started < t < ended), ended]
-    longest = max(b - a for a, b in zip(during, during[1:]))
+    longest = max(b - a for a, b in itertools.pairwise(during))
     assert longest < (ended - started) / 2, (
         f"/health went unanswered for {longest:.2f}s of the echo request's {ended - started:.2f}s"
     )

@@ -86,6 +86,12 @@ class ChatCompletionRequest(GenerationRequest):
                 return value
         return window
 
+    @property
+    def length_param(self) -> str:
+        """The field the client gave the length in (errors name it)."""
+        return "max_tokens" if self.max_tokens is not None and self.max_completion_tokens is None \
+            else "max_completion_tokens"
+
     def engine_logprobs(self) -> int | None:
         """The engine's ``logprobs`` (None: none; k: the chosen token's plus the top k)."""
         if self.top_logprobs is not None and not self.logprobs:

@@ -43,8 +43,10 @@ class CompletionServing(Serving):
         want = body.logprobs if body.logprobs is not None else (0 if candidates > body.n else None)
         params = body.sampling_params(max_tokens=body.max_tokens, n=candidates, logprobs=want)
         stop = body.stop_strings()
-        prompts = [self._prompt(item, engine) for item in _prompt_items(body.prompt)]
-        job = self.submit(
+        items = _prompt_items(body.prompt)
+        engine.validate_size(params, len(items))  # before encoding any of them
+        prompts = await self.token_ids(engine, items, "prompt")
+        job = await self.submit(
             engine,
             new_id("cmpl"),
             prompts,
@@ -73,11 +75,6 @@ class CompletionServing(Serving):
         if body.stream:
             raise InvalidRequestError("best_of", "best_of > n cannot be used with stream: true")
         return body.best_of
-
-    def _prompt(self, item: str | list[int], engine) -> list[int]:
-        if isinstance(item, str):
-            return self.encode(engine, item, "prompt")
-        return self.check_ids(engine, item, "prompt")
 
 
 def _prompt_items(prompt) -> list:

@@ -43,9 +43,18 @@ class GateMiddleware:
                 await err.response()(scope, receive, send)
                 return
         length = _header(scope, b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await self._reject_too_large(scope, receive, send)
-            return
+        if length is not None:
+            length = length.strip(" \t")  # optional whitespace around a field value (RFC 9110)
+            if not (length.isascii() and length.isdigit()):
+                self.metrics.reject("invalid")
+                await APIError(
+                    400, f"Content-Length must be a decimal number, got {length[:32]!r}",
+                    code="invalid_http",
+                ).response()(scope, receive, send)
+                return
+            if int(length) > self.max_body:
+                await self._reject_too_large(scope, receive, send)
+                return
         if scope["method"] in ("POST", "PUT", "PATCH") and not _is_json(scope):
             self.metrics.reject("invalid")
             err = APIError(
