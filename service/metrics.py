@@ -38,7 +38,8 @@ CLOSE_REASONS = (  # why the HTTP edge closed a client connection (service/trans
     "header_timeout",  # headers not in within --header-timeout (408, or closed if silent)
     "body_timeout",  # body not in within --body-timeout (408)
     "malformed",  # bad HTTP framing: Content-Length, chunk sizes, request line (400)
-    "evicted",  # idle, closed at --max-connections to admit a new connection
+    "evicted",  # idle, or slow with its headers or body: closed at --max-connections for a new one
+    "pipeline_full",  # more than --max-pipelined requests queued: closed after answering them
 )
 _LATENCY = (
     0.001,
