@@ -48,7 +48,7 @@ class ChatServing(Serving):
         stop = tuple(dict.fromkeys(body.stop_strings() + template.stop))
         job = await self.submit(
             engine, new_id("chatcmpl"), prompts, params, stop=stop, logprobs=want is not None,
-            aliases={"max_tokens": body.length_param},
+            aliases={"max_tokens": body.length_param, "logprobs": "top_logprobs"},
         )
         if body.stream:
             return self.stream(job, engine, _Chunks(job), body.include_usage)
