@@ -118,14 +118,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
 async def detokenize(body: DetokenizeRequest, state: StateDep) -> DetokenizeResponse:
     engine = _engine_or_503(state)
     _check_model(state, body.model)
-    bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
-    if bad:
-        raise APIError(
-            400,
-            f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})",
-            param="tokens",
-            code="invalid_value",
-        )
+    engine.check_token_ids(body.tokens, "tokens")
     text = await offload(len(body.tokens), engine.tokenizer.decode, body.tokens)
     return DetokenizeResponse(prompt=text)
 

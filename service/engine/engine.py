@@ -112,12 +112,17 @@ class Engine:
         """Raise ``InvalidRequestError`` naming the first bad parameter of ``request``."""
         if not request.prompt_token_ids:
             raise InvalidRequestError("prompt", "the prompt must hold at least one token")
-        for token_id in request.prompt_token_ids:
+        self.check_token_ids(request.prompt_token_ids, "prompt")
+        request.params.validate(self.vocab_size, max_n=self.config.max_n)
+
+    def check_token_ids(self, token_ids: Iterable[int], param: str) -> None:
+        """Raise ``InvalidRequestError`` naming ``param`` for the first id outside the
+        vocabulary (the one check of token ids: prompts here, ``/detokenize`` in the API)."""
+        for token_id in token_ids:
             if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
                 raise InvalidRequestError(
-                    "prompt", f"prompt token id {token_id!r} is outside [0, {self.vocab_size})"
+                    param, f"{param} token id {token_id!r} is outside [0, {self.vocab_size})"
                 )
-        request.params.validate(self.vocab_size, max_n=self.config.max_n)
 
     def validate_size(self, params: SamplingParams, num_prompts: int) -> None:
         """Raise ``InvalidRequestError`` when ``num_prompts`` prompts sampled with ``params`` ask
