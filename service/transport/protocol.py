@@ -112,7 +112,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         408, an idle connection or one still sending its headers is just closed."""
         if self._receiving_body:
             message = "the request body was not complete when the server needed the connection"
-            self._refuse(Refusal(408, "request_timeout", message, "evicted"), count=False)
+            # no lingering close: the slot is wanted now (the client sent nothing unread, so
+            # the close is a FIN; if it sends more, it gets a reset, as it would anyway)
+            refusal = Refusal(408, "request_timeout", message, "evicted")
+            self._refuse(refusal, count=False, linger=False)
         else:
             self.transport.close()
 
@@ -259,8 +262,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         message = f"the request body did not arrive within {self.limits.body_timeout:g}s"
         self._refuse(Refusal(408, "request_timeout", message, "body_timeout"))
 
-    def _refuse(self, refusal: Refusal, *, count: bool = True) -> None:
-        """Answer with the error envelope (if no response has started), then close."""
+    def _refuse(self, refusal: Refusal, *, count: bool = True, linger: bool = True) -> None:
+        """Answer with the error envelope (if no response has started), then close (after a
+        lingering drain of the client's input unless ``linger`` is False)."""
         self._disarm()
         if count:
             self.listener.refused(refusal.reason)
@@ -289,7 +293,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self._arm(LINGER_SECONDS, self.transport.close)
+        if linger:
+            self._arm(LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()  # after the answer is flushed
 
     def _arm(self, seconds: float, callback) -> None:
         self._disarm()
