@@ -2,7 +2,9 @@
 
 Every flag ``--foo-bar`` has an environment twin ``GPTSERVE_FOO_BAR``; the environment sets the
 default and an explicit flag wins. ``parse_settings(argv, environ)`` is the only entry point, so
-tests build settings exactly as the command line does.
+tests build settings exactly as the command line does. Each knob is defined once, as a field with
+its help text (``Settings``, ``EngineConfig``, ``TransportLimits``); the flags are generated from
+the fields, and a mistyped flag names the closest one (``SuggestingParser``).
 """
 
 from __future__ import annotations
