@@ -19,7 +19,6 @@ from dataclasses import replace
 from model.threads import openmp_env
 from service.logs import configure_logging
 from service.settings import Settings, parse_settings
-from service.transport.limits import TransportLimits
 from service.transport.sockets import ListenError, bind, fit_to_file_limit
 
 log = logging.getLogger("service")
@@ -67,8 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_checkpoint(settings)
         sockets = bind(settings.host, settings.port)  # before torch loads: a busy port is quick
         limits = replace(
-            TransportLimits.from_settings(settings),
-            max_connections=fit_to_file_limit(settings.max_connections),
+            settings.transport,
+            max_connections=fit_to_file_limit(settings.transport.max_connections),
         )
         check_device(settings.engine.device)
     except (ConfigError, ListenError) as err:

@@ -115,6 +115,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         api_key=settings.api_key,
         max_body=settings.max_request_bytes,
         metrics=metrics,
+        metrics_auth=settings.metrics_auth,
     )
     if settings.cors_origins:
         # Auth is a bearer header, not cookies: credentials stay off, so a "*" origin is never

@@ -18,7 +18,7 @@ import sys
 
 import uvicorn
 
-from service.settings import Settings
+from service.settings import CLOSE_GRACE, Settings
 from service.transport.limits import TransportLimits
 from service.transport.listener import Listener
 from service.transport.protocol import GuardedHttpProtocol
@@ -106,7 +106,7 @@ def serve(
         log_level=settings.log_level,
         access_log=False,  # service.api.access logs each request instead
         timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  (float is fine)
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=CLOSE_GRACE,  # after the drain (--shutdown-timeout)
     )
     state = app.state.server
     DrainingServer(config, state, sockets, limits).run()

@@ -15,8 +15,10 @@ from conftest import wait_until
 
 from service.engine import EngineConfig
 from service.settings import DEFAULT_CHECKPOINT, Settings, build_parser, parse_settings
+from service.transport.limits import TransportLimits
 
 ENGINE_KNOBS = {f.name for f in EngineConfig.knobs()}
+TRANSPORT_LIMITS = {f.name for f in TransportLimits.knobs()}
 
 FLAGS = {
     "--checkpoint": ("/tmp/ckpt", Path("/tmp/ckpt")),
@@ -52,6 +54,8 @@ FLAGS = {
     "--body-timeout": ("12", 12.0),
     "--keep-alive-timeout": ("2.5", 2.5),
     "--max-connections": ("300", 300),
+    "--max-pipelined": ("4", 4),
+    "--metrics-auth": ("true", True),
     "--log-format": ("json", "json"),
     "--chat-template": ("{{ messages[0].content }}", "{{ messages[0].content }}"),
     "--load-timeout": ("7.5", 7.5),
@@ -66,14 +70,41 @@ def _env(flag: str) -> str:
     return "GPTSERVE_" + _field(flag).upper()
 
 
-def test_every_settings_field_and_engine_knob_has_a_flag():
-    fields = (set(Settings.__dataclass_fields__) - {"engine"}) | ENGINE_KNOBS
-    assert fields == {_field(f) for f in FLAGS}, "a Settings field lacks a flag (or the test)"
+def test_every_settings_field_engine_knob_and_transport_limit_has_a_flag():
+    fields = (set(Settings.__dataclass_fields__) - {"engine", "transport"}) | ENGINE_KNOBS
+    assert fields | TRANSPORT_LIMITS == {_field(f) for f in FLAGS}, \
+        "a Settings field lacks a flag (or the test)"
 
 
 def _value(settings: Settings, name: str):
-    """A setting, or an engine knob: the engine's config is not copied into the settings."""
-    return getattr(settings.engine if name in ENGINE_KNOBS else settings, name)
+    """A setting, an engine knob or a transport limit: each config is held whole, not copied."""
+    if name in ENGINE_KNOBS:
+        return getattr(settings.engine, name)
+    return getattr(settings.transport if name in TRANSPORT_LIMITS else settings, name)
+
+
+def test_each_flag_takes_its_help_from_its_field():
+    """One definition per knob: a flag's help text is its field's (no second copy to drift)."""
+    parser = build_parser({})
+    fields = [f for f in Settings.__dataclass_fields__.values() if f.name not in
+              ("engine", "transport")] + [*EngineConfig.knobs(), *TransportLimits.knobs()]
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        assert helps[flag].startswith(f.metadata["help"].replace("%", "%%")), flag
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("--chekpoint", "--checkpoint"),
+                                             ("--max-conections", "--max-connections"),
+                                             ("--api-kye=x", "--api-key")])  # fmt: skip
+def test_a_mistyped_flag_names_the_closest_one_in_one_line(typo, meant, capsys):
+    """Issue 18: ``--chekpoint`` printed 25 lines of usage and no hint."""
+    with pytest.raises(SystemExit) as exc:
+        parse_settings([typo, "x"], environ={})
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"did you mean {meant}?" in err, err
+    assert len(err.splitlines()) <= 2, err
 
 
 @pytest.mark.parametrize("flag", sorted(FLAGS))
@@ -109,7 +140,7 @@ def test_invalid_values_exit_with_a_usage_error(capsys):
     ("flag", "value"),
     [("--header-timeout", "0"), ("--body-timeout", "nan"), ("--keep-alive-timeout", "-1"),
      ("--max-headers", "0"), ("--max-header-bytes", "0"), ("--max-connections", "0"),
-     ("--log-format", "xml")],
+     ("--max-pipelined", "0"), ("--log-format", "xml")],
 )  # fmt: skip
 def test_transport_limits_and_log_format_refuse_values_that_cannot_work(flag, value, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -202,3 +202,22 @@ def test_every_gptserve_variable_in_the_deploy_files_is_a_server_flag():
     assert "GPTSERVE_CHECKPOINT" in used, "the deploy files should set the checkpoint"
     unknown = {name: where for name, where in used.items() if name not in flags}
     assert not unknown, f"not server flags: {unknown}"
+
+
+def test_nginx_applies_the_replicas_own_transport_limits():
+    """The limits are defined once (``TransportLimits``); nginx's copy in front of the replicas
+    must agree with it, and drop idle upstream connections before a replica closes them."""
+    from service.transport.limits import TransportLimits
+
+    limits = TransportLimits()
+    conf = (DEPLOY / "nginx" / "gptserve.conf").read_text()
+
+    def value(directive: str) -> str:
+        match = re.search(rf"^\s*{directive}\s+([^;]+);", conf, re.MULTILINE)
+        assert match, f"gptserve.conf has no {directive}"
+        return match.group(1).strip()
+
+    assert value("client_header_timeout") == f"{limits.header_timeout:g}s"
+    assert value("client_body_timeout") == f"{limits.body_timeout:g}s"
+    assert value("large_client_header_buffers").split()[1] == f"{limits.max_header_bytes // 1024}k"
+    assert float(value("keepalive_timeout").rstrip("s")) < limits.keep_alive_timeout

@@ -181,16 +181,28 @@ def test_unknown_route_and_method_use_the_envelope(http):
     assert resp.status_code == 405 and "error" in resp.json()
 
 
-def test_probes_are_open_but_everything_else_needs_the_key(http):
-    assert http.get("/health").status_code == 200
-    assert http.get("/ready").status_code == 200
-    for path in ("/", "/metrics", "/v1/models", "/openapi.json"):
+def test_probes_the_page_and_metrics_are_open_but_the_api_needs_the_key(http):
+    """Issue 18: ``--api-key`` locked the web page (it has its own key box) and /metrics (vLLM
+    keys only /v1; ``--metrics-auth`` keys it, see test_metrics_auth_puts_metrics_behind_the_key)."""
+    for path in ("/health", "/ready", "/", "/favicon.ico", "/metrics"):
+        assert http.get(path).status_code == 200, path
+    for path in ("/v1/models", "/openapi.json", "/docs"):
         resp = http.get(path)
         assert resp.status_code == 401, path
         assert resp.json()["error"]["code"] == "invalid_api_key"
         assert http.get(path, headers=AUTH).status_code == 200, path
     metrics = http.get("/metrics", headers=AUTH).text
     assert KEY not in metrics
+
+
+def test_metrics_auth_puts_metrics_behind_the_key(tiny_checkpoint):
+    with live_server(tiny_checkpoint, api_key=KEY, metrics_auth=True) as srv:
+        bare = httpx.get(f"{srv.url}/metrics", timeout=30)
+        keyed = httpx.get(f"{srv.url}/metrics", headers=AUTH, timeout=30)
+        page = httpx.get(f"{srv.url}/", timeout=30)
+    assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+    assert keyed.status_code == 200 and "gptserve_" in keyed.text
+    assert page.status_code == 200, "the web page is open whatever guards /metrics"
 
 
 def test_chunked_body_over_the_limit_is_413(http):

@@ -32,6 +32,7 @@ COUNTERS = [
     "gptserve_request_rejected_total",
     "gptserve_client_disconnects_total",
     "gptserve_context_crops_total",
+    "gptserve_recomputed_tokens_total",
 ]
 
 
@@ -70,7 +71,10 @@ def test_series_are_fed_by_real_traffic(exposition):
             key, _, value = line.rpartition(" ")
             samples[key] = float(value)
     assert samples["gptserve_generation_tokens_total"] >= 40 + 4 + 2
-    assert samples["gptserve_prompt_tokens_total"] >= 3
+    # issue 18: this counted the sliding window's re-encoded tokens too (5,218 for prompts of
+    # 19 tokens); now it counts prompt tokens only: "abc" alone, streamed, and for n=2 choices
+    assert samples["gptserve_prompt_tokens_total"] == 3 + 3 + 2 * 3
+    assert samples["gptserve_recomputed_tokens_total"] > 0, "a window re-encoded after each crop"
     assert samples["gptserve_context_crops_total"] > 0, "40 tokens past a 32-token window"
     assert samples['gptserve_request_success_total{finish_reason="length"}'] >= 2
     assert samples['gptserve_request_rejected_total{reason="invalid"}'] == 1

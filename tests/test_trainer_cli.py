@@ -65,3 +65,19 @@ def test_every_flag_of_every_subcommand_has_help_text():
         and (not action.help or action.help == argparse.SUPPRESS or len(action.help) < 8)
     ]
     assert missing == [], f"flags without help text: {missing}"
+
+
+def test_a_mistyped_flag_names_the_closest_one_in_one_line():
+    """Issue 18: a mistyped flag printed the whole usage and no hint."""
+    proc = subprocess.run(
+        trainer_cmd("train", "--data", "d", "--out", "o", "--lerning-rate", "1"),
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "--lerning-rate: did you mean --learning-rate?" in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) <= 2, proc.stderr

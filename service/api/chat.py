@@ -41,13 +41,14 @@ class ChatServing(Serving):
         engine = self.admit(body, http)
         body.refuse_unsupported()
         template = self._template(engine)
-        prompt = self.encode(engine, self._render(body, template, engine), "messages")
+        prompts = await self.token_ids(engine, [self._render(body, template, engine)], "messages")
         want = body.engine_logprobs()
         window = engine.model_config.block_size
         params = body.sampling_params(max_tokens=body.max_new_tokens(window), logprobs=want)
         stop = tuple(dict.fromkeys(body.stop_strings() + template.stop))
-        job = self.submit(
-            engine, new_id("chatcmpl"), [prompt], params, stop=stop, logprobs=want is not None
+        job = await self.submit(
+            engine, new_id("chatcmpl"), prompts, params, stop=stop, logprobs=want is not None,
+            aliases={"max_tokens": body.length_param, "logprobs": "top_logprobs"},
         )
         if body.stream:
             return self.stream(job, engine, _Chunks(job), body.include_usage)

@@ -77,14 +77,18 @@ class ChatCompletionRequest(GenerationRequest):
 
     def max_new_tokens(self, window: int) -> int:
         """``max_completion_tokens`` (or the older ``max_tokens``), else one context window
-        (the engine checks the upper bound)."""
+        (the engine checks the range; its errors name ``length_param``)."""
         for param in ("max_completion_tokens", "max_tokens"):
             value = getattr(self, param)
             if value is not None:
-                if value < 1:
-                    raise InvalidRequestError(param, f"{param} must be at least 1, got {value}")
                 return value
         return window
+
+    @property
+    def length_param(self) -> str:
+        """The field the client gave the length in (errors name it)."""
+        return "max_tokens" if self.max_tokens is not None and self.max_completion_tokens is None \
+            else "max_completion_tokens"
 
     def engine_logprobs(self) -> int | None:
         """The engine's ``logprobs`` (None: none; k: the chosen token's plus the top k)."""
@@ -92,12 +96,7 @@ class ChatCompletionRequest(GenerationRequest):
             raise InvalidRequestError("top_logprobs", "top_logprobs needs logprobs: true")
         if not self.logprobs:
             return None
-        k = self.top_logprobs or 0
-        if not 0 <= k <= 5:
-            raise InvalidRequestError(
-                "top_logprobs", f"top_logprobs must be an integer in [0, 5], got {k}"
-            )
-        return k
+        return self.top_logprobs or 0  # the engine checks the range (as its ``logprobs``)
 
     def refuse_unsupported(self) -> None:
         """400 for the OpenAI features these models lack, rather than silently ignoring them."""

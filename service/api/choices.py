@@ -88,12 +88,30 @@ class ChoiceState:
         self.window_sent = self.window
         return self.window.model_dump()
 
-    def echo_prompt(self, prompt: Sequence[int], tokenizer) -> None:
-        """List the echoed prompt tokens, with null logprobs: the engine does not score prompts."""
-        offset = 0
+
+@dataclass(frozen=True)
+class Echo:
+    """A prompt as ``echo`` returns it: its text, and its tokens as logprob entries (null
+    logprobs: the engine does not score prompts; empty unless logprobs were asked for)."""
+
+    text: str
+    entries: tuple[TokenEntry, ...] = ()
+
+    @classmethod
+    def of(cls, prompt: Sequence[int], tokenizer, *, logprobs: bool) -> Echo:
+        """Work proportional to the prompt: the API builds a big one in a worker thread."""
+        text = tokenizer.decode(list(prompt))
+        if not logprobs:
+            return cls(text)
+        entries, offset, widths = [], 0, {}  # widths: each token's text length, once per id
         for token_id in prompt:
-            self.entries.append(TokenEntry(token_id, None, None, offset))
-            offset += len(tokenizer.token_bytes(token_id).decode("utf-8", errors="replace"))
+            entries.append(TokenEntry(token_id, None, None, offset))
+            width = widths.get(token_id)
+            if width is None:
+                raw = tokenizer.token_bytes(token_id)
+                width = widths[token_id] = len(raw.decode("utf-8", errors="replace"))
+            offset += width
+        return cls(text, tuple(entries))
 
 
 @dataclass(frozen=True)
@@ -132,25 +150,25 @@ class Job:
         prompt: Sequence[int],
         *,
         stop: tuple[str, ...],
-        echo: bool,
+        echo: Echo | None,
         logprobs: bool,
     ) -> None:
-        """Register one engine request (already admitted) and its ``n`` choices."""
+        """Register one engine request (already admitted) and its ``n`` choices; ``echo``: the
+        prompt to prepend to each choice (``Echo.of``), or None."""
         index = len(self.request_ids)
         self.request_ids.append(request_id)
         self.prompt_index[request_id] = index
         self.streams.append(stream)
         self.prompt_tokens += len(prompt)
-        prefix = self.tokenizer.decode(list(prompt)) if echo else ""
         for j in range(self.n):
             choice = ChoiceState(
                 index=index * self.n + j,
                 stream=TextStream(self.tokenizer, stop),
-                prefix=prefix,
+                prefix=echo.text if echo else "",
                 want_logprobs=logprobs,
             )
             if logprobs and echo:
-                choice.echo_prompt(prompt, self.tokenizer)
+                choice.entries.extend(echo.entries)
             self.choices.append(choice)
 
     @property

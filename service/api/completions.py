@@ -21,7 +21,7 @@ from service.api.protocol import (
     CompletionResponse,
     new_id,
 )
-from service.api.serving import Serving, stream_head
+from service.api.serving import Serving, renamed, stream_head
 from service.engine.types import InvalidRequestError
 
 
@@ -43,8 +43,14 @@ class CompletionServing(Serving):
         want = body.logprobs if body.logprobs is not None else (0 if candidates > body.n else None)
         params = body.sampling_params(max_tokens=body.max_tokens, n=candidates, logprobs=want)
         stop = body.stop_strings()
-        prompts = [self._prompt(item, engine) for item in _prompt_items(body.prompt)]
-        job = self.submit(
+        items = _prompt_items(body.prompt)
+        aliases = {"n": "best_of"} if candidates != body.n else {}  # the engine's n is best_of
+        try:
+            engine.validate_size(params, len(items))  # before encoding any of them
+        except InvalidRequestError as err:
+            raise renamed(err, aliases) from None
+        prompts = await self.token_ids(engine, items, "prompt")
+        job = await self.submit(
             engine,
             new_id("cmpl"),
             prompts,
@@ -52,32 +58,26 @@ class CompletionServing(Serving):
             stop=stop,
             echo=body.echo,
             logprobs=body.logprobs is not None,
+            aliases=aliases,
         )
         if body.stream:
             return self.stream(job, engine, _Chunks(job), body.include_usage)
         return await self.respond(job, engine, http, lambda job: _response(job, body.n))
 
     def _candidates(self, body: CompletionRequest) -> int:
-        """Sequences per prompt in the engine: ``best_of`` when given, else ``n``."""
+        """Sequences per prompt in the engine: ``best_of`` when given, else ``n`` (the engine
+        checks that range, as its ``n``; here only how the two relate)."""
         if body.best_of is None or body.best_of == body.n:
             return body.n
-        max_n = self.state.settings.engine.max_n
-        if not 1 <= body.n <= max_n:
-            raise InvalidRequestError("n", f"n must be an integer in [1, {max_n}], got {body.n}")
-        if not body.n <= body.best_of <= max_n:
+        if body.n < 1:
+            raise InvalidRequestError("n", f"n must be at least 1, got {body.n}")
+        if body.best_of < body.n:
             raise InvalidRequestError(
-                "best_of",
-                f"best_of must be an integer in [n, {max_n}] (each candidate is a sequence; "
-                f"--max-n bounds them), got {body.best_of} with n={body.n}",
+                "best_of", f"best_of must be at least n ({body.n}), got {body.best_of}"
             )
         if body.stream:
             raise InvalidRequestError("best_of", "best_of > n cannot be used with stream: true")
         return body.best_of
-
-    def _prompt(self, item: str | list[int], engine) -> list[int]:
-        if isinstance(item, str):
-            return self.encode(engine, item, "prompt")
-        return self.check_ids(engine, item, "prompt")
 
 
 def _prompt_items(prompt) -> list:

@@ -96,11 +96,14 @@ def from_validation_error(err: ValidationError | RequestValidationError) -> APIE
         what = "is required" if first.get("type") == "missing" else "must be a JSON object"
         return APIError(400, f"the request body {what}", code="invalid_json")
     param = loc[0]
+    where = ".".join(loc)
+    if any(e.get("type") == "finite_number" and _field_path(e) == loc for e in errors):
+        # a number field given NaN or Infinity: one message, not each member of Number's union
+        return APIError(400, f"{where} must be a finite number", param=param, code="invalid_value")
     # A union (e.g. prompt: str | list[...]) reports one error per member: say them all.
     messages = list(
         dict.fromkeys(e.get("msg", "") for e in errors if _field_path(e)[:1] == loc[:1])
     )
-    where = ".".join(loc)
     return APIError(400, f"{where}: {'; or '.join(messages)}", param=param, code="invalid_value")
 
 

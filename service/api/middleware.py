@@ -1,7 +1,9 @@
 """ASGI middleware: API-key check and request-body size limit.
 
 Plain ASGI (not ``BaseHTTPMiddleware``) so streamed responses and client disconnects pass through
-untouched. The key is compared in constant time and never logged.
+untouched. The key is compared in constant time and never logged. With ``--api-key`` the API
+needs the key; the probes and the web page (it has its own key box and calls the API with it)
+stay open, and so does ``/metrics`` unless ``--metrics-auth`` (vLLM keys only ``/v1``).
 """
 
 from __future__ import annotations
@@ -13,17 +15,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.errors import APIError
 from service.metrics import Metrics
 
-OPEN_PATHS = frozenset({"/health", "/ready"})  # probes work without the key
+OPEN_PATHS = frozenset({"/health", "/ready", "/", "/favicon.ico"})  # probes, the web page
+METRICS_PATH = "/metrics"
 
 
 class GateMiddleware:
     """Owns the per-request checks done before routing: authentication and body size."""
 
     def __init__(
-        self, app: ASGIApp, *, api_key: str | None, max_body: int, metrics: Metrics
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body: int,
+        metrics: Metrics,
+        metrics_auth: bool = False,
     ) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
+        self.open_paths = OPEN_PATHS if metrics_auth else OPEN_PATHS | {METRICS_PATH}
         self.max_body = max_body
         self.metrics = metrics
 
@@ -31,7 +41,7 @@ class GateMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+        if self.api_key is not None and scope["path"] not in self.open_paths:
             if not self._authorized(scope):
                 self.metrics.reject("unauthorized")
                 err = APIError(
@@ -43,9 +53,18 @@ class GateMiddleware:
                 await err.response()(scope, receive, send)
                 return
         length = _header(scope, b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await self._reject_too_large(scope, receive, send)
-            return
+        if length is not None:
+            length = length.strip(" \t")  # optional whitespace around a field value (RFC 9110)
+            if not (length.isascii() and length.isdigit()):
+                self.metrics.reject("invalid")
+                await APIError(
+                    400, f"Content-Length must be a decimal number, got {length[:32]!r}",
+                    code="invalid_http",
+                ).response()(scope, receive, send)
+                return
+            if int(length) > self.max_body:
+                await self._reject_too_large(scope, receive, send)
+                return
         if scope["method"] in ("POST", "PUT", "PATCH") and not _is_json(scope):
             self.metrics.reject("invalid")
             err = APIError(

@@ -98,12 +98,13 @@ class GenerationRequest(OpenAIModel):
 
 
 def _token_key(key: str) -> int:
-    try:
-        return int(key)
-    except ValueError:
+    """A token id from a ``logit_bias`` key: ASCII decimal digits only (``int()`` would also
+    take ``" 5 "``, ``"1_0"`` and ``"٥"``)."""
+    if not (key.isascii() and key.isdigit()):
         raise InvalidRequestError(
-            "logit_bias", f"logit_bias keys must be token ids, got {key!r}"
-        ) from None
+            "logit_bias", f"logit_bias keys must be token ids (decimal digits), got {key[:32]!r}"
+        )
+    return int(key)
 
 
 class CompletionRequest(GenerationRequest):

@@ -25,6 +25,7 @@ from service.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from service.api.serving import offload
 from service.api.state import ServerState, server_state
 from service.chat_template import ChatTemplates
 from service.metrics import CONTENT_TYPE
@@ -105,7 +106,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
     engine = _engine_or_503(state)
     _check_model(state, body.model)
     try:
-        ids = encode_text(engine.tokenizer, body.prompt)
+        ids = await offload(len(body.prompt), encode_text, engine.tokenizer, body.prompt)
     except TokenizerError as err:
         raise APIError(400, str(err), param="prompt", code="invalid_value") from None
     return TokenizeResponse(
@@ -117,15 +118,9 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
 async def detokenize(body: DetokenizeRequest, state: StateDep) -> DetokenizeResponse:
     engine = _engine_or_503(state)
     _check_model(state, body.model)
-    bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
-    if bad:
-        raise APIError(
-            400,
-            f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})",
-            param="tokens",
-            code="invalid_value",
-        )
-    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+    engine.check_token_ids(body.tokens, "tokens")
+    text = await offload(len(body.tokens), engine.tokenizer.decode, body.tokens)
+    return DetokenizeResponse(prompt=text)
 
 
 @router.get(

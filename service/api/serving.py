@@ -10,6 +10,12 @@ end of the response aborts whatever is still running in the engine, at once. Ref
 (``APIError``, ``InvalidRequestError``, the engine's typed errors); the app's error handlers
 answer and count them. When the job ends, its token counts and time to first token go to the
 access log's record for the request (``request.state.access``, ``service.api.access``).
+
+The engine validates (token ids, sampling ranges, how many sequences fit a request); the API only
+renames a parameter where its client sent it under another name. Work that grows with the
+request (encoding big prompts, building an echoed prompt's logprobs, the JSON of a big response)
+runs in a worker thread past ``OFFLOAD_SIZE`` tokens or characters, so the event loop keeps
+answering other clients (``/health`` among them) meanwhile.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request as HTTPRequest
@@ -26,16 +32,24 @@ from starlette.responses import Response, StreamingResponse
 
 from model.tokenizer import TokenizerError
 from service.api import sse
-from service.api.choices import ChoiceState, Job
+from service.api.choices import ChoiceState, Echo, Job
 from service.api.errors import APIError, not_ready
 from service.api.protocol import GenerationRequest
 from service.api.state import ServerState
 from service.engine.types import InvalidRequestError, Request, RequestOutput, SamplingParams
-from service.reload import system_fingerprint
 from service.text import encode_text
 
 log = logging.getLogger("service.api")
 _END = object()
+OFFLOAD_SIZE = 16_384  # tokens or characters past which request work leaves the event loop
+T = TypeVar("T")
+
+
+async def offload(size: int, fn: Callable[..., T], *args) -> T:
+    """``fn(*args)``: inline when ``size`` is small, else in a worker thread (the loop serves)."""
+    if size <= OFFLOAD_SIZE:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 class ChunkShape(Protocol):
@@ -81,56 +95,52 @@ class Serving:
             log.warning("ignoring unknown request field(s): %s%s", shown, more)
         return state.engine
 
-    def encode(self, engine, text: str, param: str) -> list[int]:
-        """Token ids of ``text``; 400 naming ``param`` if it is empty or cannot be encoded."""
-        if not text:
-            raise InvalidRequestError(param, f"{param} must not be empty")
-        try:
-            ids = encode_text(engine.tokenizer, text)
-        except TokenizerError as err:
-            raise InvalidRequestError(param, str(err)) from None
-        if not ids:
-            raise InvalidRequestError(param, f"{param} must hold at least one token")
-        return ids
+    async def token_ids(
+        self, engine, items: Sequence[str | Sequence[int]], param: str
+    ) -> list[tuple[int, ...]]:
+        """Each item's token ids (texts encoded, id lists as given: the engine checks them); 400
+        naming ``param`` if a text is empty or cannot be encoded."""
+        size = sum(len(item) for item in items)
+        return await offload(size, lambda: [_ids(engine, item, param) for item in items])
 
-    def check_ids(self, engine, ids: Sequence[int], param: str) -> list[int]:
-        bad = [t for t in ids if not 0 <= t < engine.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                param, f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})"
-            )
-        return list(ids)
-
-    def submit(
+    async def submit(
         self,
         engine,
         job_id: str,
-        prompts: list[list[int]],
+        prompts: list[tuple[int, ...]],
         params: SamplingParams,
         *,
         stop: tuple[str, ...],
         echo: bool = False,
         logprobs: bool = False,
+        aliases: Mapping[str, str] | None = None,
     ) -> Job:
-        """Queue one engine request per prompt; all or none are admitted."""
-        params.validate(engine.vocab_size, max_n=self.state.settings.engine.max_n)
+        """Queue one engine request per prompt; all or none are admitted. The engine validates;
+        ``aliases`` renames the parameter of its error to the one the client sent."""
+        echoes: list[Echo | None] = [None] * len(prompts)
+        if echo:
+            echoes = await offload(sum(map(len, prompts)), lambda: [
+                Echo.of(prompt, engine.tokenizer, logprobs=logprobs) for prompt in prompts])
         job = Job(
             id=job_id,
             created=int(time.time()),
             model=self.state.settings.served_model_name,
             n=params.n,
             tokenizer=engine.tokenizer,
-            system_fingerprint=system_fingerprint(engine),
+            system_fingerprint=self.state.fingerprint(engine),
         )
         # one group: the engine admits all prompts or none, and shares slots fairly between
         # this call and other clients' (not between its own prompts)
-        requests = [Request(f"{job_id}-{i}", tuple(prompt), params, group=job_id)
+        requests = [Request(f"{job_id}-{i}", prompt, params, group=job_id)
                     for i, prompt in enumerate(prompts)]
-        streams = engine.add_requests(requests)
-        for request, stream in zip(requests, streams, strict=True):
+        try:
+            streams = engine.add_requests(requests)
+        except InvalidRequestError as err:
+            raise renamed(err, aliases or {}) from None
+        for request, stream, echoed in zip(requests, streams, echoes, strict=True):
             self.state.track(request.request_id, engine)
             job.add_prompt(request.request_id, stream, request.prompt_token_ids, stop=stop,
-                           echo=echo, logprobs=logprobs)
+                           echo=echoed, logprobs=logprobs)
             self.state.metrics.observe_prompt(len(request.prompt_token_ids))
         return job
 
@@ -204,7 +214,9 @@ class Serving:
                 "the engine failed while running this request; see the server log",
                 code="engine_error",
             )
-        return Response(build(job).model_dump_json().encode(), media_type="application/json")
+        size = job.usage().total_tokens
+        body = await offload(size, lambda: build(job).model_dump_json().encode())
+        return Response(body, media_type="application/json")
 
     async def _collect(self, job: Job, engine) -> None:
         async for out in _events(job):
@@ -228,7 +240,7 @@ class Serving:
             timeout = self.state.settings.request_timeout or None
             async with asyncio.timeout(timeout):
                 for c in job.choices:
-                    first = shape.opening(c)
+                    first = await offload(len(c.entries) + len(c.prefix), shape.opening, c)
                     if first is not None:
                         yield frame.choice(first)
                 async for out in _events(job):
@@ -256,6 +268,32 @@ class Serving:
             if not completed:  # cancelled by a client disconnect
                 self.state.metrics.disconnect()
             self._release(job, engine)
+
+
+def _ids(engine, item: str | Sequence[int], param: str) -> tuple[int, ...]:
+    if not isinstance(item, str):
+        return tuple(item)
+    if not item:
+        raise InvalidRequestError(param, f"{param} must not be empty")
+    try:
+        ids = encode_text(engine.tokenizer, item)
+    except TokenizerError as err:
+        raise InvalidRequestError(param, str(err)) from None
+    if not ids:
+        raise InvalidRequestError(param, f"{param} must hold at least one token")
+    return tuple(ids)
+
+
+def renamed(err: InvalidRequestError, aliases: Mapping[str, str]) -> InvalidRequestError:
+    """``err`` naming the parameter as the client sent it (``aliases``: engine name -> API
+    name), e.g. chat's ``max_completion_tokens`` for the engine's ``max_tokens``."""
+    alias = aliases.get(err.param)
+    if alias is None:
+        return err
+    message = err.message
+    if message.startswith(err.param):
+        message = alias + message[len(err.param):]
+    return InvalidRequestError(alias, message)
 
 
 def stream_head(job: Job, obj: str) -> dict:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
 from service.metrics import Metrics
+from service.reload.snapshot import system_fingerprint
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ class ServerState:
         self._inflight: dict[str, Any] = {}  # engine request id -> engine that runs it
         self._idle = asyncio.Event()
         self._idle.set()
+        # each engine's system_fingerprint, computed once per loaded model (JSON + SHA-1)
+        self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def engine(self) -> Engine:
@@ -53,6 +57,12 @@ class ServerState:
         keep the engine they started on)."""
         old, self._engine = self._engine, engine
         return old
+
+    def fingerprint(self, engine: Engine) -> str | None:
+        """The checkpoint ``engine`` serves, as OpenAI's ``system_fingerprint``."""
+        if engine not in self._fingerprints:
+            self._fingerprints[engine] = system_fingerprint(engine)
+        return self._fingerprints[engine]
 
     @property
     def ready(self) -> bool:

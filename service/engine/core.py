@@ -107,6 +107,9 @@ class EngineCore:
         self.apply_threads()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        # a sequence that has generated nothing yet is encoding its prompt; later prefill chunks
+        # re-encode a window cropped during generation
+        prompt_tokens = sum(c.num_tokens for c in plan.prefill if c.seq.num_generated == 0)
         for seq in plan.admitted:
             self.sampler.start(seq)
         run = self.runner.execute(plan)
@@ -125,10 +128,11 @@ class EngineCore:
             kv_cache_usage=self.scheduler.slots.usage,
             step_time=elapsed,
             batch_size=len(plan.decode) + len(plan.prefill),
-            prompt_tokens=plan.num_prefill_tokens,  # re-encoded window tokens included
+            prompt_tokens=prompt_tokens,
             generation_tokens=len(run.rows),
             crops=crops,
             total_steps=self.total_steps,
+            recomputed_tokens=plan.num_prefill_tokens - prompt_tokens,
         )
         return StepResult(outputs, stats)
 

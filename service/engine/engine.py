@@ -31,6 +31,7 @@ from service.engine.types import (
     QueueFullError,
     Request,
     RequestOutput,
+    SamplingParams,
 )
 
 log = logging.getLogger(__name__)
@@ -124,12 +125,31 @@ class Engine:
         """Raise ``InvalidRequestError`` naming the first bad parameter of ``request``."""
         if not request.prompt_token_ids:
             raise InvalidRequestError("prompt", "the prompt must hold at least one token")
-        for token_id in request.prompt_token_ids:
+        self.check_token_ids(request.prompt_token_ids, "prompt")
+        request.params.validate(self.vocab_size, max_n=self.config.max_n)
+
+    def check_token_ids(self, token_ids: Iterable[int], param: str) -> None:
+        """Raise ``InvalidRequestError`` naming ``param`` for the first id outside the
+        vocabulary (the one check of token ids: prompts here, ``/detokenize`` in the API)."""
+        for token_id in token_ids:
             if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
                 raise InvalidRequestError(
-                    "prompt", f"prompt token id {token_id!r} is outside [0, {self.vocab_size})"
+                    param, f"{param} token id {token_id!r} is outside [0, {self.vocab_size})"
                 )
-        request.params.validate(self.vocab_size, max_n=self.config.max_n)
+
+    def validate_size(self, params: SamplingParams, num_prompts: int) -> None:
+        """Raise ``InvalidRequestError`` when ``num_prompts`` prompts sampled with ``params`` ask
+        for more sequences than one request may (``max_request_sequences``) or than the engine
+        could ever hold. Needs no prompt: callers check it before encoding any."""
+        params.validate(self.vocab_size, max_n=self.config.max_n)
+        self._check_sequences(num_prompts * params.n, f"{num_prompts} prompt(s) x n={params.n}")
+
+    def _check_sequences(self, wanted: int, shape: str) -> None:
+        limit = min(self.config.max_request_sequences, self.capacity)
+        if wanted > limit:
+            raise InvalidRequestError(
+                "n", f"this request asks for {wanted} sequences ({shape}); at most {limit} fit one "
+                "request (--max-request-sequences)")
 
     def add_request(self, request: Request) -> RequestStream:
         """Queue a request from a coroutine; its events arrive on the returned stream."""
@@ -147,12 +167,8 @@ class Engine:
         for request in requests:
             self.validate(request)
         wanted = sum(r.params.n for r in requests)
-        limit = min(self.config.max_request_sequences, self.capacity)
-        if wanted > limit:
-            shape = f"{len(requests)} prompt(s) x n={requests[0].params.n}" if requests else ""
-            raise InvalidRequestError(
-                "n", f"this request asks for {wanted} sequences ({shape}); at most {limit} fit one "
-                "request (--max-request-sequences)")
+        if requests:
+            self._check_sequences(wanted, f"{len(requests)} prompt(s) x n={requests[0].params.n}")
         streams = [RequestStream(r.request_id, r.params.n, loop, self.abort) for r in requests]
         with self._cond:
             if self._state not in ("new", "running"):

@@ -176,7 +176,8 @@ class EngineStats:
     kv_cache_usage: float  # 0..1, fraction of slots or blocks in use
     step_time: float  # seconds of the last step
     batch_size: int  # sequences in the last step
-    prompt_tokens: int  # prompt tokens processed in the last step
+    prompt_tokens: int  # prompt tokens processed in the last step (a prompt's first encoding)
     generation_tokens: int  # tokens generated in the last step
     crops: int  # sliding-window crops performed in the last step
     total_steps: int
+    recomputed_tokens: int = 0  # window tokens re-encoded after a crop in the last step

@@ -11,7 +11,16 @@ those limits at the parser's callbacks, before the app sees the request:
   first byte on a kept-alive connection): 408 (a connection that sent nothing is just closed);
 - body not complete ``body_timeout`` s after the headers: 408;
 - malformed framing (bad ``Content-Length``, bad chunk sizes, a garbled request line): 400 with
-  the envelope instead of uvicorn's plain-text 400.
+  the envelope instead of uvicorn's plain-text 400;
+- more than ``max_pipelined`` requests queued behind the one being answered (HTTP/1.1
+  pipelining, sent without reading the answers): the input past them is dropped unparsed, the
+  queued requests are answered, then the connection is closed (RFC 9112 9.3.2: a pipelining
+  client retries what was not answered). A queued request's body is held to uvicorn's 64 KiB
+  high-water mark until it runs, so what one connection can make the server hold is bounded.
+
+At the connection cap (``service.transport.listener``) a connection still receiving its body can
+be closed to admit a new one, oldest first, with a 408, like one still sending its headers: slow
+uploads cannot keep every slot (``evictable``, ``evict``).
 
 A refused connection is half-closed and its unread input drained for ``LINGER_SECONDS`` before
 the close, as nginx's lingering close does: closing a socket with unread input makes the kernel
@@ -31,7 +40,6 @@ from typing import TYPE_CHECKING
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.api.errors import APIError
 from service.transport.limits import TransportLimits
 
 if TYPE_CHECKING:
@@ -42,6 +50,8 @@ log = logging.getLogger("service.transport")
 LINGER_SECONDS = 2.0  # how long a refused connection's unread input is drained before closing
 _HEADER_LINE_OVERHEAD = 4  # ": " and CRLF around each header field
 _REQUEST_LINE_OVERHEAD = 16  # method, spaces, "HTTP/1.1", CRLF (an estimate: the URL dominates)
+# the API's error types (service.api.errors) for the statuses the transport answers
+_ERROR_TYPES = {400: "invalid_request_error", 408: "timeout_error", 431: "invalid_request_error"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,12 @@ class Refusal:
     message: str
     reason: str  # a label of gptserve_http_connections_closed_total
 
+    def envelope(self) -> bytes:
+        """The API's error envelope (``service.api.errors``) for this refusal, as JSON."""
+        error = {"message": self.message, "type": _ERROR_TYPES.get(self.status, "error"),
+                 "param": None, "code": self.code}  # fmt: skip
+        return json.dumps({"error": error}).encode()
+
 
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a request over a limit."""
@@ -62,34 +78,46 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     """One client connection: uvicorn's HTTP/1.1 handling plus the limits above.
 
     Owns the connection's one deadline (for the headers, then for the body), the tally of the
-    current request's header bytes and fields, and when it last became idle (the listener closes
-    the longest-idle connection without a request in flight when it must make room).
+    current request's header bytes and fields, the bound on pipelined requests, and since when
+    it has been waiting on its client (the listener closes the connection that has waited
+    longest, among those without a request in flight, when it must make room).
     """
 
     def __init__(self, config, server_state, app_state, *, listener: Listener) -> None:
         super().__init__(config, server_state, app_state)
         self.listener = listener
         self.limits: TransportLimits = listener.limits
-        self.idle_since = time.monotonic()
+        self.idle_since = time.monotonic()  # since when it waits on the client: idle, head or body
         self._reading_head = True  # between requests, or part-way through a request's headers
         self._head_bytes = 0  # request line + fields seen by the parser for this request
         self._unparsed = 0  # bytes fed while the head is incomplete (the parser buffers them)
         self._num_headers = 0
         self._refusal: Refusal | None = None  # set by a parser callback
         self._lingering = False
+        self._pipeline_full = False  # input past max_pipelined queued requests is dropped
         self._deadline: asyncio.TimerHandle | None = None
 
     # -- what the listener asks ------------------------------------------------------------
 
     @property
     def evictable(self) -> bool:
-        """No request in flight: idle between requests, or still sending a request's headers."""
+        """No request in flight: idle between requests, still sending a request's headers, or
+        still sending its body (not answered yet)."""
         if self.transport is None or self.transport.is_closing() or self._lingering:
             return False
-        return self._reading_head and not self._responding
+        return (self._reading_head and not self._responding) or self._receiving_body
 
     def evict(self) -> None:
-        self.transport.close()
+        """Close to make room (the listener counts it): a request still sending its body gets
+        408, an idle connection or one still sending its headers is just closed."""
+        if self._receiving_body:
+            message = "the request body was not complete when the server needed the connection"
+            # no lingering close: the slot is wanted now (the client sent nothing unread, so
+            # the close is a FIN; if it sends more, it gets a reset, as it would anyway)
+            refusal = Refusal(408, "request_timeout", message, "evicted")
+            self._refuse(refusal, count=False, linger=False)
+        else:
+            self.transport.close()
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -105,7 +133,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's data_received, with the header tally and our answers to parse errors.
-        if self._lingering:
+        if self._lingering or self._pipeline_full:
             return  # refused: drain and drop what the client is still sending
         self._unset_keepalive_if_required()
         if self._reading_head:
@@ -121,6 +149,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         except httptools.HttpParserError as err:
+            if self._pipeline_full:  # not an error to answer: the queued requests are
+                return
             malformed = Refusal(400, "invalid_http", f"malformed HTTP request: {err}", "malformed")
             self._refuse(self._refusal or malformed)
             return
@@ -154,8 +184,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        if self._responding and len(self.pipeline) >= self.limits.max_pipelined:
+            self._stop_pipeline()
+            raise _Refused  # stops the parser: what follows is never parsed
         self._reading_head = False
         self._unparsed = 0
+        self.idle_since = time.monotonic()  # now waiting on the body
         super().on_headers_complete()
         self._arm(self.limits.body_timeout, self._body_timed_out)
 
@@ -173,6 +207,26 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     @property
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
+
+    @property
+    def _receiving_body(self) -> bool:
+        """Headers in, body not yet complete, nothing answered: the request is not running."""
+        cycle = self.cycle
+        return (
+            not self._reading_head
+            and cycle is not None
+            and cycle.more_body
+            and not cycle.response_started
+            and not self.pipeline
+        )
+
+    def _stop_pipeline(self) -> None:
+        """Too many requests queued: answer those, then close; parse and read nothing more."""
+        self._pipeline_full = True
+        self.listener.refused("pipeline_full")
+        log.debug("closing %s after its %d queued requests", self.client, len(self.pipeline))
+        self.cycle.keep_alive = False  # the last queued request's answer closes the connection
+        self.flow.pause_reading()
 
     def _tally(self, nbytes: int) -> None:
         self._head_bytes += nbytes
@@ -208,10 +262,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         message = f"the request body did not arrive within {self.limits.body_timeout:g}s"
         self._refuse(Refusal(408, "request_timeout", message, "body_timeout"))
 
-    def _refuse(self, refusal: Refusal) -> None:
-        """Answer with the error envelope (if no response has started), then close."""
+    def _refuse(self, refusal: Refusal, *, count: bool = True, linger: bool = True) -> None:
+        """Answer with the error envelope (if no response has started), then close (after a
+        lingering drain of the client's input unless ``linger`` is False)."""
         self._disarm()
-        self.listener.refused(refusal.reason)
+        if count:
+            self.listener.refused(refusal.reason)
         if self.transport.is_closing() or self._lingering:
             return
         log.debug("%d to %s: %s", refusal.status, self.client, refusal.message)
@@ -224,8 +280,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # sends is dropped instead of following our answer on the wire.
             self.cycle.disconnected = True
             self.cycle.message_event.set()
-        error = APIError(refusal.status, refusal.message, code=refusal.code)
-        body = json.dumps(error.envelope()).encode()
+        body = refusal.envelope()
         head = [STATUS_LINE[refusal.status]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
@@ -238,7 +293,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self._arm(LINGER_SECONDS, self.transport.close)
+        if linger:
+            self._arm(LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()  # after the answer is flushed
 
     def _arm(self, seconds: float, callback) -> None:
         self._disarm()
