@@ -134,7 +134,7 @@ async def _one_request(port: int, body: bytes) -> int:
 
 async def _client(port: int, streams: int, requests: int, max_tokens: int) -> int:
     body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-                       "ignore_eos": True, "stream": True,
+                       "stream": True,
                        "stream_options": {"include_usage": True}}).encode()
     left = [requests]
 
