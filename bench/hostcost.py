@@ -9,7 +9,8 @@ returns fixed logits (no matmuls, no attention), so every second a step takes is
 scheduling, packing, the sampler's argmax over the vocabulary, bookkeeping, and (over HTTP) the
 front end's detokenization, SSE framing and socket writes. Two figures, for the baseline tree and
 this one side by side, each measured in fresh processes that import only that tree:
-1. **engine host time per token, in-process**: ``Engine.run`` serving ``S`` greedy requests of
+1. **engine host time per token, in-process**: the engine driven synchronously (``Engine.steps``
+   here, ``Engine.iterate`` in a baseline without it) serving ``S`` greedy requests of
    ``--max-tokens`` tokens together (S = 1, 32, 256, 1024), CPU seconds of the process / tokens;
 2. **server CPU per streamed token over HTTP** at ``--http-streams`` streams: the server runs the
    stand-in engine behind the production server (``service.server.serve``); ``--clients`` load
@@ -88,16 +89,19 @@ def worker_engine(streams: int, max_tokens: int) -> dict:
     engine = stand_in_engine(streams)
     prompt = tuple(engine.tokenizer.encode(PROMPT))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    engine.run([Request("warm", prompt, SamplingParams(max_tokens=4, temperature=0.0))])
+    list(engine.iterate([Request("warm", prompt, SamplingParams(max_tokens=4, temperature=0.0))]))
     rounds = max(1, 64 // streams)  # at least 8,192 tokens at every width
     tokens, cpu, wall = 0, 0.0, 0.0
+    steps = getattr(engine, "steps", None)  # this tree: each step's events as columns
     for r in range(rounds):
         requests = [Request(f"r{r}-{i}", prompt, params) for i in range(streams)]
         c0, w0 = time.process_time(), time.perf_counter()
-        events = engine.run(requests)
+        if steps is not None:
+            tokens += sum(events.num_tokens for events in steps(requests))
+        else:  # the baseline: one RequestOutput per token, made by the step itself
+            tokens += sum(out.token_id is not None for out in engine.iterate(requests))
         cpu += time.process_time() - c0
         wall += time.perf_counter() - w0
-        tokens += sum(1 for outs in events.values() for o in outs if o.token_id is not None)
     return {"streams": streams, "tokens": tokens, "cpu_s": cpu, "wall_s": wall}
 
 
@@ -259,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=18100)
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--only-new", action="store_true", help="skip the baseline tree")
+    parser.add_argument("--repeat", type=int, default=1, help="keep the best of this many runs")
     # worker mode (internal)
     parser.add_argument("--worker", choices=("engine", "server", "client"))
     parser.add_argument("--tree", type=Path)
@@ -275,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
         worker_client(args.port, args.n, args.requests, args.max_tokens)
         return
     trees = [baseline_tree(args.baseline_commit), HERE]
+    if args.only_new:
+        trees = [HERE, HERE]
     engine: dict[Path, dict[int, float]] = {}
     server: dict[Path, float] = {}
     for tree in trees:

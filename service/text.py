@@ -44,6 +44,7 @@ class TextStream:
 
     tokenizer: Tokenizer
     stop: tuple[str, ...] = ()
+    offsets: bool = True  # report where each token's text starts (logprobs need them)
     _decoder: IncrementalDecoder = field(init=False)
     _tail: str = field(init=False, default="")  # decoded, not yet released
     _released: int = field(init=False, default=0)  # chars released so far (where _tail starts)
@@ -79,9 +80,17 @@ class TextStream:
                     return self._release(hit, stopped=True, consumed=consumed)
             end = self._released + len(self._tail)
             return self._release(end - self._held_suffix(), consumed=len(token_ids))
+        if not self.offsets:  # no stop string, no per-token offsets: one decode for them all
+            self._tail += self._decoder.push_many(token_ids)
+            return self._release_all(len(token_ids))
         for token_id in token_ids:
             self._decode(token_id)
         return self._release(self._released + len(self._tail), consumed=len(token_ids))
+
+    def _release_all(self, num_tokens: int) -> TextDelta:
+        text, self._tail = self._tail, ""
+        self._released += len(text)
+        return TextDelta(text, num_tokens, num_consumed=num_tokens)
 
     def _decode(self, token_id: int) -> None:
         piece = self._decoder.push(token_id)

@@ -152,7 +152,7 @@ class Job:
         for j in range(self.n):
             choice = ChoiceState(
                 index=index * self.n + j,
-                stream=TextStream(self.tokenizer, stop),
+                stream=TextStream(self.tokenizer, stop, offsets=logprobs),
                 prefix=prefix,
                 want_logprobs=logprobs,
             )

@@ -98,7 +98,8 @@ class Sampler:
                 and all(p.logprobs is None for p in params)):
             # plain greedy rows (the common case): nothing reads the per-slot state
             return Samples(logits.argmax(dim=-1).tolist())
-        host = torch.tensor([*(s.slot for s in seqs), *(s.num_generated for s in seqs)])
+        host = torch.tensor([*(s.slot for s in seqs), *(s.num_generated for s in seqs)],
+                            pin_memory=self.device.type == "cuda")  # an asynchronous copy
         slots, counters = host.to(self.device, non_blocking=True).split(len(seqs))
         if penalised:
             logits = self._penalise(logits, slots)
