@@ -76,3 +76,16 @@ def test_uvicorn_and_httptools_run_at_the_versions_pyproject_pins():
         assert name in pins, f"pyproject.toml does not pin {name} exactly"
         assert metadata.version(name) == pins[name], (
             f"{name} {metadata.version(name)} is installed, pyproject.toml pins {pins[name]}")
+
+
+def test_the_tests_live_servers_run_the_production_transport(tiny_checkpoint):
+    """conftest's live servers are built by ``service.server.build_server``: the guard answers
+    a request over the header limit with 431 there too (a plain uvicorn.Server would say 200)."""
+    import httpx
+    from conftest import live_server
+
+    with live_server(tiny_checkpoint, max_headers=8) as srv:
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
+        many = {f"x-extra-{i}": "1" for i in range(20)}
+        resp = httpx.get(srv.url + "/health", headers=many, timeout=30)
+        assert resp.status_code == 431, f"the fixture's server skipped the guard: {resp.status_code}"
