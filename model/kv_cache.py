@@ -12,6 +12,7 @@ strided ``(n_head, length, head_dim)`` view that scaled-dot-product attention re
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -218,10 +219,13 @@ class KVCache:
         rows = logit_rows or []
         # on CUDA, staged in pinned memory (PyTorch's caching host allocator: a block is reused
         # only once the copy that read it is done), so the copy below is truly asynchronous
-        host = torch.tensor(
-            [*tokens, *positions, *write, *rows, *dec_slot_list, *lengths], dtype=torch.long,
-            pin_memory=self.data.is_cuda,
+        # (an int64 array's buffer becomes a tensor without a per-element conversion)
+        host = torch.frombuffer(
+            array("q", [*tokens, *positions, *write, *rows, *dec_slot_list, *lengths]),
+            dtype=torch.long,
         )
+        if self.data.is_cuda:
+            host = host.pin_memory()
         dev = host.to(self.data.device, non_blocking=True)
         t, p, w, r, d, lens = dev.split([n, n, n, len(rows), len(dec_slot_list), width])
         group = None

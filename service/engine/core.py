@@ -124,13 +124,17 @@ class EngineCore:
         finishes: dict[int, Finish] = {}
         crops = sum(seq.prompt_cropped for seq in plan.admitted)
         for r, (seq, token) in enumerate(zip(rows, sampled.token_ids, strict=True)):
-            seq.tokens.append(token)
+            tokens, params = seq.tokens, seq.params
+            tokens.append(token)
             seq.token_times.append(now)
-            reason = seq.check_stop(eos)
-            if reason is not None:
-                self._finish(seq, reason, now)
+            # Sequence.check_stop's three tests, inlined (this loop runs per row); it names
+            # the reason when one holds
+            if (len(tokens) - seq.num_prompt_tokens >= params.max_tokens
+                    or (token == eos and not params.ignore_eos)
+                    or token in params.stop_token_ids):
+                self._finish(seq, seq.check_stop(eos), now)
                 finishes[r] = _finish_info(seq, now)
-            elif len(seq.tokens) - seq.window_start > seq.block_size:
+            elif len(tokens) - seq.window_start > seq.block_size:
                 crops += seq.crop_if_full()
         events = _events(rows, sampled.token_ids, finishes)
         events.logprobs, events.top_logprobs = sampled.logprobs, sampled.top_logprobs
