@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # GPU benchmark (issue 12): gptserve's server with CUDA graphs on and off and its engine in-process
 # (default settings: graphs on) vs Hugging Face `generate`, on a
-# GPT-2-small-shaped random model in bf16, at 1, 32 and 256 concurrent streams of 128 new tokens:
-# tokens/s, TTFT and inter-token latency, plus the GPU's measured bf16 matmul FLOP/s and memory
-# read bandwidth. The measuring is bench/peers.py's (--device cuda --dtype bfloat16).
+# GPT-2-small-shaped random model in bf16, at 1, 32, 256 and 1,024 concurrent streams of 128 new
+# tokens: tokens/s, TTFT and inter-token latency, plus the GPU's measured bf16 matmul FLOP/s and
+# memory read bandwidth; then a GPT-2-XL-shaped random model (48 x 1600, --shape xl) at 1 and 256
+# streams, server and in-process, with the fraction of the measured read bandwidth a stream uses
+# (the HBM bound). The measuring is bench/peers.py's (--device cuda --dtype bfloat16).
 #
 # One command, from anywhere in a checkout on a CUDA machine (about 5 minutes once installed):
 #     bash bench/gpu.sh
 # Results: $OUT/gpu.txt (the table), $OUT/gpu.json (every figure), $OUT/server-logs.tar.gz,
 # $OUT/nvidia-smi.csv; $WORKDIR/results/ when OUT is unset.
-# Environment knobs: ROUNDS (2), STREAMS (1,32,256), NEW_TOKENS (128), PYTHON (python3),
+# Environment knobs: ROUNDS (2), STREAMS (1,32,256,1024), XL_STREAMS (1,256; empty: skip the XL
+# rows), NEW_TOKENS (128), PYTHON (python3),
 # INSTALL (auto: only when an import fails | yes | no), WORKDIR (/tmp/gptserve-peers-gpu),
 # DEVICE (cuda; cpu runs the same steps in bf16 on the CPU, a dry run of this script).
 # Offline machines: TIKTOKEN_CACHE_DIR must hold GPT-2's BPE ranks (tiktoken's cache).
@@ -21,7 +24,8 @@ CUDA_GRAPHS_FLAG="--cuda-graphs"
 TORCH_VERSION="2.13.0"
 
 ROUNDS="${ROUNDS:-2}"
-STREAMS="${STREAMS:-1,32,256}"
+STREAMS="${STREAMS:-1,32,256,1024}"
+XL_STREAMS="${XL_STREAMS-1,256}"
 NEW_TOKENS="${NEW_TOKENS:-128}"
 PYTHON="${PYTHON:-python3}"
 INSTALL="${INSTALL:-auto}"
@@ -77,6 +81,12 @@ status=0
 "$PYTHON" bench/peers.py --device "$DEVICE" --dtype bfloat16 "${servers[@]}" \
     --workloads "$STREAMS" --rounds "$ROUNDS" --new-tokens "$NEW_TOKENS" \
     --workdir "$WORKDIR" --json "$out/gpu.json" 2>&1 | tee "$out/gpu.txt" || status=$?
+if [ -n "$XL_STREAMS" ]; then  # GPT-2-XL shape: the rows that read ~3 GB of weights per step
+    "$PYTHON" bench/peers.py --device "$DEVICE" --dtype bfloat16 --shape xl \
+        --systems gptserve,gptserve-inproc --workloads "$XL_STREAMS" --rounds 1 \
+        --new-tokens "$NEW_TOKENS" --workdir "$WORKDIR" --json "$out/gpu-xl.json" 2>&1 |
+        tee "$out/gpu-xl.txt" || status=$?
+fi
 if [ -d "$WORKDIR/logs" ]; then
     tar -czf "$out/server-logs.tar.gz" -C "$WORKDIR" logs
 fi

@@ -68,6 +68,7 @@ class Options:
     json_out: Path | None
     seed: int
     worker: str | None  # set in a worker process: the one in-process system it measures
+    shape: str = "small"  # the GPT-2 model's shape (models.SHAPES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'inv-off=--batch-invariant off' (repeatable)")
     p.add_argument("--json", type=Path, help="also write every figure here")
     p.add_argument("--seed", type=int, default=0, help="model weights and prompt choice")
+    p.add_argument("--shape", default="small", choices=sorted(models.SHAPES),
+                   help="the GPT-2 model's shape: small (12 x 768) or xl (48 x 1600)")
     p.add_argument("--worker", choices=IN_PROCESS, help=argparse.SUPPRESS)
     return p
 
@@ -146,7 +149,7 @@ def parse(argv: list[str] | None) -> Options:
                    a.device, a.dtype, a.threads, a.tiny_threads, slots, a.workdir,
                    a.tiny_checkpoint, a.vllm_version, pip_args, a.vllm_preload == "on",
                    a.vllm_kv_gib, bind, tuple(variants), a.gptserve_threads, a.neighbour,
-                   a.neighbour_cpu, a.json, a.seed, a.worker)
+                   a.neighbour_cpu, a.json, a.seed, a.worker, shape=a.shape)
 
 
 def plan(o: Options) -> list[Workload]:
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         openmp_env(os.environ)
     o.workdir.mkdir(parents=True, exist_ok=True)
     workloads = plan(o)
-    gpt2 = models.gpt2_small(o.workdir, o.seed)
+    gpt2 = models.gpt2_small(o.workdir, o.seed, o.shape)
     tiny = models.tiny(o.workdir, o.tiny_checkpoint) if "tiny" in o.workloads else None
     if o.worker:
         return work(o, workloads, gpt2, tiny)

@@ -12,6 +12,7 @@ strided ``(n_head, length, head_dim)`` view that scaled-dot-product attention re
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -177,7 +178,16 @@ class KVCache:
             decode = [(s, *by_slot.get(s, (-1, 0))) for s in range(width)]
         tokens, positions, write, logit_rows = [], [], [], []
         lengths = [1] * width  # a slot with no token here reads key 0 only (output unused)
-        for row, (slot, pos, token) in enumerate(decode):
+        if decode and decode_width is None:  # no padding rows: whole columns at once
+            tokens = [token for _, _, token in decode]
+            positions = [pos for _, pos, _ in decode]
+            self._check_position(min(positions))
+            self._check_position(max(positions))
+            write = [slot * L + pos for slot, pos, _ in decode]
+            for slot, pos, _ in decode:
+                lengths[slot] = pos + 1
+            logit_rows = list(range(len(decode)))
+        for row, (slot, pos, token) in enumerate(decode if decode_width is not None else ()):
             if pos < 0:  # padding row: position 0, written into the scratch slot
                 tokens.append(0)
                 positions.append(0)
@@ -207,9 +217,15 @@ class KVCache:
             # padding rows too, so its shape does not depend on how many slots are busy)
             logit_rows = None
         rows = logit_rows or []
-        host = torch.tensor(
-            [*tokens, *positions, *write, *rows, *dec_slot_list, *lengths], dtype=torch.long
+        # on CUDA, staged in pinned memory (PyTorch's caching host allocator: a block is reused
+        # only once the copy that read it is done), so the copy below is truly asynchronous
+        # (an int64 array's buffer becomes a tensor without a per-element conversion)
+        host = torch.frombuffer(
+            array("q", [*tokens, *positions, *write, *rows, *dec_slot_list, *lengths]),
+            dtype=torch.long,
         )
+        if self.data.is_cuda:
+            host = host.pin_memory()
         dev = host.to(self.data.device, non_blocking=True)
         t, p, w, r, d, lens = dev.split([n, n, n, len(rows), len(dec_slot_list), width])
         group = None

@@ -354,5 +354,10 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         return self._utf8.decode(self._tokenizer.token_bytes(token_id))
 
+    def push_many(self, token_ids: list[int]) -> str:
+        """The text of several tokens at once (one decode call, not one per token)."""
+        token_bytes = self._tokenizer.token_bytes
+        return self._utf8.decode(b"".join([token_bytes(t) for t in token_ids]))
+
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)

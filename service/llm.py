@@ -89,10 +89,10 @@ class LLM:
             texts.append(text)
             job.add_prompt(request.request_id, None, ids, stop=tuple(stop), echo=False,
                            logprobs=params.logprobs is not None)
-        for out in self.engine.iterate(requests):
-            update = job.apply(out)
-            if update is not None and update.finished and out.finish_reason is None:
-                self.engine.cancel(out.request_id, out.index)  # a stop string ended it
+        for events in self.engine.steps(requests):
+            for update in job.apply(events):
+                if update.stopped_early:  # a stop string ended it
+                    self.engine.cancel(update.request_id, update.engine_index)
         return [self._result(job, i, request, texts[i]) for i, request in enumerate(requests)]
 
     def _result(self, job: Job, i: int, request: Request, text: str | None) -> GenerationResult:

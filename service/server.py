@@ -88,6 +88,27 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True  # now uvicorn closes the connections and ends the lifespan
 
 
+def build_server(
+    app, sockets: list[socket.socket], limits: TransportLimits
+) -> DrainingServer:
+    """The production server for ``app`` (made by ``create_app``) on listening ``sockets``: the
+    uvicorn config, the guarded protocol, the connection cap and the drain. ``serve`` runs it;
+    the tests' live servers are built here too, so they exercise the same transport."""
+    state = app.state.server
+    config = uvicorn.Config(
+        app,
+        http="httptools",  # the protocol GuardedHttpProtocol extends
+        ws="none",
+        lifespan="on",
+        log_config=None,  # our handler and format (service.logs) for uvicorn's records too
+        log_level=state.settings.log_level,
+        access_log=False,  # service.api.access logs each request instead
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  (float is fine)
+        timeout_graceful_shutdown=CLOSE_GRACE,  # after the drain (--shutdown-timeout)
+    )
+    return DrainingServer(config, state, sockets, limits)
+
+
 def serve(
     settings: Settings, sockets: list[socket.socket], limits: TransportLimits, engine=None
 ) -> int:
@@ -97,19 +118,8 @@ def serve(
     from service.app import create_app
 
     app = create_app(settings, engine)
-    config = uvicorn.Config(
-        app,
-        http="httptools",  # the protocol GuardedHttpProtocol extends
-        ws="none",
-        lifespan="on",
-        log_config=None,  # our handler and format (service.logs) for uvicorn's records too
-        log_level=settings.log_level,
-        access_log=False,  # service.api.access logs each request instead
-        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  (float is fine)
-        timeout_graceful_shutdown=CLOSE_GRACE,  # after the drain (--shutdown-timeout)
-    )
     state = app.state.server
-    DrainingServer(config, state, sockets, limits).run()
+    build_server(app, sockets, limits).run()
     if state.load_error is not None:
         print(f"gptserve: cannot load checkpoint: {state.load_error}", file=sys.stderr)
         return 2

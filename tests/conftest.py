@@ -14,29 +14,30 @@ ALPHABET = "\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZé€"
 
 
 class LiveServer:
-    """A real uvicorn server for ``app`` on a free loopback port, run in a thread."""
+    """A real server for ``app`` (made by ``create_app``) on a free loopback port, run in a
+    thread: the production server (``service.server.build_server``: uvicorn with the guarded
+    protocol, our listener and connection cap, and the drain), not a plain ``uvicorn.Server``."""
 
     def __init__(self, app, *, wait_ready: bool = True) -> None:
-        import socket
-
-        import uvicorn
+        from service.server import build_server
+        from service.transport.limits import TransportLimits
+        from service.transport.sockets import bind
 
         self.app = app
         self.wait_ready = wait_ready
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        [self.sock] = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
-        )
+        limits = TransportLimits.from_settings(app.state.server.settings)
+        self.server = build_server(app, [self.sock], limits)
+        self.server.config.timeout_graceful_shutdown = 2
         self.loop = None  # the server's event loop, once running
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         factory = self.server.config.get_loop_factory() or asyncio.new_event_loop
         self.loop = factory()  # uvloop when installed, like uvicorn.run
-        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+        self.loop.run_until_complete(self.server.serve())
         self.loop.close()
 
     def num_tasks(self) -> int:

@@ -160,7 +160,7 @@ def test_step_stats_count_tokens_crops_and_slots():
         crops += s.crops
         generated += s.generation_tokens
         prompt_tokens += s.prompt_tokens
-        finals.update({o.request_id: o for o in result.outputs if o.finish_reason})
+        finals.update({o.request_id: o for o in result.outputs.events() if o.finish_reason})
     assert generated == 4 * 30
     assert crops == sum(o.crops for o in finals.values()) > 0
     assert prompt_tokens >= sum(20 + i for i in range(4))

@@ -112,7 +112,7 @@ def test_abort_frees_the_slot_before_the_next_step(stage):
     assert seq.status is want
     if stage != "queued":  # mid-prefill: part of the prompt computed; decoding: one token left
         assert (seq.num_to_compute > 1) == (stage == "prefill"), seq.num_to_compute
-    [out] = core.abort(target)
+    [out] = core.abort(target).events()
     assert out.finish_reason is FinishReason.ABORT and out.token_id is None
     assert out.metrics is not None
     assert core.scheduler.find(target) == []
@@ -120,7 +120,7 @@ def test_abort_frees_the_slot_before_the_next_step(stage):
         assert core.scheduler.slots.num_free == 1, "the aborted sequence still holds its slot"
         step = core.step()  # the other request is admitted at once
         assert step.stats.num_running == 1
-    assert core.abort(target) == []  # aborting twice is a no-op
+    assert core.abort(target).events() == []  # aborting twice is a no-op
 
 
 def test_invalid_prompts_name_the_prompt_param():

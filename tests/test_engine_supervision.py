@@ -15,9 +15,10 @@ from engine_support import (
     request,
 )
 
-from service.engine import EngineStoppedError, FinishReason, RequestOutput
+from service.engine import EngineStoppedError, FinishReason
 from service.engine import engine as engine_module
 from service.engine.stream import RequestStream
+from service.engine.types import TokenEvents
 
 
 def _collect_until_end(eng, *requests):
@@ -108,7 +109,8 @@ def test_a_stream_nobody_reads_is_cancelled_at_its_backlog_bound():
     async def main():
         loop = asyncio.get_running_loop()
         stream = RequestStream("r", 1, loop, aborted.append, max_backlog=100)
-        events = [RequestOutput("r", 0, 7) for _ in range(60)]
+        events = TokenEvents(["r"] * 60, [0] * 60, [7] * 60, [0] * 60, [False] * 60,
+                             list(range(60)))
         stream.put(events)
         await asyncio.sleep(0)  # the loop runs the hand-over: 60 events wait unread
         stream.put(events)  # 120 > 100

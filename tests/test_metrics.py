@@ -109,3 +109,23 @@ def test_promtool_accepts_the_exposition(exposition, tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_observing_many_values_at_once_equals_observing_them_one_by_one():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from service.metrics import observe_many
+
+    values = [0.0, 1e-4, 0.005, 0.005, 0.02, 0.1, 0.5, 2.0, 7.5, 1e9, 0.3, 0.0031]
+    buckets = (0.001, 0.005, 0.01, 0.1, 1.0, 5.0)
+    one, many = CollectorRegistry(), CollectorRegistry()
+    by_one = Histogram("h", "h", buckets=buckets, registry=one)
+    by_many = Histogram("h", "h", buckets=buckets, registry=many)
+    for v in values:
+        by_one.observe(v)
+    observe_many(by_many, values)
+    observe_many(by_many, [])
+    def series(registry) -> list[bytes]:  # every sample but the creation time
+        return [line for line in generate_latest(registry).splitlines() if b"_created" not in line]
+
+    assert series(many) == series(one), "bucket counts or sum differ"

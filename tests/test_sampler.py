@@ -34,10 +34,10 @@ def test_padded_vocab_is_never_sampled_even_when_it_has_the_largest_logit():
     logits = torch.zeros(2, V_MODEL)
     logits[:, 10:] = 50.0
     for _ in range(50):
-        tokens = sampler(logits.clone(), seqs)
-        assert all(t.token_id < V_TOKENIZER for t in tokens)
+        tokens = sampler(logits.clone(), seqs).token_ids
+        assert all(t < V_TOKENIZER for t in tokens)
         for seq, t in zip(seqs, tokens, strict=True):
-            seq.append_token(t.token_id)  # the next draw uses the next counter
+            seq.append_token(t)  # the next draw uses the next counter
 
 
 def test_logit_bias_and_greedy():
@@ -45,7 +45,7 @@ def test_logit_bias_and_greedy():
     seqs = _seqs(sampler, dict(temperature=0.0, logit_bias=((7, 100.0),)), dict(temperature=0.0))
     logits = torch.arange(V_MODEL, dtype=torch.float32).repeat(2, 1) / 10
     out = sampler(logits, seqs)
-    assert [t.token_id for t in out] == [7, 9]
+    assert out.token_ids == [7, 9]
 
 
 @pytest.mark.parametrize("params,expect", [
@@ -84,7 +84,7 @@ def test_seeded_rows_draw_the_same_tokens_in_any_batch_position():
         seqs = _seqs(sampler, *(params[k] for k in order))
         tokens = []
         for _ in range(30):
-            step = [t.token_id for t in sampler(torch.zeros(len(order), V_MODEL), seqs)]
+            step = sampler(torch.zeros(len(order), V_MODEL), seqs).token_ids
             for seq, token in zip(seqs, step, strict=True):
                 seq.append_token(token)
             tokens.append(step)

@@ -50,9 +50,16 @@ def _files(name: str, folder: Path) -> ModelFiles:
     return ModelFiles(name, folder, _count_params(folder), cfg["n_positions"], cfg["vocab_size"])
 
 
-def gpt2_small(workdir: Path, seed: int = 0) -> ModelFiles:
-    """The GPT-2-small-shaped random model's folder, built on first use."""
-    folder = workdir / f"gpt2-small-seed{seed}"
+SHAPES = {"small": (12, 768, 12), "xl": (48, 1600, 25)}  # (n_layer, n_embd, n_head)
+
+
+def gpt2_small(workdir: Path, seed: int = 0, shape: str = "small") -> ModelFiles:
+    """The GPT-2-small-shaped random model's folder, built on first use (``shape="xl"``: GPT-2
+    XL's shape instead, 48 x 1600, for the bandwidth-bound rows of bench/gpu.sh; its workloads
+    keep the "gpt2-small" label, and the header prints the parameter count)."""
+    n_layer, n_embd, n_head = SHAPES[shape]
+    folder = workdir / (f"gpt2-small-seed{seed}" if shape == "small" else
+                        f"gpt2-{shape}-seed{seed}")
     if not (folder / "model.safetensors").is_file():
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -62,8 +69,8 @@ def gpt2_small(workdir: Path, seed: int = 0) -> ModelFiles:
 
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
-                            n_head=12, activation_function="gelu_new", bos_token_id=GPT2_EOT,
+        config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=n_embd, n_layer=n_layer,
+                            n_head=n_head, activation_function="gelu_new", bos_token_id=GPT2_EOT,
                             eos_token_id=GPT2_EOT)
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config).eval()

@@ -1,8 +1,9 @@
 """Folding engine events into choices: text, logprobs, usage, window crops and finish per choice.
 
 A ``Job`` is one admitted generation call (completions or chat): one engine request per prompt,
-``n`` choices each. ``Job.apply`` feeds one engine event to its choice's ``TextStream`` (stop
-strings, UTF-8 safety) and logprob bookkeeping, and says what changed; the serving layer acts on
+``n`` choices each. ``Job.apply`` feeds what one read of a request's stream collected (every
+token that arrived since the last read) to each choice's ``TextStream`` (stop strings, UTF-8
+safety) and logprob bookkeeping at once, and says per choice what changed; the serving layer acts on
 that (metrics, aborting the engine request). Logprobs are kept as neutral ``TokenEntry`` records
 that ``service.api.logprobs`` renders in either endpoint's shape. Nothing here does I/O.
 """
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from service.api.protocol import ContextWindow, Usage
-from service.engine.types import RequestOutput, TokenLogprob
+from service.engine.types import RequestMetrics, TokenEvents, TokenLogprob
 from service.text import TextDelta, TextStream
 
 
@@ -48,7 +49,7 @@ class ChoiceState:
     prompt_cropped: bool = False
     parts: list[str] = field(default_factory=list)
     lp_sent: int = 0  # logprob entries already sent in stream chunks
-    window_sent: ContextWindow = field(default_factory=ContextWindow)  # last one streamed
+    window_sent: tuple[bool, int] = (False, 0)  # (prompt_cropped, crops) last streamed
 
     @property
     def done(self) -> bool:
@@ -69,7 +70,7 @@ class ChoiceState:
     @property
     def window_moved(self) -> bool:
         """The window slid (or the prompt was cropped) since the last streamed chunk said so."""
-        return self.window != self.window_sent
+        return (self.prompt_cropped, self.crops) != self.window_sent
 
     @property
     def has_unsent_logprobs(self) -> bool:
@@ -85,8 +86,8 @@ class ChoiceState:
         """``context_window`` for a stream chunk: on the last chunk, and whenever it moved."""
         if not (self.done or self.window_moved):
             return None
-        self.window_sent = self.window
-        return self.window.model_dump()
+        self.window_sent = (self.prompt_cropped, self.crops)
+        return {"prompt_cropped": self.prompt_cropped, "crops": self.crops}
 
 
 @dataclass(frozen=True)
@@ -114,14 +115,20 @@ class Echo:
         return cls(text, tuple(entries))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Update:
-    """What one engine event changed: new text for a choice, and whether things ended."""
+    """What one read of a request's events changed for one choice: its new text (every token
+    that arrived since the last read), and whether things ended."""
 
     choice: ChoiceState
     text: str
-    finished: bool = False  # this event ended the choice
+    request_id: str  # the engine request, and the choice's index in it
+    engine_index: int
+    finished: bool = False  # this read ended the choice
     request_done: bool = False  # ...and with it every choice of its engine request
+    stopped_early: bool = False  # a stop string ended it: the engine has not finished it yet
+    metrics: RequestMetrics | None = None  # the engine's timings, when the engine finished it
+    num_tokens: int = 0  # tokens this read added
 
 
 @dataclass
@@ -135,7 +142,7 @@ class Job:
     tokenizer: object
     system_fingerprint: str | None = None  # which checkpoint served it (service.reload)
     request_ids: list[str] = field(default_factory=list)
-    streams: list[AsyncIterator[RequestOutput]] = field(default_factory=list)
+    streams: list[AsyncIterator[TokenEvents]] = field(default_factory=list)
     choices: list[ChoiceState] = field(default_factory=list)
     prompt_tokens: int = 0
     finished_requests: set[str] = field(default_factory=set)
@@ -163,7 +170,7 @@ class Job:
         for j in range(self.n):
             choice = ChoiceState(
                 index=index * self.n + j,
-                stream=TextStream(self.tokenizer, stop),
+                stream=TextStream(self.tokenizer, stop, offsets=logprobs),
                 prefix=echo.text if echo else "",
                 want_logprobs=logprobs,
             )
@@ -183,36 +190,64 @@ class Job:
             total_tokens=self.prompt_tokens + completion,
         )
 
-    def apply(self, out: RequestOutput) -> Update | None:
-        """Feed one engine event to its choice; None if the choice had already ended."""
-        prompt = self.prompt_index[out.request_id]
-        choice = self.choices[prompt * self.n + out.index]
+    def apply(self, events: TokenEvents) -> list[Update]:
+        """Feed events of this job's requests (any number of steps, any of their choices) to
+        their choices: one ``Update`` per choice that changed, in the order they appear."""
+        rows_of: dict[tuple[str, int], list[int]] = {}
+        for row, key in enumerate(zip(events.request_ids, events.indices, strict=True)):
+            rows = rows_of.get(key)
+            if rows is None:
+                rows_of[key] = [row]
+            else:
+                rows.append(row)
+        updates = []
+        for (request_id, index), rows in rows_of.items():
+            update = self._apply_choice(request_id, index, events, rows)
+            if update is not None:
+                updates.append(update)
+        return updates
+
+    def _apply_choice(self, request_id: str, index: int, events: TokenEvents,
+                      rows: list[int]) -> Update | None:
+        prompt = self.prompt_index[request_id]
+        choice = self.choices[prompt * self.n + index]
         if choice.done:
             return None  # ended by a stop string; the engine may run a step longer
-        choice.crops, choice.prompt_cropped = out.crops, out.prompt_cropped
-        text, reason = "", None
-        if out.token_id is not None:
-            choice.num_tokens += 1
-            logprob = _finite(out.logprob)
-            if logprob is not None:
-                choice.cumulative_logprob += logprob
-            choice.pending.append((out.token_id, logprob, out.top_logprobs))
-            delta = choice.stream.push(out.token_id)
-            text += self._take(choice, delta)
+        last = rows[-1]
+        choice.crops, choice.prompt_cropped = events.crops[last], events.prompt_cropped[last]
+        finish = events.finishes.get(last)  # a choice's finishing event is its last
+        token_ids = events.token_ids
+        token_rows = rows if token_ids[last] is not None else [r for r in rows
+                                                                if token_ids[r] is not None]
+        text, reason, added = "", None, 0
+        if token_rows:
+            delta = choice.stream.push_many([token_ids[r] for r in token_rows])
+            added = delta.num_consumed
+            choice.num_tokens += added
+            logprobs, tops = events.logprobs, events.top_logprobs
+            for r in token_rows[:added]:
+                logprob = None if logprobs is None else _finite(logprobs[r])
+                if logprob is not None:
+                    choice.cumulative_logprob += logprob
+                choice.pending.append((token_ids[r], logprob,
+                                       None if tops is None else tops[r]))
+            text = self._take(choice, delta)
             if delta.stopped:
                 reason = "stop"
-        if reason is None and out.finish_reason is not None:
+        if reason is None and finish is not None:
             text += self._take(choice, choice.stream.finish())
-            reason = out.finish_reason.value
+            reason = finish.reason.value
         choice.parts.append(text)
         if reason is None:
-            return Update(choice, text)
+            return Update(choice, text, request_id, index, num_tokens=added)
         self.finish(choice, reason)
         siblings = self.choices[prompt * self.n : (prompt + 1) * self.n]
         done = all(c.done for c in siblings)
         if done:
-            self.finished_requests.add(out.request_id)
-        return Update(choice, text, finished=True, request_done=done)
+            self.finished_requests.add(request_id)
+        return Update(choice, text, request_id, index, finished=True, request_done=done,
+                      stopped_early=finish is None,
+                      metrics=None if finish is None else finish.metrics, num_tokens=added)
 
     def finish(self, choice: ChoiceState, reason: str) -> None:
         choice.finish_reason = reason

@@ -2,7 +2,8 @@
 
 ``Serving`` checks readiness and the model name, turns text into token ids, submits one engine
 request per prompt (each with ``n`` choices), folds the engine's token events into choices with
-``service.api.choices.Job``, and answers with one JSON response or an SSE stream. What differs
+``service.api.choices.Job`` (every event waiting on a request's stream in one read: a stream
+that falls behind sends one SSE event per choice carrying all its new tokens), and answers with one JSON response or an SSE stream. What differs
 between ``/v1/completions`` and ``/v1/chat/completions`` (how a request becomes prompts, the shape
 of a choice and of a stream chunk) lives in ``service.api.completions`` and ``service.api.chat``;
 the stream's per-chunk shape comes in as a ``ChunkShape``. A client disconnect, a timeout, or the
@@ -32,11 +33,11 @@ from starlette.responses import Response, StreamingResponse
 
 from model.tokenizer import TokenizerError
 from service.api import sse
-from service.api.choices import ChoiceState, Echo, Job
+from service.api.choices import ChoiceState, Echo, Job, Update
 from service.api.errors import APIError, not_ready
 from service.api.protocol import GenerationRequest
 from service.api.state import ServerState
-from service.engine.types import InvalidRequestError, Request, RequestOutput, SamplingParams
+from service.engine.types import InvalidRequestError, Request, SamplingParams, TokenEvents
 from service.text import encode_text
 
 log = logging.getLogger("service.api")
@@ -146,23 +147,23 @@ class Serving:
 
     # -- engine events -----------------------------------------------------------------------
 
-    def _apply(self, job: Job, out: RequestOutput, engine) -> tuple[ChoiceState, str] | None:
-        """Fold one engine event into the job; record finishes, free engine work at once."""
-        if job.first_token_at is None and out.token_id is not None:
-            job.first_token_at = time.perf_counter()
-        update = job.apply(out)
-        if update is None:
-            return None
-        if update.finished:
-            choice = update.choice
-            self.state.metrics.observe_finished(
-                choice.finish_reason, out.metrics, choice.num_tokens
-            )
-            if out.finish_reason is None:  # a stop string ended it: free its slot now
-                engine.abort(out.request_id, out.index)
-        if update.request_done:
-            self.state.untrack(out.request_id)
-        return update.choice, update.text
+    def _apply(self, job: Job, events: TokenEvents, engine) -> list[Update]:
+        """Fold one read of a request's events into the job; record finishes, free engine work
+        at once (a stop string ends a choice here, before the engine knows)."""
+        updates = job.apply(events)
+        for update in updates:
+            if job.first_token_at is None and update.num_tokens:
+                job.first_token_at = time.perf_counter()
+            if update.finished:
+                choice = update.choice
+                self.state.metrics.observe_finished(
+                    choice.finish_reason, update.metrics, choice.num_tokens
+                )
+                if update.stopped_early:  # a stop string ended it: free its slot now
+                    engine.abort(update.request_id, update.engine_index)
+            if update.request_done:
+                self.state.untrack(update.request_id)
+        return updates
 
     def _release(self, job: Job, engine, *, count: bool = True) -> None:
         """Abort whatever is still running (disconnect, timeout, error) and stop tracking it."""
@@ -219,8 +220,8 @@ class Serving:
         return Response(body, media_type="application/json")
 
     async def _collect(self, job: Job, engine) -> None:
-        async for out in _events(job):
-            self._apply(job, out, engine)
+        async for events in _events(job):
+            self._apply(job, events, engine)
             if job.all_done:
                 break
 
@@ -243,16 +244,16 @@ class Serving:
                     first = await offload(len(c.entries) + len(c.prefix), shape.opening, c)
                     if first is not None:
                         yield frame.choice(first)
-                async for out in _events(job):
-                    applied = self._apply(job, out, engine)
-                    if applied is None:
-                        continue
-                    choice, text = applied
-                    if choice.done or choice.want_logprobs or choice.window_moved:
-                        if text or choice.done or choice.has_unsent_logprobs or choice.window_moved:
-                            yield frame.choice(shape.chunk(choice, text))
-                    elif text:  # the per-token hot path
-                        yield frame.text(choice.index, text)
+                async for events in _events(job):
+                    # every token that arrived since the last read: one event per choice
+                    for update in self._apply(job, events, engine):
+                        choice, text = update.choice, update.text
+                        if choice.done or choice.want_logprobs or choice.window_moved:
+                            if (text or choice.done or choice.has_unsent_logprobs
+                                    or choice.window_moved):
+                                yield frame.choice(shape.chunk(choice, text))
+                        elif text:  # the hot path
+                            yield frame.text(choice.index, text)
                     if job.all_done:
                         break
             if include_usage:
@@ -315,15 +316,17 @@ async def _wait_disconnect(http: HTTPRequest) -> None:
             return
 
 
-def _events(job: Job) -> AsyncIterator[RequestOutput]:
-    """All engine events of the job's requests, interleaved as they arrive."""
-    return job.streams[0] if len(job.streams) == 1 else _merged(job.streams)
+def _events(job: Job) -> AsyncIterator[TokenEvents]:
+    """All engine events of the job's requests, each read as one batch of a request's events,
+    interleaved as they arrive."""
+    streams = [s.batches() for s in job.streams]
+    return streams[0] if len(streams) == 1 else _merged(streams)
 
 
-async def _merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[RequestOutput]:
+async def _merged(streams: list[AsyncIterator[TokenEvents]]) -> AsyncIterator[TokenEvents]:
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(stream: AsyncIterator[TokenEvents]) -> None:
         try:
             async for item in stream:
                 queue.put_nowait(item)

@@ -1,4 +1,4 @@
-"""The synchronous engine: one ``step`` = schedule, run the model, sample, post-process.
+"""The synchronous engine: one ``step`` = schedule, run the model, sample, update from the output.
 
 No threads here: the threaded facade (``service.engine.engine.Engine``) drives this from its
 loop, and tests and benchmarks drive it directly through ``run``.
@@ -20,21 +20,23 @@ from model.tuner import ThreadTuner
 from service.engine.config import EngineConfig
 from service.engine.memory import prepacks
 from service.engine.runner import ModelRunner
-from service.engine.sampler import SampledToken, Sampler
-from service.engine.scheduler import Scheduler
+from service.engine.sampler import Sampler, Samples
+from service.engine.scheduler import Scheduler, SchedulerOutput
 from service.engine.sequence import Sequence
 from service.engine.types import (
     EngineStats,
+    Finish,
     FinishReason,
     Request,
     RequestMetrics,
     RequestOutput,
+    TokenEvents,
 )
 
 
 @dataclass(frozen=True)
 class StepResult:
-    outputs: list[RequestOutput]
+    outputs: TokenEvents  # the step's events, as columns (one row per sequence)
     stats: EngineStats
 
 
@@ -80,30 +82,27 @@ class EngineCore:
             )
             self.scheduler.add(seq)
 
-    def abort(self, request_id: str, index: int | None = None) -> list[RequestOutput]:
+    def abort(self, request_id: str, index: int | None = None) -> TokenEvents:
         """Finish the live choices of a request (choice ``index`` only, when given) with
         ``abort``; their slots are free at once."""
-        now = time.monotonic()
-        outputs = []
-        for seq in self.scheduler.find(request_id, index):
-            self._finish(seq, FinishReason.ABORT, now)
-            outputs.append(_output(seq, None, now=now))
-        return outputs
+        return self._end(self.scheduler.find(request_id, index), FinishReason.ABORT)
 
-    def abort_all(self, reason: FinishReason) -> list[RequestOutput]:
+    def abort_all(self, reason: FinishReason) -> TokenEvents:
+        return self._end(self.scheduler.live(), reason)
+
+    def _end(self, seqs: list[Sequence], reason: FinishReason) -> TokenEvents:
         now = time.monotonic()
-        outputs = []
-        for seq in self.scheduler.live():
+        for seq in seqs:
             self._finish(seq, reason, now)
-            outputs.append(_output(seq, None, now=now))
-        return outputs
+        return _events(seqs, [None] * len(seqs),
+                       {r: _finish_info(seq, now) for r, seq in enumerate(seqs)})
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     @torch.inference_mode()
     def step(self) -> StepResult:
-        """Schedule, run the model, sample and post-process one iteration of the batch."""
+        """Schedule, run the model, sample, and update every sequence from the output."""
         self.apply_threads()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
@@ -113,11 +112,8 @@ class EngineCore:
         for seq in plan.admitted:
             self.sampler.start(seq)
         run = self.runner.execute(plan)
-        sampled = self.sampler(run.logits, run.rows) if run.rows else []
-        for chunk in (*plan.decode, *plan.prefill):
-            chunk.seq.num_computed = chunk.end
-        outputs, crops = self._postprocess(run.rows, sampled)
-        crops += sum(seq.prompt_cropped for seq in plan.admitted)
+        sampled = self.sampler(run.logits, run.rows) if run.rows else Samples([])
+        outputs, crops = self.update_from_output(plan, run.rows, sampled)
         self.total_steps += 1
         elapsed = time.perf_counter() - t0
         if self.tuner is not None:
@@ -136,20 +132,35 @@ class EngineCore:
         )
         return StepResult(outputs, stats)
 
-    def _postprocess(self, rows: tuple[Sequence, ...], sampled: list[SampledToken]
-                     ) -> tuple[list[RequestOutput], int]:
-        """Append each token, finish stopped sequences (freeing their slots), crop full windows."""
+    def update_from_output(self, plan: SchedulerOutput, rows: tuple[Sequence, ...],
+                           sampled: Samples) -> tuple[TokenEvents, int]:
+        """A step's bookkeeping, in one place: the computed chunks advance their sequences, each
+        sampled token is appended, stopped sequences finish (freeing their slots for the next
+        step), full windows are cropped. Returns the step's events and how many crops it made."""
+        for chunk in plan.decode:
+            chunk.seq.num_computed = chunk.end
+        for chunk in plan.prefill:
+            chunk.seq.num_computed = chunk.end
         now = time.monotonic()
-        outputs, crops = [], 0
-        for seq, token in zip(rows, sampled, strict=True):
-            seq.append_token(token.token_id, now)
-            reason = seq.check_stop(self.eos_token_id)
-            if reason is not None:
-                self._finish(seq, reason, now)
-            else:
+        eos = self.eos_token_id
+        finishes: dict[int, Finish] = {}
+        crops = sum(seq.prompt_cropped for seq in plan.admitted)
+        for r, (seq, token) in enumerate(zip(rows, sampled.token_ids, strict=True)):
+            tokens, params = seq.tokens, seq.params
+            tokens.append(token)
+            seq.token_times.append(now)
+            # Sequence.check_stop's three tests, inlined (this loop runs per row); it names
+            # the reason when one holds
+            if (len(tokens) - seq.num_prompt_tokens >= params.max_tokens
+                    or (token == eos and not params.ignore_eos)
+                    or token in params.stop_token_ids):
+                self._finish(seq, seq.check_stop(eos), now)
+                finishes[r] = _finish_info(seq, now)
+            elif len(tokens) - seq.window_start > seq.block_size:
                 crops += seq.crop_if_full()
-            outputs.append(_output(seq, token, now=now))
-        return outputs, crops
+        events = _events(rows, sampled.token_ids, finishes)
+        events.logprobs, events.top_logprobs = sampled.logprobs, sampled.top_logprobs
+        return events, crops
 
     def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
         if seq.slot is not None:
@@ -171,7 +182,7 @@ class EngineCore:
             while pending and pending[0][0] <= step:
                 self.add_request(requests[pending.pop(0)[1]])
             if self.has_work():
-                for out in self.step().outputs:
+                for out in self.step().outputs.events():
                     events[out.request_id].append(out)
             step += 1
         return events
@@ -183,21 +194,21 @@ def _shape(decode_rows: int, prefill_tokens: int) -> tuple[int, int]:
     return decode_rows.bit_length(), prefill_tokens.bit_length()
 
 
-def _output(seq: Sequence, token: SampledToken | None, *, now: float) -> RequestOutput:
-    finished = seq.finish_reason is not None
-    return RequestOutput(
-        request_id=seq.request_id,
-        index=seq.index,
-        token_id=None if token is None else token.token_id,
-        logprob=None if token is None else token.logprob,
-        top_logprobs=None if token is None else token.top_logprobs,
-        finish_reason=seq.finish_reason,
-        num_prompt_tokens=seq.num_prompt_tokens,
-        num_generated_tokens=seq.num_generated,
-        crops=seq.crops,
-        prompt_cropped=seq.prompt_cropped,
-        metrics=_metrics(seq, now) if finished else None,
+def _events(seqs, token_ids: list, finishes: dict[int, Finish]) -> TokenEvents:
+    """The columns of one event per sequence (``token_ids[r]`` is ``seqs[r]``'s new token)."""
+    return TokenEvents(
+        request_ids=[s.request_id for s in seqs],
+        indices=[s.index for s in seqs],
+        token_ids=token_ids,
+        crops=[s.crops for s in seqs],
+        prompt_cropped=[s.prompt_cropped for s in seqs],
+        num_generated=[len(s.tokens) - s.num_prompt_tokens for s in seqs],
+        finishes=finishes,
     )
+
+
+def _finish_info(seq: Sequence, now: float) -> Finish:
+    return Finish(seq.finish_reason, seq.num_prompt_tokens, _metrics(seq, now))
 
 
 def _metrics(seq: Sequence, now: float) -> RequestMetrics:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -26,12 +27,14 @@ from service.engine.stream import RequestStream, put_all
 from service.engine.types import (
     EngineStats,
     EngineStoppedError,
+    Finish,
     FinishReason,
     InvalidRequestError,
     QueueFullError,
     Request,
     RequestOutput,
     SamplingParams,
+    TokenEvents,
 )
 
 log = logging.getLogger(__name__)
@@ -254,6 +257,9 @@ class Engine:
             self._core.apply_threads()
             with torch.inference_mode():
                 self._core.runner.warm_up()
+            # everything alive now (model, tokenizer, app) lives as long as the server: keep it
+            # out of the cyclic collector's generations, so its full passes stay short
+            gc.freeze()
             self.ready = True
             self._loop()
         except BaseException as err:  # noqa: BLE001 - reported to every stream and to /ready
@@ -269,18 +275,18 @@ class Engine:
         with self._cond:
             pending, self._inbox = self._inbox, []
             self._aborts.clear()
-        outputs = [RequestOutput(r.request_id, i, None, finish_reason=reason,
-                                 num_prompt_tokens=len(r.prompt_token_ids))
-                   for r in pending for i in range(r.params.n)]
+        outputs = TokenEvents()
+        for r in pending:
+            _ended(outputs, r.request_id, range(r.params.n), reason, len(r.prompt_token_ids))
         try:
-            outputs += self._core.abort_all(reason)
+            outputs.extend(self._core.abort_all(reason))
         except Exception:  # noqa: BLE001 - the core is broken: end the streams directly
             log.exception("cannot abort the engine core's requests")
             queued = {r.request_id for r in pending}
             with self._cond:
-                outputs += [RequestOutput(rid, i, None, finish_reason=reason)
-                            for rid, live in self._live.items() if rid not in queued
-                            for i in live]
+                for rid, live in self._live.items():
+                    if rid not in queued:
+                        _ended(outputs, rid, sorted(live), reason, 0)
         self._dispatch(outputs)
 
     def _loop(self) -> None:
@@ -296,14 +302,18 @@ class Engine:
                 # (never spin on with nothing to do)
                 abandoned = self._state == "stopped"
                 draining = abandoned or self._state == "draining"
-            outputs: list[RequestOutput] = []
+            outputs = TokenEvents()
             for request_id, index in aborts:
-                outputs += self._core.abort(request_id, index)
+                outputs.extend(self._core.abort(request_id, index))
             if draining and (abandoned or time.monotonic() >= self._deadline):
-                outputs += self._core.abort_all(FinishReason.ABORT)
+                outputs.extend(self._core.abort_all(FinishReason.ABORT))
             if self._core.has_work():
-                outputs += self._step()
-            elif outputs:  # aborts emptied the engine: publish the idle load (no step will)
+                stepped = self._step()
+                if len(outputs):
+                    outputs.extend(stepped)
+                else:
+                    outputs = stepped
+            elif len(outputs):  # aborts emptied the engine: publish the idle load (no step will)
                 self._publish(self._idle_stats())
             self._dispatch(outputs)
             if draining and not self._core.has_work():
@@ -322,7 +332,7 @@ class Engine:
             generation_tokens=0, crops=0,
         )
 
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> TokenEvents:
         try:
             result = self._core.step()
         except Exception:  # a failed step fails the requests in it, not the server
@@ -341,32 +351,44 @@ class Engine:
             except Exception:
                 log.exception("engine stats listener failed")
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        by_request: dict[str, list[RequestOutput]] = {}
-        for out in outputs:
-            by_request.setdefault(out.request_id, []).append(out)
-        streams = []
+    def _dispatch(self, outputs: TokenEvents) -> None:
+        """Hand each live request's rows of ``outputs`` to its stream, and stop counting the
+        choices that finished."""
+        if not len(outputs):
+            return
+        by_request: dict[str, list[int]] = {}
+        for row, request_id in enumerate(outputs.request_ids):
+            rows = by_request.get(request_id)
+            if rows is None:
+                by_request[request_id] = [row]
+            else:
+                rows.append(row)
+        finishes = outputs.finishes
+        items = []
         with self._cond:
-            for request_id, outs in by_request.items():
+            for request_id, rows in by_request.items():
                 stream = self._streams.get(request_id)
                 if stream is None:
                     continue
-                streams.append((stream, outs))
+                items.append((stream, rows))
+                if not finishes:
+                    continue
                 live = self._live[request_id]
-                for out in outs:
-                    if out.finish_reason is not None:
+                for row in rows:
+                    if row in finishes:
                         self._remaining[request_id] -= 1
-                        if out.index in live:
-                            live.discard(out.index)
+                        index = outputs.indices[row]
+                        if index in live:
+                            live.discard(index)
                             self._num_live -= 1
                 if self._remaining[request_id] == 0:
                     del self._streams[request_id], self._remaining[request_id]
                     del self._live[request_id]
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for stream, outs in streams:
-            by_loop.setdefault(stream.loop, []).append((stream, outs))
-        for loop, items in by_loop.items():
-            put_all(loop, items)
+        for stream, rows in items:
+            by_loop.setdefault(stream.loop, []).append((stream, rows))
+        for loop, loop_items in by_loop.items():
+            put_all(loop, outputs, loop_items)
 
     # ---- synchronous use (tests, benchmarks; no thread) --------------------------------------
 
@@ -389,10 +411,15 @@ class Engine:
 
     def iterate(self, requests: Iterable[Request]) -> Iterator[RequestOutput]:
         """Serve ``requests`` on the calling thread (no engine thread, no queue limit), yielding
-        every event as its step produces it; ``cancel`` ends a choice at once meanwhile. The
-        offline ``service.LLM`` runs on this."""
+        every event as its step produces it; ``cancel`` ends a choice at once meanwhile."""
+        for events in self.steps(requests):
+            yield from events.events()
+
+    def steps(self, requests: Iterable[Request]) -> Iterator[TokenEvents]:
+        """Serve ``requests`` on the calling thread, yielding each step's events as columns
+        (what ``iterate`` yields one object per event of)."""
         if self._thread is not None:
-            raise RuntimeError("iterate() drives the engine synchronously; the thread is started")
+            raise RuntimeError("steps() drives the engine synchronously; the thread is started")
         requests = list(requests)
         for request in requests:
             self.validate(request)
@@ -401,7 +428,7 @@ class Engine:
         for request in requests:
             self._core.add_request(request)
         while self._core.has_work():
-            yield from self._core.step().outputs
+            yield self._core.step().outputs
 
     def cancel(self, request_id: str, index: int | None = None) -> None:
         """End a choice (or a whole request) during ``iterate``; its slot is free at once."""
@@ -421,3 +448,19 @@ class Engine:
                     choices[out.index].append(out.token_id)
             result.extend(choices)
         return result
+
+
+def _ended(events: TokenEvents, request_id: str, indices, reason: FinishReason,
+           num_prompt_tokens: int) -> None:
+    """Append a token-less finishing event for each choice ``indices`` of a request."""
+    for index in indices:
+        events.finishes[len(events)] = Finish(reason, num_prompt_tokens)
+        events.request_ids.append(request_id)
+        events.indices.append(index)
+        events.token_ids.append(None)
+        events.crops.append(0)
+        events.prompt_cropped.append(False)
+        events.num_generated.append(0)
+        if events.logprobs is not None:
+            events.logprobs.append(None)
+            events.top_logprobs.append(None)

@@ -62,7 +62,8 @@ class ModelRunner:
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         leaders, followers = _share_prompts(plan.prefill)
-        decode = [(c.seq.slot, c.start, c.seq.window(c.start, c.end)[0]) for c in plan.decode]
+        # a decode chunk is its window's last position: the token sampled last step
+        decode = [(c.seq.slot, c.start, c.seq.tokens[-1]) for c in plan.decode]
         chunks = [(c.seq.slot, c.start, c.seq.window(c.start, c.end), c.samples) for c in leaders]
         rows = [c.seq for c in plan.decode] + [c.seq for c in leaders if c.samples]
         if self.batch_invariant:

@@ -26,11 +26,13 @@ from service.engine.sequence import Sequence
 from service.engine.types import SamplingParams, TokenLogprob
 
 
-@dataclass(frozen=True)
-class SampledToken:
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: tuple[TokenLogprob, ...] | None = None
+@dataclass(slots=True)
+class Samples:
+    """One step's draws as columns: row r's token, and its logprobs when any row asked."""
+
+    token_ids: list[int]
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[tuple[TokenLogprob, ...] | None] | None = None
 
 
 class Sampler:
@@ -49,11 +51,14 @@ class Sampler:
         self._in_prompt: torch.Tensor | None = None  # (n_slots, V) prompt token mask
         self._bias: torch.Tensor | None = None  # (n_slots, V) logit_bias
         self._params: dict[int, SamplingParams] = {}  # slot -> params of its sequence
+        self._special: set[int] = set()  # slots whose rows need more than a plain argmax
 
     def start(self, seq: Sequence) -> None:
         """Load a newly admitted sequence's parameters into its slot."""
         p, slot = seq.params, seq.slot
         self._params[slot] = p
+        if _special(p):
+            self._special.add(slot)
         values = torch.tensor(
             [p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
              p.frequency_penalty], dtype=torch.float32)
@@ -76,21 +81,25 @@ class Sampler:
 
     def release(self, seq: Sequence) -> None:
         self._params.pop(seq.slot, None)
+        self._special.discard(seq.slot)
 
-    def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[SampledToken]:
+    def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> Samples:
         """One token per row of ``logits`` (R, V_model), row r belonging to ``seqs[r]``."""
-        params = [s.params for s in seqs]
         logits = logits.float()
         if self.model_vocab > self.vocab_size:
             logits[:, self.vocab_size :] = float("-inf")  # fresh tensor from the LM head
+        if not self._special:  # every live slot is plain greedy: no per-row look at params
+            return Samples(logits.argmax(dim=-1).tolist())
+        params = [s.params for s in seqs]
         greedy_rows = [p.temperature == 0 for p in params]
         penalised = any(_penalised(p) for p in params)
         biased = any(p.logit_bias for p in params)
         if (all(greedy_rows) and not penalised and not biased
                 and all(p.logprobs is None for p in params)):
             # plain greedy rows (the common case): nothing reads the per-slot state
-            return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
-        host = torch.tensor([*(s.slot for s in seqs), *(s.num_generated for s in seqs)])
+            return Samples(logits.argmax(dim=-1).tolist())
+        host = torch.tensor([*(s.slot for s in seqs), *(s.num_generated for s in seqs)],
+                            pin_memory=self.device.type == "cuda")  # an asynchronous copy
         slots, counters = host.to(self.device, non_blocking=True).split(len(seqs))
         if penalised:
             logits = self._penalise(logits, slots)
@@ -116,10 +125,10 @@ class Sampler:
                                     accumulate=True)
         k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         if k is None:
-            return [SampledToken(t) for t in tokens.tolist()]  # the step's one device read
+            return Samples(tokens.tolist())  # the step's one device read
         return self._with_logprobs(logits, probs, tokens, greedy_rows, params, k)
 
-    def _with_logprobs(self, logits, probs, tokens, greedy_rows, params, k) -> list[SampledToken]:
+    def _with_logprobs(self, logits, probs, tokens, greedy_rows, params, k) -> Samples:
         logprobs = torch.log_softmax(logits, dim=-1)
         if probs is not None:  # sampled rows: the distribution they were drawn from
             sampled = torch.tensor([not g for g in greedy_rows], device=logits.device)
@@ -130,17 +139,18 @@ class Sampler:
             top = logprobs.topk(k, dim=-1)
             parts += [top.indices.double(), top.values.double()]
         rows = torch.cat(parts, dim=1).tolist()  # one device-to-host copy
-        out = []
+        out = Samples([int(row[0]) for row in rows], [], [])
         for row, p in zip(rows, params, strict=True):
-            token = int(row[0])
             if p.logprobs is None:
-                out.append(SampledToken(token))
+                out.logprobs.append(None)
+                out.top_logprobs.append(None)
                 continue
             n = p.logprobs
             top = tuple(TokenLogprob(int(i), v) for i, v in zip(row[2 : 2 + n],
                                                                 row[2 + k : 2 + k + n],
                                                                 strict=True))
-            out.append(SampledToken(token, row[1], top))
+            out.logprobs.append(row[1])
+            out.top_logprobs.append(top)
         return out
 
     def _penalise(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -166,6 +176,11 @@ class Sampler:
             n = self.temperature.shape[0]
             self._bias = torch.zeros(n, self.model_vocab, device=self.device)
         return self._bias
+
+
+def _special(p: SamplingParams) -> bool:
+    """Whether a row with ``p`` needs more than the argmax of its logits."""
+    return p.temperature != 0 or _penalised(p) or bool(p.logit_bias) or p.logprobs is not None
 
 
 def _penalised(p: SamplingParams) -> bool:

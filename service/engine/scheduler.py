@@ -20,14 +20,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from service.engine.sequence import Sequence, SequenceStatus
 from service.engine.types import FinishReason
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
-    """Window positions ``start..end-1`` of ``seq`` to compute this step."""
+class ScheduledChunk(NamedTuple):
+    """Window positions ``start..end-1`` of ``seq`` to compute this step (a named tuple: one is
+    made per running sequence per step)."""
 
     seq: Sequence
     start: int
@@ -121,17 +122,20 @@ class Scheduler:
         budget = self.token_budget
         decode: list[ScheduledChunk] = []
         prefill: list[ScheduledChunk] = []
-        for seq in self.running:
-            if seq.num_to_compute == 1:
-                decode.append(ScheduledChunk(seq, seq.num_computed, seq.window_len))
+        catching_up: list[Sequence] = []
+        for seq in self.running:  # Sequence.num_to_compute, inlined: this loop runs per row
+            window_len = len(seq.tokens) - seq.window_start
+            if window_len - seq.num_computed == 1:
+                decode.append(ScheduledChunk(seq, seq.num_computed, window_len))
+            elif window_len - seq.num_computed > 1:
+                catching_up.append(seq)
         budget -= len(decode)
-        for seq in self.running:
-            if seq.num_to_compute > 1:
-                chunk = ScheduledChunk(seq, *seq.next_chunk(self.prefill_chunk))
-                if chunk.num_tokens > budget and prefill:
-                    break
-                prefill.append(chunk)
-                budget -= chunk.num_tokens
+        for seq in catching_up:
+            chunk = ScheduledChunk(seq, *seq.next_chunk(self.prefill_chunk))
+            if chunk.num_tokens > budget and prefill:
+                break
+            prefill.append(chunk)
+            budget -= chunk.num_tokens
         admitted: list[Sequence] = []
         while self.num_waiting and self.slots.num_free:
             seq = self._fairest_waiting()

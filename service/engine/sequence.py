@@ -37,6 +37,9 @@ class Sequence:
     ) -> None:
         self.seq_id = seq_id
         self.request = request
+        self.request_id = request.request_id
+        # the client request this sequence belongs to (fair admission is between groups)
+        self.group = request.group or request.request_id
         self.index = index
         self.params = request.params
         self.seed = seed
@@ -60,15 +63,6 @@ class Sequence:
         self.admitted_at: float | None = None
         self.token_times: list[float] = []
         self.finished_at: float | None = None
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def group(self) -> str:
-        """The client request this sequence belongs to (fair admission is between groups)."""
-        return self.request.group or self.request.request_id
 
     @property
     def num_generated(self) -> int:

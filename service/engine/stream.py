@@ -1,26 +1,32 @@
-"""The asyncio side of a request: an async iterator over its ``RequestOutput`` events."""
+"""The asyncio side of a request: a collector of its events that a coroutine reads in batches."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 
-from service.engine.types import RequestOutput
+from service.engine.types import RequestOutput, TokenEvents
 
 log = logging.getLogger(__name__)
-MAX_BACKLOG = 65536  # unread events before a request is cancelled (~13 MB of events)
+MAX_BACKLOG = 65536  # unread events before a request is cancelled (a few MB of columns)
 
 
 class RequestStream:
-    """Async iterator of a request's events, all ``n`` choices interleaved; it ends after the
-    last choice's finishing event.
+    """Collects one request's events (all ``n`` choices interleaved) until its consumer reads
+    them; ``async for events in stream`` yields every event waiting since the last read as one
+    ``TokenEvents``, and ends after the last choice's finishing event.
 
-    The engine thread calls ``put`` (from any thread); it hands the events to the event loop with
-    ``loop.call_soon_threadsafe``, so the loop only ever runs cheap queue operations. The backlog
-    is bounded: a consumer that stops reading (a client that stopped reading its socket) while
-    the engine keeps producing gets its request cancelled once ``max_backlog`` events wait, so
-    its memory cannot grow without end (``overflowed`` is then True).
+    ``async for out in stream`` yields the same events one ``RequestOutput`` at a time (tests and
+    simple callers); the server reads ``batches()``. A consumer that keeps up gets one step's
+    events per read; one that falls behind (a slow
+    client, a busy event loop) gets everything that piled up in one read, so its per-read work
+    (one SSE event per choice) does not grow with the lag (vLLM's output collector merges deltas
+    the same way). The engine thread hands a step's events to the event loop with one
+    ``loop.call_soon_threadsafe`` per loop (``put_all``). The backlog is bounded: a consumer that
+    stops reading while the engine keeps producing gets its request cancelled once
+    ``max_backlog`` events wait, so its memory cannot grow without end (``overflowed`` is True).
     """
 
     def __init__(
@@ -28,9 +34,11 @@ class RequestStream:
         on_abort: Callable[[str], None], max_backlog: int = MAX_BACKLOG,
     ) -> None:
         self.request_id = request_id
-        self._remaining = n
+        self._remaining = n  # choices whose finishing event has not been read
         self._loop = loop
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._pending = TokenEvents()
+        self._waiter: asyncio.Future | None = None
+        self._outs: deque[RequestOutput] = deque()  # read, not yet iterated (``__anext__``)
         self._on_abort = on_abort
         self.max_backlog = max_backlog
         self.finished = False
@@ -40,21 +48,25 @@ class RequestStream:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
-    def put(self, outputs: list[RequestOutput]) -> None:
-        """Hand events over from the engine thread (thread-safe)."""
-        put_all(self._loop, [(self, outputs)])
+    def put(self, events: TokenEvents) -> None:
+        """Hand all of ``events`` (this request's) over from the engine thread (thread-safe)."""
+        put_all(self._loop, events, [(self, list(range(len(events))))])
 
     def _check_backlog(self, incoming: int) -> None:
-        # qsize from another thread is a racy read of a deque's length: good enough for a bound
-        if not self.overflowed and self._queue.qsize() + incoming > self.max_backlog:
+        # the length of a list another thread appends to: a racy read, good enough for a bound
+        waiting = len(self._pending)
+        if not self.overflowed and waiting + incoming > self.max_backlog:
             self.overflowed = True
             log.warning("request %s: %d events unread; cancelling it (the client stopped reading)",
-                        self.request_id, self._queue.qsize())
+                        self.request_id, waiting)
             self._on_abort(self.request_id)
 
-    def _put_many(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            self._queue.put_nowait(out)
+    def _collect(self, events: TokenEvents, rows: list[int]) -> None:
+        """On the event loop: add ``rows`` of a step's events and wake the consumer."""
+        self._pending.take(events, rows)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def abort(self) -> None:
         """Cancel the request (e.g. the client went away); a final ``abort`` event follows."""
@@ -64,29 +76,44 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self._remaining == 0:
-            raise StopAsyncIteration
-        out = await self._queue.get()
-        if out.finish_reason is not None:
-            self._remaining -= 1
-            self.finished = self._remaining == 0
-        return out
+        while not self._outs:
+            if self._remaining <= 0:
+                raise StopAsyncIteration
+            self._outs.extend((await self._next_batch()).events())
+        return self._outs.popleft()
+
+    async def batches(self) -> AsyncIterator[TokenEvents]:
+        """Every event waiting since the last read, as one ``TokenEvents`` per read."""
+        while self._remaining > 0:
+            yield await self._next_batch()
+
+    async def _next_batch(self) -> TokenEvents:
+        while not len(self._pending):
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        events, self._pending = self._pending, TokenEvents()
+        self._remaining -= len(events.finishes)
+        self.finished = self._remaining <= 0
+        return events
 
 
-def put_all(loop: asyncio.AbstractEventLoop,
-            items: list[tuple[RequestStream, list[RequestOutput]]]) -> None:
-    """Hand a step's events to the streams of one event loop with one wake-up of that loop (one
-    ``call_soon_threadsafe`` per step, not one per stream: at 32 streams the per-stream wake-ups
-    cost the loop more than the events)."""
-    for stream, outputs in items:
-        stream._check_backlog(len(outputs))
+def put_all(loop: asyncio.AbstractEventLoop, events: TokenEvents,
+            items: list[tuple[RequestStream, list[int]]]) -> None:
+    """Hand a step's events (``rows`` of ``events`` to each stream) to the streams of one event
+    loop with one wake-up of that loop (one ``call_soon_threadsafe`` per step, not one per
+    stream: at 32 streams the per-stream wake-ups cost the loop more than the events)."""
+    for stream, rows in items:
+        stream._check_backlog(len(rows))
     try:
-        loop.call_soon_threadsafe(_deliver, items)
+        loop.call_soon_threadsafe(_deliver, events, items)
     except RuntimeError:  # the loop is closed: nobody is listening any more
         for stream, _ in items:
             stream._on_abort(stream.request_id)
 
 
-def _deliver(items: list[tuple[RequestStream, list[RequestOutput]]]) -> None:
-    for stream, outputs in items:
-        stream._put_many(outputs)
+def _deliver(events: TokenEvents, items: list[tuple[RequestStream, list[int]]]) -> None:
+    for stream, rows in items:
+        stream._collect(events, rows)

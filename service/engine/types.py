@@ -181,3 +181,95 @@ class EngineStats:
     crops: int  # sliding-window crops performed in the last step
     total_steps: int
     recomputed_tokens: int = 0  # window tokens re-encoded after a crop in the last step
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How a choice ended: its reason, counts and timings (one per choice, not per token)."""
+
+    reason: FinishReason
+    num_prompt_tokens: int
+    metrics: RequestMetrics | None = None
+
+
+@dataclass(slots=True)
+class TokenEvents:
+    """Events as columns, never one object per token: event ``i`` is choice ``indices[i]`` of
+    request ``request_ids[i]``, with token ``token_ids[i]`` (None: the choice ended without a new
+    token, e.g. an abort), the choice's window crops so far, whether its prompt was cropped and
+    how many tokens it has generated.
+    ``logprobs``/``top_logprobs`` are None when no event asked for them; ``finishes`` maps the
+    events that end their choice to how it ended.
+
+    The engine core returns one per step; a request's stream collects the events of its own
+    choices into one, so a consumer that falls behind takes every event waiting in one read.
+    """
+
+    request_ids: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    token_ids: list[int | None] = field(default_factory=list)
+    crops: list[int] = field(default_factory=list)
+    prompt_cropped: list[bool] = field(default_factory=list)
+    num_generated: list[int] = field(default_factory=list)  # the choice's tokens so far
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[tuple[TokenLogprob, ...] | None] | None = None
+    finishes: dict[int, Finish] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) - self.token_ids.count(None)
+
+    def take(self, other: TokenEvents, rows: list[int]) -> None:
+        """Append events ``rows`` of ``other`` (in that order)."""
+        base = len(self.token_ids)
+        if other.logprobs is not None or self.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs, self.top_logprobs = [None] * base, [None] * base
+            src_lp, src_top = other.logprobs, other.top_logprobs
+            self.logprobs.extend(None if src_lp is None else src_lp[r] for r in rows)
+            self.top_logprobs.extend(None if src_top is None else src_top[r] for r in rows)
+        if len(rows) == 1:  # the common case: one new token of a one-choice request
+            r = rows[0]
+            self.request_ids.append(other.request_ids[r])
+            self.indices.append(other.indices[r])
+            self.token_ids.append(other.token_ids[r])
+            self.crops.append(other.crops[r])
+            self.prompt_cropped.append(other.prompt_cropped[r])
+            self.num_generated.append(other.num_generated[r])
+        else:
+            self.request_ids.extend(other.request_ids[r] for r in rows)
+            self.indices.extend(other.indices[r] for r in rows)
+            self.token_ids.extend(other.token_ids[r] for r in rows)
+            self.crops.extend(other.crops[r] for r in rows)
+            self.prompt_cropped.extend(other.prompt_cropped[r] for r in rows)
+            self.num_generated.extend(other.num_generated[r] for r in rows)
+        if other.finishes:
+            for i, r in enumerate(rows):
+                if r in other.finishes:
+                    self.finishes[base + i] = other.finishes[r]
+
+    def extend(self, other: TokenEvents) -> None:
+        self.take(other, list(range(len(other))))
+
+    def events(self) -> list[RequestOutput]:
+        """One ``RequestOutput`` per event (the offline and test API; the server reads columns)."""
+        out = []
+        for i, token_id in enumerate(self.token_ids):
+            finish = self.finishes.get(i)
+            out.append(RequestOutput(
+                request_id=self.request_ids[i],
+                index=self.indices[i],
+                token_id=token_id,
+                logprob=None if self.logprobs is None else self.logprobs[i],
+                top_logprobs=None if self.top_logprobs is None else self.top_logprobs[i],
+                finish_reason=None if finish is None else finish.reason,
+                num_prompt_tokens=0 if finish is None else finish.num_prompt_tokens,
+                num_generated_tokens=self.num_generated[i],
+                crops=self.crops[i],
+                prompt_cropped=self.prompt_cropped[i],
+                metrics=None if finish is None else finish.metrics,
+            ))
+        return out

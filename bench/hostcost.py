@@ -1,0 +1,317 @@
+"""Host cost: what the engine and the server spend per token when the model itself costs nothing.
+
+Run (from the repository root; builds a worktree of the baseline commit in /tmp if it is absent):
+    nice -n 19 python bench/hostcost.py
+    nice -n 19 python bench/hostcost.py --baseline-commit 1446e4f --streams 1 32 256 1024 --repeat 2
+
+The model is a bench-only stand-in (``StandIn``): a GPT-2-vocabulary network whose packed forward
+returns fixed logits (no matmuls, no attention), so every second a step takes is host work:
+scheduling, packing, the sampler's argmax over the vocabulary, bookkeeping, and (over HTTP) the
+front end's detokenization, SSE framing and socket writes. Two figures, for the baseline tree and
+this one side by side, each measured in fresh processes that import only that tree:
+1. **engine host time per token, in-process**: the engine driven synchronously (``Engine.steps``
+   here, ``Engine.iterate`` in a baseline without it) serving ``S`` greedy requests of
+   ``--max-tokens`` tokens together (S = 1, 32, 256, 1024), CPU seconds of the process / tokens;
+2. **server CPU per streamed token over HTTP** at ``--http-streams`` streams: the server runs the
+   stand-in engine behind the production server (``service.server.serve``); ``--clients`` load
+   processes keep the streams busy (closed loop, raw sockets, one connection per request) and
+   print their own CPU; the server's CPU (every process of the server's tree, read from
+   /proc/<pid>/stat) over the load window / tokens the clients received.
+It prints both trees' figures and the ratio new / baseline (the target is at most 1/3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+TOKEN = 262  # " the" in GPT-2's BPE: the stand-in's argmax, never eos
+PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+# ---- the stand-in engine (runs inside a worker process, importing the tree under test) --------
+
+def stand_in_engine(slots: int, max_queue: int = 256):
+    """An unstarted ``Engine`` over a GPT-2-vocabulary model whose forward returns fixed logits."""
+    import torch
+
+    from model.checkpoint.common import Checkpoint
+    from model.config import GPTConfig
+    from model.gpt import GPT
+    from model.tokenizer import TiktokenTokenizer
+    from service.engine import Engine
+    from service.engine.config import EngineConfig
+
+    class StandIn(GPT):
+        """Fixed logits (argmax ``TOKEN``) for every row asked for: a forward that costs ~0."""
+
+        def __init__(self, config: GPTConfig) -> None:
+            super().__init__(config)
+            self._fixed = torch.zeros(1, config.vocab_size)
+            self._fixed[0, TOKEN] = 1.0
+
+        def forward_packed(self, batch, kv_cache):
+            rows = batch.logit_rows.numel() if batch.logit_rows is not None else len(batch.tokens)
+            if len(self._fixed) < rows:  # contiguous rows: argmax over a stride-0 view is slow
+                self._fixed = self._fixed[:1].expand(rows, -1).contiguous()
+            return self._fixed[:rows]
+
+        def prepack_cpu_weights(self, on: bool = True, rows=(False, True)) -> bool:
+            return False
+
+    # one intra-op thread: the stand-in's only kernel (the argmax) is tiny, and on a busy small
+    # box OpenMP's idle threads cost more than it (bench only; the server's threads are not ours)
+    torch.set_num_threads(1)
+    tokenizer = TiktokenTokenizer.by_name("gpt2")
+    # the model's vocabulary is GPT-2's first 512 ids (bytes and the commonest merges): the
+    # sampler's argmax over it costs ~0, as it would on a GPU; the tokenizer is GPT-2's whole
+    config = GPTConfig(block_size=256, vocab_size=512, n_layer=1, n_head=1, n_embd=8)
+    checkpoint = Checkpoint(StandIn(config), tokenizer, config, "gptserve",
+                            HERE / "weights" / "shakespeare-char")
+    engine_config = EngineConfig(max_batch_size=slots, max_queue=max_queue, device="cpu",
+                                 dtype="float32", max_request_sequences=64)
+    return Engine(checkpoint, engine_config)
+
+
+def worker_engine(streams: int, max_tokens: int) -> dict:
+    """In-process: ``streams`` requests served together by ``Engine.run``; CPU s per token."""
+    from service.engine.types import Request, SamplingParams
+
+    engine = stand_in_engine(streams)
+    prompt = tuple(engine.tokenizer.encode(PROMPT))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    list(engine.iterate([Request("warm", prompt, SamplingParams(max_tokens=4, temperature=0.0))]))
+    rounds = max(1, 64 // streams)  # at least 8,192 tokens at every width
+    tokens, cpu, wall = 0, 0.0, 0.0
+    steps = getattr(engine, "steps", None)  # this tree: each step's events as columns
+    for r in range(rounds):
+        requests = [Request(f"r{r}-{i}", prompt, params) for i in range(streams)]
+        c0, w0 = time.process_time(), time.perf_counter()
+        if steps is not None:
+            tokens += sum(events.num_tokens for events in steps(requests))
+        else:  # the baseline: one RequestOutput per token, made by the step itself
+            tokens += sum(out.token_id is not None for out in engine.iterate(requests))
+        cpu += time.process_time() - c0
+        wall += time.perf_counter() - w0
+    return {"streams": streams, "tokens": tokens, "cpu_s": cpu, "wall_s": wall}
+
+
+def worker_server(port: int, slots: int) -> None:
+    """The production server (``service.server.serve``) over the stand-in engine."""
+    from service.logs import configure_logging
+    from service.server import serve
+    from service.settings import Settings
+    from service.transport.limits import TransportLimits
+    from service.transport.sockets import bind
+
+    settings = Settings.create(port=port, max_batch_size=slots, max_queue=256, device="cpu",
+                               dtype="float32", log_level="warning",
+                               checkpoint=HERE / "weights" / "shakespeare-char")
+    configure_logging(settings.log_level, settings.log_format)
+    sockets = bind(settings.host, settings.port)
+    sys.exit(serve(settings, sockets, TransportLimits.from_settings(settings),
+                   engine=stand_in_engine(slots)))
+
+
+# ---- the load generator (raw sockets: the client must never be the limit) --------------------
+
+async def _one_request(port: int, body: bytes) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    data = await reader.read()  # Connection: close: the server closes after the stream
+    writer.close()
+    tail = data[data.rfind(b'"completion_tokens":') + 20:]
+    if not data.startswith(b"HTTP/1.1 200") or b"[DONE]" not in data:
+        raise RuntimeError(f"bad response: {data[:200]!r}")
+    return int(tail[: tail.index(b",")])
+
+
+async def _client(port: int, streams: int, requests: int, max_tokens: int) -> int:
+    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    left = [requests]
+
+    async def stream() -> int:
+        got = 0
+        while left[0] > 0:
+            left[0] -= 1
+            got += await _one_request(port, body)
+        return got
+
+    return sum(await asyncio.gather(*(stream() for _ in range(streams))))
+
+
+def worker_client(port: int, streams: int, requests: int, max_tokens: int) -> None:
+    tokens = asyncio.run(_client(port, streams, requests, max_tokens))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"tokens": tokens, "cpu_s": usage.ru_utime + usage.ru_stime}))
+
+
+# ---- the driver ------------------------------------------------------------------------------
+
+def _tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) of ``root`` and every live process below it, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2:].split()
+            stats[int(entry)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:  # utime, stime: fields 14 and 15 of stat (11, 12 after the name)
+            total += (int(stats[pid][11]) + int(stats[pid][12])) / tick
+        todo += children.get(pid, [])
+    return total
+
+
+def _run_worker(tree: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--tree", str(tree),
+                             *args], env=env, cwd=tree, stdout=subprocess.PIPE, text=True)
+
+
+def engine_figures(tree: Path, streams: list[int], max_tokens: int) -> dict[int, float]:
+    out = {}
+    for s in streams:
+        proc = _run_worker(tree, "--worker", "engine", "--n", str(s), "--max-tokens",
+                           str(max_tokens))
+        result = json.loads(proc.communicate()[0].strip().splitlines()[-1])
+        out[s] = result["cpu_s"] / result["tokens"]
+        print(f"  {tree.name:>24}  engine  {s:5d} streams  {out[s] * 1e6:8.1f} us/token "
+              f"({result['tokens']} tokens, {result['wall_s']:.2f} s wall)", flush=True)
+    return out
+
+
+def _best(runs: list):
+    """The lowest figure of repeated runs (a shared machine only ever adds time)."""
+    if isinstance(runs[0], dict):
+        return {k: min(run[k] for run in runs) for k in runs[0]}
+    return min(runs)
+
+
+def server_figure(tree: Path, port: int, streams: int, clients: int, requests: int,
+                  max_tokens: int) -> float:
+    server = _run_worker(tree, "--worker", "server", "--port", str(port), "--n", str(streams))
+    try:
+        _wait_ready(port, server)
+        warm = _run_worker(tree, "--worker", "client", "--port", str(port), "--n", "4",
+                           "--requests", "8", "--max-tokens", "8")
+        warm.communicate()
+        cpu0 = _tree_cpu(server.pid)
+        per = streams // clients
+        procs = [_run_worker(tree, "--worker", "client", "--port", str(port), "--n", str(per),
+                             "--requests", str(requests // clients), "--max-tokens",
+                             str(max_tokens)) for _ in range(clients)]
+        results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        cpu = _tree_cpu(server.pid) - cpu0
+    finally:
+        server.terminate()
+        server.wait(60)
+    tokens = sum(r["tokens"] for r in results)
+    client_cpu = ", ".join(f"{r['cpu_s']:.1f}" for r in results)
+    print(f"  {tree.name:>24}  server  {streams:5d} streams  {cpu / tokens * 1e6:8.1f} us/token "
+          f"({tokens} tokens, server {cpu:.1f} CPU s; load processes {client_cpu} CPU s)",
+          flush=True)
+    return cpu / tokens
+
+
+def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"GET /ready HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+                if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not get ready")
+
+
+def baseline_tree(commit: str) -> Path:
+    """A detached worktree of ``commit`` in /tmp (made once, reused)."""
+    path = Path(f"/tmp/gptserve-{commit}")
+    if not path.exists():
+        subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", str(path), commit],
+                       check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline-commit", default="1446e4f")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 32, 256, 1024])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--http-streams", type=int, default=256)
+    parser.add_argument("--http-requests", type=int, default=512)
+    parser.add_argument("--clients", type=int, default=4, help="load generator processes")
+    parser.add_argument("--port", type=int, default=18100)
+    parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--only-new", action="store_true", help="skip the baseline tree")
+    parser.add_argument("--repeat", type=int, default=1, help="keep the best of this many runs")
+    # worker mode (internal)
+    parser.add_argument("--worker", choices=("engine", "server", "client"))
+    parser.add_argument("--tree", type=Path)
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.worker == "engine":
+        print(json.dumps(worker_engine(args.n, args.max_tokens)))
+        return
+    if args.worker == "server":
+        worker_server(args.port, args.n)
+        return
+    if args.worker == "client":
+        worker_client(args.port, args.n, args.requests, args.max_tokens)
+        return
+    trees = [baseline_tree(args.baseline_commit), HERE]
+    if args.only_new:
+        trees = [HERE, HERE]
+    runs: dict[Path, list] = {tree: [] for tree in trees}
+    server_runs: dict[Path, list] = {tree: [] for tree in trees}
+    for _ in range(args.repeat):  # the trees alternate, so a burst of load hits both alike
+        for tree in trees:
+            if not args.skip_engine:
+                runs[tree].append(engine_figures(tree, args.streams, args.max_tokens))
+            if not args.skip_server:
+                server_runs[tree].append(server_figure(
+                    tree, args.port, args.http_streams, args.clients, args.http_requests,
+                    args.max_tokens))
+    engine = {tree: _best(r) for tree, r in runs.items() if r}
+    server = {tree: _best(r) for tree, r in server_runs.items() if r}
+    old, new = trees
+    print(f"\nhost cost, {new.name} vs {old.name}, best of {args.repeat} "
+          "(new / old; target <= 0.33)")
+    for s in args.streams if engine else []:
+        print(f"  engine in-process, {s:5d} streams: {engine[old][s] * 1e6:8.1f} -> "
+              f"{engine[new][s] * 1e6:8.1f} us/token  ({engine[new][s] / engine[old][s]:.2f}x)")
+    if server:
+        print(f"  server over HTTP, {args.http_streams:5d} streams: {server[old] * 1e6:8.1f} -> "
+              f"{server[new] * 1e6:8.1f} us/token  ({server[new] / server[old]:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
