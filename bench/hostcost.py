@@ -110,7 +110,6 @@ def worker_server(port: int, slots: int) -> None:
     from service.logs import configure_logging
     from service.server import serve
     from service.settings import Settings
-    from service.transport.limits import TransportLimits
     from service.transport.sockets import bind
 
     settings = Settings.create(port=port, max_batch_size=slots, max_queue=256, device="cpu",
@@ -118,7 +117,7 @@ def worker_server(port: int, slots: int) -> None:
                                checkpoint=HERE / "weights" / "shakespeare-char")
     configure_logging(settings.log_level, settings.log_format)
     sockets = bind(settings.host, settings.port)
-    sys.exit(serve(settings, sockets, TransportLimits.from_settings(settings),
+    sys.exit(serve(settings, sockets, settings.transport,
                    engine=stand_in_engine(slots)))
 
 

@@ -20,7 +20,6 @@ class LiveServer:
 
     def __init__(self, app, *, wait_ready: bool = True) -> None:
         from service.server import build_server
-        from service.transport.limits import TransportLimits
         from service.transport.sockets import bind
 
         self.app = app
@@ -28,7 +27,7 @@ class LiveServer:
         [self.sock] = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        limits = TransportLimits.from_settings(app.state.server.settings)
+        limits = app.state.server.settings.transport
         self.server = build_server(app, [self.sock], limits)
         self.server.config.timeout_graceful_shutdown = 2
         self.loop = None  # the server's event loop, once running
