@@ -245,7 +245,10 @@ def test_stream_chunks_report_each_window_slide_as_it_happens(server, client):
         json.loads(e[6:])["choices"][0].get("context_window", {}).get("crops") for e in events
     ]
     slides = [c for c in reported if c is not None]
-    # each slide once, as it happens; the last chunk (which always carries it) may repeat it
-    expected = list(range(1, final["crops"] + 1))
-    assert slides in (expected, [*expected, final["crops"]]), reported
-    assert reported[-1] == final["crops"]
+    # each slide as it happens: a chunk that carries new tokens past a slide carries the new crop
+    # count (a reader that lags gets several tokens, and maybe several slides, in one chunk: then
+    # the count jumps); the last chunk (which always carries it) may repeat it
+    if len(slides) > 1 and slides[-1] == slides[-2]:
+        slides.pop()
+    assert slides == sorted(set(slides)) and slides[0] >= 1, (slides, final)
+    assert slides[-1] == final["crops"] == reported[-1], (slides, final)
