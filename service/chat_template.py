@@ -163,13 +163,17 @@ def _read_text(path: Path, limit: int, *, label: str | None = None) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
         raise TemplateError(f"{label}: cannot be opened ({err.strerror})") from None
-    with os.fdopen(fd, "rb") as file:
+    try:  # fstat before wrapping: os.fdopen raises on a folder and leaves its fd open
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise TemplateError(f"{label}: not a regular file")
         if info.st_size > limit:
             raise TemplateError(f"{label}: larger than {limit} bytes")
-        data = file.read(limit + 1)
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew since fstat
+        raise TemplateError(f"{label}: larger than {limit} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:

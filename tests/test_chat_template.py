@@ -157,3 +157,34 @@ def test_a_broken_checkpoint_template_fails_chat_clearly_and_completions_still_w
         assert "not valid Jinja2" in card["error"]
         ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 2})
         assert ok.status_code == 200
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_template_that_is_a_folder_is_refused_and_leaks_no_descriptor(tiny_checkpoint, tmp_path):
+    folder = _copy(tiny_checkpoint, tmp_path)
+    (folder / "chat_template.jinja").mkdir()
+    with live_server(folder) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        body = {"messages": [{"role": "user", "content": "abc"}], "max_tokens": 2}
+        client.post("/v1/chat/completions", json=body)  # warm: the first request may open files
+        before = _open_fds()
+        for _ in range(20):
+            chat = client.post("/v1/chat/completions", json=body)
+            assert chat.status_code == 500, chat.text
+            assert chat.json()["error"]["code"] == "chat_template_error"
+            assert "not a regular file" in chat.json()["error"]["message"]
+            card = client.get("/v1/models").json()["data"][0]["chat_template"]
+            assert "not a regular file" in card["error"], card
+        assert _open_fds() <= before, "chat requests left file descriptors open"
+        assert client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2}).status_code == 200
+
+
+def test_reading_a_folder_as_a_template_closes_its_descriptor(tmp_path):
+    (tmp_path / "chat_template.jinja").mkdir()
+    before = _open_fds()
+    for _ in range(10):
+        with pytest.raises(TemplateError, match="not a regular file"):
+            from_checkpoint(tmp_path)
+    assert _open_fds() == before, "a refused template file left its descriptor open"
