@@ -68,11 +68,13 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
         params: SamplingParams | None = None,
         *,
-        stop: Sequence[str] = (),
+        stop: str | Sequence[str] = (),
     ) -> list[GenerationResult]:
         """Generate for every prompt (text, or token ids), ``params.n`` choices each; ``stop``
-        strings end a choice before them, as the API's ``stop`` does. Results in prompt order."""
+        (one string, or several) ends a choice before it, as the API's ``stop`` does. Results in
+        prompt order."""
         params = params or SamplingParams()
+        stop = _stop_strings(stop)
         if isinstance(prompts, str):
             prompts = [prompts]
         job_id = f"offline-{next(self._ids)}"
@@ -87,7 +89,7 @@ class LLM:
             request = Request(f"{job_id}-{i}", tuple(ids), params, group=job_id)
             requests.append(request)
             texts.append(text)
-            job.add_prompt(request.request_id, None, ids, stop=tuple(stop), echo=False,
+            job.add_prompt(request.request_id, None, ids, stop=stop, echo=False,
                            logprobs=params.logprobs is not None)
         for out in self.engine.iterate(requests):
             update = job.apply(out)
@@ -108,3 +110,11 @@ class LLM:
                 logprobs=tuple(choice.entries) if choice.want_logprobs else None,
             ))
         return GenerationResult(text, request.prompt_token_ids, tuple(outputs))
+
+
+def _stop_strings(stop: str | Sequence[str]) -> tuple[str, ...]:
+    """A string is one stop string (as in the OpenAI API and vLLM), never its characters."""
+    stop = (stop,) if isinstance(stop, str) else stop
+    if isinstance(stop, (bytes, bytearray)) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidRequestError("stop", f"stop must be non-empty strings, got {stop!r}")
+    return tuple(stop)
