@@ -3,6 +3,7 @@ sandbox, and files that must not be followed (outside the folder, FIFOs)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from service.chat_template import (
     template_arg,
 )
 from service.settings import parse_settings
+from service.template_worker import TemplateWorker
 
 pytestmark = pytest.mark.timeout(60)
 TALK = [
@@ -113,11 +115,18 @@ def test_a_broken_checkpoint_template_is_reported_not_replaced(tmp_path):
         class checkpoint:  # noqa: N801
             path = tmp_path
 
-    templates = ChatTemplates(None)
-    with pytest.raises(TemplateError, match="not valid Jinja2"):
-        templates.for_engine(Engine)
-    assert "not valid Jinja2" in templates.card(Engine)["error"]
-    assert ChatTemplates("{{ 'flag' }}").for_engine(Engine).origin == "--chat-template"
+    async def scenario():
+        templates = ChatTemplates(None, TemplateWorker())
+        try:
+            with pytest.raises(TemplateError, match="not valid Jinja2"):
+                await templates.for_engine(Engine)
+            assert "not valid Jinja2" in (await templates.card(Engine))["error"]
+            flag = ChatTemplates("{{ 'flag' }}", templates._worker)
+            assert (await flag.for_engine(Engine)).origin == "--chat-template"
+        finally:
+            await templates.close()
+
+    asyncio.run(scenario())
 
 
 def _copy(checkpoint, tmp_path):

@@ -40,8 +40,9 @@ class ChatServing(Serving):
     async def create(self, body: ChatCompletionRequest, http: HTTPRequest) -> Response:
         engine = self.admit(body, http)
         body.refuse_unsupported()
-        template = self._template(engine)
-        prompt = self.encode(engine, self._render(body, template, engine), "messages")
+        template = await self._template(engine)
+        text = await self._render(body, template, engine)
+        prompt = self.encode(engine, text, "messages")
         want = body.engine_logprobs()
         window = engine.model_config.block_size
         params = body.sampling_params(max_tokens=body.max_new_tokens(window), logprobs=want)
@@ -53,14 +54,13 @@ class ChatServing(Serving):
             return self.stream(job, engine, _Chunks(job), body.include_usage)
         return await self.respond(job, engine, http, _response)
 
-    def _template(self, engine) -> ChatTemplate:
+    async def _template(self, engine) -> ChatTemplate:
         try:
-            return self.templates.for_engine(engine)
+            return await self.templates.for_engine(engine)
         except TemplateError as err:  # the checkpoint's own template is unusable: our fault
             raise APIError(500, str(err), code="chat_template_error") from None
 
-    @staticmethod
-    def _render(body: ChatCompletionRequest, template: ChatTemplate, engine) -> str:
+    async def _render(self, body: ChatCompletionRequest, template: ChatTemplate, engine) -> str:
         messages = []
         for i, message in enumerate(body.messages):
             item = {"role": message.role, "content": message.text(i)}
@@ -70,7 +70,7 @@ class ChatServing(Serving):
         eos_id = engine.eos_token_id
         eos = "" if eos_id is None else engine.tokenizer.decode([eos_id])
         try:
-            return template.render(messages, eos_token=eos)
+            return await self.templates.render(template, messages, eos_token=eos)
         except TemplateError as err:
             raise InvalidRequestError("messages", str(err)) from None
 
