@@ -216,3 +216,30 @@ def test_sample_and_the_server_take_a_run_folder_best_else_latest(tiny_run, tmp_
         assert card["checkpoint"]["checkpoint"] == "mine/best", card
     shutil.rmtree(run / "best")
     assert _sample(run, capsys) == _sample(run / "latest", capsys)
+
+
+def test_no_eval_at_start_skips_the_step_zero_eval(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_run / "data"), "--out", str(run), *TINY,
+            "--max-iters", "4", "--eval-interval", "2", "--no-eval-at-start"]  # fmt: skip
+    assert main(argv) == 0
+    assert [r["step"] for r in records(run, "eval")] == [2, 4]
+    assert load_checkpoint(run / "best").provenance["iterations"] in (2, 4)
+
+
+def test_the_cpu_tiny_preset_is_smaller_than_cpu_small_and_trains(tiny_run, tmp_path):
+    tiny, small = build_train_spec("cpu-tiny"), build_train_spec("cpu-small")
+
+    def work(spec) -> int:  # parameters x tokens over the run, evals included
+        loop, shape = spec.loop, spec.model
+        tokens = loop.batch_size * shape.block_size
+        evals = loop.max_iters // loop.eval_interval + 1
+        params = shape.n_layer * 12 * shape.n_embd**2
+        return params * tokens * (loop.max_iters * 3 + evals * 2 * loop.eval_iters)
+
+    assert work(tiny) * 3 < work(small), "cpu-tiny must be a fraction of cpu-small's work"
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_run / "data"), "--out", str(run), "--preset", "cpu-tiny",
+            "--max-iters", "3", "--eval-iters", "1", "--no-progress", "--peak-flops", "1e9"]  # fmt: skip
+    assert main(argv) == 0
+    assert load_checkpoint(run / "latest").provenance["preset"] == "cpu-tiny"

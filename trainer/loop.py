@@ -212,8 +212,11 @@ class Trainer:
                     self._stop(stop)
 
     def _eval_due(self) -> bool:
-        at = self.step
-        due = at == 0 or at % self.spec.loop.eval_interval == 0 or at == self.spec.loop.max_iters
+        at, loop = self.step, self.spec.loop
+        if at == 0:
+            due = loop.eval_at_start
+        else:
+            due = at % loop.eval_interval == 0 or at == loop.max_iters
         return due and self.evaluated_step != at
 
     def _stop(self, stop: StopSignal) -> None:
