@@ -7,7 +7,7 @@
 
 ``generate`` takes every prompt at once and runs the same engine the server runs (continuous
 batching, KV cache, sliding window), stepping it on the calling thread until every choice is
-done. Text goes through the server's own path (``service.text`` and ``service.api.choices``), so a
+done. Text goes through the server's own path (``service.text`` and ``service.choices``), so a
 request gives the same tokens and text offline as over HTTP; stop strings end a choice and free
 its slot at once. There is no queue limit: a batch job may hand over any number of prompts, and
 they are admitted as slots free up.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.checkpoint import Checkpoint, load_checkpoint
-from service.api.choices import Job, TokenEntry
+from service.choices import Job, TokenEntry
 from service.engine import Engine, EngineConfig, InvalidRequestError, Request, SamplingParams
 from service.text import encode_text
 

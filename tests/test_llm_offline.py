@@ -114,3 +114,13 @@ def test_a_stop_that_is_not_text_is_refused(tiny_checkpoint):
         with pytest.raises(InvalidRequestError) as err:
             llm.generate("ab", SamplingParams(max_tokens=2), stop=bad)
         assert err.value.param == "stop"
+
+
+def test_the_offline_api_imports_nothing_of_the_http_layer():
+    import subprocess
+    import sys
+
+    code = ("import sys, service.llm; "
+            "print(sorted(m for m in sys.modules if m.startswith(('service.api', 'fastapi'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"service.llm pulls in the HTTP layer: {out.stdout}"

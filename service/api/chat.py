@@ -10,6 +10,8 @@ open with the assistant's role, and chat-style logprobs.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
@@ -21,12 +23,12 @@ from service.api.chat_protocol import (
     ChatLogprobs,
     ChatResponseMessage,
 )
-from service.api.choices import ChoiceState, Job
 from service.api.errors import APIError
-from service.api.protocol import new_id
+from service.api.protocol import ContextWindow, Usage, new_id
 from service.api.serving import Serving, stream_head
 from service.api.state import ServerState
 from service.chat_template import ChatTemplate, ChatTemplates, TemplateError
+from service.choices import ChoiceState, Job
 from service.engine.types import InvalidRequestError
 
 
@@ -88,7 +90,7 @@ def _response(job: Job) -> ChatCompletionResponse:
             message=ChatResponseMessage(content=c.generated_text),
             logprobs=_chat_logprobs(c, c.entries, job.tokenizer),
             finish_reason=c.finish_reason,
-            context_window=c.window,
+            context_window=ContextWindow(**asdict(c.window)),
         )
         for c in job.choices
     ]
@@ -97,7 +99,7 @@ def _response(job: Job) -> ChatCompletionResponse:
         created=job.created,
         model=job.model,
         choices=choices,
-        usage=job.usage(),
+        usage=Usage(**asdict(job.usage())),
         system_fingerprint=job.system_fingerprint,
     )
 

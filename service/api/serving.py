@@ -2,7 +2,7 @@
 
 ``Serving`` checks readiness and the model name, turns text into token ids, submits one engine
 request per prompt (each with ``n`` choices), folds the engine's token events into choices with
-``service.api.choices.Job``, and answers with one JSON response or an SSE stream. What differs
+``service.choices.Job``, and answers with one JSON response or an SSE stream. What differs
 between ``/v1/completions`` and ``/v1/chat/completions`` (how a request becomes prompts, the shape
 of a choice and of a stream chunk) lives in ``service.api.completions`` and ``service.api.chat``;
 the stream's per-chunk shape comes in as a ``ChunkShape``. A client disconnect, a timeout, or the
@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict
 from typing import Protocol
 
 from pydantic import BaseModel
@@ -26,10 +27,10 @@ from starlette.responses import Response, StreamingResponse
 
 from model.tokenizer import TokenizerError
 from service.api import sse
-from service.api.choices import ChoiceState, Job
 from service.api.errors import APIError, not_ready
 from service.api.protocol import GenerationRequest
 from service.api.state import ServerState
+from service.choices import ChoiceState, Job
 from service.engine.types import InvalidRequestError, Request, RequestOutput, SamplingParams
 from service.reload import system_fingerprint
 from service.text import encode_text
@@ -244,7 +245,7 @@ class Serving:
                     if job.all_done:
                         break
             if include_usage:
-                yield frame.usage(job.usage().model_dump())
+                yield frame.usage(asdict(job.usage()))
             yield sse.DONE
             completed = True
         except TimeoutError:
