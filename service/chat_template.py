@@ -275,7 +275,12 @@ class ChatTemplates:
         if task is None:
             path = getattr(getattr(engine, "checkpoint", None), "path", None)
             task = self._by_engine[engine] = asyncio.ensure_future(self._resolve(path))
-        found = await asyncio.shield(task)  # a cancelled request leaves it to the next one
+        try:
+            found = await asyncio.shield(task)  # a cancelled request leaves it to the next one
+        except Exception:  # not the template's fault (no process could start): try again later
+            if self._by_engine.get(engine) is task:
+                del self._by_engine[engine]
+            raise
         if isinstance(found, _Broken):
             raise found.error
         return found
