@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark (issue 12): gptserve's server with CUDA graphs on and off and its engine in-process
+# GPU benchmark: gptserve's server with CUDA graphs on and off and its engine in-process
 # (default settings: graphs on) vs Hugging Face `generate`, on a
 # GPT-2-small-shaped random model in bf16, at 1, 32, 256 and 1,024 concurrent streams of 128 new
 # tokens: tokens/s, TTFT and inter-token latency, plus the GPU's measured bf16 matmul FLOP/s and

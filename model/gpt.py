@@ -133,10 +133,9 @@ class _InferenceWeights:
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
             packed: torch.Tensor | None, use: tuple[bool, bool]) -> torch.Tensor:
     """``F.linear``, or oneDNN's matmul over a prepacked weight when there is one and ``use``
-    says so for this row count (one row, several). Measured on a 2-core Sapphire Rapids VM,
-    GPT-2-small: in fp32 the 12 layers and the LM head take 60 ms with MKL's sgemm at 32 rows,
-    45 ms prepacked, but at one row MKL's GEMV is faster; in bf16 oneDNN wins at one row too
-    (LM head 2.6 vs 4.4 ms)."""
+    says so for this row count (one row, several): in fp32 prepacking pays at many rows and MKL's
+    GEMV wins at one, in bf16 oneDNN wins at both (figures: docs/BENCHMARKS.md, "Where a step's
+    time goes" and "Choices (measured)")."""
     if packed is not None and use[x.shape[0] > 1]:
         return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
     return F.linear(x, w, b)
@@ -153,9 +152,9 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     """``F.gelu`` through PyTorch's own vectorised kernel. For a contiguous fp32 CPU tensor and
-    exact (erf) GELU, PyTorch calls a oneDNN primitive instead, which costs ~15-40 us per call on
-    a decode step's few rows (the shipped model's 4 calls took ~150 us of a ~1.1 ms step,
-    measured in place) against ~5 us for the native kernel; results differ by an ulp at most.
+    exact (erf) GELU, PyTorch calls a oneDNN primitive instead, several times slower than the
+    native kernel on a decode step's few rows (docs/BENCHMARKS.md, "Where a step's time goes");
+    results differ by an ulp at most.
 
     The switch is PyTorch's process-wide oneDNN flag, turned off for this one call and back on
     only by the call that turned it off, so it is never left off; an op on another thread in

@@ -2,7 +2,8 @@
 
 A tokenizer is described by a JSON-able *spec* stored in the checkpoint's ``config.json``:
 - ``{"type": "char", "chars": [...]}``: the vocabulary in id order, as nanoGPT's ``meta.pkl``;
-- ``{"type": "tiktoken", "encoding": "r50k_base"}``: GPT-2's BPE by name (tiktoken's cache);
+- ``{"type": "tiktoken", "encoding": "r50k_base"}``: GPT-2's BPE by name (its ranks ship in
+  ``model/bpe/``, so it needs no tiktoken cache and no network);
 - ``{"type": "tiktoken", "ranks_file": "tokenizer.tiktoken", "ranks_sha256": "..."}`` (optionally
   with ``"encoding"``, ``"special_tokens"``, ``"pat_str"``): BPE ranks shipped in the checkpoint
   folder, so it needs no tiktoken cache. ``save_checkpoint`` writes this form for every BPE model.
@@ -31,6 +32,8 @@ GPT2_EOT_ID = 50256
 # ``expected_hash``); ``dump_ranks`` writes GPT-2's ranks byte for byte as that file.
 R50K_BASE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 RANKS_FILE = "tokenizer.tiktoken"
+# GPT-2's ranks, shipped with the package (MIT, model/bpe/LICENSE): checked against the hash above
+SHIPPED_RANKS = Path(__file__).resolve().parent / "bpe" / "r50k_base.tiktoken"
 _ENCODING_ALIASES = {"gpt2": "r50k_base", "r50k_base": "r50k_base"}
 _SPEC_KEYS = {
     "char": {"type", "chars"},
@@ -128,19 +131,16 @@ class TiktokenTokenizer:
 
     @classmethod
     def by_name(cls, name: str) -> TiktokenTokenizer:
-        import tiktoken
-
+        """GPT-2's BPE (``gpt2`` or ``r50k_base``) from the ranks shipped in ``model/bpe/``."""
         if name not in _ENCODING_ALIASES:
             raise TokenizerError(f"unknown tiktoken encoding {name!r}; known: gpt2, r50k_base")
-        canonical = _ENCODING_ALIASES[name]
         try:
-            encoding = tiktoken.get_encoding(canonical)
-        except Exception as err:  # tiktoken downloads the ranks on first use; offline that fails
-            raise TokenizerError(
-                f"cannot load the {canonical} BPE ranks ({type(err).__name__}); with no network, "
-                "point TIKTOKEN_CACHE_DIR at a tiktoken cache that holds them"
-            ) from None
-        return cls(encoding, {"type": "tiktoken", "encoding": canonical})
+            data = SHIPPED_RANKS.read_bytes()
+        except OSError as err:
+            raise TokenizerError(f"cannot read GPT-2's BPE ranks ({err.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != R50K_BASE_SHA256:
+            raise TokenizerError(f"{SHIPPED_RANKS} is not GPT-2's BPE ranks (sha256 differs)")
+        return cls.from_ranks(parse_ranks(data, "GPT-2's BPE ranks"), name="r50k_base")
 
     @classmethod
     def from_ranks(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the lock files from pyproject.toml: the exact versions CI, the Dockerfile and
-# developers install (README: pip install "torch==2.13.0" -r requirements/dev.txt -e .).
+# developers install (README: pip install "torch==2.13.0" -r requirements/runtime.txt -e . to
+# serve and train, requirements/dev.txt to test).
 #
 #   bash requirements/lock.sh            # re-resolve after a pyproject.toml change; every pin that
 #                                        # still satisfies pyproject.toml is kept as it is

@@ -29,6 +29,7 @@ from service.metrics import Metrics
 from service.reload import server_reloader
 from service.reload.loading import in_daemon_thread
 from service.settings import Settings
+from service.template_worker import TemplateWorker
 
 log = logging.getLogger("service")
 
@@ -96,6 +97,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await loading
             await reloader.stop()
+            await app.state.chat_templates.close()
             if state.has_engine:
                 await asyncio.to_thread(state.engine.shutdown, settings.shutdown_timeout)
 
@@ -106,7 +108,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         description="OpenAI-compatible completions for GPT checkpoints. See docs/API.md.",
     )
     app.state.server = state
-    app.state.chat_templates = ChatTemplates(settings.chat_template)
+    app.state.chat_templates = ChatTemplates(settings.chat_template, TemplateWorker())
     app.include_router(router)
     app.include_router(admin_router)
     install_error_handlers(app)

@@ -7,7 +7,7 @@
 
 ``generate`` takes every prompt at once and runs the same engine the server runs (continuous
 batching, KV cache, sliding window), stepping it on the calling thread until every choice is
-done. Text goes through the server's own path (``service.text`` and ``service.api.choices``), so a
+done. Text goes through the server's own path (``service.text`` and ``service.choices``), so a
 request gives the same tokens and text offline as over HTTP; stop strings end a choice and free
 its slot at once. There is no queue limit: a batch job may hand over any number of prompts, and
 they are admitted as slots free up.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.checkpoint import Checkpoint, load_checkpoint
-from service.api.choices import Job, TokenEntry
+from service.choices import Job, TokenEntry
 from service.engine import Engine, EngineConfig, InvalidRequestError, Request, SamplingParams
 from service.text import encode_text
 
@@ -68,11 +68,13 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
         params: SamplingParams | None = None,
         *,
-        stop: Sequence[str] = (),
+        stop: str | Sequence[str] = (),
     ) -> list[GenerationResult]:
         """Generate for every prompt (text, or token ids), ``params.n`` choices each; ``stop``
-        strings end a choice before them, as the API's ``stop`` does. Results in prompt order."""
+        (one string, or several) ends a choice before it, as the API's ``stop`` does. Results in
+        prompt order."""
         params = params or SamplingParams()
+        stop = _stop_strings(stop)
         if isinstance(prompts, str):
             prompts = [prompts]
         job_id = f"offline-{next(self._ids)}"
@@ -87,7 +89,7 @@ class LLM:
             request = Request(f"{job_id}-{i}", tuple(ids), params, group=job_id)
             requests.append(request)
             texts.append(text)
-            job.add_prompt(request.request_id, None, ids, stop=tuple(stop), echo=False,
+            job.add_prompt(request.request_id, None, ids, stop=stop, echo=False,
                            logprobs=params.logprobs is not None)
         for events in self.engine.steps(requests):
             for update in job.apply(events):
@@ -108,3 +110,11 @@ class LLM:
                 logprobs=tuple(choice.entries) if choice.want_logprobs else None,
             ))
         return GenerationResult(text, request.prompt_token_ids, tuple(outputs))
+
+
+def _stop_strings(stop: str | Sequence[str]) -> tuple[str, ...]:
+    """A string is one stop string (as in the OpenAI API and vLLM), never its characters."""
+    stop = (stop,) if isinstance(stop, str) else stop
+    if isinstance(stop, (bytes, bytearray)) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidRequestError("stop", f"stop must be non-empty strings, got {stop!r}")
+    return tuple(stop)

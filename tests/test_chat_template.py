@@ -3,6 +3,7 @@ sandbox, and files that must not be followed (outside the folder, FIFOs)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from service.chat_template import (
     template_arg,
 )
 from service.settings import parse_settings
+from service.template_worker import TemplateWorker
 
 pytestmark = pytest.mark.timeout(60)
 TALK = [
@@ -113,11 +115,18 @@ def test_a_broken_checkpoint_template_is_reported_not_replaced(tmp_path):
         class checkpoint:  # noqa: N801
             path = tmp_path
 
-    templates = ChatTemplates(None)
-    with pytest.raises(TemplateError, match="not valid Jinja2"):
-        templates.for_engine(Engine)
-    assert "not valid Jinja2" in templates.card(Engine)["error"]
-    assert ChatTemplates("{{ 'flag' }}").for_engine(Engine).origin == "--chat-template"
+    async def scenario():
+        templates = ChatTemplates(None, TemplateWorker())
+        try:
+            with pytest.raises(TemplateError, match="not valid Jinja2"):
+                await templates.for_engine(Engine)
+            assert "not valid Jinja2" in (await templates.card(Engine))["error"]
+            flag = ChatTemplates("{{ 'flag' }}", templates._worker)
+            assert (await flag.for_engine(Engine)).origin == "--chat-template"
+        finally:
+            await templates.close()
+
+    asyncio.run(scenario())
 
 
 def _copy(checkpoint, tmp_path):
@@ -157,3 +166,34 @@ def test_a_broken_checkpoint_template_fails_chat_clearly_and_completions_still_w
         assert "not valid Jinja2" in card["error"]
         ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 2})
         assert ok.status_code == 200
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_template_that_is_a_folder_is_refused_and_leaks_no_descriptor(tiny_checkpoint, tmp_path):
+    folder = _copy(tiny_checkpoint, tmp_path)
+    (folder / "chat_template.jinja").mkdir()
+    with live_server(folder) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        body = {"messages": [{"role": "user", "content": "abc"}], "max_tokens": 2}
+        client.post("/v1/chat/completions", json=body)  # warm: the first request may open files
+        before = _open_fds()
+        for _ in range(20):
+            chat = client.post("/v1/chat/completions", json=body)
+            assert chat.status_code == 500, chat.text
+            assert chat.json()["error"]["code"] == "chat_template_error"
+            assert "not a regular file" in chat.json()["error"]["message"]
+            card = client.get("/v1/models").json()["data"][0]["chat_template"]
+            assert "not a regular file" in card["error"], card
+        assert _open_fds() <= before, "chat requests left file descriptors open"
+        assert client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2}).status_code == 200
+
+
+def test_reading_a_folder_as_a_template_closes_its_descriptor(tmp_path):
+    (tmp_path / "chat_template.jinja").mkdir()
+    before = _open_fds()
+    for _ in range(10):
+        with pytest.raises(TemplateError, match="not a regular file"):
+            from_checkpoint(tmp_path)
+    assert _open_fds() == before, "a refused template file left its descriptor open"

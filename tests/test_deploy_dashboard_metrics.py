@@ -130,7 +130,7 @@ def test_every_queried_series_and_label_exists_in_real_metrics_output(live_serve
 
 
 def test_the_dashboard_names_no_datasource_uid_and_filters_every_query_by_job_and_instance():
-    """Issue 11: the datasource uid was hard-coded to `prometheus`; no job/instance selector."""
+    """Before: the datasource uid was hard-coded to `prometheus`; no job/instance selector."""
     for name, board in _dashboards():
         variables = {v["name"]: v for v in board["templating"]["list"]}
         source = variables.get("DS_PROMETHEUS")
@@ -150,7 +150,7 @@ def test_the_dashboard_names_no_datasource_uid_and_filters_every_query_by_job_an
 
 
 def test_time_and_counts_never_share_a_panel():
-    """Issue 11: "Engine step and batch size" plotted seconds and counts on one axis."""
+    """Before: "Engine step and batch size" plotted seconds and counts on one axis."""
     for name, board in _dashboards():
         for panel in board["panels"]:
             exprs = [t["expr"] for t in panel["targets"]]

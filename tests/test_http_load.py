@@ -29,7 +29,7 @@ def _settled(server, idle_kv: float):
             m["gptserve_num_requests_running"] == 0
             and m["gptserve_num_requests_waiting"] == 0
             and m["gptserve_kv_cache_usage_ratio"] == idle_kv
-            and server.state.num_inflight == 0
+            and server.state.num_inflight_on(server.state.engine) == 0
         )
 
     return check
@@ -87,7 +87,7 @@ def test_non_streaming_disconnect_cancels_the_request(server, queued):
             what="4 running requests",
         )
     sock = _raw_request(server.port, stream=False)
-    wait_until(lambda: server.state.num_inflight == len(blockers) + 1, what="request admitted")
+    wait_until(lambda: server.state.num_inflight_on(server.state.engine) == len(blockers) + 1, what="request admitted")
     if queued:
         wait_until(
             lambda: _scrape(server.url)["gptserve_num_requests_waiting"] == 1,

@@ -1,7 +1,7 @@
 """Transport limits of a real ``python -m service`` process, attacked with raw sockets.
 
-Each attack is issue 10's (item 11: a 128 MB header, 5,000 headers, 3,000 slowloris connections,
-1,100 idle connections under a 1,024 file limit; item 12: bad framing), scaled down to what proves
+Each attack (a 128 MB header, 5,000 headers, 3,000 slowloris connections, 1,100 idle connections
+under a 1,024 file limit, bad framing) is scaled down to what proves
 the same thing on loopback. Before the transport guard each one got a 200, stayed open for ever,
 or made real requests fail. Every wait is for something the server does (an answer, a close, a
 metric), bounded by a socket timeout, never a sleep.
@@ -172,7 +172,7 @@ def test_an_idle_keep_alive_connection_is_closed(server):
     ids=["content-length-not-a-number", "two-content-lengths", "bad-chunk-size", "bad-method"],
 )  # fmt: skip
 def test_malformed_framing_gets_the_json_error_envelope(server, request_bytes, problem):
-    """Issue item 12: bad Content-Length or chunk framing got uvicorn's plain-text 400."""
+    """Before: bad Content-Length or chunk framing got uvicorn's plain-text 400."""
     status, body = _send_then_read(server.port, request_bytes)
     assert status == 400
     assert body["error"]["code"] == "invalid_http"

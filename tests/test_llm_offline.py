@@ -82,3 +82,62 @@ def test_offline_choices_of_nearby_seeds_differ_and_replay_alone(tiny_checkpoint
     derived = [1] + [int.from_bytes(hashlib.blake2b(f"1:{j}".encode(), digest_size=8).digest(),
                                     "big") >> 1 for j in (1, 2)]  # docs/API.md's derivation
     assert [texts(seed, 1)[0] for seed in derived] == one
+
+
+def test_a_stop_string_is_one_stop_string_not_its_characters(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, device="cpu")
+    seeded = SamplingParams(max_tokens=60, temperature=1.0, seed=3)
+    [free] = llm.generate("to be or", seeded)
+    text = free.outputs[0].text
+    # a three-character piece whose characters all occur earlier on their own
+    at = next(
+        i for i in range(1, len(text) - 2)
+        if text.find(text[i : i + 3]) == i and all(c in text[:i] for c in text[i : i + 3])
+    )
+    stop = text[at : at + 3]
+    for given in (stop, [stop]):
+        [result] = llm.generate("to be or", seeded, stop=given)
+        out = result.outputs[0]
+        assert (out.text, out.finish_reason) == (text[:at], "stop"), (
+            f"stop={given!r} did not end the text at its first occurrence"
+        )
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"logprobs": 9}, "logprobs"),
+        ({"seed": -1}, "seed"),
+        ({"logit_bias": {1: 500.0}}, "logit_bias"),
+    ],
+)
+def test_sampling_params_are_validated_when_built(fields, param):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams.create(**fields)
+    assert err.value.param == param
+    if "logit_bias" not in fields:
+        with pytest.raises(InvalidRequestError):
+            SamplingParams(**fields)
+
+
+def test_a_stop_that_is_not_text_is_refused(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, device="cpu")
+    for bad in ([""], [3], "", b"xy"):
+        with pytest.raises(InvalidRequestError) as err:
+            llm.generate("ab", SamplingParams(max_tokens=2), stop=bad)
+        assert err.value.param == "stop"
+
+
+def test_the_offline_api_imports_nothing_of_the_http_layer():
+    import subprocess
+    import sys
+
+    code = ("import sys, service.llm; "
+            "print(sorted(m for m in sys.modules if m.startswith(('service.api', 'fastapi'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"service.llm pulls in the HTTP layer: {out.stdout}"

@@ -1,9 +1,12 @@
-"""The lock is what runs: installed versions equal requirements/dev.txt, and every place that
-names the install command or the torch version says the same thing."""
+"""The lock is what runs: installed versions equal requirements/dev.txt, the runtime lock holds what
+the server and the trainer import, and every place that names an install command or the torch
+version says the same thing (the README leads with the runtime lock; CI and "Test" use dev)."""
 
 from __future__ import annotations
 
+import ast
 import re
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -63,13 +66,50 @@ def test_every_declared_dependency_is_locked():
     assert not missing, f"declared in pyproject.toml but not locked (run requirements/lock.sh): {missing}"
 
 
-def test_readme_gives_the_commands_ci_runs():
+def _bash_lines(markdown: str) -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", markdown, re.S)
+    return [line.split("#", 1)[0].strip() for block in blocks for line in block.splitlines()]
+
+
+def test_readme_leads_with_the_runtime_lock_and_tests_with_the_commands_ci_runs():
     install, test = _ci_commands()
+    assert "requirements/dev.txt" in install, "CI must install the dev lock (it runs the tests)"
+    runtime = install.replace("requirements/dev.txt", "requirements/runtime.txt")
     readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
-    lines = {line.strip() for block in blocks for line in block.splitlines()}
-    assert install in lines, f"README.md must give the install command CI runs: {install}"
-    assert test in lines, f"README.md must give the test command CI runs: {test}"
+    assert _bash_lines(readme)[0] == runtime, (
+        f"README.md's first command must install the runtime lock: {runtime}"
+    )
+    section = readme.split("\n## Test\n", 1)[1].split("\n## ", 1)[0]
+    assert install in _bash_lines(section), f'README.md\'s "Test" must give CI\'s install: {install}'
+    assert test in _bash_lines(section), f'README.md\'s "Test" must give CI\'s test command: {test}'
+
+
+OPTIONAL_IMPORTS = {"wandb"}  # trainer --wandb only; the error says to install it
+
+
+def test_the_runtime_lock_holds_everything_the_server_and_trainer_import():
+    from importlib.metadata import packages_distributions
+
+    providers = packages_distributions()
+    runtime = set(_pins(REQUIREMENTS / "runtime.txt")) | {"torch"}
+    missing = {}
+    for package in ("model", "service", "trainer"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in sys.stdlib_module_names or top in ("model", "service", "trainer"):
+                        continue
+                    dists = {_normalise(d) for d in providers.get(top, [top])}
+                    if top not in OPTIONAL_IMPORTS and not dists & runtime:
+                        missing[top] = str(path.relative_to(ROOT))
+    assert not missing, f"imported but not in requirements/runtime.txt (module: file): {missing}"
 
 
 def test_torch_version_is_the_same_everywhere():

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -16,15 +13,13 @@ from model import (
     TokenizerError,
     tokenizer_from_spec,
 )
-from model.tokenizer import R50K_BASE_SHA256
+from model.tokenizer import SHIPPED_RANKS
 
 MIXED = "Hello, world! 你好，世界 🙂🚀 naïve café — ünïcödé\nnew line"
 
 
 @pytest.fixture(scope="module")
 def bpe():
-    if "TIKTOKEN_CACHE_DIR" not in os.environ:
-        pytest.skip("needs TIKTOKEN_CACHE_DIR (offline GPT-2 BPE ranks); CI sets it")
     return TiktokenTokenizer.by_name("gpt2")
 
 
@@ -72,12 +67,7 @@ def test_bpe_special_token_text_is_plain_text(bpe):
 
 
 def test_bpe_ranks_file_in_checkpoint_folder(bpe, tmp_path):
-    cache = Path(os.environ["TIKTOKEN_CACHE_DIR"])
-    ranks = next(  # the cache may hold other files: pick GPT-2's ranks by their published hash
-        p for p in cache.iterdir()
-        if hashlib.sha256(p.read_bytes()).hexdigest() == R50K_BASE_SHA256
-    )
-    shutil.copy(ranks, tmp_path / "tokenizer.tiktoken")
+    shutil.copy(SHIPPED_RANKS, tmp_path / "tokenizer.tiktoken")
     tok = tokenizer_from_spec({"type": "tiktoken", "ranks_file": "tokenizer.tiktoken"}, tmp_path)
     assert tok.encode(MIXED) == bpe.encode(MIXED)
     assert tok.eot_id == 50256

@@ -197,6 +197,8 @@ def test_sigterm_exits_while_the_start_up_load_is_stuck(tmp_path):
     server.start()
     try:
         _wait(lambda: "loader blocked on purpose" in server.log(), "the start-up load to block")
+        # the port is open before the model has loaded (deploy/k8s's probes rely on it)
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
         assert httpx.get(f"{server.url}/ready", timeout=10).status_code == 503
         assert _sigterm_exits(server) == 0, server.log()[-3000:]
     finally:

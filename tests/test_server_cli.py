@@ -43,7 +43,7 @@ def _run(args, **env) -> subprocess.CompletedProcess:
 
 
 def test_a_busy_port_fails_in_one_line_with_exit_3_before_loading(tmp_path):
-    """Issue 11: a busy port gave uvicorn's raw `[Errno 98]` after 14 s of loading."""
+    """Before: a busy port gave uvicorn's raw `[Errno 98]` after 14 s of loading."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -58,7 +58,7 @@ def test_a_busy_port_fails_in_one_line_with_exit_3_before_loading(tmp_path):
 
 
 def test_device_cuda_without_a_gpu_fails_in_one_line_with_exit_2_before_listening(tmp_path):
-    """Issue 11: `--device cuda` without a GPU failed only once the server was listening."""
+    """Before: `--device cuda` without a GPU failed only once the server was listening."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -100,7 +100,7 @@ def _serve_and_stop(checkpoint, log_path, *flags: str) -> tuple[str, dict[str, s
 
 
 def test_text_logs_have_one_format_and_one_access_line_per_request(checkpoint, tmp_path):
-    """Issue 11: uvicorn's `INFO:     ...` lines were mixed with ours; no per-request line."""
+    """Before: uvicorn's `INFO:     ...` lines were mixed with ours; no per-request line."""
     log, headers = _serve_and_stop(checkpoint, tmp_path / "server.log")
     lines = log.strip().splitlines()
     assert lines and all(TEXT_LINE.match(line) for line in lines), "\n".join(

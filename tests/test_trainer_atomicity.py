@@ -217,6 +217,27 @@ def test_a_full_disk_is_one_error_line_and_the_last_checkpoint_survives(prepared
     assert _leftovers(run) == [], "a failed save must not leave its temp folder"
 
 
+@pytest.mark.timeout(120)
+def test_a_full_disk_before_the_first_latest_names_the_best_checkpoint_it_kept(prepared):
+    run = prepared / "fresh"
+    cmd = [sys.executable, "-c", DEV_FULL_CHILD, "train", "--data", str(prepared / "d"),
+           "--out", str(run), *TINY, "--max-iters", "5", "--eval-interval", "5"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, check=False, timeout=100
+    )
+    assert proc.returncode == 2, proc.stderr
+    best = load_checkpoint(run / "best")  # written before latest/'s train state hit the full disk
+    step = best.provenance["iterations"]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "no checkpoint" not in error, error
+    assert re.fullmatch(
+        rf"error: the disk holding {re.escape(str(run))} is full \([\d.]+ MiB free\); "
+        rf"{re.escape(str(run / 'best'))} \(step {step}\) is intact but there is no latest/ to "
+        r"resume from: free some space, then start the run again \(or serve best/\)",
+        error,
+    ), error
+
+
 def test_disk_full_is_recognised_in_the_errors_torch_and_python_raise():
     import torch
 

@@ -168,3 +168,78 @@ def test_auto_device_and_dtype_train_on_the_best_device_here(tiny_run, capsys):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"], evals
     ckpt = load_checkpoint(out / "latest")
     assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())
+
+
+def test_the_step_zero_eval_that_prints_best_saves_best(tiny_run, tmp_path):
+    from trainer_support import ENDLESS, start_trainer, wait_for
+
+    run = tmp_path / "run"
+    proc = start_trainer("train", "--data", str(tiny_run / "data"), "--out", str(run), *TINY,
+                         *ENDLESS, "--eval-interval", "1000000", "--log-interval", "1")  # fmt: skip
+    try:
+        wait_for(lambda: bool(_train_records(run)), proc, "the first step after the step-0 eval")
+    finally:
+        proc.send_signal(2)  # SIGINT: saves latest/ and exits
+        proc.wait(60)
+    assert records(run, "eval")[0]["step"] == 0
+    assert load_checkpoint(run / "best").provenance["iterations"] == 0, (
+        "step 0 printed (best) but saved no best/"
+    )
+
+
+def _train_records(run) -> list[dict]:
+    try:
+        return records(run, "train")
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def _sample(checkpoint, capsys) -> str:
+    capsys.readouterr()
+    argv = ["sample", "--checkpoint", str(checkpoint), "--prompt", "First", "--max-tokens", "20",
+            "--seed", "3", "--temperature", "1.0"]  # fmt: skip
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_sample_and_the_server_take_a_run_folder_best_else_latest(tiny_run, tmp_path, capsys):
+    import shutil
+
+    import httpx
+    from conftest import live_server
+
+    run = tmp_path / "mine"
+    shutil.copytree(tiny_run / "run", run)
+    assert _sample(run, capsys) == _sample(run / "best", capsys)
+    with live_server(run) as srv:
+        card = httpx.get(srv.url + "/v1/models").json()["data"][0]
+        assert card["checkpoint"]["checkpoint"] == "mine/best", card
+    shutil.rmtree(run / "best")
+    assert _sample(run, capsys) == _sample(run / "latest", capsys)
+
+
+def test_no_eval_at_start_skips_the_step_zero_eval(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_run / "data"), "--out", str(run), *TINY,
+            "--max-iters", "4", "--eval-interval", "2", "--no-eval-at-start"]  # fmt: skip
+    assert main(argv) == 0
+    assert [r["step"] for r in records(run, "eval")] == [2, 4]
+    assert load_checkpoint(run / "best").provenance["iterations"] in (2, 4)
+
+
+def test_the_cpu_tiny_preset_is_smaller_than_cpu_small_and_trains(tiny_run, tmp_path):
+    tiny, small = build_train_spec("cpu-tiny"), build_train_spec("cpu-small")
+
+    def work(spec) -> int:  # parameters x tokens over the run, evals included
+        loop, shape = spec.loop, spec.model
+        tokens = loop.batch_size * shape.block_size
+        evals = loop.max_iters // loop.eval_interval + 1
+        params = shape.n_layer * 12 * shape.n_embd**2
+        return params * tokens * (loop.max_iters * 3 + evals * 2 * loop.eval_iters)
+
+    assert work(tiny) * 3 < work(small), "cpu-tiny must be a fraction of cpu-small's work"
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(tiny_run / "data"), "--out", str(run), "--preset", "cpu-tiny",
+            "--max-iters", "3", "--eval-iters", "1", "--no-progress", "--peak-flops", "1e9"]  # fmt: skip
+    assert main(argv) == 0
+    assert load_checkpoint(run / "latest").provenance["preset"] == "cpu-tiny"

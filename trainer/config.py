@@ -79,6 +79,9 @@ class LoopConfig:
     max_iters: int = _param(5000, "optimizer steps in the whole run")
     eval_interval: int = _param(250, "evaluate and checkpoint every this many steps")
     eval_iters: int = _param(200, "batches per split in each evaluation")
+    eval_at_start: bool = _param(
+        True, "evaluate (and save best/) at step 0, before training; --no-eval-at-start skips it"
+    )
     seed: int = _param(1337, "seed of the initial weights, the data order and dropout")
     device: str = _param("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     dtype: str = _param(
@@ -182,7 +185,35 @@ CPU_SMALL = dict(
     dtype="float32",
 )
 
-PRESETS: dict[str, dict[str, Any]] = {"shakespeare-char": SHAKESPEARE_CHAR, "cpu-small": CPU_SMALL}
+# A first run on a laptop-class or shared 2-core CPU: about 5 minutes (docs/TRAINING.md has the
+# measured run), and text that already looks like its corpus. nanoGPT's CPU "baby GPT" shape.
+CPU_TINY = dict(
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    block_size=64,
+    dropout=0.0,
+    bias=False,
+    batch_size=16,
+    grad_accum_steps=1,
+    learning_rate=2e-3,
+    min_lr=2e-4,
+    max_iters=1000,
+    lr_decay_iters=None,
+    warmup_iters=50,
+    beta2=0.99,
+    weight_decay=0.1,
+    eval_interval=200,
+    eval_iters=20,
+    device="cpu",
+    dtype="float32",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "shakespeare-char": SHAKESPEARE_CHAR,
+    "cpu-small": CPU_SMALL,
+    "cpu-tiny": CPU_TINY,
+}
 
 
 def build_train_spec(preset: str | None = None, **overrides: Any) -> TrainSpec:

@@ -2,8 +2,9 @@
 
 Each optimizer step: ``grad_accum_steps`` micro-batches under autocast, gradient clipping, AdamW
 with the warmup + cosine learning rate. Every ``log_interval`` steps: a per-step metrics record.
-Every ``eval_interval`` steps (and at the end): mean loss on fixed train/val batches, an eval
-record, the loss curve, ``best/`` when val improved, and ``latest/``. On SIGINT / SIGTERM:
+Every ``eval_interval`` steps (and at step 0 and the end): mean loss on fixed train/val batches,
+an eval record, the loss curve, ``best/`` when val improved (step 0's eval included), and
+``latest/`` (after step 0). On SIGINT / SIGTERM:
 ``latest/`` at the current step, then ``TrainingInterrupted``.
 """
 
@@ -211,8 +212,11 @@ class Trainer:
                     self._stop(stop)
 
     def _eval_due(self) -> bool:
-        at = self.step
-        due = at == 0 or at % self.spec.loop.eval_interval == 0 or at == self.spec.loop.max_iters
+        at, loop = self.step, self.spec.loop
+        if at == 0:
+            due = loop.eval_at_start
+        else:
+            due = at % loop.eval_interval == 0 or at == loop.max_iters
         return due and self.evaluated_step != at
 
     def _stop(self, stop: StopSignal) -> None:
@@ -310,7 +314,8 @@ class Trainer:
         return self.data.tokenizer_spec, provenance
 
     def _evaluate_and_save(self, report: RunReport, stop: StopSignal) -> bool:
-        """Evaluate, log, and (after step 0) checkpoint; False if a signal cut the eval short."""
+        """Evaluate, log, save ``best/`` whenever val improved (step 0 included: it prints
+        "(best)") and ``latest/`` after step 0; False if a signal cut the eval short."""
         losses = self.evaluate(stop)
         if losses is None:
             return False
@@ -327,22 +332,18 @@ class Trainer:
             self.tokens_seen,
             round(self._elapsed(), 2),
         )
-        save = self.step > 0  # step 0's weights are the seed's: nothing worth keeping
-        state = self._train_state() if save else None  # a collective: every rank takes part
-        if save:
+        resumable = self.step > 0  # step 0 resumes as a fresh start: no latest/ needed
+        state = self._train_state() if resumable else None  # a collective: every rank takes part
+        if resumable:
             self.saved_step = self.step
         if not self.ctx.is_main:
             return True
         report.eval_done(record, improved)
-        if save:
-            tokenizer_spec, provenance = self._provenance(losses["val"])
-            if improved:
-                save_best(
-                    self.run_dir,
-                    self.raw_model,
-                    tokenizer_spec,
-                    provenance,
-                    self.spec.loop.save_dtype,
-                )
+        tokenizer_spec, provenance = self._provenance(losses["val"])
+        if improved:  # what "(best)" promises: sample and serve it right away
+            save_best(
+                self.run_dir, self.raw_model, tokenizer_spec, provenance, self.spec.loop.save_dtype
+            )
+        if resumable:
             save_latest(self.run_dir, self.raw_model, tokenizer_spec, provenance, state)
         return True

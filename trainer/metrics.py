@@ -77,9 +77,6 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(asdict(record)) + "\n")
 
-    def has_eval_at(self, step: int) -> bool:
-        return any(isinstance(r, EvalRecord) and r.step == step for r in self.records)
-
     def plot(self) -> None:
         plot_losses(self.records, self.png)
 

@@ -25,7 +25,7 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -
     ]
     extra = {}
     # One fused kernel for the whole update: nanoGPT uses it on CUDA; torch >= 2.4 has it on CPU
-    # too (3x faster optimizer step on the cpu-small model: 0.8 ms vs 2.4 ms for foreach).
+    # too, where it beats foreach (docs/BENCHMARKS.md, "Training throughput").
     if (
         device_type in ("cuda", "cpu")
         and "fused" in inspect.signature(torch.optim.AdamW).parameters

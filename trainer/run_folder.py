@@ -132,10 +132,24 @@ def disk_full_error(run_dir: Path) -> TrainerError:
         free = f"{shutil.disk_usage(run_dir).free / 2**20:.1f} MiB free"
     except OSError:
         free = "free space unknown"
-    step = latest_step(run_dir)
-    kept = (
-        f"{run_dir / 'latest'} (step {step}) is intact: free some space, then add --resume"
-        if step is not None
-        else "no checkpoint had been written yet"
-    )
+    step, best = latest_step(run_dir), _best_step(run_dir)
+    if step is not None:
+        kept = f"{run_dir / 'latest'} (step {step}) is intact: free some space, then add --resume"
+    elif best is not None:
+        kept = (
+            f"{run_dir / 'best'} (step {best}) is intact but there is no latest/ to resume from: "
+            "free some space, then start the run again (or serve best/)"
+        )
+    else:
+        kept = "no checkpoint had been written yet"
     return TrainerError(f"the disk holding {run_dir} is full ({free}); {kept}")
+
+
+def _best_step(run_dir: Path) -> int | None:
+    """The step ``RUN/best`` holds, or None when there is none that loads."""
+    from model.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return int(load_checkpoint(run_dir / "best").provenance["iterations"])
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError):
+        return None

@@ -22,7 +22,7 @@ from model.checkpoint.budget import Budget, BudgetError, host_budget
 from model.checkpoint.common import Checkpoint, CheckpointError
 from model.checkpoint.files import CheckpointFiles, checkpoint_kind
 from model.checkpoint.huggingface import export_huggingface, is_huggingface, load_huggingface
-from model.checkpoint.naming import default_model_name
+from model.checkpoint.naming import default_model_name, run_checkpoint
 from model.checkpoint.nanogpt import load_nanogpt
 from model.checkpoint.native import CONFIG, is_native, load_native, save_checkpoint
 from model.tokenizer import TokenizerError
@@ -35,6 +35,7 @@ __all__ = [
     "default_model_name",
     "export_huggingface",
     "load_checkpoint",
+    "run_checkpoint",
     "save_checkpoint",
 ]
 
@@ -51,9 +52,10 @@ def load_checkpoint(
     """Load any supported checkpoint; the model comes back in eval mode on ``device``/``dtype``.
 
     ``budget(config)`` runs once the shape is known and before any tensor is allocated; the
-    default refuses a model whose load would not fit in this process's host memory.
+    default refuses a model whose load would not fit in this process's host memory. A trainer run
+    folder loads its ``best/``, else its ``latest/``.
     """
-    path = Path(path)
+    path = run_checkpoint(path)
     try:
         recover_interrupted_swap(path)
         checkpoint = _detect_and_load(path, budget)

@@ -2,7 +2,7 @@
 
 In order: the ``name`` its provenance records; for a trainer run's ``best/`` or ``latest/`` the
 run folder's name (``runs/mine/best`` -> ``mine``); for a nanoGPT ``ckpt.pt`` its folder's name;
-else the checkpoint folder's own name.
+else the checkpoint folder's own name. Here too: which checkpoint a run folder stands for.
 """
 
 from __future__ import annotations
@@ -15,6 +15,19 @@ from model.checkpoint.files import CheckpointError, CheckpointFiles
 
 RUN_FOLDERS = ("best", "latest")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+
+
+def run_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a path stands for: a trainer run folder (it holds ``best/`` or ``latest/``
+    and is no checkpoint itself) stands for its ``best/`` if present, else its ``latest/``; any
+    other path stands for itself."""
+    path = Path(path)
+    try:
+        if not path.is_dir() or (path / "config.json").exists():
+            return path
+        return next((path / n for n in RUN_FOLDERS if (path / n).is_dir()), path)
+    except OSError:  # unreadable: the loader says why
+        return path
 
 
 def default_model_name(path: str | Path) -> str:

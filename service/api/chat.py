@@ -10,6 +10,8 @@ open with the assistant's role, and chat-style logprobs.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
@@ -21,12 +23,12 @@ from service.api.chat_protocol import (
     ChatLogprobs,
     ChatResponseMessage,
 )
-from service.api.choices import ChoiceState, Job
 from service.api.errors import APIError
-from service.api.protocol import new_id
+from service.api.protocol import ContextWindow, Usage, new_id
 from service.api.serving import Serving, stream_head
 from service.api.state import ServerState
 from service.chat_template import ChatTemplate, ChatTemplates, TemplateError
+from service.choices import ChoiceState, Job
 from service.engine.types import InvalidRequestError
 
 
@@ -40,8 +42,9 @@ class ChatServing(Serving):
     async def create(self, body: ChatCompletionRequest, http: HTTPRequest) -> Response:
         engine = self.admit(body, http)
         body.refuse_unsupported()
-        template = self._template(engine)
-        prompts = await self.token_ids(engine, [self._render(body, template, engine)], "messages")
+        template = await self._template(engine)
+        text = await self._render(body, template, engine)
+        prompts = await self.token_ids(engine, [text], "messages")
         want = body.engine_logprobs()
         window = engine.model_config.block_size
         params = body.sampling_params(max_tokens=body.max_new_tokens(window), logprobs=want)
@@ -54,14 +57,13 @@ class ChatServing(Serving):
             return self.stream(job, engine, _Chunks(job), body.include_usage)
         return await self.respond(job, engine, http, _response)
 
-    def _template(self, engine) -> ChatTemplate:
+    async def _template(self, engine) -> ChatTemplate:
         try:
-            return self.templates.for_engine(engine)
+            return await self.templates.for_engine(engine)
         except TemplateError as err:  # the checkpoint's own template is unusable: our fault
             raise APIError(500, str(err), code="chat_template_error") from None
 
-    @staticmethod
-    def _render(body: ChatCompletionRequest, template: ChatTemplate, engine) -> str:
+    async def _render(self, body: ChatCompletionRequest, template: ChatTemplate, engine) -> str:
         messages = []
         for i, message in enumerate(body.messages):
             item = {"role": message.role, "content": message.text(i)}
@@ -71,7 +73,7 @@ class ChatServing(Serving):
         eos_id = engine.eos_token_id
         eos = "" if eos_id is None else engine.tokenizer.decode([eos_id])
         try:
-            return template.render(messages, eos_token=eos)
+            return await self.templates.render(template, messages, eos_token=eos)
         except TemplateError as err:
             raise InvalidRequestError("messages", str(err)) from None
 
@@ -89,7 +91,7 @@ def _response(job: Job) -> ChatCompletionResponse:
             message=ChatResponseMessage(content=c.generated_text),
             logprobs=_chat_logprobs(c, c.entries, job.tokenizer),
             finish_reason=c.finish_reason,
-            context_window=c.window,
+            context_window=ContextWindow(**asdict(c.window)),
         )
         for c in job.choices
     ]
@@ -98,7 +100,7 @@ def _response(job: Job) -> ChatCompletionResponse:
         created=job.created,
         model=job.model,
         choices=choices,
-        usage=job.usage(),
+        usage=Usage(**asdict(job.usage())),
         system_fingerprint=job.system_fingerprint,
     )
 

@@ -9,19 +9,23 @@ describes it; ``suffix`` (insertion) is refused.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
 from service.api import logprobs, sse
-from service.api.choices import ChoiceState, Job
 from service.api.errors import APIError
 from service.api.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    ContextWindow,
+    Usage,
     new_id,
 )
 from service.api.serving import Serving, renamed, stream_head
+from service.choices import ChoiceState, Job
 from service.engine.types import InvalidRequestError
 
 
@@ -105,7 +109,7 @@ def _response(job: Job, n: int) -> CompletionResponse:
             text=c.text,
             logprobs=logprobs.legacy(c.entries, job.tokenizer) if c.want_logprobs else None,
             finish_reason=c.finish_reason,
-            context_window=c.window,
+            context_window=ContextWindow(**asdict(c.window)),
         )
         for i, c in enumerate(_best(job, n))
     ]
@@ -114,7 +118,7 @@ def _response(job: Job, n: int) -> CompletionResponse:
         created=job.created,
         model=job.model,
         choices=choices,
-        usage=job.usage(),  # every candidate's tokens, as OpenAI bills best_of
+        usage=Usage(**asdict(job.usage())),  # every candidate's tokens, as OpenAI bills best_of
         system_fingerprint=job.system_fingerprint,
     )
 

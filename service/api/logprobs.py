@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 
 from service.api.chat_protocol import ChatTokenLogprob, TopLogprob
-from service.api.choices import TokenEntry
 from service.api.protocol import Logprobs
+from service.choices import TokenEntry
 from service.engine.types import TokenLogprob
 
 

@@ -95,7 +95,7 @@ async def list_models(request: Request, state: StateDep, templates: TemplatesDep
                 created=state.started,
                 max_model_len=engine.model_config.block_size,
                 checkpoint=live.to_dict() if live is not None else None,
-                chat_template=ChatTemplateCard(**templates.card(engine)),
+                chat_template=ChatTemplateCard(**await templates.card(engine)),
             )
         ]
     )

@@ -2,8 +2,9 @@
 
 ``Serving`` checks readiness and the model name, turns text into token ids, submits one engine
 request per prompt (each with ``n`` choices), folds the engine's token events into choices with
-``service.api.choices.Job`` (every event waiting on a request's stream in one read: a stream
-that falls behind sends one SSE event per choice carrying all its new tokens), and answers with one JSON response or an SSE stream. What differs
+``service.choices.Job`` (every event waiting on a request's stream in one read: a stream that
+falls behind sends one SSE event per choice carrying all its new tokens), and answers with one
+JSON response or an SSE stream. What differs
 between ``/v1/completions`` and ``/v1/chat/completions`` (how a request becomes prompts, the shape
 of a choice and of a stream chunk) lives in ``service.api.completions`` and ``service.api.chat``;
 the stream's per-chunk shape comes in as a ``ChunkShape``. A client disconnect, a timeout, or the
@@ -25,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
@@ -33,10 +35,10 @@ from starlette.responses import Response, StreamingResponse
 
 from model.tokenizer import TokenizerError
 from service.api import sse
-from service.api.choices import ChoiceState, Echo, Job, Update
 from service.api.errors import APIError, not_ready
 from service.api.protocol import GenerationRequest
 from service.api.state import ServerState
+from service.choices import ChoiceState, Echo, Job, Update
 from service.engine.types import InvalidRequestError, Request, SamplingParams, TokenEvents
 from service.text import encode_text
 
@@ -257,7 +259,7 @@ class Serving:
                     if job.all_done:
                         break
             if include_usage:
-                yield frame.usage(job.usage().model_dump())
+                yield frame.usage(asdict(job.usage()))
             yield sse.DONE
             completed = True
         except TimeoutError:

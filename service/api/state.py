@@ -85,10 +85,6 @@ class ServerState:
         if not self._inflight:
             self._idle.set()
 
-    @property
-    def num_inflight(self) -> int:
-        return len(self._inflight)
-
     def num_inflight_on(self, engine: Engine) -> int:
         """Requests in flight on ``engine`` (a live reload retires an engine when this is 0)."""
         return sum(1 for e in self._inflight.values() if e is engine)

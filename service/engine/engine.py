@@ -116,12 +116,6 @@ class Engine:
         """Sequences that may be live at once: one per slot, plus the waiting queue."""
         return self.n_slots + self.config.max_queue
 
-    @property
-    def memory_bytes(self) -> int:
-        """Bytes this engine holds on its device: weights and KV cache."""
-        weights = sum(p.numel() * p.element_size() for p in self._core.runner.model.parameters())
-        return weights + self._core.runner.kv.nbytes
-
     # ---- the API side (any thread / the event loop) ----------------------------------------
 
     def validate(self, request: Request) -> None:

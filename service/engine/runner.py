@@ -125,9 +125,8 @@ class ModelRunner:
     def _prepacking_pays(self, width: int, reps: int = 3) -> bool:
         """Time a one-row and a ``width``-row decode step with and without the prepacked weights
         and keep them for each row count where they are at least 5% faster (which wins depends
-        on the model's width, the dtype and the CPU: on a 2-core Sapphire Rapids VM prepacking
-        takes GPT-2-small's fp32 32-row step from 93 to 74 ms but slows its one-row step, and
-        the shipped 192-wide model's 32-row step from 4.5 to 5.5 ms)."""
+        on the model's width, the dtype and the CPU: docs/BENCHMARKS.md, "Where a step's time
+        goes", has the figures)."""
         use = []
         for rows in sorted({1, width}):
             batch = self.kv.pack([], decode_width=rows)

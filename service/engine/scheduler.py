@@ -57,10 +57,6 @@ class SchedulerOutput:
     admitted: tuple[Sequence, ...] = ()
 
     @property
-    def is_empty(self) -> bool:
-        return not self.decode and not self.prefill
-
-    @property
     def num_prefill_tokens(self) -> int:
         return sum(c.num_tokens for c in self.prefill)
 

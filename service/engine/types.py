@@ -43,7 +43,8 @@ class FinishReason(str, Enum):  # noqa: UP042 (str() of members is part of the c
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request generation settings, validated by ``validate``. ``temperature`` 0 = greedy."""
+    """Per-request generation settings. ``temperature`` 0 = greedy. Every range that needs no
+    model is checked when the params are built; ``validate`` adds the model's (token ids, n)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -67,7 +68,7 @@ class SamplingParams:
         stop_ids = tuple(kwargs.pop("stop_token_ids", ()) or ())
         return cls(logit_bias=pairs, stop_token_ids=stop_ids, **kwargs)
 
-    def validate(self, vocab_size: int, max_n: int = 16) -> None:
+    def __post_init__(self) -> None:
         """Raise ``InvalidRequestError`` naming the first bad parameter."""
         _int_range("max_tokens", self.max_tokens, 1, 1_000_000)
         _float_range("temperature", self.temperature, 0.0, 100.0)
@@ -77,17 +78,23 @@ class SamplingParams:
         _float_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _float_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _float_range("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
-        _int_range("n", self.n, 1, max_n)
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            raise InvalidRequestError("n", f"n must be an integer >= 1, got {self.n!r}")
         if self.logprobs is not None:
             _int_range("logprobs", self.logprobs, 0, 5)
         if self.seed is not None:
             _int_range("seed", self.seed, 0, 2**63 - 1)
-        for token_id, bias in self.logit_bias:
+        for _, bias in self.logit_bias:
+            _float_range("logit_bias", bias, -100.0, 100.0)
+
+    def validate(self, vocab_size: int, max_n: int = 16) -> None:
+        """Raise ``InvalidRequestError`` naming the first parameter this model refuses."""
+        _int_range("n", self.n, 1, max_n)
+        for token_id, _ in self.logit_bias:
             if not 0 <= token_id < vocab_size:
                 raise InvalidRequestError(
                     "logit_bias", f"logit_bias token id {token_id} is outside [0, {vocab_size})"
                 )
-            _float_range("logit_bias", bias, -100.0, 100.0)
         for token_id in self.stop_token_ids:
             if not 0 <= token_id < vocab_size:
                 raise InvalidRequestError(

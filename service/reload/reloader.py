@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from model.checkpoint import Budget, Checkpoint, CheckpointError
 from model.checkpoint.budget import host_budget
+from model.checkpoint.naming import run_checkpoint
 from service.reload.loading import LoadBusy, SupervisedLoads, in_daemon_thread
 from service.reload.snapshot import (
     Fingerprint,
@@ -108,7 +109,7 @@ class Reloader:
         budget: Callable[[Engine | None], Budget] = lambda live: host_budget,
     ) -> None:
         self.state = state
-        self.path = Path(path)
+        self.path = run_checkpoint(path)  # a run folder: its best/ (else latest/) is watched
         self.config = config
         self._build_engine = build_engine
         self._on_model = on_model
@@ -197,7 +198,7 @@ class Reloader:
         async with self._lock:
             if self.state.draining:
                 raise ReloadError("the server is shutting down", 503, "not_ready")
-            target = Path(path) if path is not None else self.path
+            target = run_checkpoint(path) if path is not None else self.path
             try:
                 return await self._reload(target)
             except (ReloadError, asyncio.CancelledError):

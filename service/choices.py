@@ -1,11 +1,12 @@
 """Folding engine events into choices: text, logprobs, usage, window crops and finish per choice.
 
-A ``Job`` is one admitted generation call (completions or chat): one engine request per prompt,
-``n`` choices each. ``Job.apply`` feeds what one read of a request's stream collected (every
-token that arrived since the last read) to each choice's ``TextStream`` (stop strings, UTF-8
-safety) and logprob bookkeeping at once, and says per choice what changed; the serving layer acts on
-that (metrics, aborting the engine request). Logprobs are kept as neutral ``TokenEntry`` records
-that ``service.api.logprobs`` renders in either endpoint's shape. Nothing here does I/O.
+A ``Job`` is one admitted generation call (an HTTP completions or chat request, or one offline
+``LLM.generate``): one engine request per prompt, ``n`` choices each. ``Job.apply`` feeds what one
+read of a request's stream collected (every token that arrived since the last read) to each
+choice's ``TextStream`` (stop strings, UTF-8 safety) and logprob bookkeeping at once, and says per
+choice what changed; the caller acts on that (metrics, aborting the engine request). Logprobs are
+kept as neutral ``TokenEntry`` records that ``service.api.logprobs`` renders in either endpoint's
+shape. Pure bookkeeping beside ``service.text``: no I/O, no HTTP shapes.
 """
 
 from __future__ import annotations
@@ -14,9 +15,25 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from service.api.protocol import ContextWindow, Usage
 from service.engine.types import RequestMetrics, TokenEvents, TokenLogprob
 from service.text import TextDelta, TextStream
+
+
+@dataclass(frozen=True)
+class Window:
+    """Whether the sliding window cropped a choice's context (the API's ``context_window``)."""
+
+    prompt_cropped: bool = False  # the prompt was longer than the window: its start was dropped
+    crops: int = 0  # window slides during generation (0: the model always saw everything)
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """A job's token counts (the API's ``usage``)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
 @dataclass(frozen=True)
@@ -64,8 +81,8 @@ class ChoiceState:
         return "".join(self.parts)
 
     @property
-    def window(self) -> ContextWindow:
-        return ContextWindow(prompt_cropped=self.prompt_cropped, crops=self.crops)
+    def window(self) -> Window:
+        return Window(prompt_cropped=self.prompt_cropped, crops=self.crops)
 
     @property
     def window_moved(self) -> bool:
@@ -182,9 +199,9 @@ class Job:
     def all_done(self) -> bool:
         return self.num_done == len(self.choices)
 
-    def usage(self) -> Usage:
+    def usage(self) -> TokenUsage:
         completion = sum(c.num_tokens for c in self.choices)
-        return Usage(
+        return TokenUsage(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=completion,
             total_tokens=self.prompt_tokens + completion,
