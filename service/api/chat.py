@@ -25,7 +25,7 @@ from service.api.chat_protocol import (
 )
 from service.api.errors import APIError
 from service.api.protocol import ContextWindow, Usage, new_id
-from service.api.serving import Serving, stream_head
+from service.api.serving import Serving, renamed, stream_head
 from service.api.state import ServerState
 from service.chat_template import ChatTemplate, ChatTemplates, TemplateError
 from service.choices import ChoiceState, Job
@@ -47,11 +47,15 @@ class ChatServing(Serving):
         prompts = await self.token_ids(engine, [text], "messages")
         want = body.engine_logprobs()
         window = engine.model_config.block_size
-        params = body.sampling_params(max_tokens=body.max_new_tokens(window), logprobs=want)
+        aliases = {"max_tokens": body.length_param, "logprobs": "top_logprobs"}
+        try:  # SamplingParams checks its ranges when built: name the field the client sent
+            params = body.sampling_params(max_tokens=body.max_new_tokens(window), logprobs=want)
+        except InvalidRequestError as err:
+            raise renamed(err, aliases) from None
         stop = tuple(dict.fromkeys(body.stop_strings() + template.stop))
         job = await self.submit(
             engine, new_id("chatcmpl"), prompts, params, stop=stop, logprobs=want is not None,
-            aliases={"max_tokens": body.length_param, "logprobs": "top_logprobs"},
+            aliases=aliases,
         )
         if body.stream:
             return self.stream(job, engine, _Chunks(job), body.include_usage)

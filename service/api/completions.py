@@ -45,11 +45,12 @@ class CompletionServing(Serving):
         # best_of ranks candidates by their total logprob: ask the engine for it (k = 0 gives
         # the chosen token's logprob and no alternatives)
         want = body.logprobs if body.logprobs is not None else (0 if candidates > body.n else None)
-        params = body.sampling_params(max_tokens=body.max_tokens, n=candidates, logprobs=want)
         stop = body.stop_strings()
         items = _prompt_items(body.prompt)
         aliases = {"n": "best_of"} if candidates != body.n else {}  # the engine's n is best_of
-        try:
+        try:  # SamplingParams checks its ranges when built
+            params = body.sampling_params(max_tokens=body.max_tokens, n=candidates,
+                                          logprobs=want)
             engine.validate_size(params, len(items))  # before encoding any of them
         except InvalidRequestError as err:
             raise renamed(err, aliases) from None
