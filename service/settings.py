@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import functools
 import os
 import re
@@ -19,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.flags import SuggestingParser, field_type, flag
 from service.engine.config import EngineConfig
 from service.transport.limits import TransportLimits
 
@@ -163,30 +163,6 @@ def parse_flag(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r} (use 1/0, true/false)")
 
 
-class SuggestingParser(argparse.ArgumentParser):
-    """argparse, with the closest flag named when one is mistyped (``--chekpoint``: did you mean
-    ``--checkpoint``?) and one line, not the whole usage, before the error."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}{flag_hint(self, message)}\n"
-                     f"{self.prog} --help lists every flag\n")  # fmt: skip
-
-
-def flag_hint(parser: argparse.ArgumentParser, message: str) -> str:
-    """`` (did you mean --x?)`` for each unrecognized ``--flag`` in argparse's ``message``."""
-    prefix = "unrecognized arguments: "
-    if not message.startswith(prefix):
-        return ""
-    known = [option for action in parser._actions for option in action.option_strings]
-    hints = []
-    for arg in message[len(prefix):].split():
-        name = arg.split("=", 1)[0]
-        close = difflib.get_close_matches(name, known, n=1) if name.startswith("--") else []
-        if close:
-            hints.append(f"{name}: did you mean {close[0]}?")
-    return f" ({'; '.join(hints)})" if hints else ""
-
-
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The command line, one flag per setting (``Settings``, ``EngineConfig`` and
     ``TransportLimits`` fields, with their help); each flag's default comes from its
@@ -208,7 +184,6 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, env: Mapping[str, str]):
     """``--foo-bar`` for field ``foo_bar``: its type from the field, its default from the field
     or from ``GPTSERVE_FOO_BAR``, its help from the field's metadata."""
-    flag = "--" + f.name.replace("_", "-")
     env_name = ENV_PREFIX + f.name.upper()
     meta, kind = f.metadata, str(f.type)
     default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
@@ -223,12 +198,12 @@ def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, env: Mappin
         options["type"] = parse_size
     elif "choices" in meta:
         options["choices"] = meta["choices"]
-    elif kind.startswith(("int", "float", "Path")):
-        options["type"] = {"int": int, "float": float, "Path": Path}[kind.split(" ")[0]]
+    elif field_type(f) not in (None, str):
+        options["type"] = field_type(f)
     shown = "set" if meta.get("secret") and default else default
     shown = "unset" if shown in (None, "") else shown
     help_text = f"{meta['help']} (now: {shown}; env {env_name})".replace("%", "%%")
-    parser.add_argument(flag, default=default, help=help_text, **options)
+    parser.add_argument(flag(f.name), default=default, help=help_text, **options)
 
 
 def parse_settings(

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
 import shlex
 import signal
 import sys
 from pathlib import Path
 
-from trainer.config import DEFAULTS, PRESETS, SECTIONS, flag
+from model.flags import SuggestingParser, field_type, flag
+from trainer.config import DEFAULTS, PRESETS, SECTIONS
 from trainer.errors import TrainerError, TrainingInterrupted
 
 EXIT_USAGE = 2
@@ -44,36 +44,8 @@ a --preset, under the flags you give. With --resume they come from the run's own
 the model's shape cannot change."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, naming the closest flag of any command when one is mistyped (``--max-iter``:
-    did you mean ``--max-iters``?), in one line instead of the whole usage."""
-
-    def error(self, message: str):  # type: ignore[override]
-        prefix, hints = "unrecognized arguments: ", []
-        if message.startswith(prefix):
-            known = _option_strings(self)
-            for arg in message[len(prefix):].split():
-                name = arg.split("=", 1)[0]
-                close = difflib.get_close_matches(name, known, n=1) if name[:2] == "--" else []
-                hints += [f"{name}: did you mean {close[0]}?"] if close else []
-        hint = f" ({'; '.join(hints)})" if hints else ""
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{hint}\n"
-                              f"{self.prog} --help lists every flag\n")  # fmt: skip
-
-
-def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
-    """Every flag of ``parser`` and of its commands."""
-    found = []
-    for action in parser._actions:
-        found += action.option_strings
-        if isinstance(action, argparse._SubParsersAction):
-            for command in action.choices.values():
-                found += _option_strings(command)
-    return list(dict.fromkeys(found))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m trainer", description=__doc__.split("\n")[0])
+    parser = SuggestingParser(prog="python -m trainer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin")
@@ -144,7 +116,7 @@ def _add_hyperparameter(parser: argparse._ArgumentGroup, field: dataclasses.Fiel
             flag(field.name), action=argparse.BooleanOptionalAction, default=None, help=helptext
         )
         return
-    kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" |")[0], float)
+    kind = field_type(field) or float
     metavar = {int: "N", float: "X", str: "NAME"}[kind]
     parser.add_argument(flag(field.name), type=kind, default=None, metavar=metavar, help=helptext)
 

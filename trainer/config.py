@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from model.flags import flag
+
 if TYPE_CHECKING:
     from model.config import GPTConfig
 
@@ -131,11 +133,6 @@ SECTIONS = (ModelShape, OptimConfig, LoopConfig, LogConfig)
 
 def _field_defaults() -> dict[str, Any]:
     return {f.name: f.default for cls in SECTIONS for f in dataclasses.fields(cls)}
-
-
-def flag(name: str) -> str:
-    """The command-line flag of a hyperparameter: ``max_iters`` -> ``--max-iters``."""
-    return "--" + name.replace("_", "-")
 
 
 DEFAULTS: dict[str, Any] = _field_defaults()
