@@ -98,7 +98,7 @@ def test_each_flag_takes_its_help_from_its_field():
                                              ("--max-conections", "--max-connections"),
                                              ("--api-kye=x", "--api-key")])  # fmt: skip
 def test_a_mistyped_flag_names_the_closest_one_in_one_line(typo, meant, capsys):
-    """Issue 18: ``--chekpoint`` printed 25 lines of usage and no hint."""
+    """``--chekpoint`` printed 25 lines of usage and no hint."""
     with pytest.raises(SystemExit) as exc:
         parse_settings([typo, "x"], environ={})
     assert exc.value.code == 2

@@ -1,4 +1,4 @@
-"""Issue 18's attacks on the HTTP edge and on request validation, against real servers.
+"""Attacks on the HTTP edge and on request validation, against real servers.
 
 Each test reproduces one defect the attack found on 1446e4f (``python -m service`` processes,
 raw sockets where the framing matters, many connections where the attack used many) and holds

@@ -182,7 +182,7 @@ def test_unknown_route_and_method_use_the_envelope(http):
 
 
 def test_probes_the_page_and_metrics_are_open_but_the_api_needs_the_key(http):
-    """Issue 18: ``--api-key`` locked the web page (it has its own key box) and /metrics (vLLM
+    """``--api-key`` once locked the web page (it has its own key box) and /metrics (vLLM
     keys only /v1; ``--metrics-auth`` keys it, see test_metrics_auth_puts_metrics_behind_the_key)."""
     for path in ("/health", "/ready", "/", "/favicon.ico", "/metrics"):
         assert http.get(path).status_code == 200, path

@@ -71,7 +71,7 @@ def test_series_are_fed_by_real_traffic(exposition):
             key, _, value = line.rpartition(" ")
             samples[key] = float(value)
     assert samples["gptserve_generation_tokens_total"] >= 40 + 4 + 2
-    # issue 18: this counted the sliding window's re-encoded tokens too (5,218 for prompts of
+    # this once counted the sliding window's re-encoded tokens too (5,218 for prompts of
     # 19 tokens); now it counts prompt tokens only: "abc" alone, streamed, and for n=2 choices
     assert samples["gptserve_prompt_tokens_total"] == 3 + 3 + 2 * 3
     assert samples["gptserve_recomputed_tokens_total"] > 0, "a window re-encoded after each crop"

@@ -70,7 +70,7 @@ def test_every_flag_of_every_subcommand_has_help_text():
 
 
 def test_a_mistyped_flag_names_the_closest_one_in_one_line():
-    """Issue 18: a mistyped flag printed the whole usage and no hint."""
+    """A mistyped flag printed the whole usage and no hint."""
     proc = subprocess.run(
         trainer_cmd("train", "--data", "d", "--out", "o", "--lerning-rate", "1"),
         cwd=REPO,
