@@ -184,27 +184,16 @@ CPU_SMALL = dict(
 
 # A first run on a laptop-class or shared 2-core CPU: about 5 minutes (docs/TRAINING.md has the
 # measured run), and text that already looks like its corpus. nanoGPT's CPU "baby GPT" shape.
-CPU_TINY = dict(
-    n_layer=4,
-    n_head=4,
-    n_embd=128,
-    block_size=64,
-    dropout=0.0,
-    bias=False,
-    batch_size=16,
-    grad_accum_steps=1,
-    learning_rate=2e-3,
-    min_lr=2e-4,
-    max_iters=1000,
-    lr_decay_iters=None,
-    warmup_iters=50,
-    beta2=0.99,
-    weight_decay=0.1,
-    eval_interval=200,
-    eval_iters=20,
-    device="cpu",
-    dtype="float32",
-)
+CPU_TINY = {
+    **CPU_SMALL,
+    "n_embd": 128,
+    "block_size": 64,
+    "batch_size": 16,
+    "max_iters": 1000,
+    "warmup_iters": 50,
+    "eval_interval": 200,
+    "eval_iters": 20,
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "shakespeare-char": SHAKESPEARE_CHAR,
