@@ -140,24 +140,26 @@ def test_sampler_matches_the_oracle_at_every_step(case):
     repeated = False
     for step in range(40):
         logits = _logits(g, len(rows))
-        got = sampler(logits.to(device), seqs)
-        for row, (seq, token) in enumerate(zip(seqs, got, strict=True)):
+        got = sampler(logits.to(device), seqs)  # one step's draws as columns
+        for row, (seq, token_id) in enumerate(zip(seqs, got.token_ids, strict=True)):
+            logprob = None if got.logprobs is None else got.logprobs[row]
+            top_logprobs = None if got.top_logprobs is None else got.top_logprobs[row]
             generated = seq.tokens[seq.num_prompt_tokens :]
             want = next_token(logits[row].tolist(), ReferenceParams.like(seq.params),
                               prompt=PROMPT, generated=generated, seed=seq.seed,
                               vocab_size=V_TOKENIZER, logprobs=seq.params.logprobs)
             where = f"{case}, row {row}, step {step}"
-            assert token.token_id in want.plausible, (
-                f"{where}: sampler drew {token.token_id}, the oracle {want.token_id}")
+            assert token_id in want.plausible, (
+                f"{where}: sampler drew {token_id}, the oracle {want.token_id}")
             if want.logprob is not None:
-                assert token.logprob == pytest.approx(want.logprob, abs=1e-4), where
+                assert logprob == pytest.approx(want.logprob, abs=1e-4), where
                 finite = [(j, lp) for j, lp in want.top if lp > -math.inf]
-                got_top = [(t.token_id, t.logprob) for t in token.top_logprobs
+                got_top = [(t.token_id, t.logprob) for t in top_logprobs
                            if t.logprob > -math.inf]
                 assert [j for j, _ in got_top] == [j for j, _ in finite], (
                     f"{where}: top logprob ids {got_top} != oracle {finite}")
                 assert [lp for _, lp in got_top] == pytest.approx(
                     [lp for _, lp in finite], abs=1e-4), where
-            repeated |= token.token_id in generated
-            seq.append_token(token.token_id)
+            repeated |= token_id in generated
+            seq.append_token(token_id)
     assert repeated, "no token was generated twice: the penalties were never exercised"
