@@ -8,7 +8,6 @@ the fix. Every wait is bounded by a socket or client timeout (a bound, not an ex
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import socket
 import threading
@@ -18,6 +17,7 @@ import httpx
 import pytest
 from conftest import wait_until
 from deploy_support import ServerProcess, make_tiny_checkpoint, metric_value
+from socket_support import answer, connect, read_to_eof
 
 from service.transport.limits import TransportLimits
 
@@ -56,25 +56,7 @@ def keyed(checkpoint, tmp_path_factory):
         proc.stop()
 
 
-def _connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-    sock.settimeout(WAIT)
-    return sock
 
-
-def _read_to_eof(sock: socket.socket) -> bytes:
-    chunks = []
-    try:
-        while chunk := sock.recv(1 << 16):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
-
-
-def _answer(raw: bytes) -> tuple[int, dict]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), json.loads(body)
 
 
 def _post(url: str, path: str, body: dict, **kwargs) -> httpx.Response:
@@ -91,13 +73,13 @@ def test_pipelined_requests_queue_a_bounded_number_per_connection(server):
     are answered, and the connection is closed (a pipelining client retries the others)."""
     request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     flood = request * (256 * 1024 // len(request))
-    socks = [_connect(server.port) for _ in range(40)]
+    socks = [connect(server.port, WAIT) for _ in range(40)]
     try:
         for sock in socks:
             sock.sendall(flood)
         # the 40 unread floods do not keep anyone else out
         assert httpx.get(f"{server.url}/health", timeout=WAIT).status_code == 200
-        answered = _read_to_eof(socks[0]).count(b"HTTP/1.1 200 OK")
+        answered = read_to_eof(socks[0]).count(b"HTTP/1.1 200 OK")
     finally:
         for sock in socks:
             sock.close()
@@ -110,12 +92,12 @@ def test_pipelined_requests_queue_a_bounded_number_per_connection(server):
 
 def test_a_few_pipelined_requests_are_all_answered_in_order(server):
     """The bound does not break pipelining within it: each request gets its answer, in order."""
-    sock = _connect(server.port)
+    sock = connect(server.port, WAIT)
     try:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
                      b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
                      b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # fmt: skip
-        raw = _read_to_eof(sock)
+        raw = read_to_eof(sock)
     finally:
         sock.close()
     statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
@@ -139,14 +121,14 @@ def test_slow_bodies_at_the_connection_cap_do_not_lock_out_new_clients(checkpoin
         head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100000\r\n\r\n{")  # fmt: skip
         for _ in range(cap):
-            sock = _connect(server.port)
+            sock = connect(server.port, WAIT)
             sock.sendall(head)
             slow.append(sock)
         with httpx.Client(timeout=WAIT) as client:
             assert client.get(f"{server.url}/health").status_code == 200
             resp = client.post(f"{server.url}/v1/completions", json={"prompt": "ab", "max_tokens": 2})
             assert resp.status_code == 200, resp.text
-        status, body = _answer(_read_to_eof(slow[0]))  # the oldest upload made room
+        status, body = answer(read_to_eof(slow[0]))  # the oldest upload made room
         assert status == 408 and body["error"]["code"] == "request_timeout", body
         assert metric_value(server.url, "gptserve_http_connections_closed_total",
                             reason="evicted") >= 1  # fmt: skip
@@ -164,15 +146,15 @@ def test_content_length_with_optional_whitespace_is_parsed(server, value):
     """Issue: ``Content-Length: 15 `` (legal: RFC 9110 trims optional whitespace) got 413."""
     body = b'{"prompt":"ab"}'
     assert len(body) == 15
-    sock = _connect(server.port)
+    sock = connect(server.port, WAIT)
     try:
         sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Connection: close\r\nContent-Length: " + value + b"\r\n\r\n" + body)
-        status, answer = _answer(_read_to_eof(sock))
+        status, reply = answer(read_to_eof(sock))
     finally:
         sock.close()
-    assert status == 200, answer
-    assert answer["count"] == 2
+    assert status == 200, reply
+    assert reply["count"] == 2
 
 
 # -- defect 10 and 11, rough edge 9: precise 400s ----------------------------------------------
@@ -217,11 +199,11 @@ def test_control_characters_from_a_request_are_escaped_in_the_text_log(keyed):
     """Issue: a path with ``%0a`` / ``%1b`` wrote a forged access line and raw ANSI escapes into
     the text log (a 401 was enough)."""
     forged = "%0a2026-01-01%2000:00:00,000%20INFO%20service.access:%20forged%1b[31m"
-    sock = _connect(keyed.port)
+    sock = connect(keyed.port, WAIT)
     try:
         sock.sendall(f"GET /v1/models{forged} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                      "\r\n".encode())  # fmt: skip
-        status, _ = _answer(_read_to_eof(sock))
+        status, _ = answer(read_to_eof(sock))
     finally:
         sock.close()
     assert status == 401

@@ -16,6 +16,7 @@ import threading
 import httpx
 import pytest
 from deploy_support import ServerProcess, make_tiny_checkpoint, metric_value
+from socket_support import connect, read_to_eof
 
 pytestmark = pytest.mark.timeout(120)
 WAIT = 30.0  # the most any single read waits for the server (a bound, not an expectation)
@@ -35,18 +36,6 @@ def server(tmp_path_factory):
         proc.stop()
 
 
-def _connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-    sock.settimeout(WAIT)
-    return sock
-
-
-def _read_to_eof(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection."""
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _answer(raw: bytes) -> tuple[int, dict]:
@@ -60,7 +49,7 @@ def _answer(raw: bytes) -> tuple[int, dict]:
 def _send_then_read(port: int, request: bytes) -> tuple[int, dict]:
     """Send ``request`` from a thread (it may be refused before it is all sent) and read the
     answer and the close."""
-    sock = _connect(port)
+    sock = connect(port, WAIT)
 
     def send() -> None:
         try:
@@ -71,7 +60,7 @@ def _send_then_read(port: int, request: bytes) -> tuple[int, dict]:
     sender = threading.Thread(target=send)
     sender.start()
     try:
-        return _answer(_read_to_eof(sock))
+        return _answer(read_to_eof(sock))
     finally:
         sender.join(WAIT)
         sock.close()
@@ -113,16 +102,16 @@ def test_more_header_fields_than_max_headers_get_431_even_when_small(server):
 
 def test_slowloris_connections_are_answered_408_and_closed(server):
     """Issue: 3,000 connections sending headers slowly were all still open after 60 s."""
-    slow = [_connect(server.port) for _ in range(200)]
-    silent = _connect(server.port)
+    slow = [connect(server.port, WAIT) for _ in range(200)]
+    silent = connect(server.port, WAIT)
     try:
         for sock in slow:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # ... and never the blank line
         for sock in slow:
-            status, body = _answer(_read_to_eof(sock))
+            status, body = _answer(read_to_eof(sock))
             assert status == 408 and body["error"]["code"] == "request_timeout", body
             assert "headers did not arrive within 2s" in body["error"]["message"]
-        assert _read_to_eof(silent) == b"", "a silent connection is closed without an answer"
+        assert read_to_eof(silent) == b"", "a silent connection is closed without an answer"
     finally:
         for sock in [*slow, silent]:
             sock.close()
@@ -133,11 +122,11 @@ def test_slowloris_connections_are_answered_408_and_closed(server):
 
 
 def test_a_body_sent_too_slowly_is_answered_408(server):
-    sock = _connect(server.port)
+    sock = connect(server.port, WAIT)
     try:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro")
-        status, body = _answer(_read_to_eof(sock))  # fmt: skip
+        status, body = _answer(read_to_eof(sock))  # fmt: skip
     finally:
         sock.close()
     assert status == 408, body
@@ -149,10 +138,10 @@ def test_a_body_sent_too_slowly_is_answered_408(server):
 
 
 def test_an_idle_keep_alive_connection_is_closed(server):
-    sock = _connect(server.port)
+    sock = connect(server.port, WAIT)
     try:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        raw = _read_to_eof(sock)  # the answer, then the close once the connection sat idle
+        raw = read_to_eof(sock)  # the answer, then the close once the connection sat idle
     finally:
         sock.close()
     assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b'{"status":"ok"}'), raw
@@ -199,7 +188,7 @@ def test_idle_connections_past_the_file_limit_do_not_stop_real_requests(tmp_path
         ) as stream:
             events = stream.iter_lines()
             assert next(e for e in events if e.startswith("data: "))
-            idle = [_connect(server.port) for _ in range(150)]
+            idle = [connect(server.port, WAIT) for _ in range(150)]
             resp = httpx.post(f"{server.url}/v1/completions",
                               json={"prompt": "ab", "max_tokens": 4}, timeout=WAIT)  # fmt: skip
             assert resp.status_code == 200, resp.text
