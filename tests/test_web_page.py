@@ -383,6 +383,31 @@ def _marker_contexts(page) -> list[tuple[str, str]]:
     )
 
 
+def test_a_slide_inside_a_merged_chunk_is_marked_at_the_chunks_first_space(page):
+    """A busy server merges several tokens into one chunk (CI's run once got 's[marker]o'): the
+    marker goes at the first word boundary inside the chunk, not after MARK_WAIT characters."""
+    contexts = page.evaluate(
+        """() => {
+            const box = choiceBox(0, "");
+            document.querySelector('#output').replaceChildren(box.box);
+            box.append([{ text: "ROMEO:\\nBut so", info: null }]);
+            box.slid({ crops: 1 });  // the window slid before this chunk's first token
+            box.append([{ text: "ft, what light through yonder window breaks and the moon", info: null }]);
+            box.slid({ crops: 2 });
+            box.append([{ text: "lightbringerandsunandstarsandallthewholeworldofit", info: null }]);
+            box.append([{ text: "andmore", info: null }]);
+            box.finish("stop");
+            return true;
+        }"""
+    )
+    assert contexts
+    page.wait_for_function("document.querySelector('#output .choice-text').textContent.includes('andmore')")
+    got = _marker_contexts(page)
+    # the first slide: at the chunk's first space (after "soft,"), not 56 characters on
+    # the second: no boundary for MARK_WAIT (40) characters, so the fallback marks mid-word
+    assert got == [[",", " "], ["t", "a"]], got
+
+
 @pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no shipped weights")
 def test_slide_markers_sit_at_word_or_line_boundaries(browser, tmp_path):
     """The shipped Shakespeare model writes words; a slide marker never splits one."""
