@@ -50,6 +50,13 @@ class EngineConfig:
     device: str = _knob("auto", "auto, cpu or cuda", choices=DEVICES)
     dtype: str = _knob("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16",
                        choices=DTYPES)
+    grammar_cache: int = _knob(
+        256, "compiled structured-output grammars kept (least recently used dropped first)")
+    grammar_timeout: float = _knob(
+        10.0, "seconds a structured-output constraint may take to compile; longer is a 400")
+    max_grammar_bytes: int = _knob(
+        65_536, "largest structured-output constraint (JSON schema, regex, grammar) in bytes",
+        size=True)
     threads: int | None = _knob(
         None, "intra-op CPU threads of the engine (fixed); unset: OMP_NUM_THREADS if set, else "
         "every CPU the process may use (its affinity, capped by its cgroup CPU quota), moved "
@@ -57,7 +64,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_request_sequences", "max_n",
-                     "prefill_chunk"):
+                     "prefill_chunk", "grammar_cache", "max_grammar_bytes"):
             _positive_int(name, getattr(self, name))
         for name in ("kv_memory", "window_shift", "max_tokens_per_step", "threads"):
             if getattr(self, name) is not None:
@@ -66,6 +73,10 @@ class EngineConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be a boolean, got "
                                  f"{getattr(self, name)!r}")
+        if (not isinstance(self.grammar_timeout, (int, float)) or isinstance(self.grammar_timeout, bool)
+                or not 0 < self.grammar_timeout <= 3600):
+            raise ValueError(f"EngineConfig.grammar_timeout must be in (0, 3600] seconds, got "
+                             f"{self.grammar_timeout!r}")
         if not isinstance(self.kv_memory_fraction, float) or not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"EngineConfig.kv_memory_fraction must be in (0, 1], got "
                              f"{self.kv_memory_fraction!r}")

@@ -18,6 +18,7 @@ from model.sampling import choice_seed, random_seed
 from model.threads import ThreadPlan
 from model.tuner import ThreadTuner
 from service.engine.config import EngineConfig
+from service.engine.grammar import GrammarCompiler, StepMasks
 from service.engine.memory import prepacks
 from service.engine.runner import ModelRunner
 from service.engine.sampler import Sampler, Samples
@@ -27,6 +28,7 @@ from service.engine.types import (
     EngineStats,
     Finish,
     FinishReason,
+    InvalidRequestError,
     Request,
     RequestMetrics,
     RequestOutput,
@@ -41,11 +43,16 @@ class StepResult:
 
 
 class EngineCore:
-    """Owns the scheduler, the model runner and the sampler, and every live ``Sequence``."""
+    """Owns the scheduler, the model runner and the sampler, and every live ``Sequence``.
+
+    ``grammars`` compiles structured-output constraints (None: a request with one is refused);
+    a constrained sequence holds its own matcher, and ``masks`` masks its rows each step.
+    """
 
     def __init__(
         self, model: GPT, vocab_size: int, eos_token_id: int | None, config: EngineConfig,
         n_slots: int, device: torch.device, dtype: torch.dtype, threads: ThreadPlan | None = None,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         block_size = model.config.block_size
         self.window_shift = config.window_shift_for(block_size)
@@ -56,6 +63,9 @@ class EngineCore:
                                   prepack=prepacks(config, device, dtype))
         self.scheduler = Scheduler(n_slots, config.prefill_chunk, config.token_budget)
         self.sampler = Sampler(n_slots, model.config.vocab_size, vocab_size, device)
+        self.grammars = grammars
+        self._masks: StepMasks | None = None  # made with the first constrained request
+        self._n_slots, self._device = n_slots, device
         self._seq_ids = itertools.count()
         self.total_steps = 0
         self.threads = threads  # None: leave torch's thread count alone
@@ -75,12 +85,28 @@ class EngineCore:
         """Queue every choice of an already validated request. Choice i of a seeded request
         draws with ``choice_seed(seed, i)`` (reproducible); an unseeded one with a random seed."""
         seed = request.params.seed
+        compiled = self._grammar(request)
         for index in range(request.params.n):
             seq = Sequence(
                 next(self._seq_ids), request, index, self.block_size, self.window_shift,
                 random_seed() if seed is None else choice_seed(seed, index),
             )
+            if compiled is not None:
+                seq.matcher = compiled.matcher()
             self.scheduler.add(seq)
+
+    def _grammar(self, request: Request):
+        """The request's compiled constraint (a cache hit when the API compiled it), or None."""
+        structured = request.params.structured
+        if structured is None:
+            return None
+        if self.grammars is None:
+            raise InvalidRequestError(structured.param, f"{structured.param}: this engine has "
+                                      "no grammar compiler")
+        if self._masks is None:
+            self._masks = StepMasks(self._n_slots, self.grammars.mask_words, self.sampler.vocab_size,
+                                    self._device)
+        return self.grammars.compile(structured)
 
     def abort(self, request_id: str, index: int | None = None) -> TokenEvents:
         """Finish the live choices of a request (choice ``index`` only, when given) with
@@ -111,8 +137,12 @@ class EngineCore:
         prompt_tokens = sum(c.num_tokens for c in plan.prefill if c.seq.num_generated == 0)
         for seq in plan.admitted:
             self.sampler.start(seq)
+        masks = self._masks
+        if masks is not None:  # constrained rows: their masks fill while the forward runs
+            masks.start([c.seq for c in plan.decode] + [c.seq for c in plan.prefill if c.samples])
         run = self.runner.execute(plan)
-        sampled = self.sampler(run.logits, run.rows) if run.rows else Samples([])
+        logits = run.logits if masks is None else masks.apply(run.logits, run.rows)
+        sampled = self.sampler(logits, run.rows) if run.rows else Samples([])
         outputs, crops = self.update_from_output(plan, run.rows, sampled)
         self.total_steps += 1
         elapsed = time.perf_counter() - t0
@@ -149,9 +179,13 @@ class EngineCore:
             tokens, params = seq.tokens, seq.params
             tokens.append(token)
             seq.token_times.append(now)
+            ended = None if seq.matcher is None else seq.advance_grammar(token, eos)
+            if ended is not None:  # the grammar is complete (or stuck): nothing may follow
+                self._finish(seq, ended, now)
+                finishes[r] = _finish_info(seq, now)
             # Sequence.check_stop's three tests, inlined (this loop runs per row); it names
             # the reason when one holds
-            if (len(tokens) - seq.num_prompt_tokens >= params.max_tokens
+            elif (len(tokens) - seq.num_prompt_tokens >= params.max_tokens
                     or (token == eos and not params.ignore_eos)
                     or token in params.stop_token_ids):
                 self._finish(seq, seq.check_stop(eos), now)
@@ -165,6 +199,7 @@ class EngineCore:
     def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
         if seq.slot is not None:
             self.sampler.release(seq)
+        seq.matcher = None
         self.scheduler.finish(seq, reason, now)
 
     def run(self, requests: Iterable[Request], arrival_steps: Iterable[int] | None = None

@@ -22,6 +22,7 @@ from model.checkpoint import Checkpoint
 from model.threads import ThreadPlan, plan_threads
 from service.engine.config import EngineConfig
 from service.engine.core import EngineCore
+from service.engine.grammar import GrammarCompiler
 from service.engine.memory import plan_slots
 from service.engine.stream import RequestStream, put_all
 from service.engine.types import (
@@ -91,9 +92,12 @@ class Engine:
         self.n_slots = plan_slots(self.model_config, self.dtype, self.config, self.device)
         self.threads = _thread_plan(self.config, self.device)
         log.info("%s", self.threads.describe())
+        # structured outputs: compiled on the API's worker threads (``compile_grammar``), cached
+        self.grammars = GrammarCompiler(self.tokenizer, self.config.grammar_cache,
+                                        self.config.max_grammar_bytes)
         self._core = EngineCore(
             checkpoint.model, self.vocab_size, self.eos_token_id, self.config, self.n_slots,
-            self.device, self.dtype, self.threads,
+            self.device, self.dtype, self.threads, self.grammars,
         )
         self.window_shift = self._core.window_shift
         self.ready = False
@@ -124,6 +128,8 @@ class Engine:
             raise InvalidRequestError("prompt", "the prompt must hold at least one token")
         self.check_token_ids(request.prompt_token_ids, "prompt")
         request.params.validate(self.vocab_size, max_n=self.config.max_n)
+        if request.params.structured is not None:  # a cache hit once the API compiled it
+            self.grammars.compile(request.params.structured)
 
     def check_token_ids(self, token_ids: Iterable[int], param: str) -> None:
         """Raise ``InvalidRequestError`` naming ``param`` for the first id outside the

@@ -59,6 +59,8 @@ class Sequence:
             self.crops = 1
         self.prompt_cropped = overflow > 0
         self.finish_reason: FinishReason | None = None
+        # structured outputs: this choice's own grammar matcher (llguidance), None: unconstrained
+        self.matcher = None
         # timings (time.monotonic seconds)
         self.admitted_at: float | None = None
         self.token_times: list[float] = []
@@ -116,6 +118,18 @@ class Sequence:
         if self.num_generated >= self.params.max_tokens:
             return FinishReason.LENGTH
         return None
+
+    def advance_grammar(self, token: int, eos_token_id: int | None) -> FinishReason | None:
+        """Feed the sampled token to this choice's grammar; why it must finish now: ``stop`` when
+        the grammar is complete (nothing may follow), ``error`` when the token broke it (the mask
+        allowed none: the constraint cannot go on with this vocabulary); else None."""
+        matcher = self.matcher
+        if token == eos_token_id and not self.params.ignore_eos:
+            return None  # the end token finishes the choice anyway (the mask allowed it)
+        accepting = matcher.is_accepting()
+        if not matcher.consume_token(token):
+            return FinishReason.STOP if accepting else FinishReason.ERROR
+        return FinishReason.STOP if matcher.is_stopped() else None
 
     def finish(self, reason: FinishReason, now: float | None = None) -> None:
         self.status = SequenceStatus.FINISHED

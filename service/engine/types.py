@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
 
 
 class EngineError(Exception):
@@ -41,6 +42,28 @@ class FinishReason(str, Enum):  # noqa: UP042 (str() of members is part of the c
     ERROR = "error"  # the engine failed while running this request
 
 
+StructuredKind = Literal["json", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on what a request may generate (vLLM's ``StructuredOutputsParams``).
+
+    ``kind``: ``json`` (``spec`` is a JSON schema, canonical JSON text), ``regex``, ``choice``
+    (``spec`` is a JSON list of strings) or ``grammar`` (Lark or GBNF). ``param`` names the
+    request field it came from, so every error about it (a 400) names that field. Two
+    constraints with equal ``kind`` and ``spec`` compile to the same grammar (the cache key).
+    """
+
+    kind: StructuredKind
+    spec: str
+    param: str = "structured_outputs"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.kind, self.spec
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings. ``temperature`` 0 = greedy. Every range that needs no
@@ -60,6 +83,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # None: no logprobs; k in 0..5: chosen token's + top-k
+    structured: StructuredOutputs | None = None  # None: unconstrained
 
     @classmethod
     def create(cls, *, logit_bias: Mapping[int, float] | None = None, **kwargs) -> SamplingParams:
