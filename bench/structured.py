@@ -202,15 +202,15 @@ def support_table(vocabs: list[Vocab]) -> None:
             cells = []
             for label, case in cases:
                 if label.startswith("json"):
-                    ok = sum(_try(lambda s=s: lib.compile("json", json.dumps(s)))[0]
+                    ok = sum(_try(lambda s=s, lib=lib: lib.compile("json", json.dumps(s)))[0]
                              for s in SCHEMAS.values())
                     cells.append(f"{label} {ok}/{len(SCHEMAS)}")
                 elif label.startswith("grammar"):
                     spec = LARK_CFG if cls is LLGuidance else EBNF_CFG
-                    ok, why = _try(lambda spec=spec: lib.compile("grammar", spec))
+                    ok, why = _try(lambda spec=spec, lib=lib: lib.compile("grammar", spec))
                     cells.append(f"{label} {'yes' if ok else 'no (' + why + ')'}")
                 else:
-                    ok, why = _try(lambda case=case: lib.compile(*case))
+                    ok, why = _try(lambda case=case, lib=lib: lib.compile(*case))
                     cells.append(f"{label} {'yes' if ok else 'no (' + why + ')'}")
             print(f"    {cls.name:14s} " + "; ".join(cells))
 
@@ -240,7 +240,8 @@ def timings(vocabs: list[Vocab], steps: int, seed: int) -> None:
             compiled, times = [], []
             for schema in SCHEMAS.values():
                 t0 = time.perf_counter()
-                ok, _ = _try(lambda s=schema: compiled.append(lib.compile("json", json.dumps(s))))
+                ok, _ = _try(lambda s=schema, lib=lib, out=compiled:
+                             out.append(lib.compile("json", json.dumps(s))))
                 if ok:
                     times.append((time.perf_counter() - t0) * 1e3)
             if vocab.eos >= vocab.tokenizer.vocab_size:  # the char vocabulary: what it can say

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from service.engine.types import InvalidRequestError, SamplingParams
+from service.engine.types import InvalidRequestError, SamplingParams, StructuredOutputs
 
 Number = StrictInt | StrictFloat
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
@@ -35,6 +35,23 @@ class OpenAIModel(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+
+
+class StructuredOutputsRequest(OpenAIModel):
+    """vLLM's ``structured_outputs`` request field (its ``StructuredOutputsParams``): one of
+    ``json``, ``regex``, ``choice``, ``grammar``, ``json_object`` (``service.api.structured``)."""
+
+    json_: dict[str, Any] | StrictStr | None = Field(None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
+    # vLLM's options: JSON is always written without free whitespace here, so
+    # disable_any_whitespace is what happens anyway; the others are refused, not ignored
+    disable_any_whitespace: StrictBool = False
+    disable_additional_properties: StrictBool = False
+    whitespace_pattern: StrictStr | None = None
+    structural_tag: StrictStr | None = None
 
 
 class GenerationRequest(OpenAIModel):
@@ -58,6 +75,15 @@ class GenerationRequest(OpenAIModel):
     user: StrictStr | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # structured outputs (service.api.structured): OpenAI's, vLLM's, and vLLM's older fields
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": ...}')
+    structured_outputs: StructuredOutputsRequest | None = Field(
+        None, description="vLLM's: one of json, regex, choice, grammar, json_object")
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -72,7 +98,8 @@ class GenerationRequest(OpenAIModel):
         return stop
 
     def sampling_params(
-        self, *, max_tokens: int, n: int | None = None, logprobs: int | None = None
+        self, *, max_tokens: int, n: int | None = None, logprobs: int | None = None,
+        structured: StructuredOutputs | None = None,
     ) -> SamplingParams:
         """The engine's view (``n`` defaults to the request's); ``logit_bias`` keys must be
         token ids (strings of integers)."""
@@ -94,6 +121,7 @@ class GenerationRequest(OpenAIModel):
             seed=self.seed,
             n=self.n if n is None else n,
             logprobs=logprobs,
+            structured=structured,
         )
 
 

@@ -101,6 +101,7 @@ class GrammarCompiler:
         self._tokenizer: llguidance.LLTokenizer | None = None  # built on first use
         self._cache: OrderedDict[tuple[str, str], Compiled] = OrderedDict()
         self.compiles = 0  # grammars compiled (cache misses), for tests and stats
+        self._pool: ThreadPoolExecutor | None = None  # the API's compiles, off the event loop
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -113,6 +114,18 @@ class GrammarCompiler:
     def mask_words(self) -> int:
         """int32 words of one row's bitmask (the virtual end token included)."""
         return (self.tokenizer.vocab_size + 31) // 32
+
+    def submit(self, structured: StructuredOutputs) -> Future:
+        """``compile`` on one of the compiler's own worker threads (a done future on a hit)."""
+        with self._lock:
+            hit = self._cache.get(structured.key)
+            if hit is None and self._pool is None:
+                self._pool = ThreadPoolExecutor(2, thread_name_prefix="grammar-compile")
+        if hit is not None:
+            done: Future = Future()
+            done.set_result(hit)
+            return done
+        return self._pool.submit(self.compile, structured)
 
     def compile(self, structured: StructuredOutputs) -> Compiled:
         """The constraint's checked grammar, from the cache or compiled now (blocking: the API
