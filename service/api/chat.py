@@ -27,6 +27,8 @@ from service.api.errors import APIError
 from service.api.protocol import ContextWindow, Usage, new_id
 from service.api.serving import Serving, renamed, stream_head
 from service.api.state import ServerState
+from service.api.structured import request_constraint
+from service.api.tools import ToolPlan, tool_plan
 from service.chat_template import ChatTemplate, ChatTemplates, TemplateError
 from service.choices import ChoiceState, Job
 from service.engine.types import InvalidRequestError
@@ -42,6 +44,14 @@ class ChatServing(Serving):
     async def create(self, body: ChatCompletionRequest, http: HTTPRequest) -> Response:
         engine = self.admit(body, http)
         body.refuse_unsupported()
+        plan = tool_plan(body.tools, body.tool_choice)
+        structured = request_constraint(body)
+        if plan is not None:
+            if structured is not None:
+                raise InvalidRequestError(
+                    structured.param, f"{structured.param} cannot be used with a forced "
+                    "tool_choice (the tool's parameters are the constraint)")
+            structured = plan.constraint
         template = await self._template(engine)
         text = await self._render(body, template, engine)
         prompts = await self.token_ids(engine, [text], "messages")
@@ -49,7 +59,8 @@ class ChatServing(Serving):
         window = engine.model_config.block_size
         aliases = {"max_tokens": body.length_param, "logprobs": "top_logprobs"}
         try:  # SamplingParams checks its ranges when built: name the field the client sent
-            params = body.sampling_params(max_tokens=body.max_new_tokens(window), logprobs=want)
+            params = body.sampling_params(max_tokens=body.max_new_tokens(window), logprobs=want,
+                                          structured=structured)
         except InvalidRequestError as err:
             raise renamed(err, aliases) from None
         stop = tuple(dict.fromkeys(body.stop_strings() + template.stop))
@@ -58,8 +69,8 @@ class ChatServing(Serving):
             aliases=aliases,
         )
         if body.stream:
-            return self.stream(job, engine, _Chunks(job), body.include_usage)
-        return await self.respond(job, engine, http, _response)
+            return self.stream(job, engine, _Chunks(job, plan), body.include_usage)
+        return await self.respond(job, engine, http, lambda job: _response(job, plan))
 
     async def _template(self, engine) -> ChatTemplate:
         try:
@@ -88,13 +99,27 @@ def _chat_logprobs(choice: ChoiceState, entries, tokenizer) -> ChatLogprobs | No
     return ChatLogprobs(content=logprobs.chat(entries, tokenizer))
 
 
-def _response(job: Job) -> ChatCompletionResponse:
+def _message(choice: ChoiceState, plan: ToolPlan | None) -> ChatResponseMessage:
+    if plan is None:
+        return ChatResponseMessage(content=choice.generated_text)
+    return ChatResponseMessage(content=None, tool_calls=plan.calls(choice.generated_text))
+
+
+def _finish_reason(choice: ChoiceState, plan: ToolPlan | None) -> str | None:
+    """vLLM's: a "required" tool choice that completed its calls ends with ``tool_calls``; a
+    named one keeps ``stop``, as OpenAI answers a forced function."""
+    if plan is not None and plan.mode == "required" and choice.finish_reason == "stop":
+        return "tool_calls"
+    return choice.finish_reason
+
+
+def _response(job: Job, plan: ToolPlan | None) -> ChatCompletionResponse:
     choices = [
         ChatChoice(
             index=c.index,
-            message=ChatResponseMessage(content=c.generated_text),
+            message=_message(c, plan),
             logprobs=_chat_logprobs(c, c.entries, job.tokenizer),
-            finish_reason=c.finish_reason,
+            finish_reason=_finish_reason(c, plan),
             context_window=ContextWindow(**asdict(c.window)),
         )
         for c in job.choices
@@ -110,16 +135,21 @@ def _response(job: Job) -> ChatCompletionResponse:
 
 
 class _Chunks:
-    """``chat.completion.chunk`` stream chunks: the role first, then ``delta.content``."""
+    """``chat.completion.chunk`` stream chunks: the role first, then ``delta.content``; with a
+    tool plan, ``delta.tool_calls`` instead: a named call's arguments as they arrive (its id and
+    name on the first), a "required" choice's calls whole on its last chunk."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, plan: ToolPlan | None = None) -> None:
         self.tokenizer = job.tokenizer
         self.framer = sse.ChunkFramer(stream_head(job, "chat.completion.chunk"), chat=True)
+        self.plan = plan
+        self.plain_text = plan is None  # text chunks may take the framer's fast path
+        self._opened: set[int] = set()  # choices whose named call has sent its id and name
 
     def opening(self, choice: ChoiceState) -> dict | None:
         return {
             "index": choice.index,
-            "delta": {"role": "assistant", "content": ""},
+            "delta": {"role": "assistant", "content": "" if self.plan is None else None},
             "logprobs": None,
             "finish_reason": None,
         }
@@ -128,11 +158,26 @@ class _Chunks:
         lp = _chat_logprobs(choice, choice.take_entries(), self.tokenizer)
         out = {
             "index": choice.index,
-            "delta": {"content": text} if text else {},
+            "delta": self._delta(choice, text),
             "logprobs": None if lp is None else lp.model_dump(),
-            "finish_reason": choice.finish_reason,
+            "finish_reason": _finish_reason(choice, self.plan),
         }
         window = choice.take_window()
         if window is not None:
             out["context_window"] = window
         return out
+
+    def _delta(self, choice: ChoiceState, text: str) -> dict:
+        plan = self.plan
+        if plan is None:
+            return {"content": text} if text else {}
+        if plan.mode == "required":
+            if not choice.done:
+                return {}
+            calls = plan.calls(choice.generated_text)
+            return {"tool_calls": [{"index": i, **c.model_dump()} for i, c in enumerate(calls)]}
+        if choice.index in self._opened:
+            return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
+        self._opened.add(choice.index)
+        first = plan.calls(text)[0].model_dump()
+        return {"tool_calls": [{"index": 0, **first}]}

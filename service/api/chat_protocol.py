@@ -1,9 +1,9 @@
 """``/v1/chat/completions`` on the wire: OpenAI's chat request, response and logprob shapes.
 
-The sampling fields are ``GenerationRequest``'s (shared with ``/v1/completions``). Fields OpenAI
-defines for features these models do not have (tools, structured output) are declared so that a
-request using them gets a clear 400 instead of being silently ignored; an absent or neutral value
-(``tools: []``, ``tool_choice: "none"``, ``response_format: {"type": "text"}``) is accepted.
+The sampling fields are ``GenerationRequest``'s (shared with ``/v1/completions``, structured
+outputs among them). ``tools`` with a forced ``tool_choice`` are structured outputs too
+(``service.api.tools``); the deprecated ``functions`` / ``function_call`` are declared so that a
+request using them gets a clear 400 instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from service.api.protocol import (
     OpenAIModel,
     Usage,
 )
+from service.api.tools import ToolCall
 from service.engine.types import InvalidRequestError
 
 Role = Literal["system", "developer", "user", "assistant"]
@@ -69,11 +70,12 @@ class ChatCompletionRequest(GenerationRequest):
     top_logprobs: StrictInt | None = Field(
         None, description="alternatives per token, 0..5 (needs logprobs: true)"
     )
-    tools: list[Any] | None = Field(None, description="refused when non-empty: no tool calling")
-    tool_choice: Any = Field(None, description='only "none" is accepted')
-    functions: list[Any] | None = Field(None, description="refused when non-empty")
-    function_call: Any = Field(None, description='only "none" is accepted')
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}')
+    tools: list[Any] | None = Field(None, description="functions the model may be made to call")
+    tool_choice: Any = Field(
+        None, description='"none", "required" or {"type": "function", "function": {"name": ...}}'
+        ' ("auto" needs a chat template with a tool format)')
+    functions: list[Any] | None = Field(None, description="refused when non-empty: use tools")
+    function_call: Any = Field(None, description='only "none" is accepted: use tool_choice')
 
     def max_new_tokens(self, window: int) -> int:
         """``max_completion_tokens`` (or the older ``max_tokens``), else one context window
@@ -99,27 +101,18 @@ class ChatCompletionRequest(GenerationRequest):
         return self.top_logprobs or 0  # the engine checks the range (as its ``logprobs``)
 
     def refuse_unsupported(self) -> None:
-        """400 for the OpenAI features these models lack, rather than silently ignoring them."""
-        if self.tools or self.functions:
-            param = "tools" if self.tools else "functions"
-            raise InvalidRequestError(param, f"{param}: tool calling is not supported by this model")
-        for param in ("tool_choice", "function_call"):
-            value = getattr(self, param)
-            if value not in (None, "none"):
-                raise InvalidRequestError(
-                    param, f'{param}: tool calling is not supported by this model; use "none"'
-                )
-        if self.response_format is not None and self.response_format.get("type") != "text":
+        """400 for OpenAI's deprecated function-calling fields, rather than ignoring them."""
+        if self.functions:
+            raise InvalidRequestError("functions", "functions is not supported; use tools")
+        if self.function_call not in (None, "none"):
             raise InvalidRequestError(
-                "response_format",
-                "response_format: structured output is not supported by this model; "
-                'only {"type": "text"} is accepted',
-            )
+                "function_call", 'function_call is not supported; use tools and tool_choice')
 
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the choice is tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):

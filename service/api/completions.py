@@ -25,6 +25,7 @@ from service.api.protocol import (
     new_id,
 )
 from service.api.serving import Serving, renamed, stream_head
+from service.api.structured import request_constraint
 from service.choices import ChoiceState, Job
 from service.engine.types import InvalidRequestError
 
@@ -50,7 +51,7 @@ class CompletionServing(Serving):
         aliases = {"n": "best_of"} if candidates != body.n else {}  # the engine's n is best_of
         try:  # SamplingParams checks its ranges when built
             params = body.sampling_params(max_tokens=body.max_tokens, n=candidates,
-                                          logprobs=want)
+                                          logprobs=want, structured=request_constraint(body))
             engine.validate_size(params, len(items))  # before encoding any of them
         except InvalidRequestError as err:
             raise renamed(err, aliases) from None
@@ -130,6 +131,7 @@ class _Chunks:
     def __init__(self, job: Job) -> None:
         self.tokenizer = job.tokenizer
         self.framer = sse.ChunkFramer(stream_head(job, "text_completion"))
+        self.plain_text = True  # text chunks may take the framer's fast path
 
     def opening(self, choice: ChoiceState) -> dict | None:
         return self.chunk(choice, choice.prefix) if choice.prefix else None

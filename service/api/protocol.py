@@ -20,7 +20,7 @@ from service.engine.types import InvalidRequestError, SamplingParams, Structured
 
 Number = StrictInt | StrictFloat
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 
 
 class OpenAIModel(BaseModel):

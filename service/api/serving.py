@@ -38,6 +38,7 @@ from service.api import sse
 from service.api.errors import APIError, not_ready
 from service.api.protocol import GenerationRequest
 from service.api.state import ServerState
+from service.api.structured import compile_constraint
 from service.choices import ChoiceState, Echo, Job, Update
 from service.engine.types import InvalidRequestError, Request, SamplingParams, TokenEvents
 from service.text import encode_text
@@ -59,6 +60,7 @@ class ChunkShape(Protocol):
     """How one endpoint shapes a choice's stream chunks (a dict, framed by ``sse``)."""
 
     framer: sse.ChunkFramer
+    plain_text: bool  # a choice's plain text chunks may take the framer's fast path
 
     def opening(self, choice: ChoiceState) -> dict | None:
         """The choice's first chunk, sent before any token (None: none)."""
@@ -136,6 +138,8 @@ class Serving:
         # this call and other clients' (not between its own prompts)
         requests = [Request(f"{job_id}-{i}", prompt, params, group=job_id)
                     for i, prompt in enumerate(prompts)]
+        if params.structured is not None:  # compiled (or found cached) off the event loop
+            await compile_constraint(engine, params.structured)
         try:
             streams = engine.add_requests(requests)
         except InvalidRequestError as err:
@@ -250,7 +254,8 @@ class Serving:
                     # every token that arrived since the last read: one event per choice
                     for update in self._apply(job, events, engine):
                         choice, text = update.choice, update.text
-                        if choice.done or choice.want_logprobs or choice.window_moved:
+                        if (choice.done or choice.want_logprobs or choice.window_moved
+                                or not shape.plain_text):
                             if (text or choice.done or choice.has_unsent_logprobs
                                     or choice.window_moved):
                                 yield frame.choice(shape.chunk(choice, text))

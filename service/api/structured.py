@@ -26,8 +26,9 @@ JSON_OBJECT = {"type": "object"}  # json_object mode: any JSON object
 
 
 def canonical_json(schema: object) -> str:
-    """A schema's canonical text: equal schemas, equal text (the grammar cache's key)."""
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """A schema's canonical text (the grammar cache's key): compact, keys in the client's order
+    (properties are generated in schema order, as OpenAI's strict mode does)."""
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
 def json_constraint(schema: object, param: str) -> StructuredOutputs:
