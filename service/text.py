@@ -56,6 +56,8 @@ class TextStream:
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         self._decoder = IncrementalDecoder(self.tokenizer)
+        # the end token ends a choice but is no part of its text (vLLM's skip_special_tokens)
+        self._eos = self.tokenizer.eot_id
         self._longest_stop = max((len(s) for s in self.stop), default=0)
 
     @property
@@ -81,7 +83,9 @@ class TextStream:
             end = self._released + len(self._tail)
             return self._release(end - self._held_suffix(), consumed=len(token_ids))
         if not self.offsets:  # no stop string, no per-token offsets: one decode for them all
-            self._tail += self._decoder.push_many(token_ids)
+            ids = token_ids if self._eos not in token_ids else [
+                t for t in token_ids if t != self._eos]
+            self._tail += self._decoder.push_many(ids)
             return self._release_all(len(token_ids))
         for token_id in token_ids:
             self._decode(token_id)
@@ -93,7 +97,7 @@ class TextStream:
         return TextDelta(text, num_tokens, num_consumed=num_tokens)
 
     def _decode(self, token_id: int) -> None:
-        piece = self._decoder.push(token_id)
+        piece = "" if token_id == self._eos else self._decoder.push(token_id)
         start = self._released + len(self._tail)
         self._tail += piece  # the tail is what is held back: short
         self._token_starts.append(start)

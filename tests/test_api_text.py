@@ -120,3 +120,14 @@ def test_a_lone_surrogate_is_refused_by_every_tokenizer(text):
         with pytest.raises(TokenizerError, match="lone surrogate"):
             encode_text(tokenizer, text)
     assert encode_text(bpe, "héllo 🎉") == bpe.encode("héllo 🎉")
+
+
+@pytest.mark.parametrize("offsets", [True, False])
+def test_the_end_token_ends_a_choice_but_adds_no_text(offsets):
+    """A BPE model that samples <|endoftext|> (a JSON value the grammar lets end there, e.g.)
+    answered '10<|endoftext|>'; the end token is no part of the text, as in vLLM."""
+    bpe = TiktokenTokenizer.by_name("gpt2")
+    ids = bpe.encode("10") + [bpe.eot_id]
+    stream = TextStream(bpe, (), offsets=offsets)
+    text = stream.push_many(ids).text + stream.finish().text
+    assert text == "10"

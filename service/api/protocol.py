@@ -46,8 +46,9 @@ class StructuredOutputsRequest(OpenAIModel):
     choice: list[StrictStr] | None = None
     grammar: StrictStr | None = None
     json_object: StrictBool | None = None
-    # vLLM's options: JSON is always written without free whitespace here, so
-    # disable_any_whitespace is what happens anyway; the others are refused, not ignored
+    # vLLM's options: JSON is always written without free whitespace and objects that list
+    # their properties are closed (service.api.structured.closed), so disable_any_whitespace and
+    # disable_additional_properties are what happens anyway; the other two are refused
     disable_any_whitespace: StrictBool = False
     disable_additional_properties: StrictBool = False
     whitespace_pattern: StrictStr | None = None

@@ -41,7 +41,35 @@ def json_constraint(schema: object, param: str) -> StructuredOutputs:
                 from None
     if not isinstance(schema, dict):
         raise InvalidRequestError(param, f"{param}: a JSON schema must be an object")
-    return StructuredOutputs("json", canonical_json(schema), param)
+    return StructuredOutputs("json", canonical_json(closed(schema)), param)
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SCHEMAS = ("items", "additionalItems", "contains", "not", "if", "then", "else",
+            "propertyNames", "additionalProperties", "unevaluatedProperties")
+
+
+def closed(schema: object) -> object:
+    """``schema`` with every object that lists ``properties`` and says nothing of others closed
+    (``"additionalProperties": false``): what OpenAI's strict mode requires and xgrammar's strict
+    mode (vLLM's default) does. Its outputs still validate against the schema as given; left
+    open, a model may add properties until ``max_tokens``."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            value = {name: closed(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            value = [closed(sub) for sub in value]
+        elif key in _SCHEMAS:
+            value = [closed(s) for s in value] if isinstance(value, list) else closed(value)
+        out[key] = value
+    if "properties" in out and not {"additionalProperties", "patternProperties",
+                                    "unevaluatedProperties"} & out.keys():
+        out["additionalProperties"] = False
+    return out
 
 
 def from_response_format(value: dict[str, Any]) -> StructuredOutputs | None:
@@ -70,10 +98,6 @@ def from_structured_outputs(value: StructuredOutputsRequest) -> StructuredOutput
     for option in ("whitespace_pattern", "structural_tag"):
         if getattr(value, option) is not None:
             raise InvalidRequestError(param, f"{param}.{option} is not supported")
-    if value.disable_additional_properties:
-        raise InvalidRequestError(
-            param, f"{param}.disable_additional_properties is not supported; put "
-            '"additionalProperties": false in the schema')
     given = [name for name in ("json_", "regex", "choice", "grammar") if getattr(value, name)]
     if value.json_object:
         given.append("json_object")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from service.api.structured import canonical_json
+from service.api.structured import canonical_json, closed
 from service.engine.types import InvalidRequestError, StructuredOutputs
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
@@ -85,14 +85,14 @@ def tool_plan(tools: list[Any] | None, tool_choice: Any) -> ToolPlan | None:
         schema = {"type": "array", "minItems": 1,
                   "items": items[0] if len(items) == 1 else {"anyOf": items}}
         return ToolPlan("required", tuple(functions),
-                        StructuredOutputs("json", canonical_json(schema), "tools"))
+                        StructuredOutputs("json", canonical_json(closed(schema)), "tools"))
     name = _named(tool_choice)
     if name not in functions:
         raise InvalidRequestError(
             "tool_choice", f"tool_choice names {name!r}, which is not among the tools "
             f"({', '.join(map(repr, functions))})")
     return ToolPlan("named", (name,),
-                    StructuredOutputs("json", canonical_json(functions[name]), "tools"))
+                    StructuredOutputs("json", canonical_json(closed(functions[name])), "tools"))
 
 
 def _functions(tools: list[Any]) -> dict[str, dict]:
