@@ -153,7 +153,9 @@ BAD = [
     ),
     ("tools", {"messages": HI, "tools": [{"type": "function"}]}, 400, "tools"),
     ("tool_choice", {"messages": HI, "tool_choice": "auto"}, 400, "tool_choice"),
-    ("json_mode", {"messages": HI, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    # JSON needs "{", which this 63-character vocabulary lacks: impossible, so a 400
+    ("json_mode_no_brace", {"messages": HI, "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
     ("top_logprobs_alone", {"messages": HI, "top_logprobs": 2}, 400, "top_logprobs"),
     ("top_logprobs_6", {"messages": HI, "logprobs": True, "top_logprobs": 6}, 400, "top_logprobs"),
     ("logprobs_int", {"messages": HI, "logprobs": 2}, 400, "logprobs"),

@@ -303,9 +303,9 @@ def test_unknown_fields_are_ignored_with_a_warning_as_vllm_does(http, caplog):
     plain = http.post("/v1/completions", json=body, headers=AUTH)
     with caplog.at_level("WARNING", logger="service.api"):
         extra = http.post(
-            "/v1/completions", json={**body, "best_of_all": 2, "guided_json": {}}, headers=AUTH
+            "/v1/completions", json={**body, "best_of_all": 2, "top_a": 0.5}, headers=AUTH
         )
     assert extra.status_code == 200, extra.text
     assert extra.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
     warned = [r.getMessage() for r in caplog.records if "unknown request field" in r.getMessage()]
-    assert warned and "'best_of_all'" in warned[0] and "'guided_json'" in warned[0], warned
+    assert warned and "'best_of_all'" in warned[0] and "'top_a'" in warned[0], warned
