@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__all__ = ["LLM", "Completion", "EngineConfig", "GenerationResult", "SamplingParams"]
+__all__ = ["LLM", "Completion", "EngineConfig", "GenerationResult", "SamplingParams",
+           "structured_outputs"]
 
 if TYPE_CHECKING:
-    from service.engine import EngineConfig, SamplingParams
+    from service.engine import EngineConfig, SamplingParams, structured_outputs
     from service.llm import LLM, Completion, GenerationResult
 
 
@@ -21,7 +22,7 @@ def __getattr__(name: str):
         from service import llm
 
         return getattr(llm, name)
-    if name in ("EngineConfig", "SamplingParams"):
+    if name in ("EngineConfig", "SamplingParams", "structured_outputs"):
         from service import engine
 
         return getattr(engine, name)

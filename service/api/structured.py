@@ -16,60 +16,11 @@ same path (``service.api.tools``).
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from service.api.protocol import StructuredOutputsRequest
+from service.engine.constraints import JSON_OBJECT, constraint, json_constraint
 from service.engine.types import InvalidRequestError, StructuredOutputs
-
-JSON_OBJECT = {"type": "object"}  # json_object mode: any JSON object
-
-
-def canonical_json(schema: object) -> str:
-    """A schema's canonical text (the grammar cache's key): compact, keys in the client's order
-    (properties are generated in schema order, as OpenAI's strict mode does)."""
-    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
-
-
-def json_constraint(schema: object, param: str) -> StructuredOutputs:
-    """A JSON-schema constraint from a schema given as an object or as JSON text."""
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as err:
-            raise InvalidRequestError(param, f"{param}: the schema is not valid JSON: {err}") \
-                from None
-    if not isinstance(schema, dict):
-        raise InvalidRequestError(param, f"{param}: a JSON schema must be an object")
-    return StructuredOutputs("json", canonical_json(closed(schema)), param)
-
-
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
-_SCHEMAS = ("items", "additionalItems", "contains", "not", "if", "then", "else",
-            "propertyNames", "additionalProperties", "unevaluatedProperties")
-
-
-def closed(schema: object) -> object:
-    """``schema`` with every object that lists ``properties`` and says nothing of others closed
-    (``"additionalProperties": false``): what OpenAI's strict mode requires and xgrammar's strict
-    mode (vLLM's default) does. Its outputs still validate against the schema as given; left
-    open, a model may add properties until ``max_tokens``."""
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key in _SCHEMA_MAPS and isinstance(value, dict):
-            value = {name: closed(sub) for name, sub in value.items()}
-        elif key in _SCHEMA_LISTS and isinstance(value, list):
-            value = [closed(sub) for sub in value]
-        elif key in _SCHEMAS:
-            value = [closed(s) for s in value] if isinstance(value, list) else closed(value)
-        out[key] = value
-    if "properties" in out and not {"additionalProperties", "patternProperties",
-                                    "unevaluatedProperties"} & out.keys():
-        out["additionalProperties"] = False
-    return out
 
 
 def from_response_format(value: dict[str, Any]) -> StructuredOutputs | None:
@@ -105,20 +56,7 @@ def from_structured_outputs(value: StructuredOutputsRequest) -> StructuredOutput
         raise InvalidRequestError(
             param, f"{param} must hold exactly one of json, regex, choice, grammar, "
             f"json_object; got {len(given)}")
-    return _one(given[0].rstrip("_"), getattr(value, given[0]), param)
-
-
-def _one(kind: str, value: Any, param: str) -> StructuredOutputs:
-    if kind == "json":
-        return json_constraint(value, param)
-    if kind == "json_object":
-        return json_constraint(JSON_OBJECT, param)
-    if kind == "choice":
-        if not value or any(not c for c in value):
-            raise InvalidRequestError(param, f"{param}: choice must be a non-empty list of "
-                                             "non-empty strings")
-        return StructuredOutputs("choice", json.dumps(value, ensure_ascii=False), param)
-    return StructuredOutputs(kind, value, param)  # regex, grammar: the text itself
+    return constraint(given[0].rstrip("_"), getattr(value, given[0]), param)
 
 
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
@@ -138,21 +76,21 @@ def request_constraint(body) -> StructuredOutputs | None:
     for field, kind in GUIDED.items():
         value = getattr(body, field)
         if value is not None:
-            found.append(_one(kind, value, field))
+            found.append(constraint(kind, value, field))
     if len(found) > 1:
         names = ", ".join(c.param for c in found)
         raise InvalidRequestError(found[1].param, f"only one constraint per request; got {names}")
     return found[0] if found else None
 
 
-async def compile_constraint(engine, constraint: StructuredOutputs) -> None:
-    """Compile (or find cached) ``constraint`` off the event loop, within the engine's
+async def compile_constraint(engine, structured: StructuredOutputs) -> None:
+    """Compile (or find cached) ``structured`` off the event loop, within the engine's
     ``grammar_timeout``; a 400 naming its field when it is invalid, impossible or too slow."""
     timeout = engine.config.grammar_timeout
-    future = engine.grammars.submit(constraint)
+    future = engine.grammars.submit(structured)
     try:
         await asyncio.wait_for(asyncio.wrap_future(future), timeout)
     except TimeoutError:
         raise InvalidRequestError(
-            constraint.param, f"{constraint.param}: the {constraint.kind} constraint took longer "
+            structured.param, f"{structured.param}: the {structured.kind} constraint took longer "
             f"than {timeout:g}s to compile (--grammar-timeout); simplify it") from None

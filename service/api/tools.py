@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from service.api.structured import canonical_json, closed
+from service.engine.constraints import canonical_json, closed
 from service.engine.types import InvalidRequestError, StructuredOutputs
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}

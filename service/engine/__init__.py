@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from service.engine.config import EngineConfig
+from service.engine.constraints import structured_outputs
 from service.engine.stream import RequestStream
 from service.engine.types import (
     EngineError,
@@ -22,6 +23,7 @@ from service.engine.types import (
     RequestMetrics,
     RequestOutput,
     SamplingParams,
+    StructuredOutputs,
     TokenLogprob,
 )
 
@@ -39,7 +41,9 @@ __all__ = [
     "RequestOutput",
     "RequestStream",
     "SamplingParams",
+    "StructuredOutputs",
     "TokenLogprob",
+    "structured_outputs",
 ]
 
 if TYPE_CHECKING:
