@@ -68,9 +68,9 @@ def request_constraint(body) -> StructuredOutputs | None:
     when two fields constrain at once or one is malformed."""
     found: list[StructuredOutputs] = []
     if body.response_format is not None:
-        constraint = from_response_format(body.response_format)
-        if constraint is not None:
-            found.append(constraint)
+        formatted = from_response_format(body.response_format)
+        if formatted is not None:
+            found.append(formatted)
     if body.structured_outputs is not None:
         found.append(from_structured_outputs(body.structured_outputs))
     for field, kind in GUIDED.items():
