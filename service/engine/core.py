@@ -137,11 +137,11 @@ class EngineCore:
         prompt_tokens = sum(c.num_tokens for c in plan.prefill if c.seq.num_generated == 0)
         for seq in plan.admitted:
             self.sampler.start(seq)
-        masks = self._masks
-        if masks is not None:  # constrained rows: their masks fill while the forward runs
-            masks.start([c.seq for c in plan.decode] + [c.seq for c in plan.prefill if c.samples])
         run = self.runner.execute(plan)
-        logits = run.logits if masks is None else masks.apply(run.logits, run.rows)
+        # constrained rows: their masks are computed once the forward is launched
+        masks = self._masks
+        logits = run.logits if masks is None or not run.rows else masks.apply(run.logits,
+                                                                               run.rows)
         sampled = self.sampler(logits, run.rows) if run.rows else Samples([])
         outputs, crops = self.update_from_output(plan, run.rows, sampled)
         self.total_steps += 1

@@ -12,8 +12,8 @@ parser state, so a schema compiles in about a millisecond and a mask costs a fra
   llguidance's resource limits, a first token that this vocabulary can produce), kept in a
   bounded LRU keyed by the constraint's canonical text; each sequence gets its own copy.
 - ``StepMasks``: the masks of a step's constrained rows, filled on the host into a bitmask
-  indexed by KV slot while the forward runs (on a worker thread; llguidance drops the GIL), then
-  applied on the device to those rows only, in one ``masked_fill``.
+  indexed by KV slot once the forward is launched (overlapping it on CUDA), then applied on the
+  device to those rows only, in one ``masked_fill``.
 """
 
 from __future__ import annotations
@@ -189,36 +189,32 @@ def _unpack(words: torch.Tensor) -> torch.Tensor:
 
 
 class StepMasks:
-    """Owns the host bitmask (one row per KV slot) and the thread that fills it: ``start`` before
-    the forward, ``apply`` to its logits. Unconstrained rows are never read or written."""
+    """Owns the host bitmask (one row per KV slot) of the constrained rows' masks: ``apply``
+    fills the masks of a step's constrained rows and applies them to its logits. It runs after
+    the forward is launched, so on CUDA the host work overlaps the kernels; on CPU the forward
+    has every core already (a mask thread only waited for one: measured in docs/BENCHMARKS.md).
+    Unconstrained rows are never read or written."""
 
     def __init__(self, n_slots: int, words: int, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size  # the tokenizer's; the virtual end token has no logit
         self.device = device
         self.host = torch.zeros(n_slots, words, dtype=torch.int32,
                                 pin_memory=device.type == "cuda")
-        self._executor = llguidance.LLExecutor()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
-        self._pending: Future | None = None
-
-    def start(self, seqs) -> None:
-        """Begin filling the masks of the constrained ``seqs`` (those sampling this step)."""
-        pairs = [(s.matcher, s.slot) for s in seqs if s.matcher is not None]
-        if pairs:
-            host = self.host
-            self._pending = self._thread.submit(
-                self._executor.unsafe_compute_mask_ptr, pairs, host.data_ptr(),
-                host.shape[1] * 4, host.shape[0])
+        self._row_bytes = words * 4
 
     def apply(self, logits: torch.Tensor, rows) -> torch.Tensor:
         """Mask the constrained rows of ``logits`` (R, V_model), row r being ``rows[r]``."""
-        if self._pending is None:
+        index, slots = [], []
+        host, size = self.host, self._row_bytes
+        for r, seq in enumerate(rows):
+            if seq.matcher is not None:
+                seq.matcher.unsafe_compute_mask_ptr(host[seq.slot].data_ptr(), size)
+                index.append(r)
+                slots.append(seq.slot)
+        if not index:
             return logits
-        self._pending.result()
-        self._pending = None
-        index = [r for r, s in enumerate(rows) if s.matcher is not None]
-        slots = torch.tensor([rows[r].slot for r in index])
-        words = self.host.index_select(0, slots).to(self.device, non_blocking=True)
+        words = host[slots] if len(slots) > 1 else host[slots[0]].unsqueeze(0)
+        words = words.to(self.device, non_blocking=True)
         v = min(self.vocab_size, logits.shape[1])
         banned = ~_unpack(words)[:, :v]
         if len(index) == len(rows):
@@ -228,6 +224,3 @@ class StepMasks:
         part = logits.index_select(0, at)
         part[:, :v].masked_fill_(banned, float("-inf"))
         return logits.index_copy(0, at, part)
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=False)
