@@ -123,9 +123,12 @@ def test_the_offline_llm_takes_the_same_constraints():
 
 
 def test_a_constraint_slower_to_compile_than_the_limit_is_a_400(tiny_checkpoint):
+    # 9,000 alternatives: tens of milliseconds to compile, against a limit of a microsecond
+    slow = "(" + "|".join(f"w{'ab'[i % 2]}{i:x}" for i in range(9000)).translate(
+        str.maketrans("0123456789", "ghijklmnop")) + ")+"
     with live_server(tiny_checkpoint, grammar_timeout=1e-6) as srv:
         r = httpx.post(srv.url + "/v1/completions", json={
-            "prompt": "ab", "max_tokens": 4, "guided_regex": "(a|b)+c{2,9}"}, timeout=60)
+            "prompt": "ab", "max_tokens": 4, "guided_regex": slow}, timeout=60)
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["param"] == "guided_regex" and "longer than" in error["message"], error
