@@ -11,8 +11,9 @@ the shipped char model's 65 characters, plus a virtual end token):
 1. what each library supports: JSON schema (the test schemas of ``tests/structured_schemas.py``
    that it compiles), regex, choice, a context-free grammar, and on the char vocabulary;
 2. schema compile time p50/p99 over those schemas, and the per-step mask time for 1 and 32
-   constrained rows (each row walks its own schema with random allowed tokens; ms per step,
-   all rows together), per library;
+   constrained rows (each row walks the schemas in turn with random allowed tokens; median ms
+   per step, all rows together), per library; on the char vocabulary, which can write none of
+   the schemas' objects, a regex and a choice instead;
 3. engine tokens/s with and without a constraint at 1 and 32 streams (greedy, the same number of
    tokens each, CPU fp32, one thread) and their ratio, with the chosen library (gptserve's own
    path): a JSON schema on BPE, a regex on the char vocabulary (it cannot write JSON).
@@ -78,7 +79,6 @@ class LLGuidance(Library):
         from service.engine.grammar import grammar_tokenizer
         self.llg = llguidance
         self.tokenizer = grammar_tokenizer(vocab.tokenizer)
-        self.executor = llguidance.LLExecutor()
 
     def compile(self, kind: str, spec: str):
         from service.engine.grammar import grammar_text
@@ -90,10 +90,10 @@ class LLGuidance(Library):
     def matcher(self, compiled):
         return compiled.deep_copy()
 
-    def fill(self, matchers, bitmask):
-        self.executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
-                                              bitmask.data_ptr(), bitmask.shape[1] * 4,
-                                              bitmask.shape[0])
+    def fill(self, matchers, bitmask):  # as the engine does (service.engine.grammar.StepMasks)
+        size = bitmask.shape[1] * 4
+        for i, m in enumerate(matchers):
+            m.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), size)
 
     def consume(self, matcher, token):
         return matcher.consume_token(token)
@@ -260,25 +260,27 @@ def timings(vocabs: list[Vocab], steps: int, seed: int) -> None:
 
 def _mask_time(lib: Library, vocab: Vocab, compiled: list, rows: int, steps: int,
                seed: int) -> float:
-    """Mean ms to fill ``rows`` masks, each row walking one of ``compiled`` with random allowed
-    tokens (a finished row starts over), over ``steps`` steps."""
+    """Median ms to fill ``rows`` masks, row r walking ``compiled[r]`` (cyclically) with random
+    allowed tokens and moving on to the next grammar when it finishes, over ``steps`` steps."""
     rng = random.Random(seed)
     width = (vocab.size + 31) // 32
     bitmask = torch.zeros(rows, width, dtype=torch.int32)
+    walking = list(range(rows))  # which grammar each row walks
     matchers = [lib.matcher(compiled[r % len(compiled)]) for r in range(rows)]
-    spent = 0.0
+    times = []
     bits = torch.arange(32, dtype=torch.int32)
     for _ in range(steps):
         t0 = time.perf_counter()
         lib.fill(matchers, bitmask)
-        spent += time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
         allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).flatten(1)[:, : vocab.size]
         for r in range(rows):
             ids = allowed[r].nonzero().flatten().tolist()
             token = rng.choice(ids) if ids else vocab.eos
             if token == vocab.eos or not lib.consume(matchers[r], token):
-                matchers[r] = lib.matcher(compiled[r % len(compiled)])
-    return spent / steps * 1e3
+                walking[r] += rows
+                matchers[r] = lib.matcher(compiled[walking[r] % len(compiled)])
+    return statistics.median(times) * 1e3
 
 
 def engine_throughput(checkpoint: str, new_tokens: int, rounds: int) -> None:

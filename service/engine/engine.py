@@ -71,7 +71,8 @@ class Engine:
 
     Read-only attributes: ``tokenizer``, ``model_config``, ``vocab_size`` (the tokenizer's),
     ``eos_token_id``, ``checkpoint``, ``device``, ``dtype``, ``config``, ``n_slots``, ``threads``
-    (the CPU thread plan), ``window_shift`` (in force), ``ready`` (the thread has taken its
+    (the CPU thread plan), ``window_shift`` (in force), ``grammars`` (structured outputs'
+    compiler and cache), ``ready`` (the thread has taken its
     warm-up step and is alive),
     ``error`` (why the engine thread died, if it did).
 

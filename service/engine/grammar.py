@@ -179,12 +179,11 @@ def _short(err: object) -> str:
     return text if len(text) <= _ERROR_CHARS else text[:_ERROR_CHARS] + "..."
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
-
-
-def _unpack(words: torch.Tensor) -> torch.Tensor:
-    """(R, W) int32 bitmask -> (R, W * 32) bool, bit j of word i = token 32 i + j allowed."""
-    shifts = _SHIFTS.to(words.device)
+def _unpack(words: torch.Tensor, shifts: torch.Tensor | None = None) -> torch.Tensor:
+    """(R, W) int32 bitmask -> (R, W * 32) bool, bit j of word i = token 32 i + j allowed
+    (``shifts``: ``arange(32)`` on the words' device)."""
+    if shifts is None:
+        shifts = torch.arange(32, dtype=torch.int32, device=words.device)
     return ((words.unsqueeze(-1) >> shifts) & 1).flatten(1).bool()
 
 
@@ -201,6 +200,7 @@ class StepMasks:
         self.host = torch.zeros(n_slots, words, dtype=torch.int32,
                                 pin_memory=device.type == "cuda")
         self._row_bytes = words * 4
+        self._shifts = torch.arange(32, dtype=torch.int32, device=device)
 
     def apply(self, logits: torch.Tensor, rows) -> torch.Tensor:
         """Mask the constrained rows of ``logits`` (R, V_model), row r being ``rows[r]``."""
@@ -216,7 +216,7 @@ class StepMasks:
         words = host[slots] if len(slots) > 1 else host[slots[0]].unsqueeze(0)
         words = words.to(self.device, non_blocking=True)
         v = min(self.vocab_size, logits.shape[1])
-        banned = ~_unpack(words)[:, :v]
+        banned = ~_unpack(words, self._shifts)[:, :v]
         if len(index) == len(rows):
             logits[:, :v].masked_fill_(banned, float("-inf"))
             return logits
