@@ -6,7 +6,7 @@ listening sockets (bound by the caller before anything slow) and the connection 
 SIGTERM (or the first Ctrl-C) drains: readiness turns 503, new requests get 503, in-flight
 requests get ``--shutdown-timeout`` seconds to finish, then the process exits 0. A second Ctrl-C
 forces exit. If the engine-core process dies, every live stream ends with an error, /health and
-/ready say why for a second, and the server exits 3 (its supervisor restarts it).
+/ready say why for a second, and the server exits 4 (its supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class DrainingServer(uvicorn.Server):
         if self._state.load_error is not None:  # the background load failed: stop, exit 2
             self.should_exit = True
         failed = self._state.fatal_error
-        if failed is not None:  # the engine core died: every stream has ended; exit 3
+        if failed is not None:  # the engine core died: every stream has ended; exit 4
             if self._failed_at is None:
                 self._failed_at = counter
                 log.error("stopping the server: %s", failed)
@@ -136,5 +136,5 @@ def serve(
         return 2
     if state.fatal_error is not None:
         print(f"gptserve: {state.fatal_error}", file=sys.stderr)
-        return 3
+        return 4
     return 0

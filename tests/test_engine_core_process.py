@@ -1,6 +1,6 @@
 """The engine core in its own process (``--engine-core process``, the default): a real
 ``python -m service`` whose core is SIGKILLed under load ends every live stream with an error,
-says why on /health, and exits 3; a killed front end takes its core with it; the core's stats
+says why on /health, and exits 4; a killed front end takes its core with it; the core's stats
 reach the front end's /metrics; the per-step message round-trips every column."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-def test_killing_the_core_under_load_ends_every_stream_with_an_error_and_the_server_exits_3(
+def test_killing_the_core_under_load_ends_every_stream_with_an_error_and_the_server_exits_4(
         tmp_path):
     server = ServerProcess(make_tiny_checkpoint(tmp_path / "ck"), tmp_path / "server.log")
     server.start()
@@ -101,7 +101,7 @@ def test_killing_the_core_under_load_ends_every_stream_with_an_error_and_the_ser
         for result in results:
             assert result.finish_reason == "error", result
             assert len(result.text) > 0, "every stream had generated before the kill"
-        assert server.proc.wait(30) == 3, server.log()
+        assert server.proc.wait(30) == 4, server.log()
         assert "exited (killed by signal 9)" in server.log()
     finally:
         server.stop()
