@@ -226,7 +226,8 @@ def checkpoint_or_stand_in(path: Path, tmp: Path) -> tuple[Path, str]:
     return out, f"random stand-in {config} ({path} not found)"
 
 
-def start_server(checkpoint: Path, settings: Settings) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, settings: Settings, extra: list[str]
+                 ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -246,6 +247,7 @@ def start_server(checkpoint: Path, settings: Settings) -> tuple[subprocess.Popen
         settings.engine.device,
         "--log-level",
         "warning",
+        *extra,
     ]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
@@ -297,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--rounds", type=int, default=3, help="alternations of HTTP and in-process")
+    p.add_argument("--server-args", default="",
+                   help="more flags for the server it starts, e.g. '--engine-core thread'")
     args = p.parse_args(argv)
 
     from model import load_checkpoint
@@ -334,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{os.environ.get('OMP_NUM_THREADS', 'default')}; {cfg.rounds} round(s), best "
             "of each reported\n"
         )
-        proc, url = (None, cfg.url) if cfg.url else start_server(checkpoint, settings)
+        extra = args.server_args.split()
+        proc, url = (None, cfg.url) if cfg.url else start_server(checkpoint, settings, extra)
         try:
             best_http = best_local = None
             counter = [0]

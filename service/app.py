@@ -39,16 +39,27 @@ def engine_config(settings: Settings):
     return settings.engine
 
 
+def build_engine(settings: Settings, checkpoint):
+    """An (unstarted) engine serving ``checkpoint`` with ``settings``: its core in a process of
+    its own (``--engine-core process``, the default) or on a thread of this one."""
+    if settings.engine_core == "process":
+        from service.engine.client import CoreClient
+
+        return CoreClient(checkpoint, engine_config(settings), log_level=settings.log_level,
+                          log_format=settings.log_format)
+    from service.engine import Engine
+
+    return Engine(checkpoint, engine_config(settings))
+
+
 def load_engine(settings: Settings):
     """Load ``settings.checkpoint`` and build an (unstarted) engine for it; a checkpoint that is
     bad, or too big to serve with these settings, is one ``CheckpointError``."""
     from model.checkpoint import load_checkpoint
-    from service.engine import Engine
     from service.reload.budget import serving_budget
 
-    config = engine_config(settings)
-    checkpoint = load_checkpoint(settings.checkpoint, budget=serving_budget(config))
-    return Engine(checkpoint, config)
+    checkpoint = load_checkpoint(settings.checkpoint, budget=serving_budget(engine_config(settings)))
+    return build_engine(settings, checkpoint)
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:
@@ -58,7 +69,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        reloader = app.state.reloader = server_reloader(state, engine_config)
+        reloader = app.state.reloader = server_reloader(state, engine_config, build_engine)
 
         def start(engine) -> None:
             engine.add_stats_listener(metrics.observe_step)

@@ -5,7 +5,8 @@ HTTP protocol (guarded by ``service.transport``), the lifespan and the signal ha
 listening sockets (bound by the caller before anything slow) and the connection cap are ours.
 SIGTERM (or the first Ctrl-C) drains: readiness turns 503, new requests get 503, in-flight
 requests get ``--shutdown-timeout`` seconds to finish, then the process exits 0. A second Ctrl-C
-forces exit.
+forces exit. If the engine-core process dies, every live stream ends with an error, /health and
+/ready say why for a second, and the server exits 4 (its supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from service.transport.listener import Listener
 from service.transport.protocol import GuardedHttpProtocol
 
 log = logging.getLogger("service")
+FAILURE_HOLD_TICKS = 10  # uvicorn ticks (0.1 s) a server with a dead engine core still answers
 
 
 class DrainingServer(uvicorn.Server):
@@ -42,6 +44,7 @@ class DrainingServer(uvicorn.Server):
         self._limits = limits
         self._listener: Listener | None = None
         self._drain_task: asyncio.Task | None = None
+        self._failed_at: int | None = None  # the tick that saw the engine core dead
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=[])  # the lifespan only: the listener accepts, not asyncio
@@ -79,6 +82,14 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self._state.load_error is not None:  # the background load failed: stop, exit 2
             self.should_exit = True
+        failed = self._state.fatal_error
+        if failed is not None:  # the engine core died: every stream has ended; exit 4
+            if self._failed_at is None:
+                self._failed_at = counter
+                log.error("stopping the server: %s", failed)
+            # a few ticks first, so probes of /health and /ready see why (0.1 s a tick)
+            if counter - self._failed_at >= FAILURE_HOLD_TICKS:
+                self.should_exit = True
         return await super().on_tick(counter)
 
     async def _drain(self) -> None:
@@ -123,4 +134,7 @@ def serve(
     if state.load_error is not None:
         print(f"gptserve: cannot load checkpoint: {state.load_error}", file=sys.stderr)
         return 2
+    if state.fatal_error is not None:
+        print(f"gptserve: {state.fatal_error}", file=sys.stderr)
+        return 4
     return 0

@@ -25,6 +25,7 @@ from service.transport.limits import TransportLimits
 ENV_PREFIX = "GPTSERVE_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOG_FORMATS = ("text", "json")
+ENGINE_CORES = ("process", "thread")
 # The shipped weights, found next to the package (not the working directory).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "shakespeare-char"
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -67,6 +68,10 @@ class Settings:
         "checkpoint's provenance name, else the run folder's name for RUN/best and RUN/latest, "
         "else the checkpoint folder's name)")
     engine: EngineConfig = field(default_factory=EngineConfig)
+    engine_core: str = _flag(
+        "process", "process: the engine core (model, scheduler, sampler) runs in its own process "
+        "and the HTTP front end never shares a GIL with it; thread: both in one process (the "
+        "engine on a thread)", choices=ENGINE_CORES)
     api_key: str | None = _flag(
         None, "require 'Authorization: Bearer KEY' on the API (/v1/*, /tokenize, /detokenize, "
         "/admin/*, /docs); the web page, /health and /ready stay open, and /metrics too unless "
@@ -108,6 +113,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.engine_core not in ENGINE_CORES:
+            raise ValueError(f"engine_core must be one of {ENGINE_CORES}, got {self.engine_core!r}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.max_request_bytes < 1:

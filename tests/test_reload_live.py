@@ -277,13 +277,21 @@ def test_a_stream_in_flight_finishes_on_the_old_weights_while_new_requests_get_t
             assert len(old_text) == LONG, alone
 
             got_tokens = threading.Event()
+            switch_done = threading.Event()
             streamed: list[StreamResult] = []
+
+            def hold(_headers) -> None:
+                # the client stops reading until the switch is done, so its request is in flight
+                # across the switch however fast the engine is and however long a reload takes
+                # (a reload spawns a new engine-core process: imports, load and warm-up)
+                got_tokens.set()
+                switch_done.wait(120)
 
             def stream() -> None:
                 with httpx.Client(timeout=120, headers=AUTH) as c:
                     streamed.append(
                         stream_completion(c, server.url, "ab", LONG, temperature=0,
-                                          on_headers=lambda h: got_tokens.set())
+                                          on_headers=hold)
                     )  # fmt: skip
 
             reader = threading.Thread(target=stream)
@@ -294,6 +302,7 @@ def test_a_stream_in_flight_finishes_on_the_old_weights_while_new_requests_get_t
             ).json()
             assert switched["status"] == "reloaded", switched
             still_running = reader.is_alive()
+            switch_done.set()
             fresh = client.post(f"{server.url}/v1/completions", json=request).json()
             reader.join(120)
         assert still_running, "the stream ended before the switch: make it longer"

@@ -65,6 +65,14 @@ class ServerState:
         return self._fingerprints[engine]
 
     @property
+    def fatal_error(self) -> BaseException | None:
+        """Why the server must stop: its engine's core process died (None: it did not)."""
+        engine = self._engine
+        if engine is None or not engine.fatal_on_failure:
+            return None
+        return engine.error
+
+    @property
     def ready(self) -> bool:
         return self._engine is not None and bool(self._engine.ready) and not self.draining
 

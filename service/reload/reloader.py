@@ -306,19 +306,19 @@ class Reloader:
             log.error("shutting down an engine failed: %s", err)
 
 
-def server_reloader(state: ServerState, engine_config: Callable[[Any], Any]) -> Reloader:
+def server_reloader(state: ServerState, engine_config: Callable[[Any], Any],
+                    make_engine: Callable[[Any, Checkpoint], Engine]) -> Reloader:
     """The app's reloader: engines built like the first one, results reported to the metrics.
 
-    ``engine_config(settings)`` is the app factory's recipe for the ``EngineConfig``.
+    ``engine_config(settings)`` is the app factory's recipe for the ``EngineConfig``,
+    ``make_engine(settings, checkpoint)`` its recipe for an engine (in-process or a core process).
     """
     from service.reload.budget import serving_budget
 
     settings = state.settings
 
     def build_engine(checkpoint: Checkpoint) -> Engine:
-        from service.engine import Engine
-
-        engine = Engine(checkpoint, engine_config(settings))
+        engine = make_engine(settings, checkpoint)
         engine.add_stats_listener(state.metrics.observe_step)
         engine.start()
         return engine

@@ -1,0 +1,215 @@
+"""The engine-core process: owns the device and the model, and steps it in a busy loop.
+
+``run_core(spec)`` is the spawned process's whole life: load the checkpoint, build the
+``EngineCore`` (scheduler, runner, sampler), warm it up, say ``READY``, then loop: drain every
+waiting input (add, abort, shutdown) without blocking while there is work, take one step, send
+that step's events and stats as one message. Idle, it blocks on its input socket. On shutdown it
+lets in-flight requests run until the deadline the front end sent, aborts the rest, sends
+``STOPPED`` and exits. Anything that escapes a step's own error handling fails every live
+request (one ``error`` finish each), sends ``FAILED`` and exits 1: the front end reports it.
+
+The core ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process group; the front end
+drains and then tells the core to stop) and exits when its front end is gone (its parent pid
+changes; checked before every step and every idle second). ``PR_SET_PDEATHSIG`` would not do: it
+fires when the *thread* that spawned the core exits, and a loading thread spawns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.engine.config import EngineConfig
+
+log = logging.getLogger("service.engine.core")
+IDLE_POLL_MS = 1000  # an idle core wakes this often to check that its front end is alive
+
+
+@dataclass(frozen=True)
+class CoreSpec:
+    """Everything the spawned core needs (pickled to it at spawn)."""
+
+    checkpoint: Path
+    config: EngineConfig
+    inputs: str  # ZMQ address the front end pushes inputs to (the core pulls)
+    outputs: str  # ZMQ address the core pushes step messages to
+    log_level: str = "info"
+    log_format: str = "text"
+
+
+def run_core(spec: CoreSpec) -> None:
+    """The core process's entry point (``multiprocessing`` spawn target)."""
+    parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from service.logs import configure_logging
+
+    configure_logging(spec.log_level, spec.log_format)
+    import zmq
+
+    from service.engine import wire
+
+    context = zmq.Context()
+    inputs = context.socket(zmq.PULL)
+    outputs = context.socket(zmq.PUSH)
+    for sock in (inputs, outputs):
+        sock.setsockopt(zmq.LINGER, 5000)
+    inputs.connect(spec.inputs)
+    outputs.connect(spec.outputs)
+    codec = wire.OutputCodec()
+    status = 1
+    try:
+        try:
+            core, info = _build(spec)
+        except BaseException as err:  # noqa: BLE001 - the front end reports it
+            log.exception("the engine core could not start")
+            outputs.send_multipart([wire.FAILED, str(err).encode()])
+            return
+        outputs.send_multipart(codec.ready(info))
+        status = CoreLoop(core, inputs, outputs, codec, parent).run()
+    finally:
+        inputs.close(0)
+        outputs.close()  # lingers until the last messages are out
+        context.term()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)  # no interpreter teardown (torch's threads, atexit): the work is done
+
+
+def _build(spec: CoreSpec):
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from service.engine.core import EngineCore
+    from service.engine.engine import resolve_device, resolve_dtype, thread_plan
+    from service.engine.grammar import GrammarCompiler
+    from service.engine.memory import plan_slots
+    from service.engine.wire import CoreInfo
+
+    config = spec.config
+    # the front end loaded this checkpoint already (and checked it fits): no second budget
+    checkpoint = load_checkpoint(spec.checkpoint, budget=lambda _config: None)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    n_slots = plan_slots(checkpoint.config, dtype, config, device)
+    threads = thread_plan(config, device)
+    log.info("engine core (pid %d): %s", os.getpid(), threads.describe())
+    # structured outputs: this process's own cache (the front end validated each constraint
+    # with its own); the vocabulary's grammar tokenizer is built now, not on the first request
+    grammars = GrammarCompiler(checkpoint.tokenizer, config.grammar_cache,
+                               config.max_grammar_bytes)
+    grammars.tokenizer  # noqa: B018 (built eagerly)
+    core = EngineCore(checkpoint.model, checkpoint.tokenizer.vocab_size,
+                      checkpoint.tokenizer.eot_id, config, n_slots, device, dtype, threads,
+                      grammars)
+    core.apply_threads()
+    with torch.inference_mode():
+        core.runner.warm_up()
+    # everything alive now lives as long as the core: keep it out of the collector's passes
+    gc.freeze()
+    info = CoreInfo(n_slots=n_slots, window_shift=core.window_shift, threads=threads,
+                    vocab_size=checkpoint.tokenizer.vocab_size,
+                    block_size=checkpoint.config.block_size, pid=os.getpid())
+    return core, info
+
+
+class CoreLoop:
+    """Drain inputs, step, send: until a shutdown's work is done (returns the exit status)."""
+
+    def __init__(self, core, inputs, outputs, codec, parent: int) -> None:
+        self.core = core
+        self.inputs = inputs
+        self.outputs = outputs
+        self.codec = codec
+        self.parent = parent
+        self.deadline: float | None = None  # set by a shutdown: abort what is left then
+        self.last_stats = None
+
+    def run(self) -> int:
+        from service.engine import wire
+        from service.engine.types import FinishReason, TokenEvents
+
+        core = self.core
+        try:
+            while True:
+                events = TokenEvents()
+                if not self._drain(events):
+                    return 0  # the front end is gone: nobody to serve
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    events.extend(core.abort_all(FinishReason.ABORT))
+                stats = None
+                if core.has_work():
+                    stats, stepped = self._step()
+                    if len(events):
+                        events.extend(stepped)
+                    else:
+                        events = stepped
+                elif len(events):  # aborts emptied the core: publish the idle load
+                    stats = self._idle_stats()
+                if len(events) or stats is not None:
+                    self.outputs.send_multipart(self.codec.step(events, stats))
+                if self.deadline is not None and not core.has_work():
+                    self.outputs.send_multipart([wire.STOPPED, b""])
+                    return 0
+        except BaseException as err:  # noqa: BLE001 - reported to every stream and the front end
+            log.exception("the engine core failed; failing every live request")
+            try:
+                self.outputs.send_multipart(
+                    self.codec.step(core.abort_all(FinishReason.ERROR), self._idle_stats()))
+            finally:
+                self.outputs.send_multipart([wire.FAILED, repr(err).encode()])
+            return 1
+
+    def _drain(self, events) -> bool:
+        """Apply every waiting input; block for one while there is nothing to do. False when
+        the front end that spawned this core is gone."""
+        import zmq
+
+        from service.engine import wire
+
+        core = self.core
+        while True:
+            idle = not core.has_work() and self.deadline is None and not len(events)
+            if not self.inputs.poll(IDLE_POLL_MS if idle else 0):
+                if os.getppid() != self.parent:
+                    return False
+                if idle:
+                    continue
+                return True
+            kind, payload = wire.decode_input(self.inputs.recv_multipart(zmq.NOBLOCK))
+            if kind == wire.ADD:
+                for request in payload:
+                    core.add_request(request)
+            elif kind == wire.ABORT:
+                events.extend(core.abort(*payload))
+            elif kind == wire.SHUTDOWN:
+                self.deadline = time.monotonic() + payload
+
+    def _step(self):
+        from service.engine.types import FinishReason
+
+        try:
+            result = self.core.step()
+        except Exception:  # a failed step fails the requests in it, not the core
+            log.exception("engine step failed; failing every in-flight request")
+            return self._idle_stats(), self.core.abort_all(FinishReason.ERROR)
+        self.last_stats = result.stats
+        return result.stats, result.outputs
+
+    def _idle_stats(self):
+        from service.engine.types import EngineStats
+
+        scheduler = self.core.scheduler
+        last = self.last_stats or EngineStats(0, 0, 0.0, 0.0, 0, 0, 0, 0, 0)
+        return dataclasses.replace(
+            last, num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
+            kv_cache_usage=scheduler.slots.usage, batch_size=0, prompt_tokens=0,
+            generation_tokens=0, crops=0,
+        )

@@ -1,0 +1,141 @@
+"""The engine core in its own process (``--engine-core process``, the default): a real
+``python -m service`` whose core is SIGKILLed under load ends every live stream with an error,
+says why on /health, and exits 4; a killed front end takes its core with it; the core's stats
+reach the front end's /metrics; the per-step message round-trips every column."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from deploy_support import (
+    ServerProcess,
+    StreamResult,
+    make_tiny_checkpoint,
+    metric_value,
+    stream_completion,
+)
+
+from service.engine.types import (
+    EngineStats,
+    Finish,
+    FinishReason,
+    RequestMetrics,
+    TokenEvents,
+    TokenLogprob,
+)
+from service.engine.wire import OutputCodec
+
+pytestmark = pytest.mark.timeout(180)
+STREAMS = 6
+
+
+def _core_pid(server: ServerProcess) -> int:
+    found = re.search(r"engine core \(pid (\d+)\)", server.log())
+    assert found, f"the server never logged its engine core:\n{server.log()}"
+    return int(found.group(1))
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie waiting for its new parent)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_killing_the_core_under_load_ends_every_stream_with_an_error_and_the_server_exits_4(
+        tmp_path):
+    server = ServerProcess(make_tiny_checkpoint(tmp_path / "ck"), tmp_path / "server.log")
+    server.start()
+    try:
+        server.wait_ready()
+        core = _core_pid(server)
+        assert core != server.proc.pid
+        done = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                          json={"prompt": "ab", "max_tokens": 5}).json()
+        assert done["usage"]["completion_tokens"] == 5, done
+        # the core's per-step stats reach the front end's metrics
+        assert metric_value(server.url, "gptserve_generation_tokens_total") >= 5
+
+        results: list[StreamResult] = []
+        streaming = threading.Semaphore(0)
+
+        def stream() -> None:
+            with httpx.Client(timeout=120) as client:
+                results.append(stream_completion(
+                    client, server.url, "ab", 1_000_000, temperature=1.0,
+                    on_headers=lambda _h: streaming.release()))
+
+        readers = [threading.Thread(target=stream) for _ in range(STREAMS)]
+        for reader in readers:
+            reader.start()
+        for _ in readers:
+            assert streaming.acquire(timeout=60), "a stream never started"
+        time.sleep(0.5)  # every stream is generating
+        os.kill(core, signal.SIGKILL)
+
+        health = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the server says why before it exits
+            try:
+                health = httpx.get(f"{server.url}/health", timeout=2)
+            except httpx.TransportError:
+                break
+            if health.status_code == 503:
+                break
+            time.sleep(0.02)
+        assert health is not None and health.status_code == 503, health
+        assert "killed by signal 9" in health.json()["error"]["message"], health.text
+
+        for reader in readers:
+            reader.join(60)
+        assert len(results) == STREAMS
+        for result in results:
+            assert result.finish_reason == "error", result
+            assert len(result.text) > 0, "every stream had generated before the kill"
+        assert server.proc.wait(30) == 4, server.log()
+        assert "exited (killed by signal 9)" in server.log()
+    finally:
+        server.stop()
+
+
+def test_a_killed_front_end_takes_its_core_with_it(tmp_path):
+    server = ServerProcess(make_tiny_checkpoint(tmp_path / "ck"), tmp_path / "server.log")
+    server.start()
+    try:
+        server.wait_ready()
+        core = _core_pid(server)
+        assert not _gone(core)
+        server.kill()
+        deadline = time.monotonic() + 15
+        while not _gone(core) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(core), "the engine core outlived its front end"
+    finally:
+        server.stop()
+
+
+def test_one_message_per_step_round_trips_every_column():
+    events = TokenEvents(
+        request_ids=["a", "a", "b"], indices=[0, 1, 0], token_ids=[5, None, 7],
+        crops=[0, 0, 2], prompt_cropped=[False, False, True], num_generated=[3, 2, 40],
+        logprobs=[-0.5, None, -1.25],
+        top_logprobs=[(TokenLogprob(5, -0.5), TokenLogprob(6, -1.0)), None, ()],
+        finishes={1: Finish(FinishReason.ABORT, 4),
+                  2: Finish(FinishReason.LENGTH, 9, RequestMetrics(0.01, 0.2, (0.1, 0.3), 0.7))},
+    )
+    stats = EngineStats(2, 1, 0.25, 0.004, 3, 12, 3, 1, 77, recomputed_tokens=16)
+    codec = OutputCodec()
+    kind, payload = codec.step(events, stats)
+    got, got_stats = codec.decode_step(payload)
+    assert got == events and got_stats == stats
+    assert isinstance(got.finishes[2].reason, FinishReason)
+    assert codec.decode_step(codec.step(TokenEvents(), None)[1]) == (TokenEvents(), None)
