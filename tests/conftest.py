@@ -99,11 +99,16 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def live_server(checkpoint, **overrides) -> LiveServer:
-    """A real uvicorn server loading ``checkpoint`` through the app's own lifespan."""
+    """A real uvicorn server loading ``checkpoint`` through the app's own lifespan.
+
+    Its engine runs on a thread of the test's process (``engine_core="thread"``: tests reach into
+    ``srv.state.engine`` and the start is quick); ``engine_core="process"`` gives the default's
+    engine-core process, which every ``python -m service`` test (``ServerProcess``) runs too."""
     from service.app import create_app
     from service.settings import Settings
 
     options = {
+        "engine_core": "thread",
         "model_name": "tiny",
         "device": "cpu",
         "max_batch_size": 8,

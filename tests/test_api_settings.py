@@ -63,6 +63,7 @@ FLAGS = {
     "--log-format": ("json", "json"),
     "--chat-template": ("{{ messages[0].content }}", "{{ messages[0].content }}"),
     "--load-timeout": ("7.5", 7.5),
+    "--engine-core": ("thread", "thread"),
 }
 
 
@@ -144,7 +145,7 @@ def test_invalid_values_exit_with_a_usage_error(capsys):
     ("flag", "value"),
     [("--header-timeout", "0"), ("--body-timeout", "nan"), ("--keep-alive-timeout", "-1"),
      ("--max-headers", "0"), ("--max-header-bytes", "0"), ("--max-connections", "0"),
-     ("--max-pipelined", "0"), ("--log-format", "xml")],
+     ("--max-pipelined", "0"), ("--log-format", "xml"), ("--engine-core", "fork")],
 )  # fmt: skip
 def test_transport_limits_and_log_format_refuse_values_that_cannot_work(flag, value, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -139,3 +139,22 @@ def test_one_message_per_step_round_trips_every_column():
     assert got == events and got_stats == stats
     assert isinstance(got.finishes[2].reason, FinishReason)
     assert codec.decode_step(codec.step(TokenEvents(), None)[1]) == (TokenEvents(), None)
+
+
+def test_a_client_that_goes_away_frees_its_slot_in_the_core(tiny_checkpoint):
+    from conftest import live_server, wait_until
+
+    with live_server(tiny_checkpoint, engine_core="process", max_batch_size=2) as srv:
+        engine = srv.state.engine
+        assert engine.pid != os.getpid(), "the core should run in its own process"
+        body = {"prompt": "ab", "max_tokens": 10**6, "stream": True, "n": 2}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            wait_until(lambda: engine.stats().num_running == 2, what="both choices running")
+        # the client hung up: the front end aborts, the core frees both slots at once
+        wait_until(lambda: engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0,
+                   what="the aborted choices to leave the core")
+        done = httpx.post(srv.url + "/v1/completions", timeout=60,
+                          json={"prompt": "ab", "max_tokens": 3, "n": 2}).json()
+        assert [c["finish_reason"] for c in done["choices"]] == ["length", "length"], done

@@ -16,9 +16,11 @@ pytestmark = pytest.mark.timeout(120)
 PROMPT = "ROMEO: what light"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    with live_server(tiny_checkpoint, window_shift=1) as srv:
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(tiny_checkpoint, request):
+    """The whole API over both ways of running the engine: on a thread of the server's process,
+    and in an engine-core process of its own (the default of ``python -m service``)."""
+    with live_server(tiny_checkpoint, window_shift=1, engine_core=request.param) as srv:
         yield srv
 
 
