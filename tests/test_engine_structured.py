@@ -171,6 +171,8 @@ def test_a_repeated_constraint_compiles_once_and_the_cache_is_bounded():
     (StructuredOutputs("grammar", "root ::= (", "guided_grammar"), "not valid"),
     (StructuredOutputs("json", '{"type": "nonsense"}', "response_format"), "not valid"),
     (StructuredOutputs("json", '{"type": "object"}', "response_format"), "first token"),
+    # only the end may come first: no output at all (the char vocabulary's end is virtual)
+    (StructuredOutputs("regex", "", "guided_regex"), "first token"),
     (StructuredOutputs("regex", "x" * 70_000, "guided_regex"), "at most"),
 ])
 def test_a_bad_or_impossible_constraint_is_refused_naming_its_field(so, needle):

@@ -160,7 +160,7 @@ class GrammarCompiler:
         words = (tokenizer.vocab_size + 31) // 32
         mask = torch.zeros(1, words, dtype=torch.int32)
         matcher.unsafe_compute_mask_ptr(mask.data_ptr(), words * 4)
-        real = _unpack(mask)[0, : tokenizer.vocab_size]
+        real = _unpack(mask)[0, : self._source.vocab_size]  # the virtual end token is not one
         if matcher.is_error() or not real.any():
             raise InvalidRequestError(
                 s.param, f"{s.param}: no output of this model can satisfy the {s.kind} "
