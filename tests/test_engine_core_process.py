@@ -158,3 +158,19 @@ def test_a_client_that_goes_away_frees_its_slot_in_the_core(tiny_checkpoint):
         done = httpx.post(srv.url + "/v1/completions", timeout=60,
                           json={"prompt": "ab", "max_tokens": 3, "n": 2}).json()
         assert [c["finish_reason"] for c in done["choices"]] == ["length", "length"], done
+
+
+def test_a_constraint_compiled_in_the_front_end_is_honoured_by_the_core(tiny_checkpoint):
+    from conftest import live_server
+
+    with live_server(tiny_checkpoint, engine_core="process") as srv:
+        choices = ["abc", "cab", "bba"]
+        for seed in range(3):
+            done = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+                "prompt": "ab", "max_tokens": 10, "seed": seed, "temperature": 1.0, "n": 2,
+                "structured_outputs": {"choice": choices}}).json()
+            for choice in done["choices"]:
+                assert choice["text"] in choices and choice["finish_reason"] == "stop", done
+        bad = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            "prompt": "ab", "max_tokens": 10, "structured_outputs": {"regex": "(unclosed"}})
+        assert bad.status_code == 400 and "structured_outputs" in bad.text, bad.text
