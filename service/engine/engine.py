@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from model.checkpoint import Checkpoint
+from model.quantize import int8_supported
 from model.threads import ThreadPlan, plan_threads
 from service.engine.config import EngineConfig
 from service.engine.core import EngineCore
@@ -56,6 +57,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def check_quantization(quantization: str, device: torch.device) -> None:
+    """Refuse int8 weights where there are no kernels for them: they run on fbgemm's x86 CPU
+    kernels only (``model.quantize``). On CUDA, bf16 (the default there) halves the bytes."""
+    if quantization != "int8":
+        return
+    if device.type != "cpu":
+        raise ValueError(
+            f"int8 weights run on CPU only (fbgemm's int8 kernels), and the engine's device is "
+            f"{device.type}: use --device cpu, or --quantization none (bf16, the CUDA default, "
+            f"halves the weight bytes)")
+    if not int8_supported():
+        raise ValueError("int8 weights need PyTorch's fbgemm kernels, which this PyTorch build "
+                         "lacks (x86 CPU builds have them)")
+
+
 def _thread_plan(config: EngineConfig, device: torch.device) -> ThreadPlan:
     """The CPU threads the engine runs (``model.threads``). The count stays fixed on CUDA (step
     times measure the GPU there, not the threads) and with ``batch_invariant`` (a CPU matmul's
@@ -69,7 +85,8 @@ class Engine:
     """Owns the model runner/scheduler core, the engine thread, and the streams of live requests.
 
     Read-only attributes: ``tokenizer``, ``model_config``, ``vocab_size`` (the tokenizer's),
-    ``eos_token_id``, ``checkpoint``, ``device``, ``dtype``, ``config``, ``n_slots``, ``threads``
+    ``eos_token_id``, ``checkpoint``, ``device``, ``dtype``, ``config`` (its ``quantization``:
+    the weights' precision), ``n_slots``, ``threads``
     (the CPU thread plan), ``window_shift`` (in force), ``ready`` (the thread has taken its
     warm-up step and is alive),
     ``error`` (why the engine thread died, if it did).
@@ -88,6 +105,7 @@ class Engine:
         self.eos_token_id = checkpoint.tokenizer.eot_id
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
+        check_quantization(self.config.quantization, self.device)
         self.n_slots = plan_slots(self.model_config, self.dtype, self.config, self.device)
         self.threads = _thread_plan(self.config, self.device)
         log.info("%s", self.threads.describe())
