@@ -10,6 +10,7 @@ tokens agreeing with fp32 on >= 95% of positions, over the engine oracle's promp
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from deploy_support import ROOT, child_env
 from engine_support import engine, one_thread, prompt_of, request, tiny_checkpoint  # noqa: F401
 from test_engine_reference import ARRIVALS, MIX
 
-from model import load_checkpoint
+from model import export_huggingface, load_checkpoint
 from model.quantize import Int8Linear
 from service import LLM, SamplingParams
 from service.engine import EngineConfig
@@ -122,6 +123,38 @@ def test_quantize_int8_is_a_copy_with_only_int8_matrices(shipped):
     after = shipped.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the source model changed"
     assert not q.prepack_cpu_weights(), "an int8 model has no fp32 matrices to prepack"
+
+
+def _as_nanogpt(ck, folder: Path) -> Path:
+    """The checkpoint as nanoGPT's train.py and prepare.py write it: ckpt.pt + meta.pkl."""
+    folder.mkdir()
+    cfg = ck.config
+    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                      block_size=cfg.block_size, bias=cfg.bias, vocab_size=cfg.vocab_size,
+                      dropout=0.0)
+    torch.save({"model": ck.model.state_dict(), "model_args": model_args, "iter_num": 2000},
+               folder / "ckpt.pt")
+    chars = [ck.tokenizer.decode([i]) for i in range(ck.tokenizer.vocab_size)]
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    return folder / "ckpt.pt"
+
+
+def test_int8_quantizes_at_load_from_every_checkpoint_format(shipped, tmp_path):
+    """The same weights as a gptserve folder, a Hugging Face GPT-2 folder and a nanoGPT ckpt.pt
+    give the same int8 model: the same greedy text."""
+    paths = {"gptserve": SHIPPED,
+             "huggingface": export_huggingface(shipped.model, tmp_path / "hf", shipped.tokenizer),
+             "nanogpt": _as_nanogpt(shipped, tmp_path / "nanogpt")}
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    texts = {}
+    for fmt, path in paths.items():
+        llm = LLM(path, quantization="int8", device="cpu", max_batch_size=2)
+        assert llm.engine.checkpoint.source_format == fmt
+        assert llm.engine._core.runner.model.quantization == "int8"
+        texts[fmt] = llm.generate("ROMEO:", params)[0].outputs[0].text
+    assert len(set(texts.values())) == 1, texts
 
 
 def test_int8_in_bfloat16_serves_bfloat16_activations(shipped):

@@ -137,8 +137,9 @@ def table(results: Results, workloads: list[Workload], limits: Limits,
                 limit = "-"
             elif w.streams == 1:
                 limit = f"{100 * limits.bandwidth_fraction(weight_bytes, rate):.0f}% bandwidth"
-            else:
-                limit = f"{100 * limits.flop_fraction(params, rate):.0f}% FLOP/s"
+            else:  # int8 rows against the fp32 (or bf16) matmul peak: no int8 peak is measured
+                fp = " fp32" if int8(system) else ""
+                limit = f"{100 * limits.flop_fraction(params, rate):.0f}%{fp} FLOP/s"
             ttft = _pair(runs, "ttft_p50", "ttft_p99")
             itl = _pair(runs, "itl_p50", "itl_p99")
             short = [f for f in runs if not f.complete]
