@@ -39,6 +39,7 @@ FLAGS = {
     "--compile": ("1", True),
     "--cuda-graphs": ("off", False),
     "--threads": ("3", 3),
+    "--quantization": ("int8", "int8"),
     "--api-key": ("k3y", "k3y"),
     "--cors-origins": ("http://a.test, http://b.test", ("http://a.test", "http://b.test")),
     "--request-timeout": ("12.5", 12.5),
