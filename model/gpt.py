@@ -303,7 +303,7 @@ class GPT(nn.Module):
         ``.to(torch.bfloat16)``). Both ``forward`` and ``forward_packed`` run on the int8
         weights. The embeddings and LayerNorms stay as they are, shared with this model, which
         is left unchanged; the LM head is quantized apart from the token embedding it is tied
-        to (so the copy is for inference only). CPU, fp32 weights in."""
+        to (so the copy is for inference only). CPU weights in (any float dtype)."""
         with torch.device("meta"):  # the skeleton only: every tensor comes from this model
             q = GPT(self.config)
         q.load_state_dict(self.state_dict(), assign=True)

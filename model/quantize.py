@@ -3,9 +3,10 @@ channel, multiplied by fbgemm's dynamic-quantization GEMM.
 
 Why fbgemm's dynamic int8 (``torch.ops.quantized.linear_dynamic``, what ``torch.ao``'s
 ``quantize_dynamic`` calls): on this project's AVX2 CPU it was the only int8 product PyTorch ships
-that beats fp32 (1.7-3.8x on GPT-2-small's shapes at one row, 2.5-3.9x at 32); gpt-fast's
-weight-only ``aten._weight_int8pack_mm`` ran 2-50x *slower* than fp32 here, oneDNN's int8 path
-and ``torch._int_mm`` too (``bench/int8.py``; figures in docs/BENCHMARKS.md, "int8 weights").
+that beats fp32 at both row counts (1.7-3.8x on GPT-2-small's shapes at one row, 2.5-3.9x at
+32); gpt-fast's weight-only ``aten._weight_int8pack_mm`` ran 2-50x *slower* than fp32 here,
+``torch._int_mm`` ~100x slower, and oneDNN's dynamic int8 lost to fbgemm at every shape (and to
+fp32 at one row on a block's shapes) (``bench/int8.py``; docs/BENCHMARKS.md, "int8 weights").
 Dynamic quantization also quantizes each product's input on the fly: one scale and zero point
 for the whole input (every row of the step) in 7 bits (``reduce_range``: AVX2 without VNNI sums
 u8 x s8 pairs in int16, which 8 bits could overflow), the int32 sums rescaled to fp32 with the
