@@ -25,8 +25,6 @@ from torch import nn
 
 from model.config import GPTConfig
 
-QUANTIZATIONS = ("none", "int8")
-
 
 def int8_supported() -> bool:
     """Whether this PyTorch build has fbgemm's int8 kernels (x86 CPU builds do)."""

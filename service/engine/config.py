@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8")  # model.quantize.QUANTIZATIONS (the config imports no torch)
+QUANTIZATIONS = ("none", "int8")  # int8: model.quantize (this module imports no torch)
 
 
 def _knob(default, help_text: str, **meta):
