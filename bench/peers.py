@@ -4,12 +4,16 @@ Run (CPU fp32, every system, 2 interleaved rounds; first use builds the model an
     python bench/peers.py --rounds 2
 A quick subset (a few minutes):
     python bench/peers.py --systems gptserve,ct2 --workloads 1 --rounds 1
+int8 weights (gptserve --quantization int8 against CTranslate2 compute_type="int8", and fp32):
+    python bench/peers.py --systems gptserve,gptserve-int8,ct2,ct2-int8 --workloads 1,32
 GPU (see bench/gpu.sh):
     python bench/peers.py --device cuda --dtype bfloat16 --systems gptserve,hf --workloads 1,32,256
 
-Systems: ``gptserve`` and ``vllm`` served over HTTP, ``gptserve-inproc`` (the engine facade),
-``ct2`` (CTranslate2) and ``hf`` (``generate``) in-process; ``--gptserve-variant LABEL=FLAGS`` adds
-a gptserve server started with extra flags. Each system runs in its own process, one at a time
+Systems: ``gptserve``, ``gptserve-int8`` (``--quantization int8``) and ``vllm`` served over HTTP,
+``gptserve-inproc`` (the engine facade), ``ct2`` (CTranslate2), ``ct2-int8`` (CTranslate2 with
+``compute_type="int8"``) and ``hf`` (``generate``) in-process; ``--gptserve-variant LABEL=FLAGS``
+adds a gptserve server started with extra flags. Without vLLM's venv built, leave ``vllm`` out of
+``--systems`` (or it is built first, which takes a long while). Each system runs in its own process, one at a time
 (servers: started, measured, stopped; in-process systems: a worker process, this script with
 ``--worker SYSTEM``, so that no two systems' thread pools or OpenMP runtimes share a process).
 Workloads: an integer N = N concurrent streams on the GPT-2-small-shaped model (1: ``--repeats``
@@ -17,7 +21,8 @@ requests one after another); ``tiny`` = the shipped character model in-process a
 streams (plus gptserve past its 128-token window). Every request: a ``--prompt-tokens`` prompt,
 exactly ``--new-tokens`` new tokens, greedy. Rounds interleave systems (A B A B ...); the table
 gives each figure's median and range, then the ratios the issue's targets name and the fraction of
-this machine's measured limits (bandwidth at 1 stream, FLOP/s at several).
+this machine's measured limits (bandwidth at 1 stream: the bytes of the weights each token reads,
+one a weight in the int8 rows; FLOP/s at several).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from peerbench.figures import Figures
 from peerbench.neighbour import Neighbour
 from peerbench.report import Results, Workload
 
-HTTP, IN_PROCESS = ("gptserve", "vllm"), ("gptserve-inproc", "ct2", "hf")
+HTTP, IN_PROCESS = ("gptserve", "gptserve-int8", "vllm"), ("gptserve-inproc", "ct2", "ct2-int8", "hf")
 TINY_TOKENS, TINY_PROMPT = 120, 8  # inside the shipped model's 128-token window
 
 
@@ -73,7 +78,8 @@ class Options:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--systems", default="gptserve,vllm,gptserve-inproc,ct2,hf",
+    p.add_argument("--systems",
+                   default="gptserve,gptserve-int8,vllm,gptserve-inproc,ct2,ct2-int8,hf",
                    help=f"comma-separated, from {', '.join(HTTP + IN_PROCESS)}")
     p.add_argument("--workloads", default="1,32,tiny",
                    help="comma-separated: N concurrent streams on GPT-2-small, and/or 'tiny'")
@@ -178,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
     specs: dict[str, servers.ServerSpec] = {}
     flags = [("gptserve", ())] if "gptserve" in o.systems else []
+    if "gptserve-int8" in o.systems:
+        flags.append(("gptserve-int8", ("--quantization", "int8")))
     for label, f in [*flags, *((f"gptserve[{lb}]", fl) for lb, fl in o.variants)]:
         threads = ("--threads", str(o.gptserve_threads)) if o.gptserve_threads else ()
         specs[label] = servers.gptserve(label, gpt2.hf, o.device, o.dtype, o.slots,
@@ -212,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     machine = limits.Limits(max(machine.flops, again.flops), max(machine.read_bytes,
                                                                   again.read_bytes))
     bytes_per = 4 if o.dtype == "float32" else 2
-    sizes = {m.name: (m.params, m.params * bytes_per) for m in (gpt2, tiny) if m}
+    sizes = {m.name: m.params for m in (gpt2, tiny) if m}
     print(f"\nmachine limits ({o.device}, {o.dtype}, {o.threads} threads): matmul "
           f"{machine.flops / 1e9:,.1f} GFLOP/s, memory read {machine.read_bytes / 1e9:,.1f} GB/s; "
-          f"{gpt2.name}: {gpt2.params / 1e6:.1f}M params, {sizes[gpt2.name][1] / 1e6:.0f} MB of "
-          f"weights; load average at end {os.getloadavg()}\n")
-    print("\n".join(report.table(results, workloads, machine, sizes)))
+          f"{gpt2.name}: {gpt2.params / 1e6:.1f}M params, {gpt2.params * bytes_per / 1e6:.0f} MB "
+          f"of weights ({gpt2.params / 1e6:.0f} MB in int8); load average at end "
+          f"{os.getloadavg()}\n")
+    print("\n".join(report.table(results, workloads, machine, sizes, bytes_per)))
     print()
     targets = report.NEIGHBOUR_TARGETS if o.neighbour else report.TARGETS
     print("\n".join(report.ratios(results, workloads, [*specs, *in_process], targets)))
@@ -306,8 +315,9 @@ def work(o: Options, workloads: list[Workload], gpt2: models.ModelFiles,
 def build(system: str, model: models.ModelFiles, o: Options, threads: int) -> inproc.Generate:
     if system == "gptserve-inproc":  # its engine's own thread plan, as the server's
         return inproc.gptserve(model.hf, o.device, o.dtype, o.slots, o.gptserve_threads)
-    if system == "ct2":
-        return inproc.ctranslate2(models.ctranslate2_folder(model, o.workdir), o.device, o.dtype,
+    if system in ("ct2", "ct2-int8"):  # int8: quantized at load from the same fp32 folder
+        compute = "int8" if system == "ct2-int8" else o.dtype
+        return inproc.ctranslate2(models.ctranslate2_folder(model, o.workdir), o.device, compute,
                                   threads)
     return inproc.huggingface(model.hf, o.device, o.dtype)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from model.config import GPTConfig
 from model.kv_cache import KVCache, PackedBatch
+from model.quantize import Int8Linear, int8_linear
 
 
 class LayerNorm(nn.Module):
@@ -123,21 +124,27 @@ class _InferenceWeights:
     ln_f_bias: torch.Tensor | None
     gelu: str
     # oneDNN-prepacked copies of each layer's (c_attn, attn c_proj, c_fc, mlp c_proj) weights and
-    # of the LM head, when ``GPT.prepack_cpu_weights`` asked for them; None otherwise
-    packed: tuple[tuple[torch.Tensor, ...], ...] | None = None
-    lm_head_packed: torch.Tensor | None = None
+    # of the LM head, when ``GPT.prepack_cpu_weights`` asked for them; in an int8 model
+    # (``GPT.quantize_int8``) their fbgemm-packed int8 forms (the only copy; the weights and
+    # biases above are then None); None otherwise
+    packed: tuple[tuple[torch.Tensor | torch.ScriptObject, ...], ...] | None = None
+    lm_head_packed: torch.Tensor | torch.ScriptObject | None = None
     # whether a product of (one row, several rows) uses them
     packed_for: tuple[bool, bool] = (False, True)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-            packed: torch.Tensor | None, use: tuple[bool, bool]) -> torch.Tensor:
+def _linear(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
+            packed: torch.Tensor | torch.ScriptObject | None, use: tuple[bool, bool]
+            ) -> torch.Tensor:
     """``F.linear``, or oneDNN's matmul over a prepacked weight when there is one and ``use``
     says so for this row count (one row, several): in fp32 prepacking pays at many rows and MKL's
     GEMV wins at one, in bf16 oneDNN wins at both (figures: docs/BENCHMARKS.md, "Where a step's
-    time goes" and "Choices (measured)")."""
+    time goes" and "Choices (measured)"); or, in an int8 model, fbgemm's int8 product over the
+    packed int8 weight and its bias (``model.quantize``)."""
     if packed is not None and use[x.shape[0] > 1]:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        if isinstance(packed, torch.Tensor):
+            return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        return int8_linear(x, packed)
     return F.linear(x, w, b)
 
 
@@ -193,6 +200,7 @@ class GPT(nn.Module):
         self._weights: _InferenceWeights | None = None
         self._prepack = False  # see prepack_cpu_weights
         self._prepack_rows = (False, True)
+        self.quantization = "none"  # "int8" in the copies ``quantize_int8`` returns
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (GPT-2; nanoGPT)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -277,7 +285,9 @@ class GPT(nn.Module):
         frees the copies; ``rows=(False, False)`` keeps them unused, for timing without a new
         reorder). CPU, fp32 or (where oneDNN has bf16 kernels) bf16 only; returns whether
         prepacked weights are now in use. The rows' results then depend on the row count (use
-        it only when batch invariance is off)."""
+        it only when batch invariance is off). An int8 model has no fp32 matrices to reorder."""
+        if self.quantization != "none":
+            return False
         p = self.lm_head.weight
         on = on and can_prepack(p.device, p.dtype)
         if on != self._prepack:
@@ -287,20 +297,45 @@ class GPT(nn.Module):
             self._weights = replace(self._weights, packed_for=rows)
         return on and any(rows)
 
+    def quantize_int8(self) -> GPT:
+        """A copy for inference with every matrix product's weight in int8, one scale per output
+        channel (``model.quantize``: fbgemm's dynamic int8 GEMM, fp32 in and out; bf16 after
+        ``.to(torch.bfloat16)``). Both ``forward`` and ``forward_packed`` run on the int8
+        weights. The embeddings and LayerNorms stay as they are, shared with this model, which
+        is left unchanged; the LM head is quantized apart from the token embedding it is tied
+        to (so the copy is for inference only). CPU weights in (any float dtype)."""
+        with torch.device("meta"):  # the skeleton only: every tensor comes from this model
+            q = GPT(self.config)
+        q.load_state_dict(self.state_dict(), assign=True)
+        for block in q.transformer.h:
+            block.attn.c_attn = Int8Linear(block.attn.c_attn)
+            block.attn.c_proj = Int8Linear(block.attn.c_proj)
+            block.mlp.c_fc = Int8Linear(block.mlp.c_fc)
+            block.mlp.c_proj = Int8Linear(block.mlp.c_proj)
+        q.lm_head = Int8Linear(q.lm_head)
+        q.quantization = "int8"
+        return q.eval()
+
     def _inference_weights(self) -> _InferenceWeights:
         """The parameters as plain tensors, gathered once (again after ``.to()``/``.half()``)."""
         if self._weights is None:
             t = self.transformer
             bias = lambda m: None if m.bias is None else m.bias.detach()  # noqa: E731
+            # an int8 model's products read only their packed form (its bias included)
+            mat = lambda m: (None, None) if isinstance(m, Int8Linear) else (  # noqa: E731
+                m.weight.detach(), bias(m))
             layers = tuple(
-                (b.ln_1.weight.detach(), bias(b.ln_1), b.attn.c_attn.weight.detach(),
-                 bias(b.attn.c_attn), b.attn.c_proj.weight.detach(), bias(b.attn.c_proj),
-                 b.ln_2.weight.detach(), bias(b.ln_2), b.mlp.c_fc.weight.detach(),
-                 bias(b.mlp.c_fc), b.mlp.c_proj.weight.detach(), bias(b.mlp.c_proj))
+                (b.ln_1.weight.detach(), bias(b.ln_1), *mat(b.attn.c_attn), *mat(b.attn.c_proj),
+                 b.ln_2.weight.detach(), bias(b.ln_2), *mat(b.mlp.c_fc), *mat(b.mlp.c_proj))
                 for b in t.h
             )
             packed = lm_head_packed = None
-            if self._prepack:
+            rows = self._prepack_rows
+            if self.quantization == "int8":
+                packed = tuple((b.attn.c_attn.packed, b.attn.c_proj.packed, b.mlp.c_fc.packed,
+                                b.mlp.c_proj.packed) for b in t.h)
+                lm_head_packed, rows = self.lm_head.packed, (True, True)
+            elif self._prepack:
                 pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 32)  # noqa: E731
                 packed = tuple(tuple(pack(layer[j]) for j in (2, 4, 8, 10)) for layer in layers)
                 lm_head_packed = pack(t.wte.weight.detach())
@@ -308,7 +343,7 @@ class GPT(nn.Module):
                 wte=t.wte.weight.detach(), wpe=t.wpe.weight.detach(), layers=layers,
                 ln_f=t.ln_f.weight.detach(), ln_f_bias=bias(t.ln_f),
                 gelu="tanh" if self.config.activation == "gelu_tanh" else "none",
-                packed=packed, lm_head_packed=lm_head_packed, packed_for=self._prepack_rows,
+                packed=packed, lm_head_packed=lm_head_packed, packed_for=rows,
             )
         return self._weights
 

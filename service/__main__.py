@@ -1,7 +1,8 @@
 """Run the server: ``python -m service`` (or ``gptserve``); ``--help`` lists every flag.
 
 Everything that can be wrong with the command line fails in one line on stderr before the model
-loads and before anything listens: a missing checkpoint or an unavailable ``--device`` (exit 2), a
+loads and before anything listens: a missing checkpoint, an unavailable ``--device`` or
+``--quantization`` on a device it cannot run on (exit 2), a
 port that is busy or not permitted (exit 3). Then ``service.server.serve`` runs uvicorn on the
 sockets bound here and loads the checkpoint in the background (a checkpoint that cannot be read
 stops the server with exit 2). Exit statuses: 0 after a drain, 2 bad configuration, 3 cannot
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from model.threads import openmp_env
+from service.engine.config import EngineConfig
 from service.logs import configure_logging
 from service.settings import Settings, parse_settings
 from service.transport.sockets import ListenError, bind, fit_to_file_limit
@@ -57,6 +59,18 @@ def check_device(device: str) -> None:
     raise ConfigError(f"--device cuda: {why}; use --device cpu or --device auto")
 
 
+def check_quantization(engine: EngineConfig) -> None:
+    """Refuse ``--quantization int8`` where its CPU kernels cannot run, before the model loads."""
+    if engine.quantization == "none":
+        return
+    from service.engine.engine import check_quantization, resolve_device
+
+    try:
+        check_quantization(engine.quantization, resolve_device(engine.device))
+    except ValueError as err:
+        raise ConfigError(f"--quantization {engine.quantization}: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     openmp_env(os.environ)  # before torch loads: how OpenMP threads wait (model/threads.py)
     settings = parse_settings(argv)
@@ -70,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_connections=fit_to_file_limit(settings.transport.max_connections),
         )
         check_device(settings.engine.device)
+        check_quantization(settings.engine)
     except (ConfigError, ListenError) as err:
         for sock in sockets:
             sock.close()

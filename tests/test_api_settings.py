@@ -42,6 +42,7 @@ FLAGS = {
     "--grammar-cache": ("8", 8),
     "--grammar-timeout": ("2.5", 2.5),
     "--max-grammar-bytes": ("4k", 4096),
+    "--quantization": ("int8", "int8"),
     "--api-key": ("k3y", "k3y"),
     "--cors-origins": ("http://a.test, http://b.test", ("http://a.test", "http://b.test")),
     "--request-timeout": ("12.5", 12.5),

@@ -16,11 +16,14 @@ from peerbench import servers
 from peerbench.figures import Figures
 from peerbench.limits import Limits
 
-PEERS = ("vllm", "ct2", "hf")
-# (peer, model, streams) -> the issue's target for gptserve / peer tokens/s
+PEERS = ("vllm", "ct2", "ct2-int8", "hf")
+# (peer, model, streams) -> the issue's target for gptserve / peer tokens/s; a system whose name
+# ends in "int8" is compared with the int8 peers and with gptserve's fp32 server ("gptserve")
 TARGETS = {("vllm", "gpt2-small", 1): 1.5, ("vllm", "gpt2-small", 32): 1.5,
            ("ct2", "gpt2-small", 1): 1.0, ("ct2", "gpt2-small", 32): 1.0,
-           ("ct2", "shakespeare-char", 1): 0.5, ("ct2", "shakespeare-char", 32): 1.0}
+           ("ct2", "shakespeare-char", 1): 0.5, ("ct2", "shakespeare-char", 32): 1.0,
+           ("ct2-int8", "gpt2-small", 1): 1.2, ("ct2-int8", "gpt2-small", 32): 1.0,
+           ("gptserve", "gpt2-small", 1): 2.0}  # issue 17: int8 >= 2x fp32 at one stream
 # with a busy neighbour (--neighbour): at least vLLM's speed beside the same neighbour
 NEIGHBOUR_TARGETS = {("vllm", "gpt2-small", 1): 1.0, ("vllm", "gpt2-small", 32): 1.0}
 
@@ -110,9 +113,15 @@ def _pair(runs: list[Figures], p50: str, p99: str) -> str:
     return " / ".join(_ms(_med([getattr(f, name) for f in runs])) for name in (p50, p99))
 
 
+def int8(system: str) -> bool:
+    """Whether ``system`` runs int8 weights (``gptserve-int8``, ``ct2-int8``)."""
+    return system.endswith("int8")
+
+
 def table(results: Results, workloads: list[Workload], limits: Limits,
-          sizes: dict[str, tuple[int, int]]) -> list[str]:
-    """One row per (system, workload); ``sizes``: model -> (params, weight bytes)."""
+          sizes: dict[str, int], bytes_per: int) -> list[str]:
+    """One row per (system, workload); ``sizes``: model -> params; a token of one stream reads
+    every weight once, ``bytes_per`` bytes each (one in the int8 rows)."""
     lines = ["In-process rows: TTFT = a 1-token call, ITL = its mean step (no percentiles).", "",
              "| system | workload | tok/s median [range] | TTFT p50 / p99 ms | "
              "ITL p50 / p99 ms | tokens | peak RSS | of machine limit |",
@@ -122,13 +131,15 @@ def table(results: Results, workloads: list[Workload], limits: Limits,
             if label != w.label:
                 continue
             rate = statistics.median(f.rate for f in runs)
-            params, weight_bytes = sizes[w.model]
+            params = sizes[w.model]
+            weight_bytes = params * (1 if int8(system) else bytes_per)
             if w.model != "gpt2-small":  # weights that fit in the caches: no such bound
                 limit = "-"
             elif w.streams == 1:
                 limit = f"{100 * limits.bandwidth_fraction(weight_bytes, rate):.0f}% bandwidth"
-            else:
-                limit = f"{100 * limits.flop_fraction(params, rate):.0f}% FLOP/s"
+            else:  # int8 rows against the fp32 (or bf16) matmul peak: no int8 peak is measured
+                fp = " fp32" if int8(system) else ""
+                limit = f"{100 * limits.flop_fraction(params, rate):.0f}%{fp} FLOP/s"
             ttft = _pair(runs, "ttft_p50", "ttft_p99")
             itl = _pair(runs, "itl_p50", "itl_p99")
             short = [f for f in runs if not f.complete]
@@ -143,19 +154,22 @@ def table(results: Results, workloads: list[Workload], limits: Limits,
 
 def ratios(results: Results, workloads: list[Workload], systems: list[str],
            targets: dict = TARGETS) -> list[str]:
-    """gptserve (every variant, HTTP and in-process) over each peer, per workload: ratio of the
-    medians, and the range of the per-round ratios (rounds are interleaved, so round i of one
-    system ran next to round i of the other)."""
+    """gptserve (every variant, HTTP and in-process) over each peer of its precision (int8 rows
+    also over gptserve's fp32 server), per workload: ratio of the medians, and the range of the
+    per-round ratios (rounds are interleaved, so round i of one system ran next to round i of
+    the other)."""
     lines = []
     ours = [s for s in systems if s.startswith("gptserve")]
     for w in workloads:
-        for peer in PEERS:
+        for peer in (*PEERS, "gptserve"):
             base = results.figures.get((peer, w.label))
             if not base:
                 continue
             for system in ours:
                 runs = results.figures.get((system, w.label))
-                if not runs:
+                if peer == "gptserve" and not int8(system):
+                    continue  # gptserve over itself: only the int8 server over the fp32 one
+                if not runs or (peer != "gptserve" and int8(system) != int8(peer)):
                     continue
                 lines.append(_ratio_line(f"{system} / {peer}, {w.label}, tok/s", runs, base,
                                          lambda f: f.rate, targets.get((peer, w.model, w.streams)),

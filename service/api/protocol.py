@@ -235,9 +235,13 @@ class ModelCard(BaseModel):
     owned_by: str = "gptserve"
     max_model_len: int
     # gptserve extensions: the live checkpoint and its provenance (iteration, val_loss, ...),
-    # and the chat template in use
+    # the chat template in use, and the served precision: the activations' dtype ("float32",
+    # "bfloat16", "float16") and the weights' quantization ("int8"; None: the weights are in
+    # ``dtype`` too)
     checkpoint: dict | None = None
     chat_template: ChatTemplateCard | None = None
+    dtype: str | None = None
+    quantization: str | None = None
 
 
 class ModelList(BaseModel):

@@ -88,6 +88,7 @@ async def list_models(request: Request, state: StateDep, templates: TemplatesDep
     engine = _engine_or_503(state)
     reloader = getattr(request.app.state, "reloader", None)
     live = reloader.info if reloader is not None else None
+    quant = engine.config.quantization
     return ModelList(
         data=[
             ModelCard(
@@ -96,6 +97,8 @@ async def list_models(request: Request, state: StateDep, templates: TemplatesDep
                 max_model_len=engine.model_config.block_size,
                 checkpoint=live.to_dict() if live is not None else None,
                 chat_template=ChatTemplateCard(**await templates.card(engine)),
+                dtype=str(engine.dtype).removeprefix("torch."),
+                quantization=None if quant == "none" else quant,
             )
         ]
     )

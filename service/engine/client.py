@@ -27,7 +27,12 @@ from model.checkpoint import Checkpoint
 from service.engine import wire
 from service.engine.config import EngineConfig
 from service.engine.core_process import CoreSpec, run_core
-from service.engine.engine import JOIN_GRACE, resolve_device, resolve_dtype
+from service.engine.engine import (
+    JOIN_GRACE,
+    check_quantization,
+    resolve_device,
+    resolve_dtype,
+)
 from service.engine.front import EngineFront
 from service.engine.types import EngineError, EngineStoppedError, FinishReason, Request
 
@@ -56,6 +61,7 @@ class CoreClient(EngineFront):
         config = config or EngineConfig()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        check_quantization(config.quantization, device)  # refused here, before any spawn
         self._dir = tempfile.mkdtemp(prefix="gptserve-core-")  # 0700: ours alone
         self._context = zmq.Context()
         self._inputs = self._context.socket(zmq.PUSH)

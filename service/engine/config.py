@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8")  # int8: model.quantize (this module imports no torch)
 
 
 def _knob(default, help_text: str, **meta):
@@ -57,6 +58,11 @@ class EngineConfig:
     max_grammar_bytes: int = _knob(
         65_536, "largest structured-output constraint (JSON schema, regex, grammar) in bytes",
         size=True)
+    quantization: str = _knob(
+        "none", "int8: every matrix product's weight quantized to int8 at load (one scale per "
+        "output channel; activations quantized per step by fbgemm's dynamic int8 GEMM), about 4x "
+        "fewer weight bytes per token; CPU only, not with batch_invariant or compile (see "
+        "docs/API.md); none: the weights as --dtype", choices=QUANTIZATIONS)
     threads: int | None = _knob(
         None, "intra-op CPU threads of the engine (fixed); unset: OMP_NUM_THREADS if set, else "
         "every CPU the process may use (its affinity, capped by its cgroup CPU quota), moved "
@@ -94,6 +100,17 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"EngineConfig.quantization must be one of {QUANTIZATIONS}, got "
+                             f"{self.quantization!r}")
+        if self.quantization == "int8" and self.batch_invariant:
+            raise ValueError(
+                "EngineConfig.quantization='int8' cannot be batch invariant: its int8 products "
+                "quantize each step's activations with one scale for all the step's rows, so a "
+                "row's result depends on its neighbours; use batch_invariant with 'none'")
+        if self.quantization == "int8" and self.compile:
+            raise ValueError("EngineConfig.quantization='int8' runs fbgemm's int8 kernels "
+                             "eagerly; torch.compile (compile=True) is not supported with it")
 
     @property
     def token_budget(self) -> int:

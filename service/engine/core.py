@@ -60,7 +60,8 @@ class EngineCore:
         self.eos_token_id = eos_token_id
         self.runner = ModelRunner(model, n_slots, device, dtype, config.batch_invariant,
                                   cuda_graphs=config.cuda_graphs, compile=config.compile,
-                                  prepack=prepacks(config, device, dtype))
+                                  prepack=prepacks(config, device, dtype),
+                                  quantization=config.quantization)
         self.scheduler = Scheduler(n_slots, config.prefill_chunk, config.token_budget)
         self.sampler = Sampler(n_slots, model.config.vocab_size, vocab_size, device)
         self.grammars = grammars

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from model.checkpoint import Checkpoint
+from model.quantize import int8_supported
 from model.threads import ThreadPlan, plan_threads
 from service.engine.config import EngineConfig
 from service.engine.core import EngineCore
@@ -51,6 +52,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def check_quantization(quantization: str, device: torch.device) -> None:
+    """Refuse int8 weights where there are no kernels for them: they run on fbgemm's x86 CPU
+    kernels only (``model.quantize``). On CUDA, bf16 (the default there) halves the bytes."""
+    if quantization != "int8":
+        return
+    if device.type != "cpu":
+        raise ValueError(
+            f"int8 weights run on CPU only (fbgemm's int8 kernels), and the engine's device is "
+            f"{device.type}: use --device cpu, or --quantization none (bf16, the CUDA default, "
+            f"halves the weight bytes)")
+    if not int8_supported():
+        raise ValueError("int8 weights need PyTorch's fbgemm kernels, which this PyTorch build "
+                         "lacks (x86 CPU builds have them)")
+
+
 def thread_plan(config: EngineConfig, device: torch.device) -> ThreadPlan:
     """The CPU threads the engine runs (``model.threads``). The count stays fixed on CUDA (step
     times measure the GPU there, not the threads) and with ``batch_invariant`` (a CPU matmul's
@@ -64,7 +80,8 @@ class Engine(EngineFront):
     """The in-process engine: the API side (``EngineFront``: admission, streams, dispatch) and
     one thread that steps the model runner/scheduler core (``EngineCore``).
 
-    Read-only attributes beyond ``EngineFront``'s: ``checkpoint``. The core and the front share
+    Read-only attributes beyond ``EngineFront``'s: ``checkpoint``; ``config.quantization`` is
+    the weights' precision. The core and the front share
     one grammar compiler (``grammars``): what the API compiled, the core finds cached.
     """
 
@@ -72,6 +89,7 @@ class Engine(EngineFront):
         config = config or EngineConfig()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        check_quantization(config.quantization, device)
         n_slots = plan_slots(checkpoint.config, dtype, config, device)
         threads = thread_plan(config, device)
         log.info("%s", threads.describe())

@@ -59,9 +59,11 @@ def prepacked_bytes(
 
 def prepacks(engine: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether an engine with these settings tries oneDNN-prepacked weights: where the model can
-    prepack them (``model.gpt.can_prepack``: fp32 or bf16 on CPU), not under batch invariance (its fixed shapes rely on one kernel) nor ``compile``
-    (Inductor packs by itself)."""
-    return can_prepack(device, dtype) and not engine.batch_invariant and not engine.compile
+    prepack them (``model.gpt.can_prepack``: fp32 or bf16 on CPU), not under batch invariance
+    (its fixed shapes rely on one kernel) nor ``compile`` (Inductor packs by itself), nor with
+    int8 weights."""
+    return (can_prepack(device, dtype) and not engine.batch_invariant and not engine.compile
+            and engine.quantization == "none")  # int8 weights are packed by fbgemm instead
 
 
 def slots_wanted(

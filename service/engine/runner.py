@@ -38,13 +38,17 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    """Owns the model on ``device``/``dtype`` and the preallocated KV cache of ``n_slots`` slots."""
+    """Owns the model on ``device``/``dtype`` (its weights quantized to int8 with
+    ``quantization="int8"``: a copy, the caller's model is left as it is) and the preallocated
+    KV cache of ``n_slots`` slots."""
 
     def __init__(
         self, model: GPT, n_slots: int, device: torch.device, dtype: torch.dtype,
         batch_invariant: bool = False, *, cuda_graphs: bool = False, compile: bool = False,
-        prepack: bool = False,
+        prepack: bool = False, quantization: str = "none",
     ) -> None:
+        if quantization == "int8":  # from the checkpoint's own weights, before any cast
+            model = model.quantize_int8()
         self.model = model.to(device=device, dtype=dtype).eval()
         # oneDNN over prepacked weights (``memory.prepacks`` decides when to try; the warm-up keeps
         # them only for the row counts where they pay)
