@@ -169,7 +169,8 @@ def test_openai_client_gets_int8_completions_from_a_real_server(shipped):
     prompt = "ROMEO:"
     offline = LLM(shipped, quantization="int8", device="cpu", max_batch_size=2).generate(
         prompt, SamplingParams(max_tokens=24, temperature=0.0))[0].outputs[0].text
-    with live_server(SHIPPED, quantization="int8", model_name="shakespeare-char") as srv:
+    with live_server(SHIPPED, quantization="int8", model_name="shakespeare-char",
+                     engine_core="process") as srv:  # what python -m service runs
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
         resp = client.completions.create(model="shakespeare-char", prompt=prompt,
                                          max_tokens=24, temperature=0)
