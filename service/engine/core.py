@@ -54,7 +54,10 @@ class EngineCore:
         self.runner = ModelRunner(model, n_slots, device, dtype, config.batch_invariant,
                                   cuda_graphs=config.cuda_graphs, compile=config.compile,
                                   prepack=prepacks(config, device, dtype))
-        self.scheduler = Scheduler(n_slots, config.prefill_chunk, config.token_budget)
+        # batch invariance wants a chunk's boundaries to depend on its own sequence alone: a
+        # reused prefix would move them (siblings still share a prompt chunk computed together)
+        self.scheduler = Scheduler(n_slots, config.prefill_chunk, config.token_budget,
+                                   config.prefix_caching and not config.batch_invariant)
         self.sampler = Sampler(n_slots, model.config.vocab_size, vocab_size, device)
         self._seq_ids = itertools.count()
         self.total_steps = 0
@@ -109,8 +112,12 @@ class EngineCore:
         # a sequence that has generated nothing yet is encoding its prompt; later prefill chunks
         # re-encode a window cropped during generation
         prompt_tokens = sum(c.num_tokens for c in plan.prefill if c.seq.num_generated == 0)
+        queries = 0
         for seq in plan.admitted:
             self.sampler.start(seq)
+            queries += seq.window_len
+        if not self.scheduler.prefix_caching:
+            queries = 0
         run = self.runner.execute(plan)
         sampled = self.sampler(run.logits, run.rows) if run.rows else Samples([])
         outputs, crops = self.update_from_output(plan, run.rows, sampled)
@@ -129,6 +136,8 @@ class EngineCore:
             crops=crops,
             total_steps=self.total_steps,
             recomputed_tokens=plan.num_prefill_tokens - prompt_tokens,
+            prefix_cache_queries=queries,
+            prefix_cache_hits=sum(seq.num_cached_tokens for seq in plan.admitted),
         )
         return StepResult(outputs, stats)
 
@@ -204,6 +213,7 @@ def _events(seqs, token_ids: list, finishes: dict[int, Finish]) -> TokenEvents:
         prompt_cropped=[s.prompt_cropped for s in seqs],
         num_generated=[len(s.tokens) - s.num_prompt_tokens for s in seqs],
         finishes=finishes,
+        cached_tokens=[s.num_cached_tokens for s in seqs],
     )
 
 

@@ -323,7 +323,8 @@ class Engine:
         return dataclasses.replace(
             self._stats, num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
             kv_cache_usage=scheduler.slots.usage, batch_size=0, prompt_tokens=0,
-            generation_tokens=0, crops=0,
+            generation_tokens=0, crops=0, recomputed_tokens=0, prefix_cache_queries=0,
+            prefix_cache_hits=0,
         )
 
     def _step(self) -> TokenEvents:
@@ -455,6 +456,7 @@ def _ended(events: TokenEvents, request_id: str, indices, reason: FinishReason,
         events.crops.append(0)
         events.prompt_cropped.append(False)
         events.num_generated.append(0)
+        events.cached_tokens.append(0)
         if events.logprobs is not None:
             events.logprobs.append(None)
             events.top_logprobs.append(None)

@@ -162,6 +162,7 @@ class RequestOutput:
     crops: int = 0
     prompt_cropped: bool = False
     metrics: RequestMetrics | None = None  # set on the finishing event
+    num_cached_tokens: int = 0  # prompt tokens this choice reused from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,8 @@ class EngineStats:
     crops: int  # sliding-window crops performed in the last step
     total_steps: int
     recomputed_tokens: int = 0  # window tokens re-encoded after a crop in the last step
+    prefix_cache_queries: int = 0  # window tokens of the sequences admitted in the last step
+    prefix_cache_hits: int = 0  # ...of which a reused prefix held (not computed)
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,8 @@ class TokenEvents:
     """Events as columns, never one object per token: event ``i`` is choice ``indices[i]`` of
     request ``request_ids[i]``, with token ``token_ids[i]`` (None: the choice ended without a new
     token, e.g. an abort), the choice's window crops so far, whether its prompt was cropped and
-    how many tokens it has generated.
+    how many tokens it has generated, and how many of its prompt's tokens came from the prefix
+    cache.
     ``logprobs``/``top_logprobs`` are None when no event asked for them; ``finishes`` maps the
     events that end their choice to how it ended.
 
@@ -221,6 +225,8 @@ class TokenEvents:
     logprobs: list[float | None] | None = None
     top_logprobs: list[tuple[TokenLogprob, ...] | None] | None = None
     finishes: dict[int, Finish] = field(default_factory=dict)
+    # prompt tokens the choice reused from the prefix cache (the API's cached_tokens)
+    cached_tokens: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -246,6 +252,7 @@ class TokenEvents:
             self.crops.append(other.crops[r])
             self.prompt_cropped.append(other.prompt_cropped[r])
             self.num_generated.append(other.num_generated[r])
+            self.cached_tokens.append(other.cached_tokens[r])
         else:
             self.request_ids.extend(other.request_ids[r] for r in rows)
             self.indices.extend(other.indices[r] for r in rows)
@@ -253,6 +260,7 @@ class TokenEvents:
             self.crops.extend(other.crops[r] for r in rows)
             self.prompt_cropped.extend(other.prompt_cropped[r] for r in rows)
             self.num_generated.extend(other.num_generated[r] for r in rows)
+            self.cached_tokens.extend(other.cached_tokens[r] for r in rows)
         if other.finishes:
             for i, r in enumerate(rows):
                 if r in other.finishes:
@@ -277,6 +285,7 @@ class TokenEvents:
                 num_generated_tokens=self.num_generated[i],
                 crops=self.crops[i],
                 prompt_cropped=self.prompt_cropped[i],
+                num_cached_tokens=self.cached_tokens[i],
                 metrics=None if finish is None else finish.metrics,
             ))
         return out
