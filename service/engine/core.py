@@ -109,15 +109,12 @@ class EngineCore:
         self.apply_threads()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
-        # a sequence that has generated nothing yet is encoding its prompt; later prefill chunks
-        # re-encode a window cropped during generation
-        prompt_tokens = sum(c.num_tokens for c in plan.prefill if c.seq.num_generated == 0)
-        queries = 0
+        # an admitted sequence encodes its prompt's window (computed or reused from the prefix
+        # cache); prefill chunks of a sequence that has generated re-encode a cropped window
+        prompt_tokens = 0
         for seq in plan.admitted:
             self.sampler.start(seq)
-            queries += seq.window_len
-        if not self.scheduler.prefix_caching:
-            queries = 0
+            prompt_tokens += seq.window_len
         run = self.runner.execute(plan)
         sampled = self.sampler(run.logits, run.rows) if run.rows else Samples([])
         outputs, crops = self.update_from_output(plan, run.rows, sampled)
@@ -135,8 +132,8 @@ class EngineCore:
             generation_tokens=len(run.rows),
             crops=crops,
             total_steps=self.total_steps,
-            recomputed_tokens=plan.num_prefill_tokens - prompt_tokens,
-            prefix_cache_queries=queries,
+            recomputed_tokens=sum(c.num_tokens for c in plan.prefill if c.seq.num_generated),
+            prefix_cache_queries=prompt_tokens if self.scheduler.prefix_caching else 0,
             prefix_cache_hits=sum(seq.num_cached_tokens for seq in plan.admitted),
         )
         return StepResult(outputs, stats)

@@ -184,13 +184,13 @@ class EngineStats:
     kv_cache_usage: float  # 0..1, fraction of slots or blocks in use
     step_time: float  # seconds of the last step
     batch_size: int  # sequences in the last step
-    prompt_tokens: int  # prompt tokens processed in the last step (a prompt's first encoding)
+    prompt_tokens: int  # window tokens of the prompts admitted in the last step, per choice
     generation_tokens: int  # tokens generated in the last step
     crops: int  # sliding-window crops performed in the last step
     total_steps: int
     recomputed_tokens: int = 0  # window tokens re-encoded after a crop in the last step
-    prefix_cache_queries: int = 0  # window tokens of the sequences admitted in the last step
-    prefix_cache_hits: int = 0  # ...of which a reused prefix held (not computed)
+    prefix_cache_queries: int = 0  # prompt_tokens, when prefix caching looked them up
+    prefix_cache_hits: int = 0  # ...of which a reused prefix held (copied, not computed)
 
 
 @dataclass(frozen=True)
