@@ -93,9 +93,10 @@ def test_a_resent_conversation_reuses_the_cropped_window_it_ended_with():
 
 
 def test_siblings_prefill_once_and_equal_separate_seeded_requests():
-    """n=5 on 2 slots: two choices share the prompt's chunks as they are computed, the other
-    three start from a finished sibling's cached slot and compute only the last prompt token
-    (the choices stop inside the window: a slid window would no longer start with the prompt)."""
+    """n=5 on 2 slots: the second choice waits while the first computes the prompt, joins it
+    for the last chunk (computed once, copied), and the other three start from a finished
+    sibling's cached slot and compute only the last prompt token (the choices stop inside the
+    window: a slid window would no longer start with the prompt)."""
     ck = tiny_checkpoint()
     prompt = prompt_of(21, 4)
     eng = engine(ck, max_batch_size=2, prefill_chunk=8, window_shift=1)
@@ -111,7 +112,7 @@ def test_siblings_prefill_once_and_equal_separate_seeded_requests():
                               logprobs=0)])["a"]
     assert sorted(encoded) == [(0, 8), (8, 8), (16, 5)], f"prompt chunks encoded {encoded}"
     finals = {e.index: e for e in events if e.finish_reason}
-    assert [finals[i].num_cached_tokens for i in range(5)] == [0, 0, 20, 20, 20]
+    assert [finals[i].num_cached_tokens for i in range(5)] == [0, 16, 20, 20, 20]
     for i in range(5):
         sibling = request(f"s{i}", prompt, max_tokens=10, seed=choice_seed(7, i),
                           temperature=1.2, logprobs=0)

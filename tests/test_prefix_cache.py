@@ -13,10 +13,9 @@ from service.engine.types import FinishReason, Request, SamplingParams
 BLOCK = 16
 
 
-def _seq(i: int, prompt: list[int], n: int = 1, index: int = 0, rid: str | None = None,
-         shift: int = 4) -> Sequence:
-    req = Request(rid or f"r{i}", tuple(prompt), SamplingParams(max_tokens=100, n=n))
-    return Sequence(i, req, index, BLOCK, shift, seed=0)
+def _seq(i: int, prompt: list[int], shift: int = 4, block: int = BLOCK) -> Sequence:
+    req = Request(f"r{i}", tuple(prompt), SamplingParams(max_tokens=100))
+    return Sequence(i, req, 0, block, shift, seed=0)
 
 
 def _run_prompt(sched: Scheduler, seq: Sequence) -> None:
@@ -127,6 +126,31 @@ def test_a_crop_withdraws_a_window_until_it_is_re_encoded():
     sched.running.remove(b)
     plan, chunk = _admit(sched, c)
     assert plan.copies == (SlotCopy(source=a.slot, target=chunk.seq.slot, length=14),)
+
+
+def test_a_prompt_waits_for_the_running_sequence_that_computes_its_prefix():
+    """Two requests with one 30-token system prompt arrive together: the second waits while
+    the first computes it (8-token chunks), joins when less than a chunk is left, and an
+    unrelated request is admitted meanwhile."""
+    sched = Scheduler(4, 8, 32, prefix_caching=True)
+    system = list(range(1, 31))
+    a, b = _seq(0, [*system, 40, 41], block=64), _seq(1, [*system, 50, 51], block=64)
+    other = _seq(2, [60, 61, 62])
+    for seq in (a, b, other):
+        sched.add(seq)
+    plans = []
+    for _ in range(4):
+        plan = sched.schedule()
+        plans.append(([seq.seq_id for seq in plan.admitted],
+                      [(c.seq.seq_id, c.start, c.end) for c in plan.prefill]))
+        for c in (*plan.decode, *plan.prefill):
+            c.seq.num_computed = c.end
+    assert plans == [
+        ([0, 2], [(0, 0, 8), (2, 0, 3)]),  # b waits; the unrelated request does not
+        ([], [(0, 8, 16)]),
+        ([], [(0, 16, 24)]),
+        ([1], [(0, 24, 32), (1, 24, 32)]),  # 30 - 24 < 8 left: b joins from a's 24 tokens
+    ], plans
 
 
 @pytest.mark.parametrize("reason,kept", [(FinishReason.STOP, True), (FinishReason.ABORT, True),

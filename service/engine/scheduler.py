@@ -14,7 +14,9 @@ free for the very next step (continuous batching).
 Prefix reuse (``prefix_caching``): a sequence being admitted starts from the longest prefix of its
 window that a running or finished sequence's slot holds (``service.engine.slots``), so its first
 chunk starts there; the plan lists the copies the runner makes before the forward. A finished
-sequence's slot stays cached until a new sequence wants it.
+sequence's slot stays cached until a new sequence wants it. A waiting sequence whose window a
+running one is still computing (at least a chunk more of it than can be reused now) waits for it
+rather than compute the same tokens beside it; other groups are admitted meanwhile.
 
 Fairness: admission is between *groups* (a group is one client request: all its prompts and
 choices). A free slot goes to the waiting group with the fewest running sequences, the earliest
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from service.engine.sequence import Sequence, SequenceStatus
-from service.engine.slots import PrefixHit, SlotAllocator, SlotCopy, longest_prefix
+from service.engine.slots import PrefixHit, SlotAllocator, SlotCopy, common_prefix, longest_prefix
 from service.engine.types import FinishReason
 
 __all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput", "SlotAllocator"]
@@ -116,9 +118,15 @@ class Scheduler:
             budget -= chunk.num_tokens
         admitted: list[Sequence] = []
         copies: list[SlotCopy] = []
+        deferred: set[str] = set()
         while self.num_waiting and self.slots.num_free:
-            seq = self._fairest_waiting()
+            seq = self._fairest_waiting(deferred)
+            if seq is None:
+                break
             hit = self._reusable(seq)
+            if self.prefix_caching and self._worth_waiting(seq, hit.length if hit else 0):
+                deferred.add(seq.group)  # the rest of its group waits behind it (FIFO)
+                continue
             start = hit.length if hit else 0
             chunk = ScheduledChunk(seq, start, min(start + self.prefill_chunk, seq.window_len))
             if chunk.num_tokens > budget and prefill:
@@ -136,13 +144,34 @@ class Scheduler:
         return SchedulerOutput(tuple(decode), tuple(prefill), tuple(admitted), tuple(copies))
 
     def _reusable(self, seq: Sequence) -> PrefixHit | None:
+        """The longest prefix ``seq`` may start from, if prefix caching is on and one exists."""
         if not self.prefix_caching:
             return None
         return longest_prefix(seq.window(0, seq.window_len), self.running, self.slots)
 
-    def _fairest_waiting(self) -> Sequence:
-        """The head of the waiting group with the fewest running sequences (earliest on ties)."""
-        group = min(self.waiting, key=lambda g: self._running_per_group.get(g, 0))
+    def _worth_waiting(self, seq: Sequence, reusable: int) -> bool:
+        """Whether a running sequence is still computing a prefix of ``seq``'s window at least
+        one chunk longer than the ``reusable`` one: ``seq`` then waits for it (a step or a few)
+        rather than compute the same tokens beside it (n siblings, requests that arrive together
+        with one system prompt). Only running sequences are waited for: they advance every
+        step, and their chunks come before any admission's."""
+        window = seq.window(0, seq.window_len)
+        limit = len(window) - 1
+        for other in self.running:
+            if other.num_computed < other.window_len:
+                shared = common_prefix(window, other.tokens, other.window_start,
+                                       min(limit, other.window_len))
+                if shared - reusable >= self.prefill_chunk:
+                    return True
+        return False
+
+    def _fairest_waiting(self, skip: set[str]) -> Sequence | None:
+        """The head of the waiting group with the fewest running sequences (earliest on ties),
+        among the groups not in ``skip``."""
+        groups = [g for g in self.waiting if g not in skip] if skip else self.waiting
+        if not groups:
+            return None
+        group = min(groups, key=lambda g: self._running_per_group.get(g, 0))
         return self.waiting[group][0]
 
     def _admit(self, seq: Sequence, now: float | None, hit: PrefixHit | None) -> SlotCopy | None:
@@ -154,14 +183,16 @@ class Scheduler:
             del self.waiting[seq.group]
         self.num_waiting -= 1
         copy = None
-        if hit is not None and hit.cached and hit.slot <= self.slots.width:
+        if hit is None:
+            slot = self.slots.allocate()
+        elif hit.cached and hit.slot <= self.slots.width:
             self.slots.take(hit.slot)
             slot = hit.slot
         else:
-            if hit is not None and hit.cached:
+            if hit.cached:
                 self.slots.touch(hit.slot)  # evicted last (allocate picks it only if it must)
             slot = self.slots.allocate()
-            if hit is not None and hit.slot != slot:
+            if hit.slot != slot:
                 copy = SlotCopy(hit.slot, slot, hit.length)
         seq.admit(slot, now, reused=hit.length if hit else 0)
         self.running.append(seq)
