@@ -1,7 +1,8 @@
 """Prefix reuse benchmark: the engine with ``--prefix-caching on`` vs ``off``, side by side.
 
-Run (GPT-2-small shape, random weights, CPU fp32; about 5 minutes on 2 cores):
+Run (GPT-2-small shape, random weights, CPU fp32; about 5 minutes on 2 quiet cores):
     nice -n 19 python3 bench/prefix.py
+On a GPU (bench/gpu.sh runs it so): ``python3 bench/prefix.py --device cuda --requests 256``.
 
 Prints, each configuration's best of ``--rounds`` interleaved rounds (fresh prompts every round,
 so no round finds the previous one's prefix cached):
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16, help="choices of the sibling section")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; best one counts")
     p.add_argument("--sections", default="1,2,3")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu.sh runs it there)")
+    p.add_argument("--dtype", default="auto", help="the engine's --dtype (auto: fp32 on CPU)")
     return p
 
 
@@ -77,10 +80,10 @@ def random_tokens(g: torch.Generator, n: int, vocab: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
-def engines(ck, slots: int) -> dict[str, Engine]:
+def engines(ck, slots: int, device: str, dtype: str) -> dict[str, Engine]:
     built = {}
     for name, on in (("on", True), ("off", False)):
-        built[name] = Engine(ck, EngineConfig(max_batch_size=slots, device="cpu",
+        built[name] = Engine(ck, EngineConfig(max_batch_size=slots, device=device, dtype=dtype,
                                               prefix_caching=on))
         built[name].generate([Request("warm", (1, 2, 3), SamplingParams(max_tokens=2))])
     return built
@@ -92,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     ck = gpt2_small()
     vocab = ck.config.vocab_size
     print(f"model: GPT-2-small shape (12 x 768, vocab 50257, context 1024), random weights; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32; best of "
-          f"{a.rounds} interleaved rounds")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.device} "
+          f"{a.dtype}; best of {a.rounds} interleaved rounds", flush=True)
 
     def shared(r: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(1000 + r)
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         return [random_tokens(g, a.system + a.user, vocab) for _ in range(a.requests)]
 
     if 1 in sections or 3 in sections:
-        eng = engines(ck, a.requests)
+        eng = engines(ck, a.requests, a.device, a.dtype)
     if 1 in sections:
         best = race({k: lambda r, e=e: serve(e, shared(r), a.new_tokens) for k, e in eng.items()},
                     a.rounds)
@@ -128,15 +131,15 @@ def main(argv: list[str] | None = None) -> None:
               f"   TTFT p50: on {on.ttft_p50:7.2f} s | off {off.ttft_p50:7.2f} s; prompt "
               f"tokens reused: on {on.cached}")
     if 2 in sections:
-        eng = None
-        eng = engines(ck, a.n)
+        eng = None  # free the first pair's KV caches before the next pair is sized
+        eng = engines(ck, a.n, a.device, a.dtype)
 
-        def prompt(r: int) -> list[list[int]]:
-            return [random_tokens(torch.Generator().manual_seed(3000 + r), a.system, vocab)]
+        def prompt(seed: int) -> list[list[int]]:  # each run its own: none finds it cached
+            return [random_tokens(torch.Generator().manual_seed(seed), a.system, vocab)]
 
-        best = race({"n=1": lambda r: serve(eng["on"], prompt(r), 1),
-                     f"n={a.n}": lambda r: serve(eng["on"], prompt(r), 1, n=a.n),
-                     f"n={a.n} off": lambda r: serve(eng["off"], prompt(r), 1, n=a.n)},
+        best = race({"n=1": lambda r: serve(eng["on"], prompt(3000 + r), 1),
+                     f"n={a.n}": lambda r: serve(eng["on"], prompt(4000 + r), 1, n=a.n),
+                     f"n={a.n} off": lambda r: serve(eng["off"], prompt(5000 + r), 1, n=a.n)},
                     a.rounds)
         one, many, off = best["n=1"], best[f"n={a.n}"], best[f"n={a.n} off"]
         print(f"\n2. siblings: one {a.system}-token prompt, one new token per choice; time to "
