@@ -12,7 +12,9 @@ so no round finds the previous one's prefix cached):
 2. siblings: ``n=--n`` on one ``--system``-token prompt, one new token: the time to every
    choice's first token (prefill) vs ``n=1``, reuse on (and off, for reference);
 3. no reuse: ``--requests`` concurrent requests whose prompts share nothing (same lengths as 1):
-   output tokens/s, reuse on vs off (the price of looking up and keeping entries).
+   output tokens/s, reuse on vs off (the price of looking up and keeping entries);
+4. that price alone: the scheduler's step that admits ``--requests`` distinct prompts (the
+   previous batch's slots cached), plain Python, with reuse on vs off.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from dataclasses import dataclass
 import torch
 from engine import gpt2_small
 
-from service.engine import Engine, EngineConfig, Request, SamplingParams
+from service.engine import Engine, EngineConfig, FinishReason, Request, SamplingParams
+from service.engine.scheduler import Scheduler
+from service.engine.sequence import Sequence
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--n", type=int, default=16, help="choices of the sibling section")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; best one counts")
-    p.add_argument("--sections", default="1,2,3")
+    p.add_argument("--sections", default="1,2,3,4")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu.sh runs it there)")
     p.add_argument("--dtype", default="auto", help="the engine's --dtype (auto: fp32 on CPU)")
     return p
@@ -89,6 +93,28 @@ def engines(ck, slots: int, device: str, dtype: str) -> dict[str, Engine]:
     return built
 
 
+def admission_seconds(prefix_caching: bool, slots: int, length: int, rounds: int = 20) -> float:
+    """Mean time of a ``Scheduler.schedule`` that admits ``slots`` distinct prompts of
+    ``length`` tokens, each round's predecessors finished (cached, with reuse on)."""
+    g = torch.Generator().manual_seed(0)
+    sched = Scheduler(slots, 256, 10**9, prefix_caching)
+    total = 0.0
+    for r in range(rounds):
+        seqs = [Sequence(r * slots + i, Request(f"r{r}.{i}", tuple(random_tokens(g, length, 50257)),
+                                                SamplingParams(max_tokens=32)), 0, 1024, 512, 0)
+                for i in range(slots)]
+        for seq in seqs:
+            sched.add(seq)
+        t0 = time.perf_counter()
+        plan = sched.schedule()
+        total += time.perf_counter() - t0
+        for chunk in plan.prefill:
+            chunk.seq.num_computed = chunk.end
+        for seq in seqs:
+            sched.finish(seq, FinishReason.LENGTH)
+    return total / rounds
+
+
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     sections = {int(x) for x in a.sections.split(",")}
@@ -130,6 +156,13 @@ def main(argv: list[str] | None = None) -> None:
               f"{on.tokens_per_s / off.tokens_per_s:5.2f}x (target >= 0.97x)\n"
               f"   TTFT p50: on {on.ttft_p50:7.2f} s | off {off.ttft_p50:7.2f} s; prompt "
               f"tokens reused: on {on.cached}")
+    if 4 in sections:
+        length = a.system + a.user
+        on = min(admission_seconds(True, a.requests, length) for _ in range(3))
+        off = min(admission_seconds(False, a.requests, length) for _ in range(3))
+        print(f"\n4. the scheduler's step admitting {a.requests} distinct {length}-token prompts: "
+              f"reuse on {on * 1e3:.2f} ms | off {off * 1e3:.2f} ms | "
+              f"{(on - off) / a.requests * 1e6:.0f} us more per admitted sequence", flush=True)
     if 2 in sections:
         eng = None  # free the first pair's KV caches before the next pair is sized
         eng = engines(ck, a.n, a.device, a.dtype)
