@@ -5,14 +5,16 @@
 # tokens: tokens/s, TTFT and inter-token latency, plus the GPU's measured bf16 matmul FLOP/s and
 # memory read bandwidth; then a GPT-2-XL-shaped random model (48 x 1600, --shape xl) at 1 and 256
 # streams, server and in-process, with the fraction of the measured read bandwidth a stream uses
-# (the HBM bound). The measuring is bench/peers.py's (--device cuda --dtype bfloat16).
+# (the HBM bound). The measuring is bench/peers.py's (--device cuda --dtype bfloat16). Last,
+# bench/prefix.py: prefix reuse on vs off (shared system prompt, n siblings, no reuse).
 #
 # One command, from anywhere in a checkout on a CUDA machine (about 5 minutes once installed):
 #     bash bench/gpu.sh
 # Results: $OUT/gpu.txt (the table), $OUT/gpu.json (every figure), $OUT/server-logs.tar.gz,
 # $OUT/nvidia-smi.csv; $WORKDIR/results/ when OUT is unset.
 # Environment knobs: ROUNDS (2), STREAMS (1,32,256,1024), XL_STREAMS (1,256; empty: skip the XL
-# rows), NEW_TOKENS (128), PYTHON (python3),
+# rows), PREFIX_REQUESTS (256 concurrent shared-prefix requests for bench/prefix.py; empty: skip
+# it), NEW_TOKENS (128), PYTHON (python3),
 # INSTALL (auto: only when an import fails | yes | no), WORKDIR (/tmp/gptserve-peers-gpu),
 # DEVICE (cuda; cpu runs the same steps in bf16 on the CPU, a dry run of this script).
 # Offline machines: TIKTOKEN_CACHE_DIR must hold GPT-2's BPE ranks (tiktoken's cache).
@@ -26,6 +28,7 @@ TORCH_VERSION="2.13.0"
 ROUNDS="${ROUNDS:-2}"
 STREAMS="${STREAMS:-1,32,256,1024}"
 XL_STREAMS="${XL_STREAMS-1,256}"
+PREFIX_REQUESTS="${PREFIX_REQUESTS-256}"
 NEW_TOKENS="${NEW_TOKENS:-128}"
 PYTHON="${PYTHON:-python3}"
 INSTALL="${INSTALL:-auto}"
@@ -86,6 +89,10 @@ if [ -n "$XL_STREAMS" ]; then  # GPT-2-XL shape: the rows that read ~3 GB of wei
         --systems gptserve,gptserve-inproc --workloads "$XL_STREAMS" --rounds 1 \
         --new-tokens "$NEW_TOKENS" --workdir "$WORKDIR" --json "$out/gpu-xl.json" 2>&1 |
         tee "$out/gpu-xl.txt" || status=$?
+fi
+if [ -n "$PREFIX_REQUESTS" ]; then  # prefix reuse on vs off (docs/BENCHMARKS.md, "Prefix reuse")
+    "$PYTHON" bench/prefix.py --device "$DEVICE" --dtype bfloat16 --requests "$PREFIX_REQUESTS" \
+        2>&1 | tee "$out/gpu-prefix.txt" || status=$?
 fi
 if [ -d "$WORKDIR/logs" ]; then
     tar -czf "$out/server-logs.tar.gz" -C "$WORKDIR" logs

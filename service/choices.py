@@ -28,12 +28,20 @@ class Window:
 
 
 @dataclass(frozen=True)
+class PromptTokensDetails:
+    """OpenAI's ``usage.prompt_tokens_details``: prompt tokens served from the prefix cache."""
+
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class TokenUsage:
     """A job's token counts (the API's ``usage``)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class ChoiceState:
     finish_reason: str | None = None
     crops: int = 0  # sliding-window crops so far (engine-reported)
     prompt_cropped: bool = False
+    cached_tokens: int = 0  # prompt tokens the engine reused from its prefix cache
     parts: list[str] = field(default_factory=list)
     lp_sent: int = 0  # logprob entries already sent in stream chunks
     window_sent: tuple[bool, int] = (False, 0)  # (prompt_cropped, crops) last streamed
@@ -200,11 +209,17 @@ class Job:
         return self.num_done == len(self.choices)
 
     def usage(self) -> TokenUsage:
+        """Counts over every prompt (once each) and every choice. A prompt's cached tokens are
+        those its choices all reused: its first choice computes the rest, its siblings copy it."""
         completion = sum(c.num_tokens for c in self.choices)
+        n = self.n
+        cached = sum(min(c.cached_tokens for c in self.choices[i : i + n])
+                     for i in range(0, len(self.choices), n))
         return TokenUsage(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=completion,
             total_tokens=self.prompt_tokens + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
     def apply(self, events: TokenEvents) -> list[Update]:
@@ -232,6 +247,7 @@ class Job:
             return None  # ended by a stop string; the engine may run a step longer
         last = rows[-1]
         choice.crops, choice.prompt_cropped = events.crops[last], events.prompt_cropped[last]
+        choice.cached_tokens = events.cached_tokens[last]
         finish = events.finishes.get(last)  # a choice's finishing event is its last
         token_ids = events.token_ids
         token_rows = rows if token_ids[last] is not None else [r for r in rows

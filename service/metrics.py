@@ -130,7 +130,19 @@ class Metrics:
         )
         self.prompt_tokens = Counter(
             "gptserve_prompt_tokens",
-            "Prompt tokens processed by the engine (each prompt's first encoding only).",
+            "Prompt tokens the engine encoded, once per choice (computed, or reused from the "
+            "prefix cache: gptserve_prefix_cache_hits).",
+            registry=r,
+        )
+        # vLLM's vllm:prefix_cache_queries / vllm:prefix_cache_hits (tokens, not requests)
+        self.prefix_cache_queries = Counter(
+            "gptserve_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "gptserve_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (reused, not computed).",
             registry=r,
         )
         self.recomputed_tokens = Counter(
@@ -214,6 +226,8 @@ class Metrics:
             self.batch_size.observe(stats.batch_size)
         self.prompt_tokens.inc(stats.prompt_tokens)
         self.recomputed_tokens.inc(stats.recomputed_tokens)
+        self.prefix_cache_queries.inc(stats.prefix_cache_queries)
+        self.prefix_cache_hits.inc(stats.prefix_cache_hits)
         self.generation_tokens.inc(stats.generation_tokens)
         self.crops.inc(stats.crops)
         self.set_load(stats)

@@ -32,6 +32,7 @@ FLAGS = {
     "--kv-memory": ("64M", 64 * 1024 * 1024),
     "--window-shift": ("4", 4),
     "--batch-invariant": ("on", True),
+    "--prefix-caching": ("off", False),
     "--max-request-sequences": ("12", 12),
     "--kv-memory-fraction": ("0.5", 0.5),
     "--prefill-chunk": ("64", 64),

@@ -23,7 +23,7 @@ from service.engine.types import Finish, FinishReason, TokenEvents
 def _events(request_id: str, tokens: list[int], finish: bool = False) -> TokenEvents:
     n = len(tokens)
     events = TokenEvents([request_id] * n, [0] * n, list(tokens), [0] * n, [False] * n,
-                         list(range(1, n + 1)))
+                         list(range(1, n + 1)), cached_tokens=[0] * n)
     if finish:
         events.finishes[n - 1] = Finish(FinishReason.LENGTH, 3)
     return events

@@ -66,6 +66,21 @@ def test_stream_opens_with_the_role_and_its_deltas_add_up_to_the_reply(client):
     assert all(c.choices[0].finish_reason is None for c in chunks[:-2])
 
 
+def test_a_resent_conversation_reports_its_cached_prefix_in_usage(client):
+    """A chat client resends the conversation: the second identical request reuses every
+    prompt token but the last, and ``usage.prompt_tokens_details.cached_tokens`` says so."""
+    messages = [{"role": "user", "content": "Hi again"}]
+    first = _chat(client, messages=messages, max_tokens=4)
+    again = _chat(client, messages=messages, max_tokens=4)
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+    chunks = list(_chat(client, messages=messages, max_tokens=4, stream=True,
+                        stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+
+
 def test_raw_stream_is_sse_ending_with_done(server):
     body = {"messages": HI, "max_tokens": 3, "stream": True, "temperature": 0}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as resp:

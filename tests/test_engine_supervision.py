@@ -110,7 +110,7 @@ def test_a_stream_nobody_reads_is_cancelled_at_its_backlog_bound():
         loop = asyncio.get_running_loop()
         stream = RequestStream("r", 1, loop, aborted.append, max_backlog=100)
         events = TokenEvents(["r"] * 60, [0] * 60, [7] * 60, [0] * 60, [False] * 60,
-                             list(range(60)))
+                             list(range(60)), cached_tokens=[0] * 60)
         stream.put(events)
         await asyncio.sleep(0)  # the loop runs the hand-over: 60 events wait unread
         stream.put(events)  # 120 > 100

@@ -33,6 +33,8 @@ COUNTERS = [
     "gptserve_client_disconnects_total",
     "gptserve_context_crops_total",
     "gptserve_recomputed_tokens_total",
+    "gptserve_prefix_cache_queries_total",
+    "gptserve_prefix_cache_hits_total",
 ]
 
 
@@ -74,6 +76,13 @@ def test_series_are_fed_by_real_traffic(exposition):
     # this once counted the sliding window's re-encoded tokens too (5,218 for prompts of
     # 19 tokens); now it counts prompt tokens only: "abc" alone, streamed, and for n=2 choices
     assert samples["gptserve_prompt_tokens_total"] == 3 + 3 + 2 * 3
+    # every prompt is looked up; the first request slid its window past "abc", the streamed
+    # one left "abc" + 3 tokens cached, and both n=2 choices reuse "ab" from it (the last prompt
+    # token is always computed: its logits give the first token). The streamed request may
+    # reuse up to 2 more: the first one samples at temperature 1, and its slid window may begin
+    # with "a" or "ab" by chance
+    assert samples["gptserve_prefix_cache_queries_total"] == 3 + 3 + 2 * 3
+    assert 2 * 2 <= samples["gptserve_prefix_cache_hits_total"] <= 2 * 2 + 2
     assert samples["gptserve_recomputed_tokens_total"] > 0, "a window re-encoded after each crop"
     assert samples["gptserve_context_crops_total"] > 0, "40 tokens past a 32-token window"
     assert samples['gptserve_request_success_total{finish_reason="length"}'] >= 2

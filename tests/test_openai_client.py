@@ -72,6 +72,24 @@ def test_raw_stream_is_sse_with_usage_then_done(server):
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
 
 
+def test_a_repeated_prompt_reports_its_cached_prefix_in_usage(client):
+    """The second request finds the first one's slot still cached: every prompt token but the
+    last (computed for its logits) is reused, and usage says so in OpenAI's field, streamed or
+    not, and once per prompt for n choices."""
+    prompt = "Q: which prefix?"  # no other test sends it
+    first = _greedy(client, prompt=prompt, max_tokens=3)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0, "nothing was cached yet"
+    again = _greedy(client, prompt=prompt, max_tokens=3)
+    assert again.usage.prompt_tokens_details.cached_tokens == len(prompt) - 1
+    assert again.choices[0].text == first.choices[0].text, "reuse changed the greedy text"
+    chunks = list(_greedy(client, prompt=prompt, max_tokens=3, stream=True,
+                          stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == len(prompt) - 1
+    both = _greedy(client, prompt=prompt, max_tokens=3, n=2)
+    assert both.usage.prompt_tokens == len(prompt)
+    assert both.usage.prompt_tokens_details.cached_tokens == len(prompt) - 1
+
+
 def test_n_choices_come_back_indexed_and_seeded_choices_differ(client):
     resp = client.completions.create(
         model="tiny", prompt=PROMPT, max_tokens=16, n=3, seed=7, temperature=1.0

@@ -46,6 +46,10 @@ class EngineConfig:
     batch_invariant: bool = _knob(
         False, "fixed-shape steps so a seeded request samples the same tokens alone or in any "
         "batch (costs speed at low load; see docs/BENCHMARKS.md)")
+    prefix_caching: bool = _knob(
+        True, "start a request from the cached keys and values of the longest prefix it shares "
+        "with a running or recently finished sequence (n/best_of siblings, a system prompt, a "
+        "conversation's earlier turns) and prefill only the rest; off under batch_invariant")
     compile: bool = _knob(False, "torch.compile the decode step (slow start; see BENCHMARKS)")
     cuda_graphs: bool = _knob(True, "on CUDA, replay captured graphs for decode-only steps")
     device: str = _knob("auto", "auto, cpu or cuda", choices=DEVICES)
@@ -75,7 +79,7 @@ class EngineConfig:
         for name in ("kv_memory", "window_shift", "max_tokens_per_step", "threads"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        for name in ("batch_invariant", "compile", "cuda_graphs"):
+        for name in ("batch_invariant", "prefix_caching", "compile", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be a boolean, got "
                                  f"{getattr(self, name)!r}")

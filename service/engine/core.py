@@ -6,6 +6,7 @@ loop, and tests and benchmarks drive it directly through ``run``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterable
@@ -62,7 +63,10 @@ class EngineCore:
                                   cuda_graphs=config.cuda_graphs, compile=config.compile,
                                   prepack=prepacks(config, device, dtype),
                                   quantization=config.quantization)
-        self.scheduler = Scheduler(n_slots, config.prefill_chunk, config.token_budget)
+        # batch invariance wants a chunk's boundaries to depend on its own sequence alone: a
+        # reused prefix would move them (siblings still share a prompt chunk computed together)
+        self.scheduler = Scheduler(n_slots, config.prefill_chunk, config.token_budget,
+                                   config.prefix_caching and not config.batch_invariant)
         self.sampler = Sampler(n_slots, model.config.vocab_size, vocab_size, device)
         self.grammars = grammars
         self._masks: StepMasks | None = None  # made with the first constrained request
@@ -127,17 +131,29 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def idle_stats(self, last: EngineStats) -> EngineStats:
+        """The load now, between steps (after aborts or a failed step): ``last`` with the live
+        counts and no per-step work (the per-step counts feed counters: never count them twice)."""
+        scheduler = self.scheduler
+        return dataclasses.replace(
+            last, num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
+            kv_cache_usage=scheduler.slots.usage, batch_size=0, prompt_tokens=0,
+            generation_tokens=0, crops=0, recomputed_tokens=0, prefix_cache_queries=0,
+            prefix_cache_hits=0,
+        )
+
     @torch.inference_mode()
     def step(self) -> StepResult:
         """Schedule, run the model, sample, and update every sequence from the output."""
         self.apply_threads()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
-        # a sequence that has generated nothing yet is encoding its prompt; later prefill chunks
-        # re-encode a window cropped during generation
-        prompt_tokens = sum(c.num_tokens for c in plan.prefill if c.seq.num_generated == 0)
+        # an admitted sequence encodes its prompt's window (computed or reused from the prefix
+        # cache); prefill chunks of a sequence that has generated re-encode a cropped window
+        prompt_tokens = 0
         for seq in plan.admitted:
             self.sampler.start(seq)
+            prompt_tokens += seq.window_len
         run = self.runner.execute(plan)
         # constrained rows: their masks are computed once the forward is launched
         masks = self._masks
@@ -159,7 +175,9 @@ class EngineCore:
             generation_tokens=len(run.rows),
             crops=crops,
             total_steps=self.total_steps,
-            recomputed_tokens=plan.num_prefill_tokens - prompt_tokens,
+            recomputed_tokens=sum(c.num_tokens for c in plan.prefill if c.seq.num_generated),
+            prefix_cache_queries=prompt_tokens if self.scheduler.prefix_caching else 0,
+            prefix_cache_hits=sum(seq.num_cached_tokens for seq in plan.admitted),
         )
         return StepResult(outputs, stats)
 
@@ -240,6 +258,7 @@ def _events(seqs, token_ids: list, finishes: dict[int, Finish]) -> TokenEvents:
         prompt_cropped=[s.prompt_cropped for s in seqs],
         num_generated=[len(s.tokens) - s.num_prompt_tokens for s in seqs],
         finishes=finishes,
+        cached_tokens=[s.num_cached_tokens for s in seqs],
     )
 
 

@@ -16,7 +16,6 @@ fires when the *thread* that spawned the core exits, and a loading thread spawns
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -206,10 +205,4 @@ class CoreLoop:
     def _idle_stats(self):
         from service.engine.types import EngineStats
 
-        scheduler = self.core.scheduler
-        last = self.last_stats or EngineStats(0, 0, 0.0, 0.0, 0, 0, 0, 0, 0)
-        return dataclasses.replace(
-            last, num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
-            kv_cache_usage=scheduler.slots.usage, batch_size=0, prompt_tokens=0,
-            generation_tokens=0, crops=0,
-        )
+        return self.core.idle_stats(self.last_stats or EngineStats(0, 0, 0.0, 0.0, 0, 0, 0, 0, 0))

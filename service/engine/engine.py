@@ -219,12 +219,7 @@ class Engine(EngineFront):
         return self._state == "running"
 
     def _idle_stats(self) -> EngineStats:
-        scheduler = self._core.scheduler
-        return dataclasses.replace(
-            self._stats, num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
-            kv_cache_usage=scheduler.slots.usage, batch_size=0, prompt_tokens=0,
-            generation_tokens=0, crops=0,
-        )
+        return self._core.idle_stats(self._stats)
 
     def _step(self) -> TokenEvents:
         try:

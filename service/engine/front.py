@@ -263,6 +263,7 @@ def ended(events: TokenEvents, request_id: str, indices, reason: FinishReason,
         events.crops.append(0)
         events.prompt_cropped.append(False)
         events.num_generated.append(0)
+        events.cached_tokens.append(0)
         if events.logprobs is not None:
             events.logprobs.append(None)
             events.top_logprobs.append(None)

@@ -9,7 +9,8 @@ sequences share its step (CPU matmul kernels change their per-row results with t
 
 The n choices of a request share their prompt: a prompt chunk is computed once, by the first
 choice scheduled with it (the leader), and its keys and values are copied into the other
-choices' slots; they sample from the leader's logits with their own seeds.
+choices' slots; they sample from the leader's logits with their own seeds. A sequence admitted
+with a reused prefix (``service.engine.slots``) gets that prefix's rows copied into its slot first.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class ModelRunner:
                                        compile=compile)
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        for copy in plan.copies:  # reused prefixes, in admission order, before anything reads them
+            self.kv.copy_slot(copy.source, copy.target, 0, copy.length)
         leaders, followers = _share_prompts(plan.prefill)
         # a decode chunk is its window's last position: the token sampled last step
         decode = [(c.seq.slot, c.start, c.seq.tokens[-1]) for c in plan.decode]

@@ -11,6 +11,13 @@ only on its own sequence (``prefill_chunk`` tokens from where it stands), never 
 that is part of batch invariance. Finished or aborted sequences leave at once, so their slots are
 free for the very next step (continuous batching).
 
+Prefix reuse (``prefix_caching``): a sequence being admitted starts from the longest prefix of its
+window that a running or finished sequence's slot holds (``service.engine.slots``), so its first
+chunk starts there; the plan lists the copies the runner makes before the forward. A finished
+sequence's slot stays cached until a new sequence wants it. A waiting sequence whose window a
+running one is still computing (at least a chunk more of it than can be reused now) waits for it
+rather than compute the same tokens beside it; other groups are admitted meanwhile.
+
 Fairness: admission is between *groups* (a group is one client request: all its prompts and
 choices). A free slot goes to the waiting group with the fewest running sequences, the earliest
 arrived first on a tie, so one request of many sequences cannot starve a small one behind it.
@@ -23,7 +30,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from service.engine.sequence import Sequence, SequenceStatus
+from service.engine.slots import PrefixHit, SlotAllocator, SlotCopy, common_prefix, longest_prefix
 from service.engine.types import FinishReason
+
+__all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput", "SlotAllocator"]
 
 
 class ScheduledChunk(NamedTuple):
@@ -55,47 +65,21 @@ class SchedulerOutput:
     decode: tuple[ScheduledChunk, ...] = ()
     prefill: tuple[ScheduledChunk, ...] = ()
     admitted: tuple[Sequence, ...] = ()
+    copies: tuple[SlotCopy, ...] = ()  # reused prefixes to copy before the forward
 
     @property
     def num_prefill_tokens(self) -> int:
         return sum(c.num_tokens for c in self.prefill)
 
 
-class SlotAllocator:
-    """Which KV slots are free; always hands out the lowest free slot (keeps the busy prefix short,
-    so the decode batch reads a short prefix of the cache)."""
-
-    def __init__(self, n_slots: int) -> None:
-        self.n_slots = n_slots
-        self._free = set(range(n_slots))
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError("no free slot")
-        slot = min(self._free)
-        self._free.remove(slot)
-        return slot
-
-    def free(self, slot: int) -> None:
-        if slot in self._free or not 0 <= slot < self.n_slots:
-            raise ValueError(f"slot {slot} is not allocated")
-        self._free.add(slot)
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - len(self._free) / self.n_slots
-
-
 class Scheduler:
     """Owns the waiting queues (one FIFO per group, groups in arrival order), the running list and
     the slot allocator."""
 
-    def __init__(self, n_slots: int, prefill_chunk: int, token_budget: int) -> None:
+    def __init__(self, n_slots: int, prefill_chunk: int, token_budget: int,
+                 prefix_caching: bool = False) -> None:
         self.slots = SlotAllocator(n_slots)
+        self.prefix_caching = prefix_caching
         self.prefill_chunk = prefill_chunk
         self.token_budget = token_budget
         self.waiting: dict[str, deque[Sequence]] = {}  # insertion order = arrival order
@@ -133,12 +117,23 @@ class Scheduler:
             prefill.append(chunk)
             budget -= chunk.num_tokens
         admitted: list[Sequence] = []
+        copies: list[SlotCopy] = []
+        deferred: set[str] = set()
         while self.num_waiting and self.slots.num_free:
-            seq = self._fairest_waiting()
-            chunk = ScheduledChunk(seq, *seq.next_chunk(self.prefill_chunk))
+            seq = self._fairest_waiting(deferred)
+            if seq is None:
+                break
+            hit = self._reusable(seq)
+            if self.prefix_caching and self._worth_waiting(seq, hit.length if hit else 0):
+                deferred.add(seq.group)  # the rest of its group waits behind it (FIFO)
+                continue
+            start = hit.length if hit else 0
+            chunk = ScheduledChunk(seq, start, min(start + self.prefill_chunk, seq.window_len))
             if chunk.num_tokens > budget and prefill:
                 break
-            self._admit(seq, now)
+            copy = self._admit(seq, now, hit)
+            if copy is not None:
+                copies.append(copy)
             admitted.append(seq)
             if chunk.num_tokens == 1 and chunk.samples:
                 decode.append(chunk)
@@ -146,22 +141,63 @@ class Scheduler:
                 prefill.append(chunk)
             budget -= chunk.num_tokens
         decode.sort(key=lambda c: c.seq.slot)
-        return SchedulerOutput(tuple(decode), tuple(prefill), tuple(admitted))
+        return SchedulerOutput(tuple(decode), tuple(prefill), tuple(admitted), tuple(copies))
 
-    def _fairest_waiting(self) -> Sequence:
-        """The head of the waiting group with the fewest running sequences (earliest on ties)."""
-        group = min(self.waiting, key=lambda g: self._running_per_group.get(g, 0))
+    def _reusable(self, seq: Sequence) -> PrefixHit | None:
+        """The longest prefix ``seq`` may start from, if prefix caching is on and one exists."""
+        if not self.prefix_caching:
+            return None
+        return longest_prefix(seq.window(0, seq.window_len), self.running, self.slots)
+
+    def _worth_waiting(self, seq: Sequence, reusable: int) -> bool:
+        """Whether a running sequence is still computing a prefix of ``seq``'s window at least
+        one chunk longer than the ``reusable`` one: ``seq`` then waits for it (a step or a few)
+        rather than compute the same tokens beside it (n siblings, requests that arrive together
+        with one system prompt). Only running sequences are waited for: they advance every
+        step, and their chunks come before any admission's."""
+        window = seq.window(0, seq.window_len)
+        limit = len(window) - 1
+        for other in self.running:
+            if other.num_computed < other.window_len:
+                shared = common_prefix(window, other.tokens, other.window_start,
+                                       min(limit, other.window_len))
+                if shared - reusable >= self.prefill_chunk:
+                    return True
+        return False
+
+    def _fairest_waiting(self, skip: set[str]) -> Sequence | None:
+        """The head of the waiting group with the fewest running sequences (earliest on ties),
+        among the groups not in ``skip``."""
+        groups = [g for g in self.waiting if g not in skip] if skip else self.waiting
+        if not groups:
+            return None
+        group = min(groups, key=lambda g: self._running_per_group.get(g, 0))
         return self.waiting[group][0]
 
-    def _admit(self, seq: Sequence, now: float | None) -> None:
+    def _admit(self, seq: Sequence, now: float | None, hit: PrefixHit | None) -> SlotCopy | None:
+        """Give ``seq`` a slot and its reused prefix; returns the copy that prefix needs, if any.
+        A cached slot that does not widen the decode batch is taken over as it is."""
         queue = self.waiting[seq.group]
         queue.popleft()
         if not queue:
             del self.waiting[seq.group]
         self.num_waiting -= 1
-        seq.admit(self.slots.allocate(), now)
+        copy = None
+        if hit is None:
+            slot = self.slots.allocate()
+        elif hit.cached and hit.slot <= self.slots.width:
+            self.slots.take(hit.slot)
+            slot = hit.slot
+        else:
+            if hit.cached:
+                self.slots.touch(hit.slot)  # evicted last (allocate picks it only if it must)
+            slot = self.slots.allocate()
+            if hit.slot != slot:
+                copy = SlotCopy(hit.slot, slot, hit.length)
+        seq.admit(slot, now, reused=hit.length if hit else 0)
         self.running.append(seq)
         self._running_per_group[seq.group] = self._running_per_group.get(seq.group, 0) + 1
+        return copy
 
     def finish(self, seq: Sequence, reason: FinishReason, now: float | None = None) -> None:
         """Remove a sequence (finished, aborted or failed) and free its slot at once."""
@@ -173,7 +209,9 @@ class Scheduler:
             self.num_waiting -= 1
         elif seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            self.slots.free(seq.slot)
+            # an error may have left the slot half written: only a clean end is kept for reuse
+            keep = self.prefix_caching and reason is not FinishReason.ERROR
+            self.slots.free(seq.slot, seq if keep else None)
             left = self._running_per_group[seq.group] - 1
             if left:
                 self._running_per_group[seq.group] = left

@@ -50,6 +50,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.slot: int | None = None
         self.num_computed = 0
+        self.num_cached_tokens = 0  # window tokens reused from another slot at admission
         self.crops = 0
         self.window_start = 0
         overflow = self.num_prompt_tokens - block_size
@@ -87,8 +88,11 @@ class Sequence:
         boundaries that depend only on this sequence (part of batch invariance)."""
         return self.num_computed, min(self.num_computed + chunk, self.window_len)
 
-    def admit(self, slot: int, now: float | None = None) -> None:
+    def admit(self, slot: int, now: float | None = None, reused: int = 0) -> None:
+        """Take ``slot``, whose positions ``0..reused-1`` already hold this window's prefix."""
         self.slot = slot
+        self.num_computed = reused
+        self.num_cached_tokens = reused
         self.status = SequenceStatus.RUNNING
         self.admitted_at = time.monotonic() if now is None else now
 

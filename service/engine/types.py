@@ -186,6 +186,7 @@ class RequestOutput:
     crops: int = 0
     prompt_cropped: bool = False
     metrics: RequestMetrics | None = None  # set on the finishing event
+    num_cached_tokens: int = 0  # prompt tokens this choice reused from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -207,11 +208,13 @@ class EngineStats:
     kv_cache_usage: float  # 0..1, fraction of slots or blocks in use
     step_time: float  # seconds of the last step
     batch_size: int  # sequences in the last step
-    prompt_tokens: int  # prompt tokens processed in the last step (a prompt's first encoding)
+    prompt_tokens: int  # window tokens of the prompts admitted in the last step, per choice
     generation_tokens: int  # tokens generated in the last step
     crops: int  # sliding-window crops performed in the last step
     total_steps: int
     recomputed_tokens: int = 0  # window tokens re-encoded after a crop in the last step
+    prefix_cache_queries: int = 0  # prompt_tokens, when prefix caching looked them up
+    prefix_cache_hits: int = 0  # ...of which a reused prefix held (copied, not computed)
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,8 @@ class TokenEvents:
     """Events as columns, never one object per token: event ``i`` is choice ``indices[i]`` of
     request ``request_ids[i]``, with token ``token_ids[i]`` (None: the choice ended without a new
     token, e.g. an abort), the choice's window crops so far, whether its prompt was cropped and
-    how many tokens it has generated.
+    how many tokens it has generated, and how many of its prompt's tokens came from the prefix
+    cache.
     ``logprobs``/``top_logprobs`` are None when no event asked for them; ``finishes`` maps the
     events that end their choice to how it ended.
 
@@ -245,6 +249,8 @@ class TokenEvents:
     logprobs: list[float | None] | None = None
     top_logprobs: list[tuple[TokenLogprob, ...] | None] | None = None
     finishes: dict[int, Finish] = field(default_factory=dict)
+    # prompt tokens the choice reused from the prefix cache (the API's cached_tokens)
+    cached_tokens: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -270,6 +276,7 @@ class TokenEvents:
             self.crops.append(other.crops[r])
             self.prompt_cropped.append(other.prompt_cropped[r])
             self.num_generated.append(other.num_generated[r])
+            self.cached_tokens.append(other.cached_tokens[r])
         else:
             self.request_ids.extend(other.request_ids[r] for r in rows)
             self.indices.extend(other.indices[r] for r in rows)
@@ -277,6 +284,7 @@ class TokenEvents:
             self.crops.extend(other.crops[r] for r in rows)
             self.prompt_cropped.extend(other.prompt_cropped[r] for r in rows)
             self.num_generated.extend(other.num_generated[r] for r in rows)
+            self.cached_tokens.extend(other.cached_tokens[r] for r in rows)
         if other.finishes:
             for i, r in enumerate(rows):
                 if r in other.finishes:
@@ -301,6 +309,7 @@ class TokenEvents:
                 num_generated_tokens=self.num_generated[i],
                 crops=self.crops[i],
                 prompt_cropped=self.prompt_cropped[i],
+                num_cached_tokens=self.cached_tokens[i],
                 metrics=None if finish is None else finish.metrics,
             ))
         return out
