@@ -92,6 +92,18 @@ def save_tiny_checkpoint(
     return save_checkpoint(path, GPT(config), tokenizer.spec(), {"note": "random test model"})
 
 
+def save_tiny_bpe_checkpoint(path, *, block_size: int = 32):
+    """A random one-layer model over GPT-2's BPE vocabulary (50,257 tokens, padded to 50,304)."""
+    import torch
+
+    from model import GPT, GPTConfig, TiktokenTokenizer, save_checkpoint
+
+    torch.manual_seed(0)
+    tokenizer = TiktokenTokenizer.by_name("gpt2")
+    config = GPTConfig(block_size=block_size, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)
+    return save_checkpoint(path, GPT(config), tokenizer.spec())
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Path of a random 2-layer char model with a 32-token window (shared by the session)."""

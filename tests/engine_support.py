@@ -46,6 +46,20 @@ def request(rid: str, prompt: list[int] | str, **params) -> Request:
     return Request(rid, tuple(prompt), SamplingParams.create(**params))
 
 
+def record_prefill_chunks(eng: Engine) -> list[tuple[int, int]]:
+    """Spy on ``eng``'s packed forwards: the returned list fills with (start, tokens) of every
+    chunk the model encodes."""
+    encoded: list[tuple[int, int]] = []
+    real = eng._core.runner.model.forward_packed
+
+    def spy(batch, kv):
+        encoded.extend((c.start, c.num_tokens) for c in batch.chunks)
+        return real(batch, kv)
+
+    eng._core.runner.model.forward_packed = spy
+    return encoded
+
+
 def prompt_of(length: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, len(CHARS), (length,), generator=g).tolist()

@@ -9,6 +9,7 @@ from engine_support import (
     engine,
     one_thread,  # noqa: F401 (autouse fixture: one intra-op thread)
     prompt_of,
+    record_prefill_chunks,
     request,
     tiny_checkpoint,
 )
@@ -100,14 +101,7 @@ def test_siblings_prefill_once_and_equal_separate_seeded_requests():
     ck = tiny_checkpoint()
     prompt = prompt_of(21, 4)
     eng = engine(ck, max_batch_size=2, prefill_chunk=8, window_shift=1)
-    encoded = []
-    real = eng._core.runner.model.forward_packed
-
-    def spy(batch, kv):
-        encoded.extend((c.start, c.num_tokens) for c in batch.chunks)
-        return real(batch, kv)
-
-    eng._core.runner.model.forward_packed = spy
+    encoded = record_prefill_chunks(eng)
     events = eng.run([request("a", prompt, max_tokens=10, n=5, seed=7, temperature=1.2,
                               logprobs=0)])["a"]
     assert sorted(encoded) == [(0, 8), (8, 8), (16, 5)], f"prompt chunks encoded {encoded}"

@@ -10,6 +10,7 @@ from engine_support import (
     engine,
     one_thread,  # noqa: F401 (autouse fixture: one intra-op thread)
     prompt_of,
+    record_prefill_chunks,
     request,
     tiny_checkpoint,
     with_eos,
@@ -138,14 +139,7 @@ def test_n_choices_encode_the_prompt_once_and_equal_separate_seeded_requests():
     ck = tiny_checkpoint()
     prompt = prompt_of(20, 4)
     eng = engine(ck, max_batch_size=4, prefill_chunk=8)
-    encoded = []
-    real = eng._core.runner.model.forward_packed
-
-    def spy(batch, kv):
-        encoded.extend((c.start, c.num_tokens) for c in batch.chunks)
-        return real(batch, kv)
-
-    eng._core.runner.model.forward_packed = spy
+    encoded = record_prefill_chunks(eng)
     together = eng.generate([request("a", prompt, max_tokens=12, n=3, seed=7, temperature=1.2)])
     assert sorted(encoded) == [(0, 8), (8, 8), (16, 4)], f"prompt chunks encoded {encoded}"
     apart = engine(ck, max_batch_size=4, prefill_chunk=8).generate(

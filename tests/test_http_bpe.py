@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from conftest import live_server
+from conftest import live_server, save_tiny_bpe_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 PROMPT = "Ça va? 世界 🎉 naïve"
@@ -15,14 +15,7 @@ PROMPT = "Ça va? 世界 🎉 naïve"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import torch
-
-    from model import GPT, GPTConfig, TiktokenTokenizer, save_checkpoint
-
-    torch.manual_seed(0)
-    tokenizer = TiktokenTokenizer.by_name("gpt2")
-    config = GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)
-    path = save_checkpoint(tmp_path_factory.mktemp("bpe") / "bpe", GPT(config), tokenizer.spec())
+    path = save_tiny_bpe_checkpoint(tmp_path_factory.mktemp("bpe") / "bpe", block_size=32)
     with live_server(path, max_batch_size=4) as srv:
         yield srv
 

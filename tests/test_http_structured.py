@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import jsonschema
 import pytest
-from conftest import live_server
+from conftest import live_server, save_tiny_bpe_checkpoint
 from structured_schemas import MAX_TOKENS, SCHEMAS
 
 pytestmark = pytest.mark.timeout(300)
@@ -31,14 +31,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import torch
-
-    from model import GPT, GPTConfig, TiktokenTokenizer, save_checkpoint
-
-    torch.manual_seed(0)
-    tokenizer = TiktokenTokenizer.by_name("gpt2")
-    config = GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)
-    path = save_checkpoint(tmp_path_factory.mktemp("bpe") / "bpe", GPT(config), tokenizer.spec())
+    path = save_tiny_bpe_checkpoint(tmp_path_factory.mktemp("bpe") / "bpe", block_size=64)
     with live_server(path, max_batch_size=16, max_queue=64) as srv:
         yield srv
 
