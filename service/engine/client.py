@@ -90,10 +90,15 @@ class CoreClient(EngineFront):
         self.pid = info.pid
         self._receiver: threading.Thread | None = None
 
-    def _wait_ready(self, checkpoint: Checkpoint) -> wire.CoreInfo:
+    def _poller(self) -> zmq.Poller:
+        """Wakes for the core's next message or for its exit, whichever comes first."""
         poller = zmq.Poller()
         poller.register(self._outputs, zmq.POLLIN)
         poller.register(self._process.sentinel, zmq.POLLIN)
+        return poller
+
+    def _wait_ready(self, checkpoint: Checkpoint) -> wire.CoreInfo:
+        poller = self._poller()
         while True:
             ready = dict(poller.poll())
             if self._outputs in ready:
@@ -184,9 +189,7 @@ class CoreClient(EngineFront):
     # ---- from the core (the receiver thread) -----------------------------------------------------
 
     def _receive(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._outputs, zmq.POLLIN)
-        poller.register(self._process.sentinel, zmq.POLLIN)
+        poller = self._poller()
         failure: str | None = None
         try:
             while True:

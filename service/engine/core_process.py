@@ -25,7 +25,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import zmq
+
+from service.engine import wire
 from service.engine.config import EngineConfig
+from service.engine.types import EngineStats, FinishReason, TokenEvents
+from service.logs import configure_logging
 
 log = logging.getLogger("service.engine.core")
 IDLE_POLL_MS = 1000  # an idle core wakes this often to check that its front end is alive
@@ -48,13 +53,7 @@ def run_core(spec: CoreSpec) -> None:
     parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from service.logs import configure_logging
-
     configure_logging(spec.log_level, spec.log_format)
-    import zmq
-
-    from service.engine import wire
-
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)
     outputs = context.socket(zmq.PUSH)
@@ -90,7 +89,6 @@ def _build(spec: CoreSpec):
     from service.engine.engine import resolve_device, resolve_dtype, thread_plan
     from service.engine.grammar import GrammarCompiler
     from service.engine.memory import plan_slots
-    from service.engine.wire import CoreInfo
 
     config = spec.config
     # the front end loaded this checkpoint already (and checked it fits): no second budget
@@ -113,7 +111,7 @@ def _build(spec: CoreSpec):
         core.runner.warm_up()
     # everything alive now lives as long as the core: keep it out of the collector's passes
     gc.freeze()
-    info = CoreInfo(n_slots=n_slots, window_shift=core.window_shift, threads=threads,
+    info = wire.CoreInfo(n_slots=n_slots, window_shift=core.window_shift, threads=threads,
                     vocab_size=checkpoint.tokenizer.vocab_size,
                     block_size=checkpoint.config.block_size, pid=os.getpid())
     return core, info
@@ -129,12 +127,9 @@ class CoreLoop:
         self.codec = codec
         self.parent = parent
         self.deadline: float | None = None  # set by a shutdown: abort what is left then
-        self.last_stats = None
+        self.last_stats: EngineStats | None = None
 
     def run(self) -> int:
-        from service.engine import wire
-        from service.engine.types import FinishReason, TokenEvents
-
         core = self.core
         try:
             while True:
@@ -169,10 +164,6 @@ class CoreLoop:
     def _drain(self, events) -> bool:
         """Apply every waiting input; block for one while there is nothing to do. False when
         the front end that spawned this core is gone."""
-        import zmq
-
-        from service.engine import wire
-
         core = self.core
         while True:
             idle = not core.has_work() and self.deadline is None and not len(events)
@@ -192,8 +183,6 @@ class CoreLoop:
                 self.deadline = time.monotonic() + payload
 
     def _step(self):
-        from service.engine.types import FinishReason
-
         try:
             result = self.core.step()
         except Exception:  # a failed step fails the requests in it, not the core
@@ -203,6 +192,4 @@ class CoreLoop:
         return result.stats, result.outputs
 
     def _idle_stats(self):
-        from service.engine.types import EngineStats
-
         return self.core.idle_stats(self.last_stats or EngineStats(0, 0, 0.0, 0.0, 0, 0, 0, 0, 0))

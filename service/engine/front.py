@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 
 import torch
@@ -36,7 +37,7 @@ from service.engine.types import (
 log = logging.getLogger(__name__)
 
 
-class EngineFront:
+class EngineFront(ABC):
     """Admission, streams and dispatch. Read-only attributes: ``tokenizer``, ``model_config``,
     ``vocab_size`` (the tokenizer's), ``eos_token_id``, ``device``, ``dtype``, ``config``,
     ``n_slots``, ``threads`` (the CPU thread plan), ``window_shift`` (in force), ``grammars``
@@ -175,13 +176,13 @@ class EngineFront:
                 self._num_live -= len(gone)
                 self._submit_abort(request_id, index)
 
+    @abstractmethod
     def _submit(self, requests: list[Request]) -> None:
         """Hand admitted ``requests`` to the core (called holding ``_cond``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _submit_abort(self, request_id: str, index: int | None) -> None:
         """Hand an abort to the core (called holding ``_cond``)."""
-        raise NotImplementedError
 
     # ---- stats -------------------------------------------------------------------------------
 
