@@ -62,10 +62,12 @@ def load_engine(settings: Settings):
     return build_engine(settings, checkpoint)
 
 
-def create_app(settings: Settings, engine=None, api_servers=None) -> FastAPI:
+def create_app(settings: Settings, engine=None, api_servers=None, follower=None) -> FastAPI:
     """A FastAPI app serving ``engine`` (or, when None, one loaded from ``settings``).
     ``api_servers`` (``service.api_servers.ApiServers``): this is front end 0 of several, and
-    starts the others once its engine core is ready."""
+    starts the others once its engine core is ready; ``follower``
+    (``service.api_servers.Follower``): this is one of the others, and reloads are front end
+    0's."""
     metrics = Metrics(multiprocess=settings.api_servers > 1)
     state = ServerState(settings, metrics, engine)
     state.api_servers = api_servers
@@ -73,6 +75,7 @@ def create_app(settings: Settings, engine=None, api_servers=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         reloader = app.state.reloader = server_reloader(state, engine_config, build_engine)
+        app.state.reload = follower.reload if follower is not None else reloader.reload
 
         def start(engine) -> None:
             # a step's metrics are counted once: by front end 0 (the others show its load)
@@ -81,7 +84,9 @@ def create_app(settings: Settings, engine=None, api_servers=None) -> FastAPI:
             engine.start()
             state.swap_engine(engine)
             if api_servers is not None:
-                api_servers.start(engine)
+                api_servers.start(engine, reloader)
+            if follower is not None:
+                follower.start(state, reloader, metrics.set_load)
             reloader.start(engine)  # live checkpoint reload: --watch and POST /admin/reload
             log.info(
                 "serving %s as %r on %s",

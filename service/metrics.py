@@ -79,6 +79,7 @@ class Metrics:
         open connections add up over the live processes. There are no ``process_*`` series then
         (prometheus_client cannot combine them)."""
         self.multiprocess = multiprocess
+        self._model_labels: dict[str, str] | None = None  # the live model's info labels
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.ttft = Histogram(
@@ -287,14 +288,18 @@ class Metrics:
         loaded_at: float,
     ) -> None:
         """Show which checkpoint is live: one ``gptserve_model_info`` series at a time."""
-        if not self.multiprocess:  # (several front ends never reload: nothing to clear)
+        labels = {
+            "checkpoint": checkpoint,
+            "format": source_format,
+            "iteration": "" if iteration is None else str(iteration),
+            "val_loss": "" if val_loss is None else f"{val_loss:.4f}",
+        }
+        if not self.multiprocess:
             self.model_info.clear()
-        self.model_info.labels(
-            checkpoint=checkpoint,
-            format=source_format,
-            iteration="" if iteration is None else str(iteration),
-            val_loss="" if val_loss is None else f"{val_loss:.4f}",
-        ).set(1)
+        elif self._model_labels not in (None, labels):  # the files cannot drop a series
+            self.model_info.labels(**self._model_labels).set(0)
+        self._model_labels = labels
+        self.model_info.labels(**labels).set(1)
         self.model_loaded.set(loaded_at)
 
     def reload_result(self, ok: bool) -> None:

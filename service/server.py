@@ -121,11 +121,13 @@ def build_server(
 
 
 def serve(
-    settings: Settings, sockets: list[socket.socket], limits: TransportLimits, engine=None
+    settings: Settings, sockets: list[socket.socket], limits: TransportLimits, engine=None,
+    follower=None,
 ) -> int:
     """Serve on ``sockets`` until a signal drains the server (``engine`` None: load
-    ``settings.checkpoint`` in the background while already answering /health and /ready).
-    Returns the exit status."""
+    ``settings.checkpoint`` in the background while already answering /health and /ready;
+    ``follower``: this is API-server process 1 .. N-1 of ``--api-servers N``). Returns the
+    exit status."""
     from service.app import create_app
 
     api_servers = None
@@ -133,7 +135,7 @@ def serve(
         from service.api_servers import ApiServers
 
         api_servers = ApiServers(settings, sockets, limits)
-    app = create_app(settings, engine, api_servers)
+    app = create_app(settings, engine, api_servers, follower)
     state = app.state.server
     build_server(app, sockets, limits).run()
     if state.load_error is not None:

@@ -75,8 +75,8 @@ class Settings:
     api_servers: int = _flag(
         1, "HTTP front-end processes sharing the listening socket and one engine core (as vLLM's "
         "--api-server-count): each parses, tokenizes, detokenizes and streams its own requests; "
-        "admission counts every one against the same slots and queue. More than 1 needs "
-        "--engine-core process and leaves live reload (--watch, /admin/reload) off")
+        "admission counts every one against the same slots and queue; a live reload switches them "
+        "all. More than 1 needs --engine-core process")
     api_key: str | None = _flag(
         None, "require 'Authorization: Bearer KEY' on the API (/v1/*, /tokenize, /detokenize, "
         "/admin/*, /docs); the web page, /health and /ready stay open, and /metrics too unless "
@@ -125,9 +125,6 @@ class Settings:
         if self.api_servers > 1 and self.engine_core != "process":
             raise ValueError("--api-servers > 1 needs --engine-core process (the front ends "
                              "share an engine core process)")
-        if self.api_servers > 1 and self.watch:
-            raise ValueError("--watch needs --api-servers 1 (live reload switches one front "
-                             "end's engine)")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.max_request_bytes < 1:

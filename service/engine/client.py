@@ -86,7 +86,7 @@ class CoreClient(EngineFront):
             self._close()
             raise
         self._init_front(checkpoint, config, device, dtype, info,
-                         SharedCount() if fronts > 1 else None)
+                         SharedCount(f"{self._dir}/admission") if fronts > 1 else None)
 
     @classmethod
     def attach(cls, seat: Seat) -> CoreClient:
@@ -110,12 +110,20 @@ class CoreClient(EngineFront):
         self._init_front(seat.checkpoint, config, device, dtype, info, seat.live)
         return self
 
+    @property
+    def core_folder(self) -> str:
+        """The core's private socket folder: names the core among the ones a reload starts."""
+        return self._dir
+
     def seat(self, front: int) -> Seat:
         """What API-server process ``front`` (1 .. fronts-1) needs to join this core."""
         return Seat(self._dir, front, self.fronts, self.config, self.checkpoint,
                     self._num_live, self._leader)
 
     def _open_sockets(self, front: int) -> None:
+        """Connect to the core's input socket (it binds it: a front end that joins later has
+        its requests queued until the connection is up) and bind this front end's output one
+        (the core connects to it: what it sends before this front end is there waits)."""
         self._context = zmq.Context()
         self._inputs = self._context.socket(zmq.PUSH)
         self._outputs = self._context.socket(zmq.PULL)
@@ -123,7 +131,7 @@ class CoreClient(EngineFront):
         self._inputs.setsockopt(zmq.LINGER, 0)
         self._outputs.setsockopt(zmq.LINGER, 0)
         inputs, outputs = _addresses(self._dir, self.fronts)
-        self._inputs.bind(inputs[front])
+        self._inputs.connect(inputs)
         self._outputs.bind(outputs[front])
         self._codec = wire.OutputCodec()
         self._stopping = threading.Event()
@@ -216,14 +224,14 @@ class CoreClient(EngineFront):
             self._detach()
             return
         with self._cond:
-            running = self._state == "running"
+            failed = self._state == "failed"  # (by ``fail``: the core itself may be alive)
             if self._state in ("new", "running"):
                 self._state = "draining"
-                if running:
-                    try:
-                        self._send(wire.SHUTDOWN, timeout or 0.0)
-                    except EngineStoppedError:
-                        pass
+            if self._receiver is not None and self._process.is_alive():
+                try:
+                    self._send(wire.SHUTDOWN, 0.0 if failed else timeout or 0.0)
+                except EngineStoppedError:
+                    pass
         if self._receiver is not None:
             self._receiver.join((timeout or 0.0) + JOIN_GRACE)
             if self._receiver.is_alive():
@@ -316,7 +324,8 @@ class CoreClient(EngineFront):
     def _fail(self, reason: str) -> None:
         log.error("%s; failing every live request", reason)
         with self._cond:
-            self.error = CoreDiedError(reason)
+            if self.error is None:  # the first cause is the one to report
+                self.error = CoreDiedError(reason)
             self._state = "failed"
         self.ready = False
         self._dispatch(self._unfinished(FinishReason.ERROR))
@@ -338,9 +347,10 @@ class Seat:
     leader: int
 
 
-def _addresses(directory: str, fronts: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The core's input and output ZMQ addresses, one pair per front end."""
-    return (tuple(f"ipc://{directory}/inputs-{i}" for i in range(fronts)),
+def _addresses(directory: str, fronts: int) -> tuple[str, tuple[str, ...]]:
+    """The core's ZMQ addresses: its input (every front end pushes to it) and one output per
+    front end."""
+    return (f"ipc://{directory}/inputs",
             tuple(f"ipc://{directory}/outputs-{i}" for i in range(fronts)))
 
 

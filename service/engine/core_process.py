@@ -42,10 +42,8 @@ class CoreSpec:
 
     checkpoint: Path
     config: EngineConfig
-    # per front end (API-server process) i: the ZMQ address it pushes inputs to (the core
-    # pulls from all of them) and the one the core pushes its step messages to
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
+    inputs: str  # the ZMQ address the core binds; every front end pushes its inputs to it
+    outputs: tuple[str, ...]  # per front end (API-server process): where it pulls step messages
     log_level: str = "info"
     log_format: str = "text"
 
@@ -59,8 +57,7 @@ def run_core(spec: CoreSpec) -> None:
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)  # fair-queued from every front end
     inputs.setsockopt(zmq.LINGER, 0)
-    for address in spec.inputs:
-        inputs.connect(address)
+    inputs.bind(spec.inputs)
     outputs = Outputs(context, spec.outputs)
     codec = wire.OutputCodec()
     status = 1

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from model.checkpoint import Budget, Checkpoint, CheckpointError
 from model.checkpoint.budget import host_budget
@@ -90,6 +90,17 @@ class ReloadError(Exception):
         self.code = code
 
 
+class OtherFrontEnds(Protocol):
+    """The other API-server processes of ``--api-servers N``, as a reload sees them."""
+
+    async def switch(self, engine: Engine, timeout: float) -> None:
+        """Have every other front end serve ``engine``'s core for new requests."""
+
+    async def retired(self, engine: Engine, deadline: float) -> None:
+        """Return once no other front end has a request left on ``engine``'s core (or at
+        ``deadline``, a ``time.monotonic()`` value)."""
+
+
 class Reloader:
     """Owns the live ``ModelInfo``, the reload lock, the watch task and the retiring engines.
 
@@ -108,6 +119,7 @@ class Reloader:
         on_reload: Callable[[bool], None] = lambda ok: None,
         budget: Callable[[Engine | None], Budget] = lambda live: host_budget,
     ) -> None:
+        self.others: OtherFrontEnds | None = None  # --api-servers N: front ends 1 .. N-1
         self.state = state
         self.path = run_checkpoint(path)  # a run folder: its best/ (else latest/) is watched
         self.config = config
@@ -264,6 +276,8 @@ class Reloader:
             )
         self.path, self._live, self._refused = target, fingerprint, None
         previous = self.state.swap_engine(engine)
+        if self.others is not None:  # every front end serves the new model before we answer
+            await self.others.switch(engine, self.config.ready_timeout)
         self.info = ModelInfo.of(checkpoint, target)
         self._on_model(self.info)
         self._on_reload(True)
@@ -291,6 +305,8 @@ class Reloader:
         deadline = time.monotonic() + self.config.retire_timeout
         while self.state.num_inflight_on(engine) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        if self.others is not None:  # their requests on the old core end first, too
+            await self.others.retired(engine, deadline)
         await self._shutdown(engine, 5.0)
         self._retiring.discard(engine)
         log.info("retired the previous engine")
