@@ -257,6 +257,7 @@ class CoreClient(EngineFront):
         if self._receiver is not None:
             self._receiver.join(JOIN_GRACE)
         self._dispatch(self._unfinished(FinishReason.ABORT))
+        self._inputs.setsockopt(zmq.LINGER, 1000)  # the aborts above still reach the core
         self._close()
         with self._cond:
             if self._state != "failed":
