@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin the neighbour(s) to this CPU (default: unpinned)")
     p.add_argument("--tiny-threads", type=int, default=1,
                    help="threads of every system on the tiny model: on the 2-vCPU VM two make "
-                        "CTranslate2 ~9x slower at 1 stream (2,100 vs 240 tok/s) and torch no "
-                        "faster")
+                        "CTranslate2 many times slower at 1 stream and torch no faster "
+                        "(docs/BENCHMARKS.md, 'Peers')")
     p.add_argument("--slots", type=int, default=None,
                    help="gptserve --max-batch-size and vLLM --max-num-seqs "
                         "(default: 32, or the largest stream count if larger)")

@@ -12,8 +12,8 @@ two threads wait for each other at every parallel region and one thread is 1.3-3
   ``probe_steps`` steps (the first step after a switch is not counted: new threads warm up) and
   moves there if their median was at least ``margin`` below the recent median of the same shapes;
 - a probe that loses multiplies the interval by ``backoff`` (1, 4, 16, 64 s), so a settled choice
-  costs a few slower steps a minute (a probe of a 32-row GPT-2 step at one thread on a quiet
-  machine costs ~0.4 s); one that wins, or a recent median that drifts ``drift``x away from where
+  costs a few slower steps a minute (docs/BENCHMARKS.md, "A busy neighbour", has a probe's
+  cost); one that wins, or a recent median that drifts ``drift``x away from where
   it settled (a neighbour arrived), brings the next probe forward to ``min_interval``. A neighbour
   that leaves changes nothing at one thread, so only the periodic probe finds it gone: within
   ``max_interval``.

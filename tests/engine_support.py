@@ -81,7 +81,8 @@ def with_eos(checkpoint: Checkpoint) -> Checkpoint:
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run fastest on one intra-op thread; on a busy 2-core CI machine, OpenMP's
-    barriers make them 10-20x slower with two. Tests that need more threads set them."""
+    barriers make them many times slower with two (docs/BENCHMARKS.md, "A busy neighbour").
+    Tests that need more threads set them."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

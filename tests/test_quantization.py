@@ -1,7 +1,7 @@
 """int8 weights (``--quantization int8``, ``model.quantize``): quality kept against fp32, served
 over HTTP, and refused clearly where they cannot work.
 
-Quality bars (issue 17): the shipped model's val loss, scored the way the trainer's eval scores it
+Quality bars: the shipped model's val loss, scored the way the trainer's eval scores it
 (its batches of its val split, drawn by its sampler with its seed), within +0.02 of fp32; greedy
 tokens agreeing with fp32 on >= 95% of positions, over the engine oracle's prompts
 (tests/test_engine_reference.py) and over the shipped model's greedy continuations.

@@ -10,8 +10,9 @@ plain (non-TF32) fp32. A GPU not in the table uses the A100 row, nanoGPT's conve
 
 The CPU row is a nominal 1 TFLOP/s for every dtype: roughly one 16-core AVX-512 server socket's
 fp32 FMA peak (16 cores x 2 FMA units x 16 lanes x 2 FLOPs x ~2 GHz). No datasheet figure fits
-every CPU, so CPU MFU is comparable between runs, not an efficiency. For reference, this
-repository's 2-core development VM measures ~0.19 TFLOP/s per thread (2048x2048 fp32 matmul).
+every CPU, so CPU MFU is comparable between runs, not an efficiency. For reference, the matmul
+peak measured on this repository's 2-core development VM is in docs/BENCHMARKS.md ("Training
+throughput").
 
 ``--peak-flops`` replaces the table's figure (per device, FLOP/s).
 """
@@ -76,8 +77,8 @@ def measure_matmul_flops(
 ) -> float:
     """Best observed FLOP/s of an (n x n) @ (n x n) matmul (2·n³ FLOPs each).
 
-    n defaults to 2048 on CPU (smaller matmuls under-report the peak: 512 -> 40, 1024 -> 150,
-    2048 -> 400 GFLOP/s on the 2-core Xeon this was written on) and 8192 on a GPU.
+    n defaults to 2048 on CPU (smaller matmuls under-report a CPU's peak several-fold) and 8192
+    on a GPU.
     """
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)

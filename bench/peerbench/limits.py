@@ -48,7 +48,7 @@ def matmul_flops(device: str = "cpu", dtype: str = "float32", reps: int = 5) -> 
 
 def _cpu_read(threads: int, reps: int) -> float:
     """1 GiB of fp32 reduced by numpy's ``max`` in ``threads`` threads (it releases the GIL):
-    ~13 GB/s on the 2-core VM, where ``torch.sum`` reached 6 and CTranslate2's decode 12."""
+    the fastest read of those tried on the 2-core VM (``torch.sum`` read slower)."""
     import numpy as np
 
     x = np.ones(1 << 28, dtype=np.float32)

@@ -17,13 +17,13 @@ from peerbench.figures import Figures
 from peerbench.limits import Limits
 
 PEERS = ("vllm", "ct2", "ct2-int8", "hf")
-# (peer, model, streams) -> the issue's target for gptserve / peer tokens/s; a system whose name
+# (peer, model, streams) -> the target for gptserve / peer tokens/s; a system whose name
 # ends in "int8" is compared with the int8 peers and with gptserve's fp32 server ("gptserve")
 TARGETS = {("vllm", "gpt2-small", 1): 1.5, ("vllm", "gpt2-small", 32): 1.5,
            ("ct2", "gpt2-small", 1): 1.0, ("ct2", "gpt2-small", 32): 1.0,
            ("ct2", "shakespeare-char", 1): 0.5, ("ct2", "shakespeare-char", 32): 1.0,
            ("ct2-int8", "gpt2-small", 1): 1.2, ("ct2-int8", "gpt2-small", 32): 1.0,
-           ("gptserve", "gpt2-small", 1): 2.0}  # issue 17: int8 >= 2x fp32 at one stream
+           ("gptserve", "gpt2-small", 1): 2.0}  # int8: >= 2x fp32 at one stream
 # with a busy neighbour (--neighbour): at least vLLM's speed beside the same neighbour
 NEIGHBOUR_TARGETS = {("vllm", "gpt2-small", 1): 1.0, ("vllm", "gpt2-small", 32): 1.0}
 
