@@ -171,40 +171,25 @@ class CpuCgroup:
         self.path.rmdir()
 
 
-def _server_logs(tmp_path: Path, *runs: tuple[list[str], dict[str, str]],
-                 preexec=None) -> list[str]:
-    """Start one ``python -m service`` per ``(args, env)`` in ``runs``, all at once (each start
-    imports torch twice, front end and engine core: started one after the other they took most
-    of this file's time), wait for each engine's thread plan in its log, stop them all."""
-    procs, logs = [], []
-    try:
-        for args, env in runs:
-            log_path = tmp_path / f"server-{uuid.uuid4().hex[:6]}.log"
-            ckpt = make_tiny_checkpoint(tmp_path / f"ck-{uuid.uuid4().hex[:6]}")
-            argv = [sys.executable, "-m", "service", "--checkpoint", str(ckpt), "--port",
-                    str(free_port()), "--device", "cpu", *args]
-            with log_path.open("wb") as out:
-                procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out,
-                                              stderr=subprocess.STDOUT, preexec_fn=preexec))
-            logs.append(log_path)
-        deadline = time.monotonic() + 60
-        for proc, log_path in zip(procs, logs, strict=True):
-            while "CPU threads:" not in log_path.read_text() and time.monotonic() < deadline:
-                assert proc.poll() is None, log_path.read_text()
-                time.sleep(0.1)
-        return [log_path.read_text() for log_path in logs]
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
-
-
 def _server_log(tmp_path: Path, args: list[str], env: dict[str, str],
                 preexec=None) -> str:
     """Start ``python -m service``, wait for its engine's thread plan in the log, stop it."""
-    [log] = _server_logs(tmp_path, (args, env), preexec=preexec)
-    return log
+    log_path = tmp_path / f"server-{uuid.uuid4().hex[:6]}.log"
+    ckpt = make_tiny_checkpoint(tmp_path / f"ck-{uuid.uuid4().hex[:6]}")
+    argv = [sys.executable, "-m", "service", "--checkpoint", str(ckpt), "--port",
+            str(free_port()), "--device", "cpu", *args]
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=preexec)
+    try:
+        deadline = time.monotonic() + 60
+        while "CPU threads:" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        return log_path.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -228,13 +213,13 @@ def test_the_server_logs_a_thread_plan_capped_by_its_cgroup_quota(tmp_path):
 
 def test_the_server_logs_its_thread_plan_from_the_flag_the_environment_or_the_cpus(tmp_path):
     cpus = len(os.sched_getaffinity(0))
-    auto, flag, omp = _server_logs(tmp_path, ([], _env()),
-                                   (["--threads", "1"], _env(OMP_WAIT_POLICY="passive")),
-                                   ([], _env(OMP_NUM_THREADS="1")))
+    auto = _server_log(tmp_path, [], _env())
     expected = f"adaptive 1..{cpus} by measured step time" if cpus > 1 else "fixed 1"
     assert f"CPU threads: {expected} (from the CPUs in affinity" in auto, auto
+    flag = _server_log(tmp_path, ["--threads", "1"], _env(OMP_WAIT_POLICY="passive"))
     assert "CPU threads: fixed 1 (from --threads;" in flag, flag
     assert "OpenMP waits: OMP_WAIT_POLICY=passive (environment)" in flag, flag
+    omp = _server_log(tmp_path, [], _env(OMP_NUM_THREADS="1"))
     assert "CPU threads: fixed 1 (from OMP_NUM_THREADS;" in omp, omp
 
 
