@@ -108,7 +108,7 @@ class ServerProcess:
                     return
             except httpx.TransportError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise TimeoutError(f"server on {self.url} not ready after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:

@@ -230,13 +230,15 @@ def test_streams_never_fail_while_the_trainer_swaps_checkpoints_under_the_server
 
 @pytest.mark.timeout(120)
 def test_admin_reload_needs_the_api_key_and_refuses_a_bad_checkpoint(tmp_path):
+    """POST /admin/reload's contract (auth, "unchanged", a 400 naming the field, the switch, the
+    metric) on the in-process server (conftest's ``live_server``: the app, uvicorn and reloader
+    of ``python -m service``, the engine on a thread); the reloads that spawn an engine-core
+    process are the other tests here and tests/test_reload_supervision.py's."""
+    from conftest import live_server
     from deploy_support import make_tiny_checkpoint
 
     live = make_tiny_checkpoint(tmp_path / "best", seed=1, provenance={"iterations": 100})
-    server = ServerProcess(live, tmp_path / "server.log", ("--api-key", API_KEY))
-    server.start()
-    try:
-        server.wait_ready()
+    with live_server(live, api_key=API_KEY) as server:
         url = f"{server.url}/admin/reload"
         assert httpx.post(url, json={}, timeout=30).status_code == 401
         same = httpx.post(url, json={}, headers=AUTH, timeout=30)
@@ -256,8 +258,6 @@ def test_admin_reload_needs_the_api_key_and_refuses_a_bad_checkpoint(tmp_path):
             answer = stream_completion(client, server.url, "ab", max_tokens=4)
         assert answer.complete and _iteration(answer) == 200, answer
         assert _metric(server, 'gptserve_model_reloads_total{result="failed"}') == 1
-    finally:
-        server.stop()
 
 
 @pytest.mark.timeout(180)
