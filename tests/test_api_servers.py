@@ -174,10 +174,16 @@ class Streams:
             thread.join(90)
 
 
-def test_two_front_ends_share_one_socket_one_core_and_one_capacity(tmp_path):
-    server = _start(tmp_path, "--max-batch-size", "1", "--max-queue", "1", "--api-key", KEY)
+def test_two_front_ends_share_one_socket_one_core_one_capacity_and_reloads(tmp_path):
+    a = make_tiny_checkpoint(tmp_path / "a", seed=0, provenance={"iterations": 100})
+    b = make_tiny_checkpoint(tmp_path / "b", seed=1, provenance={"iterations": 200})
+    server = ServerProcess(a, tmp_path / "server.log", args=(
+        "--api-servers", "2", "--log-format", "json", "--api-key", KEY,
+        "--max-batch-size", "1", "--max-queue", "1"))
+    server.start()
     auth = {"Authorization": f"Bearer {KEY}"}
     try:
+        server.wait_ready(90)
         second = _front_end_pid(server)
         first, core = server.proc.pid, _core_pid(server)
         assert len({first, second, core}) == 3
@@ -223,14 +229,38 @@ def test_two_front_ends_share_one_socket_one_core_and_one_capacity(tmp_path):
                                capture_output=True)
         assert check.returncode == 0 and "error" not in check.stdout.lower(), check
 
-        # SIGTERM drains every front end: both holders (one running, one queued, wherever they
-        # arrived) finish whole before the core stops, and every process exits
+        # a live reload asked of either front end (on a connection it accepted) switches both to
+        # a new core before it answers; the holders finish on the old core, on the old weights
+        for target, pid in ((b, second), (a, first)):
+            conn = _connection_to(server, pid)
+            conn.request("POST", "/admin/reload", json.dumps({"checkpoint": str(target)}),
+                         {**auth, "Content-Type": "application/json"})
+            reply = conn.getresponse()
+            body = json.loads(reply.read())
+            conn.close()
+            assert reply.status == 200 and body["status"] == "reloaded", body
+            want = "it200-" if target == b else "it100-"
+            for front in (first, second):
+                status, body = complete(front)
+                assert status == 200 and body["system_fingerprint"].startswith(want), (front, body)
+        holders.join()
+        for result in holders.results:
+            assert result.complete and result.finish_reason == "length", result
+            assert result.fingerprint.startswith("it100-"), "a stream moved to another model"
+        cores = {int(m.group(1)) for m in re.finditer(r"engine core \(pid (\d+)\)",
+                                                       server.log())}
+        assert len(cores) == 3, "each reload starts a core"
+
+        # SIGTERM drains every front end: streams in flight (one running, one queued, wherever
+        # they arrived) finish whole before the core stops, and every process exits
+        drained = Streams(server.url, 2, headers=auth, max_tokens=300)
+        drained.wait_started()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(90) == 0, server.log()
-        holders.join()
-        assert [(r.complete, r.finish_reason) for r in holders.results] == [
-            (True, "length"), (True, "length")], holders.results
-        _wait_gone([first, second, core])
+        drained.join()
+        assert [(r.complete, r.finish_reason) for r in drained.results] == [
+            (True, "length"), (True, "length")], drained.results
+        _wait_gone([first, second, *cores])
     finally:
         server.stop()
 
@@ -252,52 +282,6 @@ def test_a_killed_core_or_front_end_stops_every_process_with_exit_4(tmp_path, vi
             assert result.finish_reason == "error" or result.error is not None, result
         assert ("exited (killed by signal 9)" in server.log()), server.log()
         _wait_gone([first, second, core])
-    finally:
-        server.stop()
-
-
-def test_a_live_reload_asked_of_either_front_end_switches_both(tmp_path):
-    a = make_tiny_checkpoint(tmp_path / "a", seed=0, provenance={"iterations": 100})
-    b = make_tiny_checkpoint(tmp_path / "b", seed=1, provenance={"iterations": 200})
-    server = ServerProcess(a, tmp_path / "server.log", args=(
-        "--api-servers", "2", "--log-format", "json", "--api-key", KEY, "--max-batch-size", "4"))
-    server.start()
-    auth = {"Authorization": f"Bearer {KEY}"}
-    try:
-        server.wait_ready(90)
-        second = _front_end_pid(server)
-        first = server.proc.pid
-        cores = {_core_pid(server)}
-        old = Streams(server.url, 1, headers=auth, max_tokens=3000)
-        old.wait_started()
-        # ask one reload of each front end, on a connection that front end accepted
-        for target, pid in ((b, second), (a, first)):
-            conn = _connection_to(server, pid)
-            conn.request("POST", "/admin/reload", json.dumps({"checkpoint": str(target)}),
-                         {**auth, "Content-Type": "application/json"})
-            reply = conn.getresponse()
-            body = json.loads(reply.read())
-            conn.close()
-            assert reply.status == 200 and body["status"] == "reloaded", body
-            # both front ends serve the new checkpoint as soon as the reload has answered
-            want = "it200-" if target == b else "it100-"
-            for front in (first, second):
-                conn = _connection_to(server, front)
-                conn.request("POST", "/v1/completions",
-                             json.dumps({"prompt": "ab", "max_tokens": 2}),
-                             {**auth, "Content-Type": "application/json"})
-                got = json.loads(conn.getresponse().read())
-                conn.close()
-                assert got["system_fingerprint"].startswith(want), (front, got)
-        cores |= {int(m.group(1)) for m in re.finditer(r"engine core \(pid (\d+)\)",
-                                                       server.log())}
-        old.join()
-        (stream,) = old.results
-        assert stream.complete and stream.finish_reason == "length", stream
-        assert stream.fingerprint.startswith("it100-"), "the stream moved to another model"
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(90) == 0, server.log()
-        _wait_gone([first, second, *cores])
     finally:
         server.stop()
 
