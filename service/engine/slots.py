@@ -130,12 +130,23 @@ def longest_prefix(window: list[int], running: list[Sequence], allocator: SlotAl
     slot wins a tie (taking it over saves the copy). None when nothing matches."""
     limit = len(window) - 1
     best: PrefixHit | None = None
-    sources = [(seq.slot, seq, False) for seq in running]
-    sources += [(slot, seq, True) for slot, seq in allocator.cached()]
-    for slot, seq, cached in sources:
+    # cached slots first (the last of the longest wins: a later one beat an earlier tie), then
+    # running ones, which must be strictly longer; a running match of ``limit`` tokens cannot be
+    # beaten, so the scan stops there (n sequences of one prompt: O(1), not O(n), per admission)
+    for slot, seq in allocator.cached():
         n = common_prefix(window, seq.tokens, seq.window_start, min(limit, seq.num_computed))
-        if n and (best is None or n > best.length or (n == best.length and cached)):
-            best = PrefixHit(slot, n, cached)
+        if n and (best is None or n >= best.length):
+            best = PrefixHit(slot, n, True)
+    if best is not None and best.length == limit:
+        return best
+    for seq in running:
+        if not seq.num_computed:  # admitted this step: holds nothing yet
+            continue
+        n = common_prefix(window, seq.tokens, seq.window_start, min(limit, seq.num_computed))
+        if n and (best is None or n > best.length):
+            best = PrefixHit(seq.slot, n, False)
+            if n == limit:
+                break
     return best
 
 
