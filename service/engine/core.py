@@ -175,9 +175,11 @@ class EngineCore:
             generation_tokens=len(run.rows),
             crops=crops,
             total_steps=self.total_steps,
-            recomputed_tokens=sum(c.num_tokens for c in plan.prefill if c.seq.num_generated),
+            recomputed_tokens=sum(c.num_tokens for c in plan.prefill if c.seq.num_generated)
+            if plan.prefill else 0,
             prefix_cache_queries=prompt_tokens if self.scheduler.prefix_caching else 0,
-            prefix_cache_hits=sum(seq.num_cached_tokens for seq in plan.admitted),
+            prefix_cache_hits=sum(seq.num_cached_tokens for seq in plan.admitted)
+            if plan.admitted else 0,
         )
         return StepResult(outputs, stats)
 
@@ -193,7 +195,7 @@ class EngineCore:
         now = time.monotonic()
         eos = self.eos_token_id
         finishes: dict[int, Finish] = {}
-        crops = sum(seq.prompt_cropped for seq in plan.admitted)
+        crops = sum(seq.prompt_cropped for seq in plan.admitted) if plan.admitted else 0
         for r, (seq, token) in enumerate(zip(rows, sampled.token_ids, strict=True)):
             tokens, params = seq.tokens, seq.params
             tokens.append(token)

@@ -77,7 +77,7 @@ class ModelRunner:
             # decode only, row i is slot i (increasing distinct slots ending at D - 1): the
             # persistent batch (a decode chunk is its window's last position: the token sampled
             # last step)
-            seqs = tuple(c.seq for c in plan.decode)
+            seqs = tuple([c.seq for c in plan.decode])
             batch = self.inputs.batch([s.tokens[-1] for s in seqs], [c.start for c in plan.decode])
             return RunnerOutput(seqs, self.model.forward_packed(batch, self.kv))
         leaders, followers = _share_prompts(plan.prefill)
