@@ -142,9 +142,15 @@ class EngineCore:
             prefix_cache_hits=0,
         )
 
-    @torch.inference_mode()
     def step(self) -> StepResult:
-        """Schedule, run the model, sample, and update every sequence from the output."""
+        """Schedule, run the model, sample, and update every sequence from the output, in
+        inference mode (a loop that runs in it already saves entering it per step, ~4 us)."""
+        if torch.is_inference_mode_enabled():
+            return self._step()
+        with torch.inference_mode():
+            return self._step()
+
+    def _step(self) -> StepResult:
         self.apply_threads()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
