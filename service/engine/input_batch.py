@@ -2,12 +2,13 @@
 
 A decode-only step whose rows are slots ``0..W-1`` (the usual step: the allocator keeps busy slots
 packed low) needs, per slot, the token to compute, its position, its cache row and how many keys
-it reads. ``KVCache.pack`` builds those from Python lists every step: a host buffer, a copy, a
-split into six tensors and their views, ~10 torch operations before the forward. Here they live
-in one ``(4, n_slots)`` int64 buffer for the engine's lifetime, written through a NumPy view of
-its memory (a NumPy write costs ~0.2 us, a torch one ~3 us), and the per-width tensor views the
-model reads are made once. On CUDA the host buffer is pinned and copied into a twin buffer on the
-device with one asynchronous copy per step; on CPU the model reads the host buffer itself.
+it reads. ``KVCache.pack`` builds those from Python lists every step (columns, a host tensor, a
+copy, a split into six tensors). Here they live in one ``(4, n_slots)`` int64 buffer for the
+engine's lifetime, written through a NumPy view of its memory (a NumPy write costs ~0.2 us, a
+torch one ~3 us), and the per-width tensor views the model reads are made once: a one-row batch
+costs ~10 us here against ~29 us packed (``bench/step_ops.py``). On CUDA the host buffer is
+pinned and copied into a twin buffer on the device with one asynchronous copy per step; on CPU
+the model reads the host buffer itself.
 
 vLLM v1 keeps its ``InputBatch`` the same way (``*_cpu`` tensors, pinned, sharing memory with
 ``*_np`` arrays, copied into persistent device tensors); nano-vllm's ``prepare_decode`` rebuilds
