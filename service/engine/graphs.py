@@ -54,13 +54,14 @@ class StaticDecode:
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._pool = None  # CUDA graphs share one memory pool
         # the step's inputs are staged in one host buffer kept for the engine's lifetime (pinned
-        # on CUDA, so the copy into a bucket's inputs is asynchronous; written through NumPy):
-        # rows tokens, positions, cache rows, context lengths, then the decode rows' slots
+        # on CUDA, so the copy into a bucket's inputs is asynchronous; written through NumPy): a
+        # width-W step uses its first 4W entries as a contiguous (4, W) block (tokens, positions,
+        # cache rows, context lengths), then the decode rows' slots
         n = kv.n_slots
         cuda = self.device.type == "cuda"
-        self._host = torch.zeros((5, n), dtype=torch.long, pin_memory=cuda)
+        self._host = torch.zeros(5 * n, dtype=torch.long, pin_memory=cuda)
         self._host_np = self._host.numpy()
-        self._host_cols = {}  # width -> the first ``width`` columns of rows 0..3
+        self._host_blocks = {}  # width -> its (4, W) block, as a tensor view
         self._padding = np.zeros((4, n), dtype=np.int64)
         self._padding[2] = kv.scratch_slot * kv.max_len  # padding rows write into scratch
         self._padding[3] = 1  # and see one key
@@ -71,22 +72,23 @@ class StaticDecode:
         width = bucket(decode[-1][0] + 1, self.kv.n_slots)
         length = bucket(max(pos for _, pos, _ in decode) + 1, self.kv.max_len, floor=16)
         b = self._buckets.get((width, length)) or self._make(width, length)
-        host, d = self._host_np, len(decode)
-        host[:4, :width] = self._padding[:, :width]
+        d, block = len(decode), 4 * width
+        host = self._host_np[:block].reshape(4, width)  # a view: the block is contiguous
+        host[:] = self._padding[:, :width]
         slots = [s for s, _, _ in decode]
         positions = np.array([p for _, p, _ in decode], dtype=np.int64)
         host[0, slots] = [t for _, _, t in decode]
         host[1, slots] = positions
         host[2, slots] = self._row0[slots] + positions
         host[3, slots] = positions + 1
-        host[4, :d] = slots
-        cols = self._host_cols.get(width)
-        if cols is None:
-            cols = self._host_cols[width] = self._host[:4, :width]
+        self._host_np[block : block + d] = slots
+        inputs = self._host_blocks.get(width)
+        if inputs is None:
+            inputs = self._host_blocks[width] = self._host[:block].view(4, width)
         # the host buffer is next written after this step's sampled tokens were read back, so
         # an asynchronous copy out of it has finished by then
-        b.inputs.copy_(cols, non_blocking=True)
-        index = self._host[4, :d].to(self.device, non_blocking=True)
+        b.inputs.copy_(inputs, non_blocking=True)
+        index = self._host[block : block + d].to(self.device, non_blocking=True)
         logits = b.run()  # (W, V): row i is slot i
         return logits.index_select(0, index)
 
