@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this tree's code (not an installed copy), and the stand-in beside this script
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from hostcost import PROMPT, stand_in_engine  # noqa: E402
 
 from service.engine.types import EngineStats, Request, SamplingParams  # noqa: E402
