@@ -144,7 +144,8 @@ class EngineCore:
 
     def step(self) -> StepResult:
         """Schedule, run the model, sample, and update every sequence from the output, in
-        inference mode (a loop that runs in it already saves entering it per step, ~4 us)."""
+        inference mode (a loop that runs in it already saves entering it per step: ~8 us of a
+        ~60 us one-row step on the CPU, docs/BENCHMARKS.md)."""
         if torch.is_inference_mode_enabled():
             return self._step()
         with torch.inference_mode():

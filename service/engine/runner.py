@@ -67,7 +67,7 @@ class ModelRunner:
                                        compile=compile)
         # eager decode-only steps over slots 0..D-1: the persistent batch (fixed shapes for
         # batch invariance and the static buffers above have their own inputs)
-        self.inputs = None if batch_invariant or self.static else DecodeInputs(self.kv)
+        self.inputs = None if batch_invariant or self.static is not None else DecodeInputs(self.kv)
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         for copy in plan.copies:  # reused prefixes, in admission order, before anything reads them
