@@ -1,16 +1,18 @@
-"""Where a one-row decode step's host time goes: each part of ``EngineCore.step`` timed alone.
+"""Where a decode step's host time goes: each part of ``EngineCore.step`` timed alone.
 
 Run (from the repository root):
-    nice -n 19 python bench/step_ops.py
+    nice -n 19 python bench/step_ops.py            # one row
+    nice -n 19 python bench/step_ops.py --rows 32
 
 The model is ``bench/hostcost.py``'s stand-in (fixed logits, one intra-op thread), so a step is
-host work only. One greedy sequence decodes; each line is the best of 5 loops of the CPU time
-(``time.process_time``) of one call. The parts are timed alone, each with hot caches, so they add
+host work only. ``--rows`` greedy sequences decode together; each line is the best of 5 loops of
+the CPU time (``time.process_time``) of one call. The parts are timed alone, each with hot caches, so they add
 up to less than the whole step; the last line times the whole step's parts inside a stepping loop.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections import Counter
@@ -36,14 +38,18 @@ def per_call(fn, n: int = 2000) -> float:
     return best
 
 
-def main() -> None:
-    engine = stand_in_engine(1, threads=1)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1, help="sequences decoding together")
+    n_rows = parser.parse_args(argv).rows
+    engine = stand_in_engine(n_rows, threads=1)
     core = engine._core
     core.apply_threads()
     core.runner.warm_up()
     params = SamplingParams(max_tokens=1_000_000, temperature=0.0, ignore_eos=True)
-    core.add_request(Request("x", tuple(engine.tokenizer.encode(PROMPT)), params))
-    core.step()  # the prompt
+    for i in range(n_rows):
+        core.add_request(Request(f"x{i}", tuple(engine.tokenizer.encode(PROMPT)), params))
+    core.step()  # the prompts
     core.step()  # decoding from here on
     runner, sampler, kv = core.runner, core.sampler, core.runner.kv
     rows: list[tuple[str, float]] = []
@@ -51,18 +57,20 @@ def main() -> None:
         rows.append(("EngineCore.step(), the caller in inference mode", per_call(core.step, 300)))
         plan = core.scheduler.schedule()
         position = plan.decode[0].start
-        batch = runner.inputs.batch([5], [position])
+        tokens, positions = [5] * n_rows, [c.start for c in plan.decode]
+        packed_rows = list(zip(range(n_rows), positions, tokens, strict=True))
+        batch = runner.inputs.batch(tokens, positions)
         run = runner.execute(plan)
         argmax = run.logits.argmax(dim=-1)
         rows += [
             ("  Scheduler.schedule()", per_call(core.scheduler.schedule)),
             ("  ModelRunner.execute(plan)", per_call(lambda: runner.execute(plan))),
             ("    DecodeInputs.batch (the persistent batch)",
-             per_call(lambda: runner.inputs.batch([5], [position]))),
+             per_call(lambda: runner.inputs.batch(tokens, positions))),
             ("      KVCache.slots_view (two narrow ops)",
-             per_call(lambda: kv.slots_view(1, position + 1))),
-            ("    KVCache.pack of the same row (the path before)",
-             per_call(lambda: kv.pack([(0, position, 5)]))),
+             per_call(lambda: kv.slots_view(n_rows, position + 1))),
+            ("    KVCache.pack of the same rows (the path before)",
+             per_call(lambda: kv.pack(packed_rows))),
             ("    stand-in forward_packed (a slice)",
              per_call(lambda: runner.model.forward_packed(batch, kv))),
             ("  Sampler (all greedy)", per_call(lambda: sampler(run.logits, run.rows))),
@@ -78,6 +86,7 @@ def main() -> None:
             pass
 
     rows.append(("  with torch.inference_mode(): pass", per_call(enter_exit)))
+    print(f"{n_rows} row(s)")
     for name, seconds in rows:
         print(f"{name:56s} {seconds * 1e6:7.2f} us")
     # the same parts inside a stepping loop (cold caches between them, as when serving)
@@ -100,8 +109,8 @@ def main() -> None:
             core.step()
         total = time.process_time() - c0
     parts = ", ".join(f"{k} {v / n * 1e6:.1f}" for k, v in spent.items())
-    print(f"in a loop of {n} steps: {total / n * 1e6:.1f} us a step ({parts} us; the rest: "
-          "sampling, events, stats)")
+    print(f"in a loop of {n} steps: {total / n * 1e6:.1f} us a step")
+    print(f"  ({parts} us; the rest: sampling, events, stats)")
 
 
 if __name__ == "__main__":
