@@ -85,3 +85,21 @@ def test_an_engine_on_the_persistent_batch_serves_what_packing_every_step_serves
     assert got == want, "the persistent decode batch changed what the engine served"
     assert len(used) > 20 and len(set(used)) > 1, f"persistent batch widths per step: {used}"
     assert any(o[5] for outs in want.values() for o in outs), "no window crop was exercised"
+
+
+def test_the_persistent_mask_follows_rows_that_advance_jump_restart_and_idle():
+    kv = KVCache(n_layer=1, n_slots=8, n_head=1, max_len=32, head_dim=4)
+    inputs = DecodeInputs(kv)
+    g = torch.Generator().manual_seed(0)
+    positions = [0] * 8
+    for step in range(200):
+        width = int(torch.randint(1, 9, (1,), generator=g))
+        for s in range(width):
+            move = int(torch.randint(0, 10, (1,), generator=g))
+            # mostly one key a step; sometimes a new sequence or a crop (back to a low
+            # position) or a jump (a row that decoded while the mask was not built)
+            positions[s] = (int(torch.randint(0, 32, (1,), generator=g)) if move == 0
+                            else min(31, positions[s] + (1 if move > 1 else 7)))
+        tokens = [step % 5] * width
+        want = kv.pack(list(zip(range(width), positions[:width], tokens, strict=True)))
+        _assert_same_batch(inputs.batch(tokens, positions[:width]), want, f"step {step}")
