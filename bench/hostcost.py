@@ -40,8 +40,11 @@ PROMPT = "The quick brown fox jumps over the lazy dog"
 
 # ---- the stand-in engine (runs inside a worker process, importing the tree under test) --------
 
-def stand_in_engine(slots: int, max_queue: int = 256):
-    """An unstarted ``Engine`` over a GPT-2-vocabulary model whose forward returns fixed logits."""
+def stand_in_engine(slots: int, max_queue: int = 256, threads: int | None = None):
+    """An unstarted ``Engine`` over a GPT-2-vocabulary model whose forward returns fixed logits;
+    ``threads`` fixes the engine's intra-op threads where the tree has that knob."""
+    import dataclasses
+
     import torch
 
     from model.checkpoint.common import Checkpoint
@@ -77,8 +80,11 @@ def stand_in_engine(slots: int, max_queue: int = 256):
     config = GPTConfig(block_size=256, vocab_size=512, n_layer=1, n_head=1, n_embd=8)
     checkpoint = Checkpoint(StandIn(config), tokenizer, config, "gptserve",
                             HERE / "weights" / "shakespeare-char")
+    # a tree with a thread plan (``threads``) sets the count at every step, over the one above
+    knob = {"threads": threads} if threads and "threads" in {
+        f.name for f in dataclasses.fields(EngineConfig)} else {}
     engine_config = EngineConfig(max_batch_size=slots, max_queue=max_queue, device="cpu",
-                                 dtype="float32", max_request_sequences=64)
+                                 dtype="float32", max_request_sequences=64, **knob)
     return Engine(checkpoint, engine_config)
 
 
@@ -86,7 +92,10 @@ def worker_engine(streams: int, max_tokens: int) -> dict:
     """In-process: ``streams`` requests served together by ``Engine.run``; CPU s per token."""
     from service.engine.types import Request, SamplingParams
 
-    engine = stand_in_engine(streams)
+    # one thread in both trees: the baseline has no thread plan and runs the one set above; this
+    # tree's adaptive plan would start at every CPU, and an idle OpenMP thread's spinning is CPU
+    # time of the process (2-3x the figure at 256 streams here)
+    engine = stand_in_engine(streams, threads=1)
     prompt = tuple(engine.tokenizer.encode(PROMPT))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     list(engine.iterate([Request("warm", prompt, SamplingParams(max_tokens=4, temperature=0.0))]))

@@ -136,7 +136,7 @@ class KVCache:
             shape = (self.n_layer, width, self.max_len, self.n_head, self.head_dim)
             full = self._views[width] = (kv[:, :, :, 0].view(shape).transpose(2, 3),
                                          kv[:, :, :, 1].view(shape).transpose(2, 3))
-        return full[0][:, :, :, :length], full[1][:, :, :, :length]
+        return full[0].narrow(3, 0, length), full[1].narrow(3, 0, length)  # one op each
 
     def slot_view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one slot, positions ``0..length-1``: ``(1, n_head, length, hd)``."""

@@ -142,9 +142,16 @@ class EngineCore:
             prefix_cache_hits=0,
         )
 
-    @torch.inference_mode()
     def step(self) -> StepResult:
-        """Schedule, run the model, sample, and update every sequence from the output."""
+        """Schedule, run the model, sample, and update every sequence from the output, in
+        inference mode (a loop that runs in it already saves entering it per step: ~8 us of a
+        ~60 us one-row step on the CPU, docs/BENCHMARKS.md)."""
+        if torch.is_inference_mode_enabled():
+            return self._step()
+        with torch.inference_mode():
+            return self._step()
+
+    def _step(self) -> StepResult:
         self.apply_threads()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
@@ -175,9 +182,11 @@ class EngineCore:
             generation_tokens=len(run.rows),
             crops=crops,
             total_steps=self.total_steps,
-            recomputed_tokens=sum(c.num_tokens for c in plan.prefill if c.seq.num_generated),
+            recomputed_tokens=sum(c.num_tokens for c in plan.prefill if c.seq.num_generated)
+            if plan.prefill else 0,
             prefix_cache_queries=prompt_tokens if self.scheduler.prefix_caching else 0,
-            prefix_cache_hits=sum(seq.num_cached_tokens for seq in plan.admitted),
+            prefix_cache_hits=sum(seq.num_cached_tokens for seq in plan.admitted)
+            if plan.admitted else 0,
         )
         return StepResult(outputs, stats)
 
@@ -193,7 +202,7 @@ class EngineCore:
         now = time.monotonic()
         eos = self.eos_token_id
         finishes: dict[int, Finish] = {}
-        crops = sum(seq.prompt_cropped for seq in plan.admitted)
+        crops = sum(seq.prompt_cropped for seq in plan.admitted) if plan.admitted else 0
         for r, (seq, token) in enumerate(zip(rows, sampled.token_ids, strict=True)):
             tokens, params = seq.tokens, seq.params
             tokens.append(token)

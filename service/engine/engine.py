@@ -159,7 +159,8 @@ class Engine(EngineFront):
             # out of the cyclic collector's generations, so its full passes stay short
             gc.freeze()
             self.ready = True
-            self._loop()
+            with torch.inference_mode():  # once for the loop, not per step
+                self._loop()
         except BaseException as err:  # noqa: BLE001 - reported to every stream and to /ready
             log.exception("the engine thread failed; failing every live request")
             with self._cond:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.gpt import GPT
@@ -52,22 +53,44 @@ class StaticDecode:
         self._key_pos = torch.arange(kv.max_len, device=self.device)
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._pool = None  # CUDA graphs share one memory pool
+        # the step's inputs are staged in one host buffer kept for the engine's lifetime (pinned
+        # on CUDA, so the copy into a bucket's inputs is asynchronous; written through NumPy): a
+        # width-W step uses its first 4W entries as a contiguous (4, W) block (tokens, positions,
+        # cache rows, context lengths), then the decode rows' slots
+        n = kv.n_slots
+        cuda = self.device.type == "cuda"
+        self._host = torch.zeros(5 * n, dtype=torch.long, pin_memory=cuda)
+        self._host_np = self._host.numpy()
+        self._host_blocks = {}  # width -> its (4, W) block, as a tensor view
+        self._padding = np.zeros((4, n), dtype=np.int64)
+        self._padding[2] = kv.scratch_slot * kv.max_len  # padding rows write into scratch
+        self._padding[3] = 1  # and see one key
+        self._row0 = np.arange(n, dtype=np.int64) * kv.max_len
 
     def run(self, decode: Sequence[tuple[int, int, int]]) -> torch.Tensor:
         """Logits (D, V) of the decode rows ``(slot, position, token)`` (increasing slots)."""
         width = bucket(decode[-1][0] + 1, self.kv.n_slots)
         length = bucket(max(pos for _, pos, _ in decode) + 1, self.kv.max_len, floor=16)
         b = self._buckets.get((width, length)) or self._make(width, length)
-        host = torch.zeros((4, width), dtype=torch.long)
-        host[2] = self.kv.scratch_slot * self.kv.max_len  # padding rows write into scratch
-        host[3] = 1  # and see one key
-        slots = torch.tensor([s for s, _, _ in decode])
-        host[:, slots] = torch.tensor(
-            [[t for _, _, t in decode], [p for _, p, _ in decode],
-             [s * self.kv.max_len + p for s, p, _ in decode], [p + 1 for _, p, _ in decode]])
-        b.inputs.copy_(host, non_blocking=True)
+        d, block = len(decode), 4 * width
+        host = self._host_np[:block].reshape(4, width)  # a view: the block is contiguous
+        host[:] = self._padding[:, :width]
+        slots = [s for s, _, _ in decode]
+        positions = np.array([p for _, p, _ in decode], dtype=np.int64)
+        host[0, slots] = [t for _, _, t in decode]
+        host[1, slots] = positions
+        host[2, slots] = self._row0[slots] + positions
+        host[3, slots] = positions + 1
+        self._host_np[block : block + d] = slots
+        inputs = self._host_blocks.get(width)
+        if inputs is None:
+            inputs = self._host_blocks[width] = self._host[:block].view(4, width)
+        # the host buffer is next written after this step's sampled tokens were read back, so
+        # an asynchronous copy out of it has finished by then
+        b.inputs.copy_(inputs, non_blocking=True)
+        index = self._host[block : block + d].to(self.device, non_blocking=True)
         logits = b.run()  # (W, V): row i is slot i
-        return logits.index_select(0, slots.to(self.device, non_blocking=True))
+        return logits.index_select(0, index)
 
     def capture_all(self) -> int:
         """Make every (width, length) bucket now, widest first, and return how many: with CUDA

@@ -24,6 +24,7 @@ import torch
 from model.gpt import GPT
 from model.kv_cache import KVCache
 from service.engine.graphs import StaticDecode
+from service.engine.input_batch import DecodeInputs
 from service.engine.scheduler import ScheduledChunk, SchedulerOutput
 from service.engine.sequence import Sequence
 
@@ -64,10 +65,21 @@ class ModelRunner:
         if not batch_invariant and (compile or (cuda_graphs and device.type == "cuda")):
             self.static = StaticDecode(self.model, self.kv, cuda_graphs=cuda_graphs,
                                        compile=compile)
+        # eager decode-only steps over slots 0..D-1: the persistent batch (fixed shapes for
+        # batch invariance and the static buffers above have their own inputs)
+        self.inputs = None if batch_invariant or self.static is not None else DecodeInputs(self.kv)
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         for copy in plan.copies:  # reused prefixes, in admission order, before anything reads them
             self.kv.copy_slot(copy.source, copy.target, 0, copy.length)
+        if self.inputs is not None and not plan.prefill and plan.decode and (
+                plan.decode[-1].seq.slot == len(plan.decode) - 1):
+            # decode only, row i is slot i (increasing distinct slots ending at D - 1): the
+            # persistent batch (a decode chunk is its window's last position: the token sampled
+            # last step)
+            seqs = tuple([c.seq for c in plan.decode])
+            batch = self.inputs.batch([s.tokens[-1] for s in seqs], [c.start for c in plan.decode])
+            return RunnerOutput(seqs, self.model.forward_packed(batch, self.kv))
         leaders, followers = _share_prompts(plan.prefill)
         # a decode chunk is its window's last position: the token sampled last step
         decode = [(c.seq.slot, c.start, c.seq.tokens[-1]) for c in plan.decode]

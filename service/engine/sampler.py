@@ -85,7 +85,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> Samples:
         """One token per row of ``logits`` (R, V_model), row r belonging to ``seqs[r]``."""
-        logits = logits.float()
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         if self.model_vocab > self.vocab_size:
             logits[:, self.vocab_size :] = float("-inf")  # fresh tensor from the LM head
         if not self._special:  # every live slot is plain greedy: no per-row look at params

@@ -155,8 +155,10 @@ class Scheduler:
         rather than compute the same tokens beside it (n siblings, requests that arrive together
         with one system prompt). Only running sequences are waited for: they advance every
         step, and their chunks come before any admission's."""
+        limit = seq.window_len - 1
+        if limit - reusable < self.prefill_chunk:  # nothing shared could save a whole chunk
+            return False
         window = seq.window(0, seq.window_len)
-        limit = len(window) - 1
         for other in self.running:
             if other.num_computed < other.window_len:
                 shared = common_prefix(window, other.tokens, other.window_start,
@@ -168,11 +170,17 @@ class Scheduler:
     def _fairest_waiting(self, skip: set[str]) -> Sequence | None:
         """The head of the waiting group with the fewest running sequences (earliest on ties),
         among the groups not in ``skip``."""
-        groups = [g for g in self.waiting if g not in skip] if skip else self.waiting
-        if not groups:
-            return None
-        group = min(groups, key=lambda g: self._running_per_group.get(g, 0))
-        return self.waiting[group][0]
+        running = self._running_per_group
+        best, fewest = None, None
+        for group in self.waiting:  # arrival order: the first of the fewest wins
+            if group in skip:
+                continue
+            n = running.get(group, 0)
+            if fewest is None or n < fewest:
+                best, fewest = group, n
+                if n == 0:  # nobody has fewer: no need to look at every waiting group
+                    break
+        return None if best is None else self.waiting[best][0]
 
     def _admit(self, seq: Sequence, now: float | None, hit: PrefixHit | None) -> SlotCopy | None:
         """Give ``seq`` a slot and its reused prefix; returns the copy that prefix needs, if any.

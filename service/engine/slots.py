@@ -26,6 +26,7 @@ as free for admission: cached entries never delay a request.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -104,9 +105,9 @@ class SlotAllocator:
         """Mark a cached slot used now (it is evicted last)."""
         self._cached.move_to_end(slot)
 
-    def cached(self) -> list[tuple[int, Sequence]]:
-        """(slot, finished sequence) of every cached slot, least recently used first."""
-        return list(self._cached.items())
+    def recent(self) -> Iterator[tuple[int, Sequence]]:
+        """(slot, finished sequence) of every cached slot, most recently used first."""
+        return reversed(self._cached.items())
 
     @property
     def num_cached(self) -> int:
@@ -130,12 +131,23 @@ def longest_prefix(window: list[int], running: list[Sequence], allocator: SlotAl
     slot wins a tie (taking it over saves the copy). None when nothing matches."""
     limit = len(window) - 1
     best: PrefixHit | None = None
-    sources = [(seq.slot, seq, False) for seq in running]
-    sources += [(slot, seq, True) for slot, seq in allocator.cached()]
-    for slot, seq, cached in sources:
+    # cached slots first, most recently used first (of the longest, the most recent wins), then
+    # running ones, which must be strictly longer; a match of ``limit`` tokens cannot be beaten,
+    # so each scan stops there (n sequences of one prompt: O(1), not O(n), per admission)
+    for slot, seq in allocator.recent():
         n = common_prefix(window, seq.tokens, seq.window_start, min(limit, seq.num_computed))
-        if n and (best is None or n > best.length or (n == best.length and cached)):
-            best = PrefixHit(slot, n, cached)
+        if n and (best is None or n > best.length):
+            best = PrefixHit(slot, n, True)
+            if n == limit:
+                return best
+    for seq in running:
+        if not seq.num_computed:  # admitted this step: holds nothing yet
+            continue
+        n = common_prefix(window, seq.tokens, seq.window_start, min(limit, seq.num_computed))
+        if n and (best is None or n > best.length):
+            best = PrefixHit(seq.slot, n, False)
+            if n == limit:
+                break
     return best
 
 

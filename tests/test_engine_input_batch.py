@@ -1,0 +1,105 @@
+"""The persistent decode batch (``DecodeInputs``) is the batch ``KVCache.pack`` would build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_support import (
+    engine,
+    one_thread,  # noqa: F401 (autouse fixture: one intra-op thread)
+    prompt_of,
+    request,
+)
+
+from model import KVCache
+from service.engine.input_batch import DecodeInputs
+
+
+def _assert_same_batch(got, want, note: str) -> None:
+    for name in ("tokens", "positions", "write_index"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), f"{note}: {name} differ"
+    assert got.logit_rows is None and want.logit_rows is None, f"{note}: logit rows"
+    assert got.chunks == want.chunks == (), note
+    g, w = got.decode, want.decode
+    assert (g.width, g.length, g.slots) == (w.width, w.length, w.slots), note
+    assert (g.mask is None) == (w.mask is None), f"{note}: mask {g.mask} vs {w.mask}"
+    if g.mask is not None:
+        assert torch.equal(g.mask, w.mask), f"{note}: masks differ"
+    for a, b in ((g.keys, w.keys), (g.values, w.values)):
+        assert (a.shape, a.stride(), a.data_ptr()) == (b.shape, b.stride(), b.data_ptr()), note
+
+
+def test_the_persistent_batch_equals_a_fresh_pack_as_rows_join_advance_and_leave():
+    kv = KVCache(n_layer=2, n_slots=6, n_head=2, max_len=16, head_dim=4)
+    inputs = DecodeInputs(kv)
+    # (tokens, positions) of slots 0..W-1 per step: rows advance, join (wider), leave (narrower,
+    # stale columns left behind), restart at position 0 (a crop), and share one position (no mask)
+    steps = [([5], [3]), ([7], [4]), ([7, 2, 9], [5, 0, 11]), ([1, 2, 3], [6, 1, 12]),
+             ([4], [7]), ([4, 8], [8, 8]), ([0, 0, 0, 0, 0, 0], [9, 9, 9, 9, 9, 15]),
+             ([3, 3], [0, 10])]
+    for i, (tokens, positions) in enumerate(steps):
+        want = kv.pack(list(zip(range(len(tokens)), positions, tokens, strict=True)))
+        got = inputs.batch(tokens, positions)
+        _assert_same_batch(got, want, f"step {i}")
+
+
+@pytest.mark.parametrize("positions", [[16], [2, -1]])
+def test_the_persistent_batch_refuses_a_position_outside_the_cache(positions):
+    kv = KVCache(n_layer=1, n_slots=2, n_head=1, max_len=16, head_dim=4)
+    with pytest.raises(ValueError, match="past the KV cache"):
+        DecodeInputs(kv).batch([1] * len(positions), positions)
+
+
+def _served(persistent: bool):
+    """Every event of a mixed workload: staggered joins, finishes at different lengths (holes
+    below the busy width), window crops (block 32), n=2 siblings, greedy and seeded sampling
+    with logprobs; and how many steps ran on the persistent batch."""
+    eng = engine(max_batch_size=4, threads=1)  # a fixed count: the rounding is the same
+    runner = eng._core.runner
+    used = []
+    if persistent:
+        real = runner.inputs.batch
+
+        def spy(tokens, positions):
+            used.append(len(tokens))
+            return real(tokens, positions)
+
+        runner.inputs.batch = spy
+    else:
+        runner.inputs = None
+    requests = [
+        request("a", prompt_of(5, 1), max_tokens=40, temperature=0.0, logprobs=2),
+        request("b", prompt_of(12, 2), max_tokens=7, temperature=0.0),
+        request("c", prompt_of(3, 3), max_tokens=30, temperature=0.9, seed=4, logprobs=1),
+        request("d", prompt_of(30, 4), max_tokens=12, temperature=0.0, n=2),
+        request("e", prompt_of(8, 5), max_tokens=25, temperature=0.7, top_k=5, seed=6),
+    ]
+    events = eng.run(requests, arrival_steps=[0, 0, 3, 6, 20])
+    return {rid: [(o.index, o.token_id, o.logprob, o.top_logprobs, o.finish_reason, o.crops)
+                  for o in outs] for rid, outs in events.items()}, used
+
+
+def test_an_engine_on_the_persistent_batch_serves_what_packing_every_step_serves():
+    want, _ = _served(persistent=False)
+    got, used = _served(persistent=True)
+    assert got == want, "the persistent decode batch changed what the engine served"
+    assert len(used) > 20 and len(set(used)) > 1, f"persistent batch widths per step: {used}"
+    assert any(o[5] for outs in want.values() for o in outs), "no window crop was exercised"
+
+
+def test_the_persistent_mask_follows_rows_that_advance_jump_restart_and_idle():
+    kv = KVCache(n_layer=1, n_slots=8, n_head=1, max_len=32, head_dim=4)
+    inputs = DecodeInputs(kv)
+    g = torch.Generator().manual_seed(0)
+    positions = [0] * 8
+    for step in range(200):
+        width = int(torch.randint(1, 9, (1,), generator=g))
+        for s in range(width):
+            move = int(torch.randint(0, 10, (1,), generator=g))
+            # mostly one key a step; sometimes a new sequence or a crop (back to a low
+            # position) or a jump (a row that decoded while the mask was not built)
+            positions[s] = (int(torch.randint(0, 32, (1,), generator=g)) if move == 0
+                            else min(31, positions[s] + (1 if move > 1 else 7)))
+        tokens = [step % 5] * width
+        want = kv.pack(list(zip(range(width), positions[:width], tokens, strict=True)))
+        _assert_same_batch(inputs.batch(tokens, positions[:width]), want, f"step {step}")
