@@ -52,12 +52,14 @@ class CoreClient(EngineFront):
     """An engine whose core runs in its own process. Attributes as ``EngineFront``'s, plus
     ``checkpoint`` (its description: path, config, tokenizer, provenance; the weights live in
     the core only), ``pid`` (the core's) and ``fatal_on_failure`` (True: a dead core ends the
-    server)."""
+    server). ``model_factory`` (bench and tests only): "module:function" that the core calls
+    for the checkpoint to serve instead of loading ``checkpoint.path`` (``CoreSpec``)."""
 
     fatal_on_failure = True
 
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, *,
-                 log_level: str = "info", log_format: str = "text") -> None:
+                 log_level: str = "info", log_format: str = "text",
+                 model_factory: str | None = None) -> None:
         config = config or EngineConfig()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
@@ -73,7 +75,7 @@ class CoreClient(EngineFront):
         self._outputs.bind(f"ipc://{self._dir}/outputs")
         self._codec = wire.OutputCodec()
         spec = CoreSpec(checkpoint.path, config, f"ipc://{self._dir}/inputs",
-                        f"ipc://{self._dir}/outputs", log_level, log_format)
+                        f"ipc://{self._dir}/outputs", log_level, log_format, model_factory)
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_core, args=(spec,), name="gptserve-engine-core", daemon=True)
         self._process.start()
