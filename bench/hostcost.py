@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -36,20 +37,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 TOKEN = 262  # " the" in GPT-2's BPE: the stand-in's argmax, never eos
 PROMPT = "The quick brown fox jumps over the lazy dog"
+THREAD_NAMES = "/tmp/hostcost-threads-{pid}.json"
 
 
 # ---- the stand-in engine (runs inside a worker process, importing the tree under test) --------
 
-def stand_in_engine(slots: int, max_queue: int = 256):
-    """An unstarted ``Engine`` over a GPT-2-vocabulary model whose forward returns fixed logits."""
+def stand_in_checkpoint():
+    """A ``Checkpoint`` over a GPT-2-vocabulary model whose forward returns fixed logits (the
+    engine-core process builds its model with this: ``CoreSpec.model_factory``)."""
     import torch
 
     from model.checkpoint.common import Checkpoint
     from model.config import GPTConfig
     from model.gpt import GPT
     from model.tokenizer import TiktokenTokenizer
-    from service.engine import Engine
-    from service.engine.config import EngineConfig
 
     class StandIn(GPT):
         """Fixed logits (argmax ``TOKEN``) for every row asked for: a forward that costs ~0."""
@@ -75,11 +76,30 @@ def stand_in_engine(slots: int, max_queue: int = 256):
     # the model's vocabulary is GPT-2's first 512 ids (bytes and the commonest merges): the
     # sampler's argmax over it costs ~0, as it would on a GPU; the tokenizer is GPT-2's whole
     config = GPTConfig(block_size=256, vocab_size=512, n_layer=1, n_head=1, n_embd=8)
-    checkpoint = Checkpoint(StandIn(config), tokenizer, config, "gptserve",
-                            HERE / "weights" / "shakespeare-char")
-    engine_config = EngineConfig(max_batch_size=slots, max_queue=max_queue, device="cpu",
-                                 dtype="float32", max_request_sequences=64)
-    return Engine(checkpoint, engine_config)
+    return Checkpoint(StandIn(config), tokenizer, config, "gptserve",
+                      HERE / "weights" / "shakespeare-char")
+
+
+def stand_in_config(slots: int, max_queue: int = 256):
+    from service.engine.config import EngineConfig
+
+    fields = EngineConfig.__dataclass_fields__  # one intra-op thread where the tree has the knob
+    threads = {"threads": 1} if "threads" in fields else {}
+    return EngineConfig(max_batch_size=slots, max_queue=max_queue, device="cpu",
+                        dtype="float32", max_request_sequences=64, **threads)
+
+
+def stand_in_engine(slots: int, core: str = "thread"):
+    """An unstarted engine serving the stand-in: on a thread of this process (``Engine``) or in
+    an engine-core process (``CoreClient``, which builds the model from ``model_factory``)."""
+    if core == "process":
+        from service.engine.client import CoreClient
+
+        return CoreClient(stand_in_checkpoint(), stand_in_config(slots), log_level="warning",
+                          model_factory="bench.hostcost:stand_in_checkpoint")
+    from service.engine import Engine
+
+    return Engine(stand_in_checkpoint(), stand_in_config(slots))
 
 
 def worker_engine(streams: int, max_tokens: int) -> dict:
@@ -105,8 +125,12 @@ def worker_engine(streams: int, max_tokens: int) -> dict:
     return {"streams": streams, "tokens": tokens, "cpu_s": cpu, "wall_s": wall}
 
 
-def worker_server(port: int, slots: int) -> None:
-    """The production server (``service.server.serve``) over the stand-in engine."""
+def worker_server(port: int, slots: int, core: str) -> None:
+    """The production server (``service.server.serve``) over the stand-in engine, its core on
+    a thread or in a process of its own (``core``). SIGUSR1 writes its threads' names by native
+    id to ``THREAD_NAMES`` (read by ``_thread_report``; the core's threads are named by pid)."""
+    import threading
+
     from service.logs import configure_logging
     from service.server import serve
     from service.settings import Settings
@@ -117,8 +141,13 @@ def worker_server(port: int, slots: int) -> None:
                                checkpoint=HERE / "weights" / "shakespeare-char")
     configure_logging(settings.log_level, settings.log_format)
     sockets = bind(settings.host, settings.port)
-    sys.exit(serve(settings, sockets, settings.transport,
-                   engine=stand_in_engine(slots)))
+
+    def name_threads(_sig, _frame) -> None:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        Path(THREAD_NAMES.format(pid=os.getpid())).write_text(json.dumps(names))
+
+    signal.signal(signal.SIGUSR1, name_threads)
+    sys.exit(serve(settings, sockets, settings.transport, engine=stand_in_engine(slots, core)))
 
 
 # ---- the load generator (raw sockets: the client must never be the limit) --------------------
@@ -159,7 +188,7 @@ def worker_client(port: int, streams: int, requests: int, max_tokens: int) -> No
 
 # ---- the driver ------------------------------------------------------------------------------
 
-def _tree_cpu(root: int) -> float:
+def tree_cpu(root: int) -> float:
     """CPU seconds (user + system) of ``root`` and every live process below it, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     children: dict[int, list[int]] = {}
@@ -180,6 +209,66 @@ def _tree_cpu(root: int) -> float:
             total += (int(stats[pid][11]) + int(stats[pid][12])) / tick
         todo += children.get(pid, [])
     return total
+
+
+def _tree_threads(root: int) -> dict[tuple[int, int], tuple[str, int]]:
+    """Every thread of ``root``'s process tree: (pid, tid) -> (its comm, its CPU ticks)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(text[text.rindex(")") + 2:].split()[1])
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo += [child for child, parent in parents.items() if parent == pid]
+    threads = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2:].split()
+            name = text[text.index("(") + 1:text.rindex(")")]
+            threads[pid, int(tid)] = (name, int(fields[11]) + int(fields[12]))
+    return threads
+
+
+def _thread_report(server: subprocess.Popen, before: dict, after: dict, tokens: int) -> None:
+    """Print each busy thread's CPU per streamed token, by process: the front end (the server
+    worker; thread names from its SIGUSR1 dump), its engine-core process (``main`` steps)."""
+    names: dict[str, str] = {}
+    path = Path(THREAD_NAMES.format(pid=server.pid))
+    server.send_signal(signal.SIGUSR1)
+    for _ in range(50):
+        if path.exists():
+            try:
+                names = json.loads(path.read_text())
+                break
+            except ValueError:  # being written
+                pass
+        time.sleep(0.1)
+    path.unlink(missing_ok=True)
+    tick = os.sysconf("SC_CLK_TCK")
+    rows = []
+    for (pid, tid), (comm, ticks) in after.items():
+        used = ticks - before.get((pid, tid), (comm, 0))[1]
+        if used <= 0:
+            continue
+        process = "front end" if pid == server.pid else f"core {pid}"
+        name = "main" if tid == pid else names.get(str(tid), comm) if pid == server.pid else comm
+        rows.append((process, name, tid, used / tick / tokens * 1e6))
+    for process, name, tid, us in sorted(rows, key=lambda r: (r[0], -r[3])):
+        print(f"      {process:>12}  {name:>22} (tid {tid:7d})  {us:7.1f} us/token", flush=True)
 
 
 def _run_worker(tree: Path, *args: str) -> subprocess.Popen:
@@ -207,30 +296,51 @@ def _best(runs: list):
     return min(runs)
 
 
-def server_figure(tree: Path, port: int, streams: int, clients: int, requests: int,
+def server_figure(tree: Path, core: str, port: int, streams: int, clients: int, requests: int,
                   max_tokens: int) -> float:
-    server = _run_worker(tree, "--worker", "server", "--port", str(port), "--n", str(streams))
+    server = _run_worker(tree, "--worker", "server", "--port", str(port), "--n", str(streams),
+                         "--core", core)
     try:
         _wait_ready(port, server)
         warm = _run_worker(tree, "--worker", "client", "--port", str(port), "--n", "4",
                            "--requests", "8", "--max-tokens", "8")
         warm.communicate()
-        cpu0 = _tree_cpu(server.pid)
+        cpu0, threads0 = tree_cpu(server.pid), _tree_threads(server.pid)
+        steps0, start = _steps(port), time.perf_counter()
         per = streams // clients
         procs = [_run_worker(tree, "--worker", "client", "--port", str(port), "--n", str(per),
                              "--requests", str(requests // clients), "--max-tokens",
                              str(max_tokens)) for _ in range(clients)]
         results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-        cpu = _tree_cpu(server.pid) - cpu0
+        cpu, threads = tree_cpu(server.pid) - cpu0, _tree_threads(server.pid)
+        wall = time.perf_counter() - start
+        steps = [b - a for a, b in zip(steps0, _steps(port), strict=True)]
+        tokens = sum(r["tokens"] for r in results)
+        client_cpu = ", ".join(f"{r['cpu_s']:.1f}" for r in results)
+        print(f"  {tree.name:>24}  server ({core:>7} core)  {streams:5d} streams  "
+              f"{cpu / tokens * 1e6:8.1f} us/token ({tokens} tokens in {wall:.1f} s, server "
+              f"{cpu:.1f} CPU s; load processes {client_cpu} CPU s; {steps[0]:.0f} engine steps "
+              f"of {steps[1] / max(steps[0], 1):.1f} rows on average)", flush=True)
+        _thread_report(server, threads0, threads, tokens)
     finally:
         server.terminate()
         server.wait(60)
-    tokens = sum(r["tokens"] for r in results)
-    client_cpu = ", ".join(f"{r['cpu_s']:.1f}" for r in results)
-    print(f"  {tree.name:>24}  server  {streams:5d} streams  {cpu / tokens * 1e6:8.1f} us/token "
-          f"({tokens} tokens, server {cpu:.1f} CPU s; load processes {client_cpu} CPU s)",
-          flush=True)
     return cpu / tokens
+
+
+def _steps(port: int) -> tuple[float, float]:
+    """The engine steps taken so far and the rows they ran (``gptserve_batch_size``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    found = {}
+    for line in data.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("gptserve_batch_size_count", "gptserve_batch_size_sum"):
+            found[name] = float(value)
+    return found["gptserve_batch_size_count"], found["gptserve_batch_size_sum"]
 
 
 def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -267,6 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-requests", type=int, default=512)
     parser.add_argument("--clients", type=int, default=4, help="load generator processes")
     parser.add_argument("--port", type=int, default=18100)
+    parser.add_argument("--cores", nargs="+", choices=("thread", "process"),
+                        default=["thread", "process"],
+                        help="this tree's server engine cores (the baseline has only a thread)")
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--only-new", action="store_true", help="skip the baseline tree")
@@ -276,12 +389,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tree", type=Path)
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--requests", type=int, default=1)
+    parser.add_argument("--core", choices=("thread", "process"), default="thread")
     args = parser.parse_args(argv)
     if args.worker == "engine":
         print(json.dumps(worker_engine(args.n, args.max_tokens)))
         return
     if args.worker == "server":
-        worker_server(args.port, args.n)
+        worker_server(args.port, args.n, args.core)
         return
     if args.worker == "client":
         worker_client(args.port, args.n, args.requests, args.max_tokens)
@@ -289,28 +403,30 @@ def main(argv: list[str] | None = None) -> None:
     trees = [baseline_tree(args.baseline_commit), HERE]
     if args.only_new:
         trees = [HERE, HERE]
+    # the baseline's server (a thread engine), then this tree's with each core asked for
+    servers = list(dict.fromkeys([(trees[0], "thread")] + [(HERE, core) for core in args.cores]))
     runs: dict[Path, list] = {tree: [] for tree in trees}
-    server_runs: dict[Path, list] = {tree: [] for tree in trees}
+    server_runs: dict[tuple[Path, str], list] = {server: [] for server in servers}
     for _ in range(args.repeat):  # the trees alternate, so a burst of load hits both alike
         for tree in trees:
             if not args.skip_engine:
                 runs[tree].append(engine_figures(tree, args.streams, args.max_tokens))
-            if not args.skip_server:
-                server_runs[tree].append(server_figure(
-                    tree, args.port, args.http_streams, args.clients, args.http_requests,
-                    args.max_tokens))
+        for tree, core in servers if not args.skip_server else []:
+            server_runs[tree, core].append(server_figure(
+                tree, core, args.port, args.http_streams, args.clients, args.http_requests,
+                args.max_tokens))
     engine = {tree: _best(r) for tree, r in runs.items() if r}
-    server = {tree: _best(r) for tree, r in server_runs.items() if r}
+    server = {key: _best(r) for key, r in server_runs.items() if r}
     old, new = trees
     print(f"\nhost cost, {new.name} vs {old.name}, best of {args.repeat} "
           "(new / old; target <= 0.33)")
     for s in args.streams if engine else []:
         print(f"  engine in-process, {s:5d} streams: {engine[old][s] * 1e6:8.1f} -> "
               f"{engine[new][s] * 1e6:8.1f} us/token  ({engine[new][s] / engine[old][s]:.2f}x)")
-    if server:
-        print(f"  server over HTTP, {args.http_streams:5d} streams: {server[old] * 1e6:8.1f} -> "
-              f"{server[new] * 1e6:8.1f} us/token  ({server[new] / server[old]:.2f}x)")
-
+    base = server.get(servers[0])
+    for (_tree, core), figure in list(server.items())[1:]:
+        print(f"  server over HTTP, {args.http_streams:5d} streams, {core:>7} core: "
+              f"{base * 1e6:8.1f} -> {figure * 1e6:8.1f} us/token  ({figure / base:.2f}x)")
 
 if __name__ == "__main__":
     main()
