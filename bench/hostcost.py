@@ -147,7 +147,13 @@ def worker_server(port: int, slots: int, core: str) -> None:
         Path(THREAD_NAMES.format(pid=os.getpid())).write_text(json.dumps(names))
 
     signal.signal(signal.SIGUSR1, name_threads)
-    sys.exit(serve(settings, sockets, settings.transport, engine=stand_in_engine(slots, core)))
+    if hasattr(settings, "transport"):
+        limits = settings.transport
+    else:  # a baseline tree from before Settings.transport
+        from service.transport.limits import TransportLimits
+
+        limits = TransportLimits.from_settings(settings)
+    sys.exit(serve(settings, sockets, limits, engine=stand_in_engine(slots, core)))
 
 
 # ---- the load generator (raw sockets: the client must never be the limit) --------------------
