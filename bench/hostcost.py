@@ -125,10 +125,13 @@ def worker_engine(streams: int, max_tokens: int) -> dict:
     return {"streams": streams, "tokens": tokens, "cpu_s": cpu, "wall_s": wall}
 
 
-def worker_server(port: int, slots: int, core: str) -> None:
+def worker_server(port: int, slots: int, core: str, profile: Path | None = None) -> None:
     """The production server (``service.server.serve``) over the stand-in engine, its core on
     a thread or in a process of its own (``core``). SIGUSR1 writes its threads' names by native
-    id to ``THREAD_NAMES`` (read by ``_thread_report``; the core's threads are named by pid)."""
+    id to ``THREAD_NAMES`` (read by ``_thread_report``; the core's threads are named by pid).
+    ``profile``: cProfile the main thread (the event loop) in its own CPU time
+    (``time.thread_time``: other threads and processes, and waiting for a CPU, do not count)
+    and write the stats there on exit."""
     import threading
 
     from service.logs import configure_logging
@@ -153,12 +156,26 @@ def worker_server(port: int, slots: int, core: str) -> None:
         from service.transport.limits import TransportLimits
 
         limits = TransportLimits.from_settings(settings)
-    sys.exit(serve(settings, sockets, limits, engine=stand_in_engine(slots, core)))
+    engine = stand_in_engine(slots, core)
+    if profile is None:
+        sys.exit(serve(settings, sockets, limits, engine=engine))
+    import cProfile
+
+    profiler = cProfile.Profile(time.thread_time)
+    profiler.enable()
+    try:
+        status = serve(settings, sockets, limits, engine=engine)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    sys.exit(status)
 
 
 # ---- the load generator (raw sockets: the client must never be the limit) --------------------
 
-async def _one_request(port: int, body: bytes) -> int:
+async def _one_request(port: int, body: bytes) -> tuple[int, int]:
+    """One streamed request: the tokens it got (its usage) and the SSE events that carried
+    them (one per token when the client keeps up; fewer when the server merged a backlog)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -167,29 +184,34 @@ async def _one_request(port: int, body: bytes) -> int:
     tail = data[data.rfind(b'"completion_tokens":') + 20:]
     if not data.startswith(b"HTTP/1.1 200") or b"[DONE]" not in data:
         raise RuntimeError(f"bad response: {data[:200]!r}")
-    return int(tail[: tail.index(b",")])
+    # every event but the usage chunk and [DONE] carried text (the stand-in's " the" tokens)
+    return int(tail[: tail.index(b",")]), data.count(b"data: ") - 2
 
 
-async def _client(port: int, streams: int, requests: int, max_tokens: int) -> int:
+async def _client(port: int, streams: int, requests: int, max_tokens: int
+                  ) -> tuple[int, int]:
     body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True,
                        "stream_options": {"include_usage": True}}).encode()
     left = [requests]
 
-    async def stream() -> int:
-        got = 0
+    async def stream() -> tuple[int, int]:
+        tokens = events = 0
         while left[0] > 0:
             left[0] -= 1
-            got += await _one_request(port, body)
-        return got
+            got = await _one_request(port, body)
+            tokens, events = tokens + got[0], events + got[1]
+        return tokens, events
 
-    return sum(await asyncio.gather(*(stream() for _ in range(streams))))
+    counts = await asyncio.gather(*(stream() for _ in range(streams)))
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def worker_client(port: int, streams: int, requests: int, max_tokens: int) -> None:
-    tokens = asyncio.run(_client(port, streams, requests, max_tokens))
+    tokens, events = asyncio.run(_client(port, streams, requests, max_tokens))
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"tokens": tokens, "cpu_s": usage.ru_utime + usage.ru_stime}))
+    print(json.dumps({"tokens": tokens, "events": events,
+                      "cpu_s": usage.ru_utime + usage.ru_stime}))
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -217,7 +239,7 @@ def tree_cpu(root: int) -> float:
     return total
 
 
-def _tree_threads(root: int) -> dict[tuple[int, int], tuple[str, int]]:
+def tree_threads(root: int) -> dict[tuple[int, int], tuple[str, int]]:
     """Every thread of ``root``'s process tree: (pid, tid) -> (its comm, its CPU ticks)."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -303,34 +325,42 @@ def _best(runs: list):
 
 
 def server_figure(tree: Path, core: str, port: int, streams: int, clients: int, requests: int,
-                  max_tokens: int) -> float:
+                  max_tokens: int, profile: Path | None = None) -> float:
     server = _run_worker(tree, "--worker", "server", "--port", str(port), "--n", str(streams),
-                         "--core", core)
+                         "--core", core, *(["--profile", str(profile)] if profile else []))
     try:
         _wait_ready(port, server)
         warm = _run_worker(tree, "--worker", "client", "--port", str(port), "--n", "4",
                            "--requests", "8", "--max-tokens", "8")
         warm.communicate()
-        cpu0, threads0 = tree_cpu(server.pid), _tree_threads(server.pid)
+        cpu0, threads0 = tree_cpu(server.pid), tree_threads(server.pid)
         steps0, start = _steps(port), time.perf_counter()
         per = streams // clients
         procs = [_run_worker(tree, "--worker", "client", "--port", str(port), "--n", str(per),
                              "--requests", str(requests // clients), "--max-tokens",
                              str(max_tokens)) for _ in range(clients)]
         results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-        cpu, threads = tree_cpu(server.pid) - cpu0, _tree_threads(server.pid)
+        cpu, threads = tree_cpu(server.pid) - cpu0, tree_threads(server.pid)
         wall = time.perf_counter() - start
         steps = [b - a for a, b in zip(steps0, _steps(port), strict=True)]
         tokens = sum(r["tokens"] for r in results)
+        events = sum(r["events"] for r in results)
         client_cpu = ", ".join(f"{r['cpu_s']:.1f}" for r in results)
         print(f"  {tree.name:>24}  server ({core:>7} core)  {streams:5d} streams  "
               f"{cpu / tokens * 1e6:8.1f} us/token ({tokens} tokens in {wall:.1f} s, server "
               f"{cpu:.1f} CPU s; load processes {client_cpu} CPU s; {steps[0]:.0f} engine steps "
-              f"of {steps[1] / max(steps[0], 1):.1f} rows on average)", flush=True)
+              f"of {steps[1] / max(steps[0], 1):.1f} rows on average; {tokens / events:.2f} "
+              "tokens per SSE event)", flush=True)
         _thread_report(server, threads0, threads, tokens)
     finally:
         server.terminate()
         server.wait(60)
+    if profile is not None:
+        import pstats
+
+        print(f"      the event loop's CPU by function (cProfile, thread time, its overhead "
+              f"included; whole run, warm-up too; stats in {profile}):")
+        pstats.Stats(str(profile), stream=sys.stdout).sort_stats("tottime").print_stats(30)
     return cpu / tokens
 
 
@@ -386,6 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cores", nargs="+", choices=("thread", "process"),
                         default=["thread", "process"],
                         help="this tree's server engine cores (the baseline has only a thread)")
+    parser.add_argument("--profile", type=Path,
+                        help="cProfile the server's event loop; stats to this file (the "
+                             "profiler's overhead inflates that run's figure)")
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--only-new", action="store_true", help="skip the baseline tree")
@@ -401,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker_engine(args.n, args.max_tokens)))
         return
     if args.worker == "server":
-        worker_server(args.port, args.n, args.core)
+        worker_server(args.port, args.n, args.core, args.profile)
         return
     if args.worker == "client":
         worker_client(args.port, args.n, args.requests, args.max_tokens)
@@ -420,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         for tree, core in servers if not args.skip_server else []:
             server_runs[tree, core].append(server_figure(
                 tree, core, args.port, args.http_streams, args.clients, args.http_requests,
-                args.max_tokens))
+                args.max_tokens, args.profile))
     engine = {tree: _best(r) for tree, r in runs.items() if r}
     server = {key: _best(r) for key, r in server_runs.items() if r}
     old, new = trees

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from hostcost import tree_cpu
+from hostcost import tree_cpu, tree_threads
 
 from service.app import engine_config
 from service.settings import Settings
@@ -216,10 +216,25 @@ def load_process(base: tuple[str, int], prompts: list[list[int]], cfg: BenchConf
     conn.close()
 
 
+def _print_threads(server_pid: int, before: dict, after: dict) -> None:
+    """The server's threads that used CPU in the round: process (the front end, or a child:
+    the engine core), thread (``main``: the event loop, or the core's loop) and CPU seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = []
+    for (pid, tid), (comm, ticks) in after.items():
+        used = (ticks - before.get((pid, tid), (comm, 0))[1]) / tick
+        if used >= 0.05:
+            process = "front end" if pid == server_pid else f"child {pid}"
+            busy.append((process, "main" if tid == pid else f"{comm} {tid}", used))
+    print("  server threads (CPU s): " + ", ".join(
+        f"{process} {name} {used:.1f}" for process, name, used in sorted(busy)), flush=True)
+
+
 def drive_http(base: tuple[str, int], prompts: list[list[int]], cfg: BenchConfig, clients: int,
                server_pid: int | None) -> tuple[Summary, list[float], float | None]:
     """The workload over HTTP from ``clients`` load processes: the summary, each load process's
-    CPU seconds and the server tree's (None for a server this bench did not start)."""
+    CPU seconds and the server tree's (None for a server this bench did not start); prints
+    the server's busy threads (CPU s of each, by process)."""
     context = multiprocessing.get_context("spawn")  # no fork of a process with an engine thread
     go = context.Event()
     shares = []
@@ -240,6 +255,7 @@ def drive_http(base: tuple[str, int], prompts: list[list[int]], cfg: BenchConfig
     for conn in pipes:
         conn.recv()  # "ready": imported and waiting
     server0 = tree_cpu(server_pid) if server_pid else None
+    threads0 = tree_threads(server_pid) if server_pid else {}
     start = time.perf_counter()
     go.set()
     traces: list[Trace] = []
@@ -250,6 +266,8 @@ def drive_http(base: tuple[str, int], prompts: list[list[int]], cfg: BenchConfig
         load_cpu.append(cpu)
     wall = max(t.done for t in traces) - start
     server_cpu = tree_cpu(server_pid) - server0 if server_pid else None
+    if server_pid:
+        _print_threads(server_pid, threads0, tree_threads(server_pid))
     for proc in procs:
         proc.join(30)
     return summarize(traces, wall), load_cpu, server_cpu
