@@ -3,6 +3,7 @@
 Run (from the repository root; builds a worktree of the baseline commit in /tmp if it is absent):
     nice -n 19 python bench/hostcost.py
     nice -n 19 python bench/hostcost.py --baseline-commit 1446e4f --streams 1 32 256 1024 --repeat 2
+    nice -n 19 python bench/hostcost.py --skip-engine --repeat 2     # the server figures only
 
 The model is a bench-only stand-in (``StandIn``): a GPT-2-vocabulary network whose packed forward
 returns fixed logits (no matmuls, no attention), so every second a step takes is host work:
@@ -13,10 +14,15 @@ this one side by side, each measured in fresh processes that import only that tr
    here, ``Engine.iterate`` in a baseline without it) serving ``S`` greedy requests of
    ``--max-tokens`` tokens together (S = 1, 32, 256, 1024), CPU seconds of the process / tokens;
 2. **server CPU per streamed token over HTTP** at ``--http-streams`` streams: the server runs the
-   stand-in engine behind the production server (``service.server.serve``); ``--clients`` load
-   processes keep the streams busy (closed loop, raw sockets, one connection per request) and
-   print their own CPU; the server's CPU (every process of the server's tree, read from
-   /proc/<pid>/stat) over the load window / tokens the clients received.
+   stand-in engine behind the production server (``service.server.serve``), for this tree with
+   each engine core of ``--cores`` (``thread``: ``Engine``; ``process``: ``CoreClient``, whose
+   spawned core builds the stand-in through ``CoreSpec.model_factory``, a bench/test-only hook)
+   and for the baseline with its thread; ``--clients`` load processes keep the streams busy
+   (closed loop, raw sockets, one connection per request) and print their own CPU; the server's
+   CPU (every process of the server's tree, read from /proc/<pid>/stat) over the load window /
+   tokens the clients received. Below each figure: the engine's steps and mean rows a step
+   (from /metrics), the tokens per SSE event, and each busy thread's CPU per token (from
+   /proc/<pid>/task/<tid>/stat); ``--profile FILE`` adds a cProfile of the event loop.
 It prints both trees' figures and the ratio new / baseline (the target is at most 1/3).
 """
 
