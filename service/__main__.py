@@ -6,14 +6,16 @@ loads and before anything listens: a missing checkpoint, an unavailable ``--devi
 port that is busy or not permitted (exit 3). Then ``service.server.serve`` runs uvicorn on the
 sockets bound here and loads the checkpoint in the background (a checkpoint that cannot be read
 stops the server with exit 2). Exit statuses: 0 after a drain, 2 bad configuration, 3 cannot
-listen.
+listen, 4 the engine core (or, with ``--api-servers N``, another front end) died.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -90,9 +92,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             sock.close()
         print(f"gptserve: {err}", file=sys.stderr)
         return EXIT_LISTEN if isinstance(err, ListenError) else EXIT_CONFIG
+    metrics_dir = None
+    if settings.api_servers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # several API-server processes keep their metrics in files /metrics sums; the variable
+        # must be set before prometheus_client is imported, here and in every spawned front end
+        metrics_dir = tempfile.mkdtemp(prefix="gptserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from service.server import serve  # imports the app, the engine and torch
 
-    status = serve(settings, sockets, limits)
+    try:
+        status = serve(settings, sockets, limits)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     from service.reload.loading import jobs_still_running
 
     if stuck := jobs_still_running():  # abandoned loads: never finalize the interpreter under them

@@ -46,7 +46,7 @@ def build_engine(settings: Settings, checkpoint):
         from service.engine.client import CoreClient
 
         return CoreClient(checkpoint, engine_config(settings), log_level=settings.log_level,
-                          log_format=settings.log_format)
+                          log_format=settings.log_format, fronts=settings.api_servers)
     from service.engine import Engine
 
     return Engine(checkpoint, engine_config(settings))
@@ -62,19 +62,26 @@ def load_engine(settings: Settings):
     return build_engine(settings, checkpoint)
 
 
-def create_app(settings: Settings, engine=None) -> FastAPI:
-    """A FastAPI app serving ``engine`` (or, when None, one loaded from ``settings``)."""
-    metrics = Metrics()
+def create_app(settings: Settings, engine=None, api_servers=None) -> FastAPI:
+    """A FastAPI app serving ``engine`` (or, when None, one loaded from ``settings``).
+    ``api_servers`` (``service.api_servers.ApiServers``): this is front end 0 of several, and
+    starts the others once its engine core is ready."""
+    metrics = Metrics(multiprocess=settings.api_servers > 1)
     state = ServerState(settings, metrics, engine)
+    state.api_servers = api_servers
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         reloader = app.state.reloader = server_reloader(state, engine_config, build_engine)
 
         def start(engine) -> None:
-            engine.add_stats_listener(metrics.observe_step)
+            # a step's metrics are counted once: by front end 0 (the others show its load)
+            first = getattr(engine, "front", 0) == 0
+            engine.add_stats_listener(metrics.observe_step if first else metrics.set_load)
             engine.start()
             state.swap_engine(engine)
+            if api_servers is not None:
+                api_servers.start(engine)
             reloader.start(engine)  # live checkpoint reload: --watch and POST /admin/reload
             log.info(
                 "serving %s as %r on %s",
@@ -109,6 +116,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
                     await loading
             await reloader.stop()
             await app.state.chat_templates.close()
+            if api_servers is not None:  # their requests run on the core: it stops after them
+                await asyncio.to_thread(api_servers.stop, settings.shutdown_timeout)
             if state.has_engine:
                 await asyncio.to_thread(state.engine.shutdown, settings.shutdown_timeout)
 

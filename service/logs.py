@@ -40,7 +40,9 @@ class TextFormatter(logging.Formatter):
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per record: time (UTC, ISO 8601), level, logger, message, its fields."""
+    """One JSON object per record: time (UTC, ISO 8601), level, logger, message, the process id
+    (a server runs an engine-core process and, with ``--api-servers N``, several front ends),
+    its fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = {
@@ -48,6 +50,7 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
         line.update(getattr(record, "fields", None) or {})
         if record.exc_info:

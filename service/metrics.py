@@ -24,6 +24,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.engine.types import EngineStats, RequestMetrics
 
@@ -69,7 +70,15 @@ _BATCH = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 class Metrics:
     """Owns the registry and every ``gptserve_*`` series; fed by the engine and the API layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess: bool = False) -> None:
+        """``multiprocess``: one of several API-server processes (``--api-servers N``), every
+        series kept in prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by
+        ``python -m service`` before anything imports prometheus_client) and /metrics answering
+        with all processes' sums, whichever process a scrape reaches. Gauges say how to combine:
+        the engine's load and the live model are the same everywhere (the most recent value),
+        open connections add up over the live processes. There are no ``process_*`` series then
+        (prometheus_client cannot combine them)."""
+        self.multiprocess = multiprocess
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.ttft = Histogram(
@@ -121,12 +130,15 @@ class Metrics:
             "gptserve_num_requests_running",
             "Sequences holding a KV slot (prefilling or decoding).",
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.waiting = Gauge(
-            "gptserve_num_requests_waiting", "Sequences queued for a KV slot.", registry=r
+            "gptserve_num_requests_waiting", "Sequences queued for a KV slot.", registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.kv_usage = Gauge(
-            "gptserve_kv_cache_usage_ratio", "Fraction of the KV cache in use (0..1).", registry=r
+            "gptserve_kv_cache_usage_ratio", "Fraction of the KV cache in use (0..1).", registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.prompt_tokens = Counter(
             "gptserve_prompt_tokens",
@@ -179,11 +191,13 @@ class Metrics:
             "The live checkpoint (value 1) with its provenance: iteration and val loss.",
             ["checkpoint", "format", "iteration", "val_loss"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.model_loaded = Gauge(
             "gptserve_model_loaded_timestamp_seconds",
             "Unix time the live checkpoint started serving.",
             registry=r,
+            multiprocess_mode="max",
         )
         self.reloads = Counter(
             "gptserve_model_reloads", "Checkpoint reloads by result.", ["result"], registry=r
@@ -199,15 +213,18 @@ class Metrics:
     def _add_edge_metrics(self) -> None:
         """The process and the HTTP edge (connections), beside the engine's series."""
         r = self.registry
-        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_open_fds, ... (Linux)
+        if not self.multiprocess:  # process_cpu_seconds_total, process_open_fds, ... (Linux)
+            ProcessCollector(registry=r)
         self.connections = Gauge(
-            "gptserve_http_connections", "Open client connections.", registry=r
+            "gptserve_http_connections", "Open client connections.", registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections_limit = Gauge(
             "gptserve_http_connections_limit",
             "The cap on open client connections in force (--max-connections, fitted to the "
-            "open-file limit).",
+            "open-file limit; summed over the API-server processes).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections_closed = Counter(
             "gptserve_http_connections_closed",
@@ -270,7 +287,8 @@ class Metrics:
         loaded_at: float,
     ) -> None:
         """Show which checkpoint is live: one ``gptserve_model_info`` series at a time."""
-        self.model_info.clear()
+        if not self.multiprocess:  # (several front ends never reload: nothing to clear)
+            self.model_info.clear()
         self.model_info.labels(
             checkpoint=checkpoint,
             format=source_format,
@@ -286,7 +304,11 @@ class Metrics:
         self.connections_closed.labels(reason=reason).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # every API-server process's files, summed
+        return generate_latest(registry)
 
 
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:

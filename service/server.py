@@ -128,7 +128,12 @@ def serve(
     Returns the exit status."""
     from service.app import create_app
 
-    app = create_app(settings, engine)
+    api_servers = None
+    if settings.api_servers > 1 and engine is None:  # front end 0 of several
+        from service.api_servers import ApiServers
+
+        api_servers = ApiServers(settings, sockets, limits)
+    app = create_app(settings, engine, api_servers)
     state = app.state.server
     build_server(app, sockets, limits).run()
     if state.load_error is not None:

@@ -72,6 +72,11 @@ class Settings:
         "process", "process: the engine core (model, scheduler, sampler) runs in its own process "
         "and the HTTP front end never shares a GIL with it; thread: both in one process (the "
         "engine on a thread)", choices=ENGINE_CORES)
+    api_servers: int = _flag(
+        1, "HTTP front-end processes sharing the listening socket and one engine core (as vLLM's "
+        "--api-server-count): each parses, tokenizes, detokenizes and streams its own requests; "
+        "admission counts every one against the same slots and queue. More than 1 needs "
+        "--engine-core process and leaves live reload (--watch, /admin/reload) off")
     api_key: str | None = _flag(
         None, "require 'Authorization: Bearer KEY' on the API (/v1/*, /tokenize, /detokenize, "
         "/admin/*, /docs); the web page, /health and /ready stay open, and /metrics too unless "
@@ -115,6 +120,14 @@ class Settings:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.engine_core not in ENGINE_CORES:
             raise ValueError(f"engine_core must be one of {ENGINE_CORES}, got {self.engine_core!r}")
+        if self.api_servers < 1:
+            raise ValueError(f"api_servers must be >= 1, got {self.api_servers}")
+        if self.api_servers > 1 and self.engine_core != "process":
+            raise ValueError("--api-servers > 1 needs --engine-core process (the front ends "
+                             "share an engine core process)")
+        if self.api_servers > 1 and self.watch:
+            raise ValueError("--watch needs --api-servers 1 (live reload switches one front "
+                             "end's engine)")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if self.max_request_bytes < 1:

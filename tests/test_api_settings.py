@@ -65,6 +65,7 @@ FLAGS = {
     "--chat-template": ("{{ messages[0].content }}", "{{ messages[0].content }}"),
     "--load-timeout": ("7.5", 7.5),
     "--engine-core": ("thread", "thread"),
+    "--api-servers": ("3", 3),
 }
 
 

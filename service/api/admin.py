@@ -49,6 +49,13 @@ async def reload_checkpoint(
             "POST /admin/reload is disabled: start the server with --api-key",
             code="admin_disabled",
         )
+    if state.settings.api_servers > 1:
+        raise APIError(
+            409,
+            "POST /admin/reload needs --api-servers 1: live reload switches one front end's "
+            "engine, and this server runs several",
+            code="reload_unsupported",
+        )
     if state.draining or not state.has_engine:
         raise not_ready()
     target = Path(body.checkpoint) if body is not None and body.checkpoint else None

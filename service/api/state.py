@@ -36,6 +36,7 @@ class ServerState:
         self.draining = False
         self.load_error: Exception | None = None  # the checkpoint failed to load: stop serving
         self.started = int(time.time())
+        self.api_servers = None  # front ends 1 .. N-1 when this is front end 0 of several
         self._inflight: dict[str, Any] = {}  # engine request id -> engine that runs it
         self._idle = asyncio.Event()
         self._idle.set()
@@ -100,6 +101,8 @@ class ServerState:
     async def drain(self, timeout: float) -> None:
         """Refuse new work, wait up to ``timeout`` s for in-flight requests, abort the rest."""
         self.draining = True
+        if self.api_servers is not None:  # the other front ends drain their own requests
+            self.api_servers.drain()
         log.info(
             "draining: %d request(s) in flight, waiting up to %.1fs", len(self._inflight), timeout
         )

@@ -17,14 +17,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 
 import zmq
 
 from model.checkpoint import Checkpoint
 from service.engine import wire
+from service.engine.admission import SharedCount
 from service.engine.config import EngineConfig
 from service.engine.core_process import CoreSpec, run_core
 from service.engine.engine import (
@@ -38,6 +41,7 @@ from service.engine.types import EngineError, EngineStoppedError, FinishReason, 
 
 log = logging.getLogger(__name__)
 KILL_GRACE = 5.0  # seconds a stopped core gets to exit before it is killed
+ATTACHED_POLL_MS = 200  # a front end that did not spawn the core checks it is alive this often
 
 
 class CoreStartError(EngineError):
@@ -52,57 +56,111 @@ class CoreClient(EngineFront):
     """An engine whose core runs in its own process. Attributes as ``EngineFront``'s, plus
     ``checkpoint`` (its description: path, config, tokenizer, provenance; the weights live in
     the core only), ``pid`` (the core's) and ``fatal_on_failure`` (True: a dead core ends the
-    server). ``model_factory`` (bench and tests only): "module:function" that the core calls
-    for the checkpoint to serve instead of loading ``checkpoint.path`` (``CoreSpec``)."""
+    server)."""
 
     fatal_on_failure = True
 
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, *,
-                 log_level: str = "info", log_format: str = "text",
+                 log_level: str = "info", log_format: str = "text", fronts: int = 1,
                  model_factory: str | None = None) -> None:
+        """Spawn the core for ``checkpoint`` and be its front end 0. ``fronts`` > 1: the core
+        serves that many API-server processes; the others join with ``attach(self.seat(i))``,
+        and admission counts every front end's sequences against one capacity.
+        ``model_factory`` (bench and tests only): "module:function" that the core calls for the
+        checkpoint to serve instead of loading ``checkpoint.path`` (``CoreSpec``)."""
         config = config or EngineConfig()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         check_quantization(config.quantization, device)  # refused here, before any spawn
         self._dir = tempfile.mkdtemp(prefix="gptserve-core-")  # 0700: ours alone
+        self._owns_dir = True
+        self.front = 0
+        self.fronts = fronts
+        self._open_sockets(0)
+        spec = CoreSpec(checkpoint.path, config, *_addresses(self._dir, fronts),
+                        log_level, log_format, model_factory)
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=run_core, args=(spec,), name="gptserve-engine-core", daemon=True)
+        self._process.start()
+        self._leader = os.getpid()
+        try:
+            info = self._wait_ready(checkpoint)
+        except BaseException:
+            self._close()
+            raise
+        self._init_front(checkpoint, config, device, dtype, info,
+                         SharedCount() if fronts > 1 else None)
+
+    @classmethod
+    def attach(cls, seat: Seat) -> CoreClient:
+        """Front end ``seat.front`` of a core another process spawned (``--api-servers N``)."""
+        self = cls.__new__(cls)
+        config = seat.config
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        self._dir = seat.directory
+        self._owns_dir = False
+        self.front = seat.front
+        self.fronts = seat.fronts
+        self._process = None
+        self._leader = seat.leader
+        self._open_sockets(seat.front)
+        try:
+            info = self._wait_ready(seat.checkpoint)
+        except BaseException:
+            self._close()
+            raise
+        self._init_front(seat.checkpoint, config, device, dtype, info, seat.live)
+        return self
+
+    def seat(self, front: int) -> Seat:
+        """What API-server process ``front`` (1 .. fronts-1) needs to join this core."""
+        return Seat(self._dir, front, self.fronts, self.config, self.checkpoint,
+                    self._num_live, self._leader)
+
+    def _open_sockets(self, front: int) -> None:
         self._context = zmq.Context()
         self._inputs = self._context.socket(zmq.PUSH)
         self._outputs = self._context.socket(zmq.PULL)
         self._inputs.setsockopt(zmq.SNDHWM, 0)  # never block the event loop on a busy core
         self._inputs.setsockopt(zmq.LINGER, 0)
         self._outputs.setsockopt(zmq.LINGER, 0)
-        self._inputs.bind(f"ipc://{self._dir}/inputs")
-        self._outputs.bind(f"ipc://{self._dir}/outputs")
+        inputs, outputs = _addresses(self._dir, self.fronts)
+        self._inputs.bind(inputs[front])
+        self._outputs.bind(outputs[front])
         self._codec = wire.OutputCodec()
-        spec = CoreSpec(checkpoint.path, config, f"ipc://{self._dir}/inputs",
-                        f"ipc://{self._dir}/outputs", log_level, log_format, model_factory)
-        self._process = multiprocessing.get_context("spawn").Process(
-            target=run_core, args=(spec,), name="gptserve-engine-core", daemon=True)
-        self._process.start()
-        try:
-            info = self._wait_ready(checkpoint)
-        except BaseException:
-            self._close()
-            raise
+        self._stopping = threading.Event()
+
+    def _init_front(self, checkpoint, config, device, dtype, info: wire.CoreInfo, live) -> None:
         super().__init__(checkpoint.tokenizer, checkpoint.config, config, device=device,
                          dtype=dtype, n_slots=info.n_slots, threads=info.threads,
-                         window_shift=info.window_shift)
+                         window_shift=info.window_shift, live=live)
         # the front end keeps what describes the checkpoint, not its weights (the core has them)
         self.checkpoint = dataclasses.replace(checkpoint, model=None)
         self.pid = info.pid
         self._receiver: threading.Thread | None = None
 
     def _poller(self) -> zmq.Poller:
-        """Wakes for the core's next message or for its exit, whichever comes first."""
+        """Wakes for the core's next message or for its exit (a core this process spawned)."""
         poller = zmq.Poller()
         poller.register(self._outputs, zmq.POLLIN)
-        poller.register(self._process.sentinel, zmq.POLLIN)
+        if self._process is not None:
+            poller.register(self._process.sentinel, zmq.POLLIN)
         return poller
+
+    def _gone(self) -> str | None:
+        """Why the core cannot answer any more, for a front end that did not spawn it: the core
+        or the server's first process is gone (checked every ``ATTACHED_POLL_MS``)."""
+        if os.getppid() != self._leader:
+            return f"the server's first process (pid {self._leader}) exited"
+        if not _alive(self.pid):
+            return f"the engine core process (pid {self.pid}) exited"
+        return None
 
     def _wait_ready(self, checkpoint: Checkpoint) -> wire.CoreInfo:
         poller = self._poller()
         while True:
-            ready = dict(poller.poll())
+            ready = dict(poller.poll(ATTACHED_POLL_MS))
             if self._outputs in ready:
                 kind, payload = self._outputs.recv_multipart()
                 if kind == wire.FAILED:
@@ -114,7 +172,10 @@ class CoreClient(EngineFront):
                         f"{checkpoint.path} changed while it loaded (the core's model has "
                         f"vocabulary {info.vocab_size} and context {info.block_size})")
                 return info
-            if self._process.sentinel in ready:
+            if self._process is None:
+                if os.getppid() != self._leader:
+                    raise CoreStartError("the server's first process exited")
+            elif self._process.sentinel in ready:
                 self._process.join()
                 raise CoreStartError(
                     f"the engine core process exited ({_exit_status(self._process.exitcode)}) "
@@ -130,7 +191,7 @@ class CoreClient(EngineFront):
             raise EngineStoppedError("the engine core is not taking requests") from None
 
     def _submit(self, requests: list[Request]) -> None:
-        self._send(wire.ADD, requests)
+        self._send(wire.ADD, (self.front, requests))
 
     def _submit_abort(self, request_id: str, index: int | None) -> None:
         try:
@@ -154,6 +215,9 @@ class CoreClient(EngineFront):
         """Stop accepting requests; the core lets in-flight ones finish for up to ``timeout``
         seconds (None: aborts them at once), aborts the rest and exits; its process is killed
         if it has not exited ``JOIN_GRACE`` s after that."""
+        if self._process is None:
+            self._detach()
+            return
         with self._cond:
             running = self._state == "running"
             if self._state in ("new", "running"):
@@ -175,27 +239,60 @@ class CoreClient(EngineFront):
                 self._state = "stopped"
         self.ready = False
 
+    def _detach(self) -> None:
+        """A front end that did not spawn the core leaves it: its requests still in the core are
+        aborted there (the server drained them already), its streams end, its sockets close. The
+        core is stopped by the process that spawned it."""
+        with self._cond:
+            if self._state in ("new", "running"):
+                self._state = "draining"
+            for request_id in list(self._live):
+                self._submit_abort(request_id, None)
+        self._stopping.set()
+        if self._receiver is not None:
+            self._receiver.join(JOIN_GRACE)
+        self._dispatch(self._unfinished(FinishReason.ABORT))
+        self._close()
+        with self._cond:
+            if self._state != "failed":
+                self._state = "stopped"
+        self.ready = False
+
     def _close(self, grace: float = 0.0) -> None:
         """Join the core (killing it after ``grace`` s), close the sockets, remove their folder."""
         process = self._process
-        if process.is_alive():
+        if process is not None and process.is_alive():
             process.join(grace)
-        if process.is_alive():
+        if process is not None and process.is_alive():
             process.kill()
             process.join()
         self._inputs.close(0)
         self._outputs.close(0)
         self._context.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._owns_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def fail(self, reason: str) -> None:
+        """End every live request with an error and turn this engine failed (the server then
+        exits 4): the server lost a process it cannot serve without."""
+        self._fail(reason)
 
     # ---- from the core (the receiver thread) -----------------------------------------------------
 
     def _receive(self) -> None:
         poller = self._poller()
         failure: str | None = None
+        spawned = self._process is not None
         try:
             while True:
-                ready = dict(poller.poll())
+                ready = dict(poller.poll(None if spawned else ATTACHED_POLL_MS))
+                if not ready and not spawned:
+                    if self._stopping.is_set():
+                        return
+                    if (gone := self._gone()) is not None:
+                        self._fail(gone)
+                        return
+                    continue
                 if self._outputs in ready:
                     kind, payload = self._outputs.recv_multipart()
                     if kind == wire.STEP:
@@ -204,6 +301,8 @@ class CoreClient(EngineFront):
                             self._publish(stats)
                         self._dispatch(events)
                     elif kind == wire.STOPPED:
+                        if not spawned and not self._stopping.is_set():
+                            self._fail(f"the engine core process (pid {self.pid}) stopped")
                         return
                     elif kind == wire.FAILED:
                         failure = payload.decode(errors="replace")
@@ -224,6 +323,37 @@ class CoreClient(EngineFront):
             self._state = "failed"
         self.ready = False
         self._dispatch(self._unfinished(FinishReason.ERROR))
+
+
+@dataclass(frozen=True)
+class Seat:
+    """What one more API-server process needs to join a running core (pickled to it at spawn):
+    the core's socket folder, which front end it is of how many, the engine config, the
+    checkpoint's description (no weights), the shared admission count, and the pid of the
+    server's first process (the one that spawned the core)."""
+
+    directory: str
+    front: int
+    fronts: int
+    config: EngineConfig
+    checkpoint: Checkpoint
+    live: SharedCount
+    leader: int
+
+
+def _addresses(directory: str, fronts: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The core's input and output ZMQ addresses, one pair per front end."""
+    return (tuple(f"ipc://{directory}/inputs-{i}" for i in range(fronts)),
+            tuple(f"ipc://{directory}/outputs-{i}" for i in range(fronts)))
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 def _exit_status(code: int | None) -> str:

@@ -43,8 +43,10 @@ class CoreSpec:
 
     checkpoint: Path
     config: EngineConfig
-    inputs: str  # ZMQ address the front end pushes inputs to (the core pulls)
-    outputs: str  # ZMQ address the core pushes step messages to
+    # per front end (API-server process) i: the ZMQ address it pushes inputs to (the core
+    # pulls from all of them) and the one the core pushes its step messages to
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
     log_level: str = "info"
     log_format: str = "text"
     # bench and tests only: "module:function", a function of no arguments returning the
@@ -60,12 +62,11 @@ def run_core(spec: CoreSpec) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(spec.log_level, spec.log_format)
     context = zmq.Context()
-    inputs = context.socket(zmq.PULL)
-    outputs = context.socket(zmq.PUSH)
-    for sock in (inputs, outputs):
-        sock.setsockopt(zmq.LINGER, 5000)
-    inputs.connect(spec.inputs)
-    outputs.connect(spec.outputs)
+    inputs = context.socket(zmq.PULL)  # fair-queued from every front end
+    inputs.setsockopt(zmq.LINGER, 0)
+    for address in spec.inputs:
+        inputs.connect(address)
+    outputs = Outputs(context, spec.outputs)
     codec = wire.OutputCodec()
     status = 1
     try:
@@ -73,9 +74,9 @@ def run_core(spec: CoreSpec) -> None:
             core, info = _build(spec)
         except BaseException as err:  # noqa: BLE001 - the front end reports it
             log.exception("the engine core could not start")
-            outputs.send_multipart([wire.FAILED, str(err).encode()])
+            outputs.send_all([wire.FAILED, str(err).encode()])
             return
-        outputs.send_multipart(codec.ready(info))
+        outputs.send_all(codec.ready(info))
         status = CoreLoop(core, inputs, outputs, codec, parent).run()
     finally:
         inputs.close(0)
@@ -132,6 +133,64 @@ def _from_factory(name: str):
     return getattr(importlib.import_module(module), function)()
 
 
+class Outputs:
+    """The core's step messages, to the front end that sent each request.
+
+    One front end (the default): every step goes whole to it. Several (``--api-servers N``):
+    each step's events are split by the front end that added their request (``owner``), every
+    front end gets the step's stats, and a request's owner is forgotten once each of its choices
+    has finished.
+    """
+
+    def __init__(self, context: zmq.Context, addresses: tuple[str, ...]) -> None:
+        self.sockets = []
+        for address in addresses:
+            sock = context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 5000)
+            sock.setsockopt(zmq.SNDHWM, 0)  # a slow front end must never stall the core
+            sock.connect(address)
+            self.sockets.append(sock)
+        self._owner: dict[str, int] = {}  # request id -> front end (several front ends only)
+        self._open: dict[str, int] = {}  # request id -> choices not finished yet
+
+    def added(self, front: int, requests) -> None:
+        if len(self.sockets) > 1:
+            for request in requests:
+                self._owner[request.request_id] = front
+                self._open[request.request_id] = request.params.n
+
+    def send_all(self, frames: list[bytes]) -> None:
+        for sock in self.sockets:
+            sock.send_multipart(frames)
+
+    def send_step(self, codec, events: TokenEvents, stats: EngineStats | None) -> None:
+        if len(self.sockets) == 1:
+            self.sockets[0].send_multipart(codec.step(events, stats))
+            return
+        rows: list[list[int]] = [[] for _ in self.sockets]
+        owner = self._owner
+        for row, request_id in enumerate(events.request_ids):
+            rows[owner.get(request_id, 0)].append(row)
+        for row in events.finishes:
+            request_id = events.request_ids[row]
+            left = self._open.get(request_id, 1) - 1
+            if left > 0:
+                self._open[request_id] = left
+            else:
+                self._open.pop(request_id, None)
+                owner.pop(request_id, None)
+        for sock, mine in zip(self.sockets, rows, strict=True):
+            if mine or stats is not None:
+                part = TokenEvents()
+                if mine:
+                    part.take(events, mine)
+                sock.send_multipart(codec.step(part, stats))
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
 class CoreLoop:
     """Drain inputs, step, send: until a shutdown's work is done (returns the exit status)."""
 
@@ -163,17 +222,17 @@ class CoreLoop:
                 elif len(events):  # aborts emptied the core: publish the idle load
                     stats = self._idle_stats()
                 if len(events) or stats is not None:
-                    self.outputs.send_multipart(self.codec.step(events, stats))
+                    self.outputs.send_step(self.codec, events, stats)
                 if self.deadline is not None and not core.has_work():
-                    self.outputs.send_multipart([wire.STOPPED, b""])
+                    self.outputs.send_all([wire.STOPPED, b""])
                     return 0
         except BaseException as err:  # noqa: BLE001 - reported to every stream and the front end
             log.exception("the engine core failed; failing every live request")
             try:
-                self.outputs.send_multipart(
-                    self.codec.step(core.abort_all(FinishReason.ERROR), self._idle_stats()))
+                self.outputs.send_step(self.codec, core.abort_all(FinishReason.ERROR),
+                                       self._idle_stats())
             finally:
-                self.outputs.send_multipart([wire.FAILED, repr(err).encode()])
+                self.outputs.send_all([wire.FAILED, repr(err).encode()])
             return 1
 
     def _drain(self, events) -> bool:
@@ -190,7 +249,9 @@ class CoreLoop:
                 return True
             kind, payload = wire.decode_input(self.inputs.recv_multipart(zmq.NOBLOCK))
             if kind == wire.ADD:
-                for request in payload:
+                front, requests = payload
+                self.outputs.added(front, requests)
+                for request in requests:
                     core.add_request(request)
             elif kind == wire.ABORT:
                 events.extend(core.abort(*payload))

@@ -19,6 +19,7 @@ import torch
 from model.config import GPTConfig
 from model.threads import ThreadPlan
 from model.tokenizer import Tokenizer
+from service.engine.admission import LiveCount, LocalCount
 from service.engine.config import EngineConfig
 from service.engine.grammar import GrammarCompiler
 from service.engine.stream import RequestStream, put_all
@@ -56,6 +57,7 @@ class EngineFront(ABC):
         self, tokenizer: Tokenizer, model_config: GPTConfig, config: EngineConfig, *,
         device: torch.device, dtype: torch.dtype, n_slots: int, threads: ThreadPlan,
         window_shift: int, grammars: GrammarCompiler | None = None,
+        live: LiveCount | None = None,
     ) -> None:
         self.config = config
         self.grammars = grammars or GrammarCompiler(tokenizer, config.grammar_cache,
@@ -77,7 +79,9 @@ class EngineFront(ABC):
         self._open: dict[str, set[int]] = {}  # choices whose finishing event is not out yet
         self._live: dict[str, set[int]] = {}  # choices that count toward the capacity
         self._prompt_tokens: dict[str, int] = {}  # each live request's prompt length
-        self._num_live = 0
+        # sequences live against the capacity: this front end's alone, or shared by every
+        # API-server process of one engine core (service/engine/admission.py)
+        self._num_live = live or LocalCount()
         self._listeners: list[Callable[[EngineStats], None]] = []
         self._stats = EngineStats(0, 0, 0.0, 0.0, 0, 0, 0, 0, 0)
 
@@ -149,18 +153,22 @@ class EngineFront(ABC):
                     raise InvalidRequestError(
                         "request_id", f"request id {request.request_id!r} is already in flight"
                     )
-            if self._num_live + wanted > self.capacity:
+            full = self._num_live.take(wanted, self.capacity)
+            if full is not None:
                 raise QueueFullError(
-                    f"the server is full ({self._num_live} of {self.capacity} sequences live: "
+                    f"the server is full ({full} of {self.capacity} sequences live: "
                     f"{self.n_slots} running and a queue of {self.config.max_queue}); retry later"
                 )
-            self._submit(requests)  # first: a core that cannot take them leaves no trace here
+            try:
+                self._submit(requests)  # a core that cannot take them leaves no trace here
+            except BaseException:
+                self._num_live.give(wanted)
+                raise
             for request, stream in zip(requests, streams, strict=True):
                 self._streams[request.request_id] = stream
                 self._open[request.request_id] = set(range(request.params.n))
                 self._live[request.request_id] = set(range(request.params.n))
                 self._prompt_tokens[request.request_id] = len(request.prompt_token_ids)
-            self._num_live += wanted
         return streams
 
     def abort(self, request_id: str, index: int | None = None) -> None:
@@ -173,7 +181,7 @@ class EngineFront(ABC):
             gone = set(live) if index is None else live & {index}
             if gone:
                 live -= gone
-                self._num_live -= len(gone)
+                self._num_live.give(len(gone))
                 self._submit_abort(request_id, index)
 
     @abstractmethod
@@ -217,6 +225,7 @@ class EngineFront(ABC):
                 rows.append(row)
         finishes = outputs.finishes
         items = []
+        freed = 0
         with self._cond:
             for request_id, rows in by_request.items():
                 stream = self._streams.get(request_id)
@@ -232,10 +241,12 @@ class EngineFront(ABC):
                         still_open.discard(index)
                         if index in live:
                             live.discard(index)
-                            self._num_live -= 1
+                            freed += 1
                 if not still_open:
                     del self._streams[request_id], self._open[request_id]
                     del self._live[request_id], self._prompt_tokens[request_id]
+            if freed:
+                self._num_live.give(freed)
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for stream, rows in items:
             by_loop.setdefault(stream.loop, []).append((stream, rows))
