@@ -3,6 +3,7 @@
 Run (from the repository root; builds a worktree of the baseline commit in /tmp if it is absent):
     nice -n 19 python bench/hostcost.py
     nice -n 19 python bench/hostcost.py --baseline-commit 1446e4f --streams 1 32 256 1024 --repeat 2
+    nice -n 19 python bench/hostcost.py --skip-engine --repeat 2     # the server figures only
 
 The model is a bench-only stand-in (``StandIn``): a GPT-2-vocabulary network whose packed forward
 returns fixed logits (no matmuls, no attention), so every second a step takes is host work:
@@ -13,10 +14,15 @@ this one side by side, each measured in fresh processes that import only that tr
    here, ``Engine.iterate`` in a baseline without it) serving ``S`` greedy requests of
    ``--max-tokens`` tokens together (S = 1, 32, 256, 1024), CPU seconds of the process / tokens;
 2. **server CPU per streamed token over HTTP** at ``--http-streams`` streams: the server runs the
-   stand-in engine behind the production server (``service.server.serve``); ``--clients`` load
-   processes keep the streams busy (closed loop, raw sockets, one connection per request) and
-   print their own CPU; the server's CPU (every process of the server's tree, read from
-   /proc/<pid>/stat) over the load window / tokens the clients received.
+   stand-in engine behind the production server (``service.server.serve``), for this tree with
+   each engine core of ``--cores`` (``thread``: ``Engine``; ``process``: ``CoreClient``, whose
+   spawned core builds the stand-in through ``CoreSpec.model_factory``, a bench/test-only hook)
+   and for the baseline with its thread; ``--clients`` load processes keep the streams busy
+   (closed loop, raw sockets, one connection per request) and print their own CPU; the server's
+   CPU (every process of the server's tree, read from /proc/<pid>/stat) over the load window /
+   tokens the clients received. Below each figure: the engine's steps and mean rows a step
+   (from /metrics), the tokens per SSE event, and each busy thread's CPU per token (from
+   /proc/<pid>/task/<tid>/stat); ``--profile FILE`` adds a cProfile of the event loop.
 It prints both trees' figures and the ratio new / baseline (the target is at most 1/3).
 """
 
@@ -27,6 +33,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -36,23 +43,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 TOKEN = 262  # " the" in GPT-2's BPE: the stand-in's argmax, never eos
 PROMPT = "The quick brown fox jumps over the lazy dog"
+THREAD_NAMES = "/tmp/hostcost-threads-{pid}.json"
 
 
 # ---- the stand-in engine (runs inside a worker process, importing the tree under test) --------
 
-def stand_in_engine(slots: int, max_queue: int = 256, threads: int | None = None):
-    """An unstarted ``Engine`` over a GPT-2-vocabulary model whose forward returns fixed logits;
-    ``threads`` fixes the engine's intra-op threads where the tree has that knob."""
-    import dataclasses
-
+def stand_in_checkpoint():
+    """A ``Checkpoint`` over a GPT-2-vocabulary model whose forward returns fixed logits (the
+    engine-core process builds its model with this: ``CoreSpec.model_factory``)."""
     import torch
 
     from model.checkpoint.common import Checkpoint
     from model.config import GPTConfig
     from model.gpt import GPT
     from model.tokenizer import TiktokenTokenizer
-    from service.engine import Engine
-    from service.engine.config import EngineConfig
 
     class StandIn(GPT):
         """Fixed logits (argmax ``TOKEN``) for every row asked for: a forward that costs ~0."""
@@ -78,24 +82,37 @@ def stand_in_engine(slots: int, max_queue: int = 256, threads: int | None = None
     # the model's vocabulary is GPT-2's first 512 ids (bytes and the commonest merges): the
     # sampler's argmax over it costs ~0, as it would on a GPU; the tokenizer is GPT-2's whole
     config = GPTConfig(block_size=256, vocab_size=512, n_layer=1, n_head=1, n_embd=8)
-    checkpoint = Checkpoint(StandIn(config), tokenizer, config, "gptserve",
-                            HERE / "weights" / "shakespeare-char")
-    # a tree with a thread plan (``threads``) sets the count at every step, over the one above
-    knob = {"threads": threads} if threads and "threads" in {
-        f.name for f in dataclasses.fields(EngineConfig)} else {}
-    engine_config = EngineConfig(max_batch_size=slots, max_queue=max_queue, device="cpu",
-                                 dtype="float32", max_request_sequences=64, **knob)
-    return Engine(checkpoint, engine_config)
+    return Checkpoint(StandIn(config), tokenizer, config, "gptserve",
+                      HERE / "weights" / "shakespeare-char")
+
+
+def stand_in_config(slots: int, max_queue: int = 256):
+    from service.engine.config import EngineConfig
+
+    fields = EngineConfig.__dataclass_fields__  # one intra-op thread where the tree has the knob
+    threads = {"threads": 1} if "threads" in fields else {}
+    return EngineConfig(max_batch_size=slots, max_queue=max_queue, device="cpu",
+                        dtype="float32", max_request_sequences=64, **threads)
+
+
+def stand_in_engine(slots: int, core: str = "thread"):
+    """An unstarted engine serving the stand-in: on a thread of this process (``Engine``) or in
+    an engine-core process (``CoreClient``, which builds the model from ``model_factory``)."""
+    if core == "process":
+        from service.engine.client import CoreClient
+
+        return CoreClient(stand_in_checkpoint(), stand_in_config(slots), log_level="warning",
+                          model_factory="bench.hostcost:stand_in_checkpoint")
+    from service.engine import Engine
+
+    return Engine(stand_in_checkpoint(), stand_in_config(slots))
 
 
 def worker_engine(streams: int, max_tokens: int) -> dict:
     """In-process: ``streams`` requests served together by ``Engine.run``; CPU s per token."""
     from service.engine.types import Request, SamplingParams
 
-    # one thread in both trees: the baseline has no thread plan and runs the one set above; this
-    # tree's adaptive plan would start at every CPU, and an idle OpenMP thread's spinning is CPU
-    # time of the process (2-3x the figure at 256 streams here)
-    engine = stand_in_engine(streams, threads=1)
+    engine = stand_in_engine(streams)
     prompt = tuple(engine.tokenizer.encode(PROMPT))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     list(engine.iterate([Request("warm", prompt, SamplingParams(max_tokens=4, temperature=0.0))]))
@@ -114,8 +131,15 @@ def worker_engine(streams: int, max_tokens: int) -> dict:
     return {"streams": streams, "tokens": tokens, "cpu_s": cpu, "wall_s": wall}
 
 
-def worker_server(port: int, slots: int) -> None:
-    """The production server (``service.server.serve``) over the stand-in engine."""
+def worker_server(port: int, slots: int, core: str, profile: Path | None = None) -> None:
+    """The production server (``service.server.serve``) over the stand-in engine, its core on
+    a thread or in a process of its own (``core``). SIGUSR1 writes its threads' names by native
+    id to ``THREAD_NAMES`` (read by ``_thread_report``; the core's threads are named by pid).
+    ``profile``: cProfile the main thread (the event loop) in its own CPU time
+    (``time.thread_time``: other threads and processes, and waiting for a CPU, do not count)
+    and write the stats there on exit."""
+    import threading
+
     from service.logs import configure_logging
     from service.server import serve
     from service.settings import Settings
@@ -126,13 +150,38 @@ def worker_server(port: int, slots: int) -> None:
                                checkpoint=HERE / "weights" / "shakespeare-char")
     configure_logging(settings.log_level, settings.log_format)
     sockets = bind(settings.host, settings.port)
-    sys.exit(serve(settings, sockets, settings.transport,
-                   engine=stand_in_engine(slots)))
+
+    def name_threads(_sig, _frame) -> None:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        Path(THREAD_NAMES.format(pid=os.getpid())).write_text(json.dumps(names))
+
+    signal.signal(signal.SIGUSR1, name_threads)
+    if hasattr(settings, "transport"):
+        limits = settings.transport
+    else:  # a baseline tree from before Settings.transport
+        from service.transport.limits import TransportLimits
+
+        limits = TransportLimits.from_settings(settings)
+    engine = stand_in_engine(slots, core)
+    if profile is None:
+        sys.exit(serve(settings, sockets, limits, engine=engine))
+    import cProfile
+
+    profiler = cProfile.Profile(time.thread_time)
+    profiler.enable()
+    try:
+        status = serve(settings, sockets, limits, engine=engine)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    sys.exit(status)
 
 
 # ---- the load generator (raw sockets: the client must never be the limit) --------------------
 
-async def _one_request(port: int, body: bytes) -> int:
+async def _one_request(port: int, body: bytes) -> tuple[int, int]:
+    """One streamed request: the tokens it got (its usage) and the SSE events that carried
+    them (one per token when the client keeps up; fewer when the server merged a backlog)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -141,34 +190,39 @@ async def _one_request(port: int, body: bytes) -> int:
     tail = data[data.rfind(b'"completion_tokens":') + 20:]
     if not data.startswith(b"HTTP/1.1 200") or b"[DONE]" not in data:
         raise RuntimeError(f"bad response: {data[:200]!r}")
-    return int(tail[: tail.index(b",")])
+    # every event but the usage chunk and [DONE] carried text (the stand-in's " the" tokens)
+    return int(tail[: tail.index(b",")]), data.count(b"data: ") - 2
 
 
-async def _client(port: int, streams: int, requests: int, max_tokens: int) -> int:
+async def _client(port: int, streams: int, requests: int, max_tokens: int
+                  ) -> tuple[int, int]:
     body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True,
                        "stream_options": {"include_usage": True}}).encode()
     left = [requests]
 
-    async def stream() -> int:
-        got = 0
+    async def stream() -> tuple[int, int]:
+        tokens = events = 0
         while left[0] > 0:
             left[0] -= 1
-            got += await _one_request(port, body)
-        return got
+            got = await _one_request(port, body)
+            tokens, events = tokens + got[0], events + got[1]
+        return tokens, events
 
-    return sum(await asyncio.gather(*(stream() for _ in range(streams))))
+    counts = await asyncio.gather(*(stream() for _ in range(streams)))
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def worker_client(port: int, streams: int, requests: int, max_tokens: int) -> None:
-    tokens = asyncio.run(_client(port, streams, requests, max_tokens))
+    tokens, events = asyncio.run(_client(port, streams, requests, max_tokens))
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"tokens": tokens, "cpu_s": usage.ru_utime + usage.ru_stime}))
+    print(json.dumps({"tokens": tokens, "events": events,
+                      "cpu_s": usage.ru_utime + usage.ru_stime}))
 
 
 # ---- the driver ------------------------------------------------------------------------------
 
-def _tree_cpu(root: int) -> float:
+def tree_cpu(root: int) -> float:
     """CPU seconds (user + system) of ``root`` and every live process below it, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     children: dict[int, list[int]] = {}
@@ -189,6 +243,66 @@ def _tree_cpu(root: int) -> float:
             total += (int(stats[pid][11]) + int(stats[pid][12])) / tick
         todo += children.get(pid, [])
     return total
+
+
+def tree_threads(root: int) -> dict[tuple[int, int], tuple[str, int]]:
+    """Every thread of ``root``'s process tree: (pid, tid) -> (its comm, its CPU ticks)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(text[text.rindex(")") + 2:].split()[1])
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo += [child for child, parent in parents.items() if parent == pid]
+    threads = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2:].split()
+            name = text[text.index("(") + 1:text.rindex(")")]
+            threads[pid, int(tid)] = (name, int(fields[11]) + int(fields[12]))
+    return threads
+
+
+def _thread_report(server: subprocess.Popen, before: dict, after: dict, tokens: int) -> None:
+    """Print each busy thread's CPU per streamed token, by process: the front end (the server
+    worker; thread names from its SIGUSR1 dump), its engine-core process (``main`` steps)."""
+    names: dict[str, str] = {}
+    path = Path(THREAD_NAMES.format(pid=server.pid))
+    server.send_signal(signal.SIGUSR1)
+    for _ in range(50):
+        if path.exists():
+            try:
+                names = json.loads(path.read_text())
+                break
+            except ValueError:  # being written
+                pass
+        time.sleep(0.1)
+    path.unlink(missing_ok=True)
+    tick = os.sysconf("SC_CLK_TCK")
+    rows = []
+    for (pid, tid), (comm, ticks) in after.items():
+        used = ticks - before.get((pid, tid), (comm, 0))[1]
+        if used <= 0:
+            continue
+        process = "front end" if pid == server.pid else f"core {pid}"
+        name = "main" if tid == pid else names.get(str(tid), comm) if pid == server.pid else comm
+        rows.append((process, name, tid, used / tick / tokens * 1e6))
+    for process, name, tid, us in sorted(rows, key=lambda r: (r[0], -r[3])):
+        print(f"      {process:>12}  {name:>22} (tid {tid:7d})  {us:7.1f} us/token", flush=True)
 
 
 def _run_worker(tree: Path, *args: str) -> subprocess.Popen:
@@ -216,30 +330,59 @@ def _best(runs: list):
     return min(runs)
 
 
-def server_figure(tree: Path, port: int, streams: int, clients: int, requests: int,
-                  max_tokens: int) -> float:
-    server = _run_worker(tree, "--worker", "server", "--port", str(port), "--n", str(streams))
+def server_figure(tree: Path, core: str, port: int, streams: int, clients: int, requests: int,
+                  max_tokens: int, profile: Path | None = None) -> float:
+    server = _run_worker(tree, "--worker", "server", "--port", str(port), "--n", str(streams),
+                         "--core", core, *(["--profile", str(profile)] if profile else []))
     try:
         _wait_ready(port, server)
         warm = _run_worker(tree, "--worker", "client", "--port", str(port), "--n", "4",
                            "--requests", "8", "--max-tokens", "8")
         warm.communicate()
-        cpu0 = _tree_cpu(server.pid)
+        cpu0, threads0 = tree_cpu(server.pid), tree_threads(server.pid)
+        steps0, start = _steps(port), time.perf_counter()
         per = streams // clients
         procs = [_run_worker(tree, "--worker", "client", "--port", str(port), "--n", str(per),
                              "--requests", str(requests // clients), "--max-tokens",
                              str(max_tokens)) for _ in range(clients)]
         results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-        cpu = _tree_cpu(server.pid) - cpu0
+        cpu, threads = tree_cpu(server.pid) - cpu0, tree_threads(server.pid)
+        wall = time.perf_counter() - start
+        steps = [b - a for a, b in zip(steps0, _steps(port), strict=True)]
+        tokens = sum(r["tokens"] for r in results)
+        events = sum(r["events"] for r in results)
+        client_cpu = ", ".join(f"{r['cpu_s']:.1f}" for r in results)
+        print(f"  {tree.name:>24}  server ({core:>7} core)  {streams:5d} streams  "
+              f"{cpu / tokens * 1e6:8.1f} us/token ({tokens} tokens in {wall:.1f} s, server "
+              f"{cpu:.1f} CPU s; load processes {client_cpu} CPU s; {steps[0]:.0f} engine steps "
+              f"of {steps[1] / max(steps[0], 1):.1f} rows on average; {tokens / events:.2f} "
+              "tokens per SSE event)", flush=True)
+        _thread_report(server, threads0, threads, tokens)
     finally:
         server.terminate()
         server.wait(60)
-    tokens = sum(r["tokens"] for r in results)
-    client_cpu = ", ".join(f"{r['cpu_s']:.1f}" for r in results)
-    print(f"  {tree.name:>24}  server  {streams:5d} streams  {cpu / tokens * 1e6:8.1f} us/token "
-          f"({tokens} tokens, server {cpu:.1f} CPU s; load processes {client_cpu} CPU s)",
-          flush=True)
+    if profile is not None:
+        import pstats
+
+        print(f"      the event loop's CPU by function (cProfile, thread time, its overhead "
+              f"included; whole run, warm-up too; stats in {profile}):")
+        pstats.Stats(str(profile), stream=sys.stdout).sort_stats("tottime").print_stats(30)
     return cpu / tokens
+
+
+def _steps(port: int) -> tuple[float, float]:
+    """The engine steps taken so far and the rows they ran (``gptserve_batch_size``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    found = {}
+    for line in data.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("gptserve_batch_size_count", "gptserve_batch_size_sum"):
+            found[name] = float(value)
+    return found["gptserve_batch_size_count"], found["gptserve_batch_size_sum"]
 
 
 def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -276,6 +419,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-requests", type=int, default=512)
     parser.add_argument("--clients", type=int, default=4, help="load generator processes")
     parser.add_argument("--port", type=int, default=18100)
+    parser.add_argument("--cores", nargs="+", choices=("thread", "process"),
+                        default=["thread", "process"],
+                        help="this tree's server engine cores (the baseline has only a thread)")
+    parser.add_argument("--profile", type=Path,
+                        help="cProfile the server's event loop; stats to this file (the "
+                             "profiler's overhead inflates that run's figure)")
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--only-new", action="store_true", help="skip the baseline tree")
@@ -285,12 +434,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tree", type=Path)
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--requests", type=int, default=1)
+    parser.add_argument("--core", choices=("thread", "process"), default="thread")
     args = parser.parse_args(argv)
     if args.worker == "engine":
         print(json.dumps(worker_engine(args.n, args.max_tokens)))
         return
     if args.worker == "server":
-        worker_server(args.port, args.n)
+        worker_server(args.port, args.n, args.core, args.profile)
         return
     if args.worker == "client":
         worker_client(args.port, args.n, args.requests, args.max_tokens)
@@ -298,28 +448,30 @@ def main(argv: list[str] | None = None) -> None:
     trees = [baseline_tree(args.baseline_commit), HERE]
     if args.only_new:
         trees = [HERE, HERE]
+    # the baseline's server (a thread engine), then this tree's with each core asked for
+    servers = list(dict.fromkeys([(trees[0], "thread")] + [(HERE, core) for core in args.cores]))
     runs: dict[Path, list] = {tree: [] for tree in trees}
-    server_runs: dict[Path, list] = {tree: [] for tree in trees}
+    server_runs: dict[tuple[Path, str], list] = {server: [] for server in servers}
     for _ in range(args.repeat):  # the trees alternate, so a burst of load hits both alike
         for tree in trees:
             if not args.skip_engine:
                 runs[tree].append(engine_figures(tree, args.streams, args.max_tokens))
-            if not args.skip_server:
-                server_runs[tree].append(server_figure(
-                    tree, args.port, args.http_streams, args.clients, args.http_requests,
-                    args.max_tokens))
+        for tree, core in servers if not args.skip_server else []:
+            server_runs[tree, core].append(server_figure(
+                tree, core, args.port, args.http_streams, args.clients, args.http_requests,
+                args.max_tokens, args.profile))
     engine = {tree: _best(r) for tree, r in runs.items() if r}
-    server = {tree: _best(r) for tree, r in server_runs.items() if r}
+    server = {key: _best(r) for key, r in server_runs.items() if r}
     old, new = trees
     print(f"\nhost cost, {new.name} vs {old.name}, best of {args.repeat} "
           "(new / old; target <= 0.33)")
     for s in args.streams if engine else []:
         print(f"  engine in-process, {s:5d} streams: {engine[old][s] * 1e6:8.1f} -> "
               f"{engine[new][s] * 1e6:8.1f} us/token  ({engine[new][s] / engine[old][s]:.2f}x)")
-    if server:
-        print(f"  server over HTTP, {args.http_streams:5d} streams: {server[old] * 1e6:8.1f} -> "
-              f"{server[new] * 1e6:8.1f} us/token  ({server[new] / server[old]:.2f}x)")
-
+    base = server.get(servers[0])
+    for (_tree, core), figure in list(server.items())[1:]:
+        print(f"  server over HTTP, {args.http_streams:5d} streams, {core:>7} core: "
+              f"{base * 1e6:8.1f} -> {figure * 1e6:8.1f} us/token  ({figure / base:.2f}x)")
 
 if __name__ == "__main__":
     main()

@@ -9,10 +9,14 @@ Against a server that is already running (same checkpoint and engine flags for a
 One workload (``--requests`` prompts of mixed length, ``--max-tokens`` new tokens each, greedy
 by default) is served twice in the same run, alternating ``--rounds`` times:
 1. over HTTP: ``--concurrency`` streaming clients (closed loop: each sends its next request when
-   the previous stream ends), or Poisson arrivals at ``--rate`` requests/s (open loop);
-2. in-process: the same ``Engine`` API the server uses, driven by the same client pattern.
+   the previous stream ends), or Poisson arrivals at ``--rate`` requests/s (open loop), spread
+   over ``--clients`` load processes (each its share of the streams and prompts, on raw sockets)
+   so that one client process is never the limit; their CPU seconds are printed beside the
+   server's (every process of its tree: the front end and its engine core, from /proc);
+2. in-process: the same ``Engine`` API the server uses, driven by the same client pattern in
+   this process (its CPU seconds printed too).
 It prints TTFT and inter-token latency (p50/p99), output tokens/s and requests/s for both, and
-the ratio HTTP tokens/s / in-process tokens/s (target at 32 streams: >= 0.85).
+the ratio HTTP tokens/s / in-process tokens/s (target at 32 and 256 streams: >= 0.9).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
+import resource
 import socket
 import statistics
 import subprocess
@@ -33,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from hostcost import tree_cpu, tree_threads
 
 from service.app import engine_config
 from service.settings import Settings
@@ -167,8 +174,13 @@ def engine_request(
 
 async def drive(serve_one, prompts: list[list[int]], cfg: BenchConfig) -> Summary:
     """Closed loop (``concurrency`` workers) or Poisson arrivals; returns the summary."""
-    traces: list[Trace] = []
     start = time.perf_counter()
+    traces = await drive_traces(serve_one, prompts, cfg)
+    return summarize(traces, time.perf_counter() - start)
+
+
+async def drive_traces(serve_one, prompts: list[list[int]], cfg: BenchConfig) -> list[Trace]:
+    traces: list[Trace] = []
     if cfg.rate is None:
         queue = list(prompts)
 
@@ -184,7 +196,81 @@ async def drive(serve_one, prompts: list[list[int]], cfg: BenchConfig) -> Summar
             tasks.append(asyncio.create_task(serve_one(prompt, cfg)))
             await asyncio.sleep(rng.expovariate(cfg.rate))
         traces = list(await asyncio.gather(*tasks))
-    return summarize(traces, time.perf_counter() - start)
+    return traces
+
+
+# -- the load processes ---------------------------------------------------------------------
+
+
+def load_process(base: tuple[str, int], prompts: list[list[int]], cfg: BenchConfig, conn,
+                 go) -> None:
+    """One load process (a ``spawn`` target): wait for ``go``, drive its share of the streams,
+    send back its traces and the CPU seconds the drive took."""
+    conn.send("ready")
+    go.wait()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    traces = asyncio.run(drive_traces(lambda pr, c: http_request(base, pr, c), prompts, cfg))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    conn.send(([(t.sent, t.arrivals, t.tokens, t.done) for t in traces], cpu))
+    conn.close()
+
+
+def _print_threads(server_pid: int, before: dict, after: dict) -> None:
+    """The server's threads that used CPU in the round: process (the front end, or a child:
+    the engine core), thread (``main``: the event loop, or the core's loop) and CPU seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = []
+    for (pid, tid), (comm, ticks) in after.items():
+        used = (ticks - before.get((pid, tid), (comm, 0))[1]) / tick
+        if used >= 0.05:
+            process = "front end" if pid == server_pid else f"child {pid}"
+            busy.append((process, "main" if tid == pid else f"{comm} {tid}", used))
+    print("  server threads (CPU s): " + ", ".join(
+        f"{process} {name} {used:.1f}" for process, name, used in sorted(busy)), flush=True)
+
+
+def drive_http(base: tuple[str, int], prompts: list[list[int]], cfg: BenchConfig, clients: int,
+               server_pid: int | None) -> tuple[Summary, list[float], float | None]:
+    """The workload over HTTP from ``clients`` load processes: the summary, each load process's
+    CPU seconds and the server tree's (None for a server this bench did not start); prints
+    the server's busy threads (CPU s of each, by process)."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process with an engine thread
+    go = context.Event()
+    shares = []
+    for i in range(clients):
+        concurrency = cfg.concurrency // clients + (i < cfg.concurrency % clients)
+        rate = cfg.rate / clients if cfg.rate else None
+        share = BenchConfig(**{**cfg.__dict__, "concurrency": concurrency, "rate": rate,
+                               "seed": cfg.seed + i, "requests": len(prompts[i::clients])})
+        shares.append((prompts[i::clients], share))
+    pipes, procs = [], []
+    for share_prompts, share in shares:
+        ours, theirs = context.Pipe()
+        proc = context.Process(target=load_process, args=(base, share_prompts, share, theirs, go),
+                               name="serve-bench-load", daemon=True)
+        proc.start()
+        pipes.append(ours)
+        procs.append(proc)
+    for conn in pipes:
+        conn.recv()  # "ready": imported and waiting
+    server0 = tree_cpu(server_pid) if server_pid else None
+    threads0 = tree_threads(server_pid) if server_pid else {}
+    start = time.perf_counter()
+    go.set()
+    traces: list[Trace] = []
+    load_cpu = []
+    for conn in pipes:
+        rows, cpu = conn.recv()
+        traces += [Trace(sent, arrivals, tokens, done) for sent, arrivals, tokens, done in rows]
+        load_cpu.append(cpu)
+    wall = max(t.done for t in traces) - start
+    server_cpu = tree_cpu(server_pid) - server0 if server_pid else None
+    if server_pid:
+        _print_threads(server_pid, threads0, tree_threads(server_pid))
+    for proc in procs:
+        proc.join(30)
+    return summarize(traces, wall), load_cpu, server_cpu
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -286,7 +372,7 @@ def print_table(cfg: BenchConfig, http: Summary, local: Summary) -> None:
     for name, a, b in rows:
         print(f"| {name:22} | {a:>20} | {b:>20} |")
     ratio = http.tokens_per_s / local.tokens_per_s
-    print(f"\nHTTP / in-process output tokens/s (best rounds): {ratio:.3f} (target >= 0.85)")
+    print(f"\nHTTP / in-process output tokens/s (best rounds): {ratio:.3f} (target >= 0.9)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--rounds", type=int, default=3, help="alternations of HTTP and in-process")
+    p.add_argument("--clients", type=int, default=4,
+                   help="load processes driving the HTTP streams (each its share)")
     p.add_argument("--server-args", default="",
                    help="more flags for the server it starts, e.g. '--engine-core thread'")
     args = p.parse_args(argv)
@@ -336,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{cfg.prompt_tokens[0]}-{cfg.prompt_tokens[1]} tokens, {cfg.max_tokens} new "
             f"tokens, temperature {cfg.temperature}; torch threads "
             f"{os.environ.get('OMP_NUM_THREADS', 'default')}; {cfg.rounds} round(s), best "
-            "of each reported\n"
+            f"of each reported; HTTP load from {args.clients} processes\n"
         )
         extra = args.server_args.split()
         proc, url = (None, cfg.url) if cfg.url else start_server(checkpoint, settings, extra)
@@ -354,13 +442,20 @@ def main(argv: list[str] | None = None) -> int:
                 warm = BenchConfig(**{**cfg.__dict__, "requests": 4, "max_tokens": 8})
                 await drive(serve_http, prompts[:4], warm)
                 await drive(serve_local, prompts[:4], warm)
+                server_pid = proc.pid if proc is not None else None
                 for r in range(cfg.rounds):
+                    cpu0 = time.process_time()
                     local = await drive(serve_local, prompts, cfg)
-                    http = await drive(serve_http, prompts, cfg)
+                    local_cpu = time.process_time() - cpu0
+                    http, load_cpu, server_cpu = await asyncio.to_thread(
+                        drive_http, base, prompts, cfg, args.clients, server_pid)
                     ratios.append(http.tokens_per_s / local.tokens_per_s)
+                    server = "" if server_cpu is None else f"server {server_cpu:.1f} CPU s, "
+                    loads = ", ".join(f"{c:.1f}" for c in load_cpu)
                     print(
-                        f"round {r + 1}: HTTP {http.tokens_per_s:,.0f} tok/s, in-process "
-                        f"{local.tokens_per_s:,.0f} tok/s, ratio {ratios[-1]:.3f}"
+                        f"round {r + 1}: HTTP {http.tokens_per_s:,.0f} tok/s ({server}load "
+                        f"processes {loads} CPU s), in-process {local.tokens_per_s:,.0f} tok/s "
+                        f"({local_cpu:.1f} CPU s), ratio {ratios[-1]:.3f}", flush=True
                     )
                     if best_http is None or http.tokens_per_s > best_http.tokens_per_s:
                         best_http = http

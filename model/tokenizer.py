@@ -128,6 +128,10 @@ class TiktokenTokenizer:
     def __init__(self, encoding, spec: dict[str, Any]) -> None:
         self._enc = encoding
         self._spec = spec
+        # token_bytes' answers so far: the server detokenizes every streamed token through it,
+        # and a dict lookup is cheaper than the checked call (IncrementalDecoder.push_many: 0.29
+        # us a token instead of 0.47 here); a few MB at most
+        self._bytes: dict[int, bytes] = {}
 
     @classmethod
     def by_name(cls, name: str) -> TiktokenTokenizer:
@@ -196,14 +200,19 @@ class TiktokenTokenizer:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
+        known = self._bytes.get(token_id)
+        if known is not None:
+            return known
         if not 0 <= token_id < self._enc.n_vocab:
             raise TokenizerError(
                 f"token id {token_id} is outside the vocabulary [0, {self._enc.n_vocab})"
             )
         try:
-            return self._enc.decode_single_token_bytes(token_id)
+            raw = self._enc.decode_single_token_bytes(token_id)
         except KeyError:
             raise TokenizerError(f"token id {token_id} has no bytes in this vocabulary") from None
+        self._bytes[token_id] = raw
+        return raw
 
     def spec(self) -> dict[str, Any]:
         return dict(self._spec)

@@ -87,3 +87,19 @@ def test_a_lagging_stream_sends_every_ready_token_in_one_valid_chunk(tiny_checkp
         assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
         assert choice["text"] == "".join(lp["tokens"]), "the text and its tokens disagree"
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_gathering_a_reads_worth_of_steps_equals_taking_them_one_at_a_time():
+    plain = _events("r", [5, 6, 7])
+    plain.request_ids[1] = "other"  # another stream's row of the same step
+    with_logprobs = _events("r", [8, 9], finish=True)
+    with_logprobs.logprobs = [-0.5, -1.5]
+    with_logprobs.top_logprobs = [None, ()]
+    parts = [(plain, [0, 2]), (with_logprobs, [0, 1]), (_events("r", [10]), [0])]
+    taken = TokenEvents()
+    for events, rows in parts:
+        taken.take(events, rows)
+    gathered = TokenEvents.gather(parts)
+    assert gathered == taken, f"gather differs from take:\n{gathered}\n{taken}"
+    assert gathered.token_ids == [5, 7, 8, 9, 10] and list(gathered.finishes) == [3], gathered
+    assert gathered.logprobs == [None, None, -0.5, -1.5, None], gathered.logprobs

@@ -1,10 +1,12 @@
 """The engine core in its own process (``--engine-core process``, the default): a real
 ``python -m service`` whose core is SIGKILLed under load ends every live stream with an error,
 says why on /health, and exits 4; a killed front end takes its core with it; the core's stats
-reach the front end's /metrics; the per-step message round-trips every column."""
+reach the front end's /metrics; the per-step message round-trips every column; a bench's
+``model_factory`` replaces the checkpoint the core would load."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -21,7 +23,11 @@ from deploy_support import (
     metric_value,
     stream_completion,
 )
+from engine_support import engine, request, tiny_checkpoint
 
+from model import load_checkpoint, save_checkpoint
+from service.engine.client import CoreClient, CoreStartError
+from service.engine.config import EngineConfig
 from service.engine.types import (
     EngineStats,
     Finish,
@@ -174,3 +180,38 @@ def test_a_constraint_compiled_in_the_front_end_is_honoured_by_the_core(tiny_che
         bad = httpx.post(srv.url + "/v1/completions", timeout=60, json={
             "prompt": "ab", "max_tokens": 10, "structured_outputs": {"regex": "(unclosed"}})
         assert bad.status_code == 400 and "structured_outputs" in bad.text, bad.text
+
+
+def _greedy(eng, prompt: str, max_tokens: int = 12) -> list[int]:
+    """The token ids ``eng`` (started here, shut down after) generates greedily for ``prompt``."""
+
+    async def run() -> list[int]:
+        return [out.token_id async for out in eng.add_request(
+            request("r", prompt, max_tokens=max_tokens, temperature=0.0))
+            if out.token_id is not None]
+
+    eng.start()
+    try:
+        return asyncio.run(run())
+    finally:
+        eng.shutdown(5)
+
+
+def test_a_model_factory_is_served_instead_of_the_checkpoint_on_disk(tmp_path):
+    # on disk: another seed's model; the factory (engine_support.tiny_checkpoint) builds seed 0's
+    on_disk = load_checkpoint(save_checkpoint(tmp_path / "ck", tiny_checkpoint(seed=1).model,
+                                              tiny_checkpoint().tokenizer.spec()))
+    config = EngineConfig(device="cpu", max_batch_size=2)
+    served = _greedy(CoreClient(on_disk, config, model_factory="engine_support:tiny_checkpoint"),
+                     "Hello")
+    assert served == _greedy(engine(tiny_checkpoint(), max_batch_size=2), "Hello"), \
+        "the core did not serve the factory's model"
+    assert served != _greedy(engine(on_disk, max_batch_size=2), "Hello"), \
+        "the two models agree: this test cannot tell which one the core served"
+
+
+def test_a_model_factory_that_is_not_module_colon_function_fails_the_start(tmp_path):
+    on_disk = load_checkpoint(save_checkpoint(tmp_path / "ck", tiny_checkpoint().model,
+                                              tiny_checkpoint().tokenizer.spec()))
+    with pytest.raises(CoreStartError, match="model_factory must be 'module:function'"):
+        CoreClient(on_disk, EngineConfig(device="cpu"), model_factory="engine_support")

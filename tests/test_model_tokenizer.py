@@ -62,6 +62,17 @@ def test_bpe_incremental_decoder_never_emits_partial_characters(bpe):
     assert all("\ufffd" not in p for p in pieces), f"partial character emitted: {pieces}"
 
 
+def test_bpe_token_bytes_stay_tiktokens_on_every_call_and_bad_ids_still_raise():
+    bpe = TiktokenTokenizer.by_name("gpt2")  # its own: token_bytes keeps what it answered
+    ids = [0, 262, 50256, 262, 0]
+    first, again = [bpe.token_bytes(i) for i in ids], [bpe.token_bytes(i) for i in ids]
+    expected = [bpe._enc.decode_single_token_bytes(i) for i in ids]
+    assert first == again == expected, "a repeated token_bytes call changed its answer"
+    for bad in (50257, -1, 50257):  # twice: a refusal is never remembered as an answer
+        with pytest.raises(TokenizerError, match=rf"token id {bad} is outside the vocabulary"):
+            bpe.token_bytes(bad)
+
+
 def test_bpe_special_token_text_is_plain_text(bpe):
     assert 50256 not in bpe.encode("<|endoftext|>")
 

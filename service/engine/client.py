@@ -61,10 +61,13 @@ class CoreClient(EngineFront):
     fatal_on_failure = True
 
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, *,
-                 log_level: str = "info", log_format: str = "text", fronts: int = 1) -> None:
+                 log_level: str = "info", log_format: str = "text", fronts: int = 1,
+                 model_factory: str | None = None) -> None:
         """Spawn the core for ``checkpoint`` and be its front end 0. ``fronts`` > 1: the core
         serves that many API-server processes; the others join with ``attach(self.seat(i))``,
-        and admission counts every front end's sequences against one capacity."""
+        and admission counts every front end's sequences against one capacity.
+        ``model_factory`` (bench and tests only): "module:function" that the core calls for the
+        checkpoint to serve instead of loading ``checkpoint.path`` (``CoreSpec``)."""
         config = config or EngineConfig()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
@@ -75,7 +78,7 @@ class CoreClient(EngineFront):
         self.fronts = fronts
         self._open_sockets(0)
         spec = CoreSpec(checkpoint.path, config, *_addresses(self._dir, fronts),
-                        log_level, log_format)
+                        log_level, log_format, model_factory)
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_core, args=(spec,), name="gptserve-engine-core", daemon=True)
         self._process.start()

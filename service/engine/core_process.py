@@ -17,6 +17,7 @@ fires when the *thread* that spawned the core exits, and a loading thread spawns
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import os
 import signal
@@ -46,6 +47,10 @@ class CoreSpec:
     outputs: tuple[str, ...]  # per front end (API-server process): where it pulls step messages
     log_level: str = "info"
     log_format: str = "text"
+    # bench and tests only: "module:function", a function of no arguments returning the
+    # ``Checkpoint`` to serve instead of loading ``checkpoint`` (bench/hostcost.py's stand-in
+    # whose forward costs nothing); imported and called in the core process
+    model_factory: str | None = None
 
 
 def run_core(spec: CoreSpec) -> None:
@@ -89,8 +94,10 @@ def _build(spec: CoreSpec):
     from service.engine.memory import plan_slots
 
     config = spec.config
-    # the front end loaded this checkpoint already (and checked it fits): no second budget
-    checkpoint = load_checkpoint(spec.checkpoint, budget=lambda _config: None)
+    if spec.model_factory is not None:
+        checkpoint = _from_factory(spec.model_factory)
+    else:  # the front end loaded this checkpoint already (and checked it fits): no second budget
+        checkpoint = load_checkpoint(spec.checkpoint, budget=lambda _config: None)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     n_slots = plan_slots(checkpoint.config, dtype, config, device)
@@ -113,6 +120,14 @@ def _build(spec: CoreSpec):
                     vocab_size=checkpoint.tokenizer.vocab_size,
                     block_size=checkpoint.config.block_size, pid=os.getpid())
     return core, info
+
+
+def _from_factory(name: str):
+    """The checkpoint that the function ``name`` ("module:function") returns."""
+    module, colon, function = name.partition(":")
+    if not (module and colon and function):
+        raise ValueError(f"model_factory must be 'module:function', got {name!r}")
+    return getattr(importlib.import_module(module), function)()
 
 
 class Outputs:

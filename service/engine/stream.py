@@ -36,7 +36,10 @@ class RequestStream:
         self.request_id = request_id
         self._remaining = n  # choices whose finishing event has not been read
         self._loop = loop
-        self._pending = TokenEvents()
+        # the rows of each step's events handed over since the last read, gathered into one
+        # ``TokenEvents`` when the consumer reads (``TokenEvents.gather``), not row by row
+        self._parts: list[tuple[TokenEvents, list[int]]] = []
+        self._waiting = 0  # events in _parts
         self._waiter: asyncio.Future | None = None
         self._outs: deque[RequestOutput] = deque()  # read, not yet iterated (``__anext__``)
         self._on_abort = on_abort
@@ -53,8 +56,9 @@ class RequestStream:
         put_all(self._loop, events, [(self, list(range(len(events))))])
 
     def _check_backlog(self, incoming: int) -> None:
-        # the length of a list another thread appends to: a racy read, good enough for a bound
-        waiting = len(self._pending)
+        # a count the event loop updates, read from the engine's thread: racy, good enough for
+        # a bound
+        waiting = self._waiting
         if not self.overflowed and waiting + incoming > self.max_backlog:
             self.overflowed = True
             log.warning("request %s: %d events unread; cancelling it (the client stopped reading)",
@@ -63,7 +67,8 @@ class RequestStream:
 
     def _collect(self, events: TokenEvents, rows: list[int]) -> None:
         """On the event loop: add ``rows`` of a step's events and wake the consumer."""
-        self._pending.take(events, rows)
+        self._parts.append((events, rows))
+        self._waiting += len(rows)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -88,13 +93,14 @@ class RequestStream:
             yield await self._next_batch()
 
     async def _next_batch(self) -> TokenEvents:
-        while not len(self._pending):
+        while not self._waiting:
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        events, self._pending = self._pending, TokenEvents()
+        events = TokenEvents.gather(self._parts)
+        self._parts, self._waiting = [], 0
         self._remaining -= len(events.finishes)
         self.finished = self._remaining <= 0
         return events

@@ -293,6 +293,32 @@ class TokenEvents:
     def extend(self, other: TokenEvents) -> None:
         self.take(other, list(range(len(other))))
 
+    @classmethod
+    def gather(cls, parts: list[tuple[TokenEvents, list[int]]]) -> TokenEvents:
+        """Rows ``rows`` of each ``(events, rows)`` in turn, as one (what ``take`` would build
+        one part at a time, a column at a time: a stream's read of every step since its last
+        read, where each step gave it a row or two)."""
+        if len(parts) == 1 and len(parts[0][1]) == len(parts[0][0]):
+            return parts[0][0]  # one step, all of it this stream's (rows are in order)
+        pairs = [(events, r) for events, rows in parts for r in rows]
+        out = cls(
+            request_ids=[e.request_ids[r] for e, r in pairs],
+            indices=[e.indices[r] for e, r in pairs],
+            token_ids=[e.token_ids[r] for e, r in pairs],
+            crops=[e.crops[r] for e, r in pairs],
+            prompt_cropped=[e.prompt_cropped[r] for e, r in pairs],
+            num_generated=[e.num_generated[r] for e, r in pairs],
+            cached_tokens=[e.cached_tokens[r] for e, r in pairs],
+        )
+        if any(events.logprobs is not None for events, _ in parts):
+            out.logprobs = [None if e.logprobs is None else e.logprobs[r] for e, r in pairs]
+            out.top_logprobs = [None if e.top_logprobs is None else e.top_logprobs[r]
+                                for e, r in pairs]
+        if any(events.finishes for events, _ in parts):
+            out.finishes = {i: e.finishes[r] for i, (e, r) in enumerate(pairs)
+                            if r in e.finishes}
+        return out
+
     def events(self) -> list[RequestOutput]:
         """One ``RequestOutput`` per event (the offline and test API; the server reads columns)."""
         out = []
