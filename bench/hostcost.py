@@ -222,10 +222,8 @@ def worker_client(port: int, streams: int, requests: int, max_tokens: int) -> No
 
 # ---- the driver ------------------------------------------------------------------------------
 
-def tree_cpu(root: int) -> float:
-    """CPU seconds (user + system) of ``root`` and every live process below it, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
+def _process_stats() -> dict[int, list[str]]:
+    """Every live process's /proc/<pid>/stat fields after the name (the parent pid is [1])."""
     stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -233,33 +231,35 @@ def tree_cpu(root: int) -> float:
                 text = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            fields = text[text.rindex(")") + 2:].split()
-            stats[int(entry)] = fields
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:  # utime, stime: fields 14 and 15 of stat (11, 12 after the name)
-            total += (int(stats[pid][11]) + int(stats[pid][12])) / tick
-        todo += children.get(pid, [])
-    return total
+            stats[int(entry)] = text[text.rindex(")") + 2:].split()
+    return stats
 
 
-def tree_threads(root: int) -> dict[tuple[int, int], tuple[str, int]]:
-    """Every thread of ``root``'s process tree: (pid, tid) -> (its comm, its CPU ticks)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                text = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(text[text.rindex(")") + 2:].split()[1])
+def _tree(root: int, stats: dict[int, list[str]]) -> list[int]:
+    """``root`` and every live process below it."""
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
     pids, todo = [], [root]
     while todo:
         pid = todo.pop()
         pids.append(pid)
-        todo += [child for child, parent in parents.items() if parent == pid]
+        todo += children.get(pid, [])
+    return pids
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) of ``root`` and every live process below it, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = _process_stats()
+    # utime, stime: fields 14 and 15 of stat (11, 12 after the name)
+    return sum((int(stats[pid][11]) + int(stats[pid][12])) / tick
+               for pid in _tree(root, stats) if pid in stats)
+
+
+def tree_threads(root: int) -> dict[tuple[int, int], tuple[str, int]]:
+    """Every thread of ``root``'s process tree: (pid, tid) -> (its comm, its CPU ticks)."""
+    pids = _tree(root, _process_stats())
     threads = {}
     for pid in pids:
         try:

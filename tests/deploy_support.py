@@ -263,3 +263,19 @@ http {{
 }}
 """)
     return main
+
+
+def process_gone(pid: int) -> bool:
+    """Process ``pid`` has exited (reaped, or a zombie waiting for its new parent)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def core_pid(server: ServerProcess) -> int:
+    """The pid of the engine-core process a ``python -m service`` logged at start."""
+    found = re.search(r"engine core \(pid (\d+)\)", server.log())
+    assert found, f"the server never logged its engine core:\n{server.log()}"
+    return int(found.group(1))

@@ -23,8 +23,10 @@ import pytest
 from deploy_support import (
     ServerProcess,
     StreamResult,
+    core_pid,
     make_tiny_checkpoint,
     metric_value,
+    process_gone,
     stream_completion,
 )
 
@@ -59,12 +61,6 @@ def _front_end_pid(server: ServerProcess, timeout: float = 90.0) -> int:
             return joined[0]
         time.sleep(0.2)
     raise TimeoutError(f"the second API server never listened:\n{server.log()}")
-
-
-def _core_pid(server: ServerProcess) -> int:
-    found = re.search(r"engine core \(pid (\d+)\)", server.log())
-    assert found, server.log()
-    return int(found.group(1))
 
 
 def _answered_by(server: ServerProcess, status: int) -> set[int]:
@@ -120,19 +116,11 @@ def _owner(server_port: int, client_port: int) -> int | None:
     return None
 
 
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in ("Z", "X")
-
-
 def _wait_gone(pids, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+    while time.monotonic() < deadline and not all(process_gone(p) for p in pids):
         time.sleep(0.1)
-    assert all(_gone(p) for p in pids), f"still running: {[p for p in pids if not _gone(p)]}"
+    assert all(process_gone(p) for p in pids), f"still running: {[p for p in pids if not process_gone(p)]}"
 
 
 def _start(tmp_path: Path, *args: str) -> ServerProcess:
@@ -185,7 +173,7 @@ def test_two_front_ends_share_one_socket_one_core_one_capacity_and_reloads(tmp_p
     try:
         server.wait_ready(90)
         second = _front_end_pid(server)
-        first, core = server.proc.pid, _core_pid(server)
+        first, core = server.proc.pid, core_pid(server)
         assert len({first, second, core}) == 3
 
         # both front ends take connections from the one listening socket
@@ -270,7 +258,7 @@ def test_a_killed_core_or_front_end_stops_every_process_with_exit_4(tmp_path, vi
     server = _start(tmp_path, "--max-batch-size", "8")
     try:
         second = _front_end_pid(server)
-        first, core = server.proc.pid, _core_pid(server)
+        first, core = server.proc.pid, core_pid(server)
         streams = Streams(server.url, 6, temperature=1.0)
         streams.wait_started()
         time.sleep(0.5)

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from deploy_support import (
     ServerProcess,
     StreamResult,
+    core_pid,
     make_tiny_checkpoint,
     metric_value,
+    process_gone,
     stream_completion,
 )
 from engine_support import engine, request, tiny_checkpoint
@@ -42,28 +42,13 @@ pytestmark = pytest.mark.timeout(180)
 STREAMS = 6
 
 
-def _core_pid(server: ServerProcess) -> int:
-    found = re.search(r"engine core \(pid (\d+)\)", server.log())
-    assert found, f"the server never logged its engine core:\n{server.log()}"
-    return int(found.group(1))
-
-
-def _gone(pid: int) -> bool:
-    """The process has exited (reaped, or a zombie waiting for its new parent)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in ("Z", "X")
-
-
 def test_killing_the_core_under_load_ends_every_stream_with_an_error_and_the_server_exits_4(
         tmp_path):
     server = ServerProcess(make_tiny_checkpoint(tmp_path / "ck"), tmp_path / "server.log")
     server.start()
     try:
         server.wait_ready()
-        core = _core_pid(server)
+        core = core_pid(server)
         assert core != server.proc.pid
         done = httpx.post(f"{server.url}/v1/completions", timeout=60,
                           json={"prompt": "ab", "max_tokens": 5}).json()
@@ -118,13 +103,13 @@ def test_a_killed_front_end_takes_its_core_with_it(tmp_path):
     server.start()
     try:
         server.wait_ready()
-        core = _core_pid(server)
-        assert not _gone(core)
+        core = core_pid(server)
+        assert not process_gone(core)
         server.kill()
         deadline = time.monotonic() + 15
-        while not _gone(core) and time.monotonic() < deadline:
+        while not process_gone(core) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _gone(core), "the engine core outlived its front end"
+        assert process_gone(core), "the engine core outlived its front end"
     finally:
         server.stop()
 
