@@ -128,7 +128,7 @@ class ApiServers:
 
     def _watch(self, engine) -> None:
         """Reads every front end's pipe and notices a front end that exits."""
-        live = {p.sentinel: (front, p) for front, p in enumerate(self.processes, 1)}
+        live = {p.sentinel: p for p in self.processes}
         links = {link: front for front, link in enumerate(self._links, 1)}
         while live and not self._stopping.is_set():
             for ready in multiprocessing.connection.wait([*live, *links], timeout=0.5):
@@ -138,7 +138,7 @@ class ApiServers:
                     except (EOFError, OSError):
                         del links[ready]  # its process is exiting: the sentinel says how
                     continue
-                _front, process = live.pop(ready)
+                process = live.pop(ready)
                 process.join()
                 if self._stopping.is_set():
                     return

@@ -79,8 +79,8 @@ def create_app(settings: Settings, engine=None, api_servers=None, follower=None)
 
         def start(engine) -> None:
             # a step's metrics are counted once: by front end 0 (the others show its load)
-            first = getattr(engine, "front", 0) == 0
-            engine.add_stats_listener(metrics.observe_step if first else metrics.set_load)
+            engine.add_stats_listener(metrics.observe_step if engine.front == 0
+                                      else metrics.set_load)
             engine.start()
             state.swap_engine(engine)
             if api_servers is not None:

@@ -73,7 +73,6 @@ class CoreClient(EngineFront):
         dtype = resolve_dtype(config.dtype, device)
         check_quantization(config.quantization, device)  # refused here, before any spawn
         self._dir = tempfile.mkdtemp(prefix="gptserve-core-")  # 0700: ours alone
-        self._owns_dir = True
         self.front = 0
         self.fronts = fronts
         self._open_sockets(0)
@@ -99,7 +98,6 @@ class CoreClient(EngineFront):
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         self._dir = seat.directory
-        self._owns_dir = False
         self.front = seat.front
         self.fronts = seat.fronts
         self._process = None
@@ -168,7 +166,7 @@ class CoreClient(EngineFront):
     def _wait_ready(self, checkpoint: Checkpoint) -> wire.CoreInfo:
         poller = self._poller()
         while True:
-            ready = dict(poller.poll(ATTACHED_POLL_MS))
+            ready = dict(poller.poll(None if self._process is not None else ATTACHED_POLL_MS))
             if self._outputs in ready:
                 kind, payload = self._outputs.recv_multipart()
                 if kind == wire.FAILED:
@@ -278,7 +276,7 @@ class CoreClient(EngineFront):
         self._inputs.close(0)
         self._outputs.close(0)
         self._context.term()
-        if self._owns_dir:
+        if process is not None:  # the folder is the spawning front end's
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def fail(self, reason: str) -> None:

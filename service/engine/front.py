@@ -52,6 +52,7 @@ class EngineFront(ABC):
     """
 
     fatal_on_failure = False  # True: the core's death ends the server (a process core)
+    front = 0  # which API-server process this is (``--api-servers N``); step metrics count in 0
 
     def __init__(
         self, tokenizer: Tokenizer, model_config: GPTConfig, config: EngineConfig, *,
