@@ -9,8 +9,12 @@ For ``--rows`` sequences at position ``--position`` it times, median of interlea
 3. ``minimal forward``: the same network written as the fewest eager calls that compute it
    (no cache writes, no packing, no mask: random keys and values of the right shape), greedy
    argmax at the end: what any eager-PyTorch engine pays at least;
-4. ``weight products``: the minimal forward's matrix products alone;
-5. with ``--compile``, the minimal forward through ``torch.compile`` (Inductor, static shapes;
+4. ``weight products``: the minimal forward's matrix products alone, and ``prepacked products``:
+   the same through oneDNN over weights reordered once (what the engine's warm-up keeps on CPU
+   where it is faster);
+5. ``read every weight``: one ``sum`` over each weight tensor, the bandwidth floor of a one-row
+   step (every weight byte read once);
+6. with ``--compile``, the minimal forward through ``torch.compile`` (Inductor, static shapes;
    ``--cpp-wrapper`` for its C++ wrapper) and the compile time.
 
     OMP_NUM_THREADS=1 python bench/floor.py --checkpoint weights/shakespeare-char --rows 1 32
@@ -48,7 +52,8 @@ def median_us(fn: Callable[[], object], reps: int, rounds: int) -> float:
     return statistics.median(times)
 
 
-def minimal_forward(model, rows: int, length: int, products_only: bool = False):
+def minimal_forward(model, rows: int, length: int, products_only: bool = False,
+                    prepacked: bool = False):
     """The network as the fewest eager calls (tied LM head, pre-LayerNorm, exact or tanh GELU),
     attending over random keys/values of ``length`` positions; returns a zero-argument step."""
     cfg = model.config
@@ -60,22 +65,30 @@ def minimal_forward(model, rows: int, length: int, products_only: bool = False):
            torch.randn(rows, nh, length, hs, dtype=dtype)) for _ in w.layers]
     tokens = torch.full((rows,), 1)
     positions = torch.full((rows,), length - 1)
+    linear = F.linear
+    if prepacked:
+        packs = {id(t): torch.ops.mkldnn._reorder_linear_weight(t, rows)
+                 for layer in w.layers for t in (layer[2], layer[4], layer[8], layer[10])}
+        packs[id(w.wte)] = torch.ops.mkldnn._reorder_linear_weight(w.wte, rows)
+
+        def linear(x, weight, bias=None):
+            return torch.ops.mkldnn._linear_pointwise(x, packs[id(weight)], bias, "none", [], "")
 
     def step(tokens=tokens, positions=positions):
         x = F.embedding(tokens, w.wte) + F.embedding(positions, w.wpe)
         for (ln1, ln1b, wa, ba, wp, bp, ln2, ln2b, wf, bf, wf2, bf2), (k, v) in zip(
                 w.layers, kv, strict=True):
             if products_only:
-                F.linear(x, wa, ba)
-                x = x + F.linear(x, wp, bp)
-                x = x + F.linear(F.linear(x, wf, bf), wf2, bf2)
+                linear(x, wa, ba)
+                x = x + linear(x, wp, bp)
+                x = x + linear(linear(x, wf, bf), wf2, bf2)
                 continue
-            qkv = F.linear(F.layer_norm(x, (C,), ln1, ln1b, 1e-5), wa, ba)
+            qkv = linear(F.layer_norm(x, (C,), ln1, ln1b, 1e-5), wa, ba)
             y = F.scaled_dot_product_attention(qkv[:, :C].view(rows, nh, 1, hs), k, v)
-            x = x + F.linear(y.view(rows, C), wp, bp)
-            h = F.linear(F.layer_norm(x, (C,), ln2, ln2b, 1e-5), wf, bf)
-            x = x + F.linear(F.gelu(h, approximate=w.gelu), wf2, bf2)
-        return F.linear(F.layer_norm(x, (C,), w.ln_f, w.ln_f_bias, 1e-5), w.wte).argmax(-1)
+            x = x + linear(y.view(rows, C), wp, bp)
+            h = linear(F.layer_norm(x, (C,), ln2, ln2b, 1e-5), wf, bf)
+            x = x + linear(F.gelu(h, approximate=w.gelu), wf2, bf2)
+        return linear(F.layer_norm(x, (C,), w.ln_f, w.ln_f_bias, 1e-5), w.wte).argmax(-1)
 
     return step
 
@@ -113,6 +126,13 @@ def main() -> None:
     checkpoint = load_checkpoint(a.checkpoint)
     model = checkpoint.model.eval()
     print(f"{a.checkpoint}: {model.config}; {torch.get_num_threads()} threads")
+    weights = [t for layer in model._inference_weights().layers
+               for t in (layer[2], layer[4], layer[8], layer[10])] + [model.transformer.wte.weight]
+
+    def read_weights() -> None:
+        for t in weights:
+            t.sum()
+
     with torch.inference_mode():
         for rows in a.rows:
             step, packed = engine_step(checkpoint, rows, a.position)
@@ -124,6 +144,10 @@ def main() -> None:
                      "packed forward": median_us(packed, a.reps, a.rounds),
                      "minimal forward": median_us(minimal, a.reps, a.rounds),
                      "weight products": median_us(products, a.reps, a.rounds)}
+            if torch.backends.mkldnn.is_available():
+                found["prepacked products"] = median_us(
+                    minimal_forward(model, rows, a.position + 1, True, True), a.reps, a.rounds)
+            found["read every weight"] = median_us(read_weights, a.reps, a.rounds)
             if a.compile:
                 import torch._inductor.config as inductor
 
