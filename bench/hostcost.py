@@ -22,7 +22,8 @@ this one side by side, each measured in fresh processes that import only that tr
    CPU (every process of the server's tree, read from /proc/<pid>/stat) over the load window /
    tokens the clients received. Below each figure: the engine's steps and mean rows a step
    (from /metrics), the tokens per SSE event, and each busy thread's CPU per token (from
-   /proc/<pid>/task/<tid>/stat); ``--profile FILE`` adds a cProfile of the event loop.
+   /proc/<pid>/task/<tid>/stat); ``--profile FILE`` adds a cProfile of the event loop (and FILE with the suffix ``.core``, of a
+   process core's loop).
 It prints both trees' figures and the ratio new / baseline (the target is at most 1/3).
 """
 
@@ -95,14 +96,16 @@ def stand_in_config(slots: int, max_queue: int = 256):
                         dtype="float32", max_request_sequences=64, **threads)
 
 
-def stand_in_engine(slots: int, core: str = "thread"):
+def stand_in_engine(slots: int, core: str = "thread", core_profile: Path | None = None):
     """An unstarted engine serving the stand-in: on a thread of this process (``Engine``) or in
-    an engine-core process (``CoreClient``, which builds the model from ``model_factory``)."""
+    an engine-core process (``CoreClient``, which builds the model from ``model_factory``;
+    ``core_profile``: where that core writes a cProfile of its loop)."""
     if core == "process":
         from service.engine.client import CoreClient
 
+        profile = {} if core_profile is None else {"profile": str(core_profile)}
         return CoreClient(stand_in_checkpoint(), stand_in_config(slots), log_level="warning",
-                          model_factory="bench.hostcost:stand_in_checkpoint")
+                          model_factory="bench.hostcost:stand_in_checkpoint", **profile)
     from service.engine import Engine
 
     return Engine(stand_in_checkpoint(), stand_in_config(slots))
@@ -137,7 +140,8 @@ def worker_server(port: int, slots: int, core: str, profile: Path | None = None)
     id to ``THREAD_NAMES`` (read by ``_thread_report``; the core's threads are named by pid).
     ``profile``: cProfile the main thread (the event loop) in its own CPU time
     (``time.thread_time``: other threads and processes, and waiting for a CPU, do not count)
-    and write the stats there on exit."""
+    and write the stats there on exit; a process core writes its own beside it (suffix
+    ``.core``)."""
     import threading
 
     from service.logs import configure_logging
@@ -162,7 +166,7 @@ def worker_server(port: int, slots: int, core: str, profile: Path | None = None)
         from service.transport.limits import TransportLimits
 
         limits = TransportLimits.from_settings(settings)
-    engine = stand_in_engine(slots, core)
+    engine = stand_in_engine(slots, core, None if profile is None else profile.with_suffix(".core"))
     if profile is None:
         sys.exit(serve(settings, sockets, limits, engine=engine))
     import cProfile
@@ -367,6 +371,11 @@ def server_figure(tree: Path, core: str, port: int, streams: int, clients: int, 
         print(f"      the event loop's CPU by function (cProfile, thread time, its overhead "
               f"included; whole run, warm-up too; stats in {profile}):")
         pstats.Stats(str(profile), stream=sys.stdout).sort_stats("tottime").print_stats(30)
+        if core == "process":
+            print("      the engine core's loop by function (cProfile, thread time; stats in "
+                  f"{profile.with_suffix('.core')}):")
+            pstats.Stats(str(profile.with_suffix(".core")), stream=sys.stdout).sort_stats(
+                "tottime").print_stats(30)
     return cpu / tokens
 
 

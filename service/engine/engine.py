@@ -116,7 +116,9 @@ class Engine(EngineFront):
         self._aborts.append((request_id, index))
         self._cond.notify()
 
-    def start(self) -> None:
+    def start(self, loop=None) -> None:
+        """Start the engine thread (``loop`` is ``CoreClient.start``'s: this engine's thread
+        hands each step to each request's own event loop)."""
         with self._cond:
             if self._state != "new":
                 raise RuntimeError(f"the engine cannot start: it is {self._state}")

@@ -120,6 +120,13 @@ def put_all(loop: asyncio.AbstractEventLoop, events: TokenEvents,
             stream._on_abort(stream.request_id)
 
 
+def deliver(events: TokenEvents, items: list[tuple[RequestStream, list[int]]]) -> None:
+    """``put_all`` called on the streams' own event loop: hand the events over at once."""
+    for stream, rows in items:
+        stream._check_backlog(len(rows))
+    _deliver(events, items)
+
+
 def _deliver(events: TokenEvents, items: list[tuple[RequestStream, list[int]]]) -> None:
     for stream, rows in items:
         stream._collect(events, rows)
