@@ -3,9 +3,14 @@
 ``CoreClient(checkpoint, config)`` spawns the engine-core process (``core_process.run_core``),
 which loads the same checkpoint, plans its slots and threads, warms up and says ``READY``; the
 client is then an engine to the rest of the server: it admits requests exactly
-(``EngineFront``), sends them and aborts to the core over ZMQ, and a receiver thread takes the
-core's one message per step and hands its events to the request streams, its stats to the stats
-listeners. The HTTP event loop and the model no longer share a GIL.
+(``EngineFront``), sends them and aborts to the core over ZMQ, and takes the core's one message
+per step: its events go to the request streams, its stats to the stats listeners. Started on an
+event loop (the server's), the client reads the core's socket on that loop (its fd registered
+with ``add_reader``), so a step reaches the streams with no thread and no hand-over of the GIL;
+started with no loop (scripts, tests), a receiver thread reads it and hands each step to its
+streams' loops. The HTTP event loop and the model no longer share a GIL. The client tells the
+core how many step messages its loop has handed over, so the core stays at most a few steps
+ahead (``service/engine/pacing.py``).
 
 If the core process dies (a crash, the OOM killer, a SIGKILL), every live request ends with an
 ``error`` finish, ``error`` says why, ``ready`` turns false and new requests are refused; the

@@ -3,7 +3,9 @@
 ``run_core(spec)`` is the spawned process's whole life: load the checkpoint, build the
 ``EngineCore`` (scheduler, runner, sampler), warm it up, say ``READY``, then loop: drain every
 waiting input (add, abort, shutdown) without blocking while there is work, take one step, send
-that step's events and stats as one message. Idle, it blocks on its input socket. On shutdown it
+that step's events and stats as one message. Idle, it blocks on its input socket; so it does
+while a front end has ``pacing.STEPS_AHEAD`` step messages it has not consumed yet (output
+pacing: the next step then carries every row that became ready meanwhile). On shutdown it
 lets in-flight requests run until the deadline the front end sent, aborts the rest, sends
 ``STOPPED`` and exits. Anything that escapes a step's own error handling fails every live
 request (one ``error`` finish each), sends ``FAILED`` and exits 1: the front end reports it.
