@@ -146,6 +146,8 @@ class CoreClient(EngineFront):
         self._outputs.bind(outputs[front])
         self._codec = wire.OutputCodec()
         self._stopping = threading.Event()
+        self._closed = False  # the sockets are closed (``_close``)
+        self._inputs_lock = threading.Lock()
         # output pacing (service/engine/pacing.py): the step messages this front end's event
         # loop has handed to its streams, for the core to read; written while ``_reading``
         self._consumed = ConsumedSteps(_consumed_path(self._dir))
@@ -217,11 +219,15 @@ class CoreClient(EngineFront):
         return super().add_requests(requests)
 
     def _send(self, kind: bytes, payload) -> None:
-        """Send an input (holding ``_cond``: one sender at a time on the ZMQ socket)."""
-        try:
-            self._inputs.send_multipart(wire.encode_input(kind, payload), zmq.NOBLOCK)
-        except zmq.Again:  # no core connected any more
-            raise EngineStoppedError("the engine core is not taking requests") from None
+        """Send an input (holding ``_cond``; and ``_inputs_lock``: none while ``_close`` closes
+        the socket)."""
+        with self._inputs_lock:
+            if self._closed:
+                raise EngineStoppedError("the engine core is not taking requests")
+            try:
+                self._inputs.send_multipart(wire.encode_input(kind, payload), zmq.NOBLOCK)
+            except zmq.Again:  # no core connected any more
+                raise EngineStoppedError("the engine core is not taking requests") from None
 
     def _submit(self, requests: list[Request]) -> None:
         self._send(wire.ADD, (self.front, requests))
@@ -286,8 +292,10 @@ class CoreClient(EngineFront):
                 except EngineStoppedError:
                     pass
         grace = (timeout or 0.0) + JOIN_GRACE
-        if self._reader is not None and not self._reader.is_running():
-            self._unwatch_from_here()  # a loop that stopped reads nothing: a thread reads
+        reader = self._reader
+        if reader is not None and (not reader.is_running() or reader is running_loop()):
+            # a loop that stopped (or that waits in this call) reads nothing: a thread reads
+            self._unwatch_from_here()
             if not self._ended.is_set():
                 self._start_receiver()
         if self._receiver is not None:
@@ -321,7 +329,8 @@ class CoreClient(EngineFront):
             self._receiver.join(JOIN_GRACE)
         self._unwatch_from_here()
         self._dispatch(self._unfinished(FinishReason.ABORT))
-        self._inputs.setsockopt(zmq.LINGER, 1000)  # the aborts above still reach the core
+        with self._inputs_lock:  # the aborts above still reach the core
+            self._inputs.setsockopt(zmq.LINGER, 1000)
         self._close()
         with self._cond:
             if self._state != "failed":
@@ -338,7 +347,9 @@ class CoreClient(EngineFront):
             process.join()
         self._stop_reading()
         self._consumed.close()
-        self._inputs.close(0)
+        with self._inputs_lock:  # an abort from the event loop may be sending on it
+            self._closed = True
+            self._inputs.close(0)
         self._outputs.close(0)
         self._context.term()
         if process is not None:  # the folder is the spawning front end's
@@ -439,12 +450,12 @@ class CoreClient(EngineFront):
         self._unwatched.set()
 
     def _unwatch_from_here(self) -> None:
-        """From another thread: make the reading loop let go of the core's socket (before it
-        closes, or before a thread reads it) and wait until it has."""
+        """Make the reading loop let go of the core's socket (before it closes, or before a
+        thread reads it); from another thread, wait until it has."""
         loop = self._reader
         if loop is None or self._unwatched.is_set():
             return
-        if loop.is_running():
+        if loop.is_running() and loop is not running_loop():
             try:
                 loop.call_soon_threadsafe(self._unwatch)
             except RuntimeError:  # closed since
