@@ -24,9 +24,11 @@ class RequestStream:
     client, a busy event loop) gets everything that piled up in one read, so its per-read work
     (one SSE event per choice) does not grow with the lag (vLLM's output collector merges deltas
     the same way). The engine thread hands a step's events to the event loop with one
-    ``loop.call_soon_threadsafe`` per loop (``put_all``). The backlog is bounded: a consumer that
-    stops reading while the engine keeps producing gets its request cancelled once
-    ``max_backlog`` events wait, so its memory cannot grow without end (``overflowed`` is True).
+    ``loop.call_soon_threadsafe`` per loop (``put_all``); an engine-core client that reads its
+    core on the streams' own loop hands them over directly (``deliver``). The backlog is
+    bounded: a consumer that stops reading while the engine keeps producing gets its request
+    cancelled once ``max_backlog`` events wait, so its memory cannot grow without end
+    (``overflowed`` is True).
     """
 
     def __init__(
