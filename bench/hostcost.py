@@ -4,6 +4,8 @@ Run (from the repository root; builds a worktree of the baseline commit in /tmp 
     nice -n 19 python bench/hostcost.py
     nice -n 19 python bench/hostcost.py --baseline-commit 1446e4f --streams 1 32 256 1024 --repeat 2
     nice -n 19 python bench/hostcost.py --skip-engine --repeat 2     # the server figures only
+    nice -n 19 python bench/hostcost.py --skip-engine --cores process --baseline-commit 7f37a13 \
+        --baseline-core process --repeat 2                           # two process cores
 
 The model is a bench-only stand-in (``StandIn``): a GPT-2-vocabulary network whose packed forward
 returns fixed logits (no matmuls, no attention), so every second a step takes is host work:
@@ -17,12 +19,15 @@ this one side by side, each measured in fresh processes that import only that tr
    stand-in engine behind the production server (``service.server.serve``), for this tree with
    each engine core of ``--cores`` (``thread``: ``Engine``; ``process``: ``CoreClient``, whose
    spawned core builds the stand-in through ``CoreSpec.model_factory``, a bench/test-only hook)
-   and for the baseline with its thread; ``--clients`` load processes keep the streams busy
-   (closed loop, raw sockets, one connection per request) and print their own CPU; the server's
+   and for the baseline with ``--baseline-core`` (a thread by default: 1446e4f has no process
+   core; ``process`` compares two trees' engine-core processes); ``--clients`` load processes
+   keep the streams busy (closed loop, raw sockets, one connection per request) and print their
+   own CPU; the server's
    CPU (every process of the server's tree, read from /proc/<pid>/stat) over the load window /
    tokens the clients received. Below each figure: the engine's steps and mean rows a step
    (from /metrics), the tokens per SSE event, and each busy thread's CPU per token (from
-   /proc/<pid>/task/<tid>/stat); ``--profile FILE`` adds a cProfile of the event loop.
+   /proc/<pid>/task/<tid>/stat); ``--profile FILE`` adds a cProfile of the event loop (and
+   one of a process core's loop, in FILE with the suffix ``.core``).
 It prints both trees' figures and the ratio new / baseline (the target is at most 1/3).
 """
 
@@ -95,14 +100,16 @@ def stand_in_config(slots: int, max_queue: int = 256):
                         dtype="float32", max_request_sequences=64, **threads)
 
 
-def stand_in_engine(slots: int, core: str = "thread"):
+def stand_in_engine(slots: int, core: str = "thread", core_profile: Path | None = None):
     """An unstarted engine serving the stand-in: on a thread of this process (``Engine``) or in
-    an engine-core process (``CoreClient``, which builds the model from ``model_factory``)."""
+    an engine-core process (``CoreClient``, which builds the model from ``model_factory``;
+    ``core_profile``: where that core writes a cProfile of its loop)."""
     if core == "process":
         from service.engine.client import CoreClient
 
+        profile = {} if core_profile is None else {"profile": str(core_profile)}
         return CoreClient(stand_in_checkpoint(), stand_in_config(slots), log_level="warning",
-                          model_factory="bench.hostcost:stand_in_checkpoint")
+                          model_factory="bench.hostcost:stand_in_checkpoint", **profile)
     from service.engine import Engine
 
     return Engine(stand_in_checkpoint(), stand_in_config(slots))
@@ -137,7 +144,8 @@ def worker_server(port: int, slots: int, core: str, profile: Path | None = None)
     id to ``THREAD_NAMES`` (read by ``_thread_report``; the core's threads are named by pid).
     ``profile``: cProfile the main thread (the event loop) in its own CPU time
     (``time.thread_time``: other threads and processes, and waiting for a CPU, do not count)
-    and write the stats there on exit."""
+    and write the stats there on exit; a process core writes its own beside it (suffix
+    ``.core``)."""
     import threading
 
     from service.logs import configure_logging
@@ -162,7 +170,7 @@ def worker_server(port: int, slots: int, core: str, profile: Path | None = None)
         from service.transport.limits import TransportLimits
 
         limits = TransportLimits.from_settings(settings)
-    engine = stand_in_engine(slots, core)
+    engine = stand_in_engine(slots, core, None if profile is None else profile.with_suffix(".core"))
     if profile is None:
         sys.exit(serve(settings, sockets, limits, engine=engine))
     import cProfile
@@ -367,6 +375,11 @@ def server_figure(tree: Path, core: str, port: int, streams: int, clients: int, 
         print(f"      the event loop's CPU by function (cProfile, thread time, its overhead "
               f"included; whole run, warm-up too; stats in {profile}):")
         pstats.Stats(str(profile), stream=sys.stdout).sort_stats("tottime").print_stats(30)
+        if core == "process":
+            print("      the engine core's loop by function (cProfile, thread time; stats in "
+                  f"{profile.with_suffix('.core')}):")
+            pstats.Stats(str(profile.with_suffix(".core")), stream=sys.stdout).sort_stats(
+                "tottime").print_stats(30)
     return cpu / tokens
 
 
@@ -421,7 +434,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=18100)
     parser.add_argument("--cores", nargs="+", choices=("thread", "process"),
                         default=["thread", "process"],
-                        help="this tree's server engine cores (the baseline has only a thread)")
+                        help="this tree's server engine cores")
+    parser.add_argument("--baseline-core", choices=("thread", "process"), default="thread",
+                        help="the baseline's server engine core (1446e4f has only a thread)")
     parser.add_argument("--profile", type=Path,
                         help="cProfile the server's event loop; stats to this file (the "
                              "profiler's overhead inflates that run's figure)")
@@ -448,8 +463,9 @@ def main(argv: list[str] | None = None) -> None:
     trees = [baseline_tree(args.baseline_commit), HERE]
     if args.only_new:
         trees = [HERE, HERE]
-    # the baseline's server (a thread engine), then this tree's with each core asked for
-    servers = list(dict.fromkeys([(trees[0], "thread")] + [(HERE, core) for core in args.cores]))
+    # the baseline's server, then this tree's with each core asked for
+    servers = list(dict.fromkeys([(trees[0], args.baseline_core)]
+                                 + [(HERE, core) for core in args.cores]))
     runs: dict[Path, list] = {tree: [] for tree in trees}
     server_runs: dict[tuple[Path, str], list] = {server: [] for server in servers}
     for _ in range(args.repeat):  # the trees alternate, so a burst of load hits both alike
@@ -470,8 +486,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{engine[new][s] * 1e6:8.1f} us/token  ({engine[new][s] / engine[old][s]:.2f}x)")
     base = server.get(servers[0])
     for (_tree, core), figure in list(server.items())[1:]:
-        print(f"  server over HTTP, {args.http_streams:5d} streams, {core:>7} core: "
-              f"{base * 1e6:8.1f} -> {figure * 1e6:8.1f} us/token  ({figure / base:.2f}x)")
+        print(f"  server over HTTP, {args.http_streams:5d} streams, {args.baseline_core:>7} -> "
+              f"{core:>7} core: {base * 1e6:8.1f} -> {figure * 1e6:8.1f} us/token  "
+              f"({figure / base:.2f}x)")
 
 if __name__ == "__main__":
     main()

@@ -307,7 +307,7 @@ class Follower:
         try:
             engine = CoreClient.attach(seat)
             engine.add_stats_listener(self.metrics_listener)
-            engine.start()
+            engine.start(self._loop)  # its step messages are read on this front end's loop
         except Exception:  # noqa: BLE001 - cannot follow the reload: stop (the server exits 4)
             log.exception("API server could not join the new engine core; exiting")
             os._exit(4)

@@ -28,6 +28,7 @@ from engine_support import engine, request, tiny_checkpoint
 from model import load_checkpoint, save_checkpoint
 from service.engine.client import CoreClient, CoreStartError
 from service.engine.config import EngineConfig
+from service.engine.pacing import STEPS_AHEAD
 from service.engine.types import (
     EngineStats,
     Finish,
@@ -200,3 +201,73 @@ def test_a_model_factory_that_is_not_module_colon_function_fails_the_start(tmp_p
                                               tiny_checkpoint().tokenizer.spec()))
     with pytest.raises(CoreStartError, match="model_factory must be 'module:function'"):
         CoreClient(on_disk, EngineConfig(device="cpu"), model_factory="engine_support")
+
+
+def test_a_core_steps_ahead_of_the_loop_that_reads_it_waits_and_resumes(tiny_checkpoint):
+    # started on the event loop, the client reads the core's socket there: while the loop is
+    # blocked the core may send STEPS_AHEAD step messages, then it waits; the loop's first read
+    # takes exactly those (one token each), and the stream goes on to its end
+    eng = CoreClient(load_checkpoint(tiny_checkpoint), EngineConfig(device="cpu", max_batch_size=2))
+
+    async def run() -> tuple[list[int], list]:
+        eng.start()
+        assert eng._receiver is None, "started on a loop, the client should need no thread"
+        stream = eng.add_request(request("r", "ab", max_tokens=100, temperature=0.0))
+        time.sleep(2.0)  # (blocking the loop) an unpaced core takes dozens of steps meanwhile
+        sizes, outs = [], []
+        async for batch in stream.batches():
+            sizes.append(sum(t is not None for t in batch.token_ids))
+            outs.extend(batch.events())
+        return sizes, outs
+
+    try:
+        sizes, outs = asyncio.run(run())
+    finally:
+        eng.shutdown(5)
+    assert sizes[0] == STEPS_AHEAD, f"the loop's first read took {sizes[0]} tokens, not " \
+        f"{STEPS_AHEAD}: the core did not wait for its front end"
+    assert sum(sizes) == 100, "the core did not resume"
+    assert outs[-1].finish_reason == FinishReason.LENGTH
+
+
+def test_a_core_steps_ahead_of_its_event_loop_waits_for_it_and_resumes(tiny_checkpoint):
+    # started with no loop, a receiver thread reads the core's messages; the event loop is
+    # blocked right after the request: the core may send STEPS_AHEAD step messages (their
+    # stats reach the receiver thread at once), then it waits for the loop
+    eng = CoreClient(load_checkpoint(tiny_checkpoint), EngineConfig(device="cpu", max_batch_size=2))
+    steps: list[EngineStats] = []
+    first_steps = threading.Event()
+
+    def listener(stats: EngineStats) -> None:
+        steps.append(stats)
+        if len(steps) >= STEPS_AHEAD:
+            first_steps.set()
+
+    eng.add_stats_listener(listener)
+
+    async def run() -> tuple[int, list[int]]:
+        stream = eng.add_request(request("r", "ab", max_tokens=100, temperature=0.0))
+        assert first_steps.wait(60), f"the core took {len(steps)} step(s), never {STEPS_AHEAD}"
+        time.sleep(0.5)  # (blocking the loop) an unpaced core takes dozens more steps meanwhile
+        while_blocked = len(steps)
+        outs = [out async for out in stream]
+        return while_blocked, outs
+
+    eng.start()
+    try:
+        while_blocked, outs = asyncio.run(run())
+    finally:
+        eng.shutdown(5)
+    assert while_blocked == STEPS_AHEAD, \
+        f"the core took {while_blocked} steps while its front end consumed none"
+    assert [o.token_id is not None for o in outs].count(True) == 100, "the core did not resume"
+    assert outs[-1].finish_reason == FinishReason.LENGTH
+
+
+def test_a_front_end_that_is_not_reading_does_not_hold_the_core_back(tmp_path):
+    # front end 1 of 2 never joins: its step messages queue unread, front end 0's requests finish
+    config = EngineConfig(device="cpu", max_batch_size=2)
+    on_disk = load_checkpoint(save_checkpoint(tmp_path / "ck", tiny_checkpoint().model,
+                                              tiny_checkpoint().tokenizer.spec()))
+    served = _greedy(CoreClient(on_disk, config, fronts=2), "Hello", max_tokens=50)
+    assert len(served) == 50, served

@@ -3,7 +3,9 @@
 ``run_core(spec)`` is the spawned process's whole life: load the checkpoint, build the
 ``EngineCore`` (scheduler, runner, sampler), warm it up, say ``READY``, then loop: drain every
 waiting input (add, abort, shutdown) without blocking while there is work, take one step, send
-that step's events and stats as one message. Idle, it blocks on its input socket. On shutdown it
+that step's events and stats as one message. Idle, it blocks on its input socket; so it does
+while a front end has ``pacing.STEPS_AHEAD`` step messages it has not consumed yet (output
+pacing: the next step then carries every row that became ready meanwhile). On shutdown it
 lets in-flight requests run until the deadline the front end sent, aborts the rest, sends
 ``STOPPED`` and exits. Anything that escapes a step's own error handling fails every live
 request (one ``error`` finish each), sends ``FAILED`` and exits 1: the front end reports it.
@@ -29,8 +31,9 @@ from pathlib import Path
 import torch
 import zmq
 
-from service.engine import wire
+from service.engine import pacing, wire
 from service.engine.config import EngineConfig
+from service.engine.pacing import ConsumedSteps
 from service.engine.types import EngineStats, FinishReason, TokenEvents
 from service.logs import configure_logging
 
@@ -46,12 +49,15 @@ class CoreSpec:
     config: EngineConfig
     inputs: str  # the ZMQ address the core binds; every front end pushes its inputs to it
     outputs: tuple[str, ...]  # per front end (API-server process): where it pulls step messages
+    consumed: str  # the ``ConsumedSteps`` file: step messages each front end has consumed
     log_level: str = "info"
     log_format: str = "text"
     # bench and tests only: "module:function", a function of no arguments returning the
     # ``Checkpoint`` to serve instead of loading ``checkpoint`` (bench/hostcost.py's stand-in
     # whose forward costs nothing); imported and called in the core process
     model_factory: str | None = None
+    # bench only: cProfile the core's loop in its own thread CPU time, stats written here at exit
+    profile: str | None = None
 
 
 def run_core(spec: CoreSpec) -> None:
@@ -64,7 +70,7 @@ def run_core(spec: CoreSpec) -> None:
     inputs = context.socket(zmq.PULL)  # fair-queued from every front end
     inputs.setsockopt(zmq.LINGER, 0)
     inputs.bind(spec.inputs)
-    outputs = Outputs(context, spec.outputs)
+    outputs = Outputs(context, spec.outputs, ConsumedSteps(spec.consumed))
     codec = wire.OutputCodec()
     status = 1
     try:
@@ -75,7 +81,8 @@ def run_core(spec: CoreSpec) -> None:
             outputs.send_all([wire.FAILED, str(err).encode()])
             return
         outputs.send_all(codec.ready(info))
-        status = CoreLoop(core, inputs, outputs, codec, parent).run()
+        loop = CoreLoop(core, inputs, outputs, codec, parent)
+        status = loop.run() if spec.profile is None else _profiled(loop.run, spec.profile)
     finally:
         inputs.close(0)
         outputs.close()  # lingers until the last messages are out
@@ -121,6 +128,16 @@ def _build(spec: CoreSpec):
     return core, info
 
 
+def _profiled(run, path: str) -> int:
+    import cProfile
+
+    profiler = cProfile.Profile(time.thread_time)
+    try:
+        return profiler.runcall(run)
+    finally:
+        profiler.dump_stats(path)
+
+
 def _from_factory(name: str):
     """The checkpoint that the function ``name`` ("module:function") returns."""
     module, colon, function = name.partition(":")
@@ -135,10 +152,14 @@ class Outputs:
     One front end (the default): every step goes whole to it. Several (``--api-servers N``):
     each step's events are split by the front end that added their request (``owner``), every
     front end gets the step's stats, and a request's owner is forgotten once each of its choices
-    has finished.
+    has finished. It counts the step messages sent to each front end, so the loop can wait while
+    one of them has ``pacing.STEPS_AHEAD`` of them unconsumed (``ahead``).
     """
 
-    def __init__(self, context: zmq.Context, addresses: tuple[str, ...]) -> None:
+    def __init__(self, context: zmq.Context, addresses: tuple[str, ...],
+                 consumed: ConsumedSteps) -> None:
+        self.consumed = consumed
+        self.sent = [0] * len(addresses)
         self.sockets = []
         for address in addresses:
             sock = context.socket(zmq.PUSH)
@@ -162,6 +183,7 @@ class Outputs:
     def send_step(self, codec, events: TokenEvents, stats: EngineStats | None) -> None:
         if len(self.sockets) == 1:
             self.sockets[0].send_multipart(codec.step(events, stats))
+            self.sent[0] += 1
             return
         rows: list[list[int]] = [[] for _ in self.sockets]
         owner = self._owner
@@ -175,16 +197,22 @@ class Outputs:
             else:
                 self._open.pop(request_id, None)
                 owner.pop(request_id, None)
-        for sock, mine in zip(self.sockets, rows, strict=True):
+        for front, (sock, mine) in enumerate(zip(self.sockets, rows, strict=True)):
             if mine or stats is not None:
                 part = TokenEvents()
                 if mine:
                     part.take(events, mine)
                 sock.send_multipart(codec.step(part, stats))
+                self.sent[front] += 1
+
+    def ahead(self) -> bool:
+        """Whether a front end that is reading has ``STEPS_AHEAD`` step messages unconsumed."""
+        return pacing.ahead(self.consumed, self.sent)
 
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()
+        self.consumed.close()
 
 
 class CoreLoop:
@@ -193,6 +221,9 @@ class CoreLoop:
     def __init__(self, core, inputs, outputs, codec, parent: int) -> None:
         self.core = core
         self.inputs = inputs
+        # one poller for the loop's life (``Socket.poll`` builds one a call: 3.8 vs 1.8 us)
+        self.waiting = zmq.Poller()
+        self.waiting.register(inputs, zmq.POLLIN)
         self.outputs = outputs
         self.codec = codec
         self.parent = parent
@@ -236,15 +267,20 @@ class CoreLoop:
             return 1
 
     def _drain(self, events) -> bool:
-        """Apply every waiting input; block for one while there is nothing to do. False when
-        the front end that spawned this core is gone."""
+        """Apply every waiting input; block for one while there is nothing to do, or while a
+        front end has ``STEPS_AHEAD`` step messages unconsumed (then the next step takes every
+        request that arrived meanwhile; not once a shutdown is under way). False when the front
+        end that spawned this core is gone."""
         core = self.core
+        outputs = self.outputs
         while True:
             idle = not core.has_work() and self.deadline is None and not len(events)
-            if not self.inputs.poll(IDLE_POLL_MS if idle else 0):
+            paced = not idle and self.deadline is None and outputs.ahead()
+            timeout = IDLE_POLL_MS if idle else pacing.PACE_POLL_MS if paced else 0
+            if not self.waiting.poll(timeout):
                 if os.getppid() != self.parent:
                     return False
-                if idle:
+                if idle or paced:
                     continue
                 return True
             kind, payload = wire.decode_input(self.inputs.recv_multipart(zmq.NOBLOCK))

@@ -8,6 +8,7 @@ model code. ``run``/``generate`` drive the same core synchronously (tests, bench
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import logging
@@ -116,7 +117,9 @@ class Engine(EngineFront):
         self._aborts.append((request_id, index))
         self._cond.notify()
 
-    def start(self) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the engine thread. (``loop``, for ``CoreClient.start``'s signature, is unused:
+        this engine's thread hands each step to each request's own event loop.)"""
         with self._cond:
             if self._state != "new":
                 raise RuntimeError(f"the engine cannot start: it is {self._state}")

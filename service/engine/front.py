@@ -22,7 +22,7 @@ from model.tokenizer import Tokenizer
 from service.engine.admission import LiveCount, LocalCount
 from service.engine.config import EngineConfig
 from service.engine.grammar import GrammarCompiler
-from service.engine.stream import RequestStream, put_all
+from service.engine.stream import RequestStream, deliver, put_all
 from service.engine.types import (
     EngineStats,
     EngineStoppedError,
@@ -251,8 +251,12 @@ class EngineFront(ABC):
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for stream, rows in items:
             by_loop.setdefault(stream.loop, []).append((stream, rows))
+        here = running_loop()
         for loop, loop_items in by_loop.items():
-            put_all(loop, outputs, loop_items)
+            if loop is here:  # on the streams' own loop (it reads a core's socket): no hand-over
+                deliver(outputs, loop_items)
+            else:
+                put_all(loop, outputs, loop_items)
 
     def _unfinished(self, reason: FinishReason) -> TokenEvents:
         """A finishing event with ``reason`` for every choice of every live request whose end
@@ -263,6 +267,14 @@ class EngineFront(ABC):
                 ended(events, request_id, sorted(still_open), reason,
                       self._prompt_tokens[request_id])
         return events
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def ended(events: TokenEvents, request_id: str, indices, reason: FinishReason,

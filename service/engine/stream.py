@@ -24,9 +24,11 @@ class RequestStream:
     client, a busy event loop) gets everything that piled up in one read, so its per-read work
     (one SSE event per choice) does not grow with the lag (vLLM's output collector merges deltas
     the same way). The engine thread hands a step's events to the event loop with one
-    ``loop.call_soon_threadsafe`` per loop (``put_all``). The backlog is bounded: a consumer that
-    stops reading while the engine keeps producing gets its request cancelled once
-    ``max_backlog`` events wait, so its memory cannot grow without end (``overflowed`` is True).
+    ``loop.call_soon_threadsafe`` per loop (``put_all``); an engine-core client that reads its
+    core on the streams' own loop hands them over directly (``deliver``). The backlog is
+    bounded: a consumer that stops reading while the engine keeps producing gets its request
+    cancelled once ``max_backlog`` events wait, so its memory cannot grow without end
+    (``overflowed`` is True).
     """
 
     def __init__(
@@ -118,6 +120,13 @@ def put_all(loop: asyncio.AbstractEventLoop, events: TokenEvents,
     except RuntimeError:  # the loop is closed: nobody is listening any more
         for stream, _ in items:
             stream._on_abort(stream.request_id)
+
+
+def deliver(events: TokenEvents, items: list[tuple[RequestStream, list[int]]]) -> None:
+    """``put_all`` called on the streams' own event loop: hand the events over at once."""
+    for stream, rows in items:
+        stream._check_backlog(len(rows))
+    _deliver(events, items)
 
 
 def _deliver(events: TokenEvents, items: list[tuple[RequestStream, list[int]]]) -> None:

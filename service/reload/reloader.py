@@ -333,10 +333,15 @@ def server_reloader(state: ServerState, engine_config: Callable[[Any], Any],
 
     settings = state.settings
 
+    try:  # the server's loop: an engine-core client started for it reads its core there
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+
     def build_engine(checkpoint: Checkpoint) -> Engine:
         engine = make_engine(settings, checkpoint)
         engine.add_stats_listener(state.metrics.observe_step)
-        engine.start()
+        engine.start(loop)
         return engine
 
     def on_model(info: ModelInfo) -> None:
