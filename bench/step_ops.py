@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1, help="sequences decoding together")
     n_rows = parser.parse_args(argv).rows
-    engine = stand_in_engine(n_rows, threads=1)
+    engine = stand_in_engine(n_rows)
     core = engine._core
     core.apply_threads()
     core.runner.warm_up()

@@ -63,7 +63,6 @@ class DecodeInputs:
         tok[:] = tokens
         pos[:] = positions
         np.add(row0, pos, out=write)  # slot * max_len + position
-        np.add(pos, 1, out=lens)  # keys 0..position
         if self._cuda:
             # one asynchronous copy from pinned memory; the host buffer is next written after
             # this step's sampled tokens were read back, so the copy has finished by then
@@ -71,6 +70,7 @@ class DecodeInputs:
         length = last + 1
         mask = None
         if first != last:  # rows at different positions: each reads its own keys only
+            np.add(pos, 1, out=lens)  # keys 0..position
             self._update_mask(lens)
             mask = self._mask[:width].narrow(3, 0, length)  # (width, 1, 1, length)
         keys, values = self.kv.slots_view(width, length)

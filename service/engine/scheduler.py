@@ -26,7 +26,7 @@ arrived first on a tie, so one request of many sequences cannot starve a small o
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from operator import attrgetter
 from typing import NamedTuple
 
 from service.engine.sequence import Sequence, SequenceStatus
@@ -34,6 +34,8 @@ from service.engine.slots import PrefixHit, SlotAllocator, SlotCopy, common_pref
 from service.engine.types import FinishReason
 
 __all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput", "SlotAllocator"]
+
+_slot_of = attrgetter("seq.slot")  # a decode chunk's sort key (in C: no lambda call per row)
 
 
 class ScheduledChunk(NamedTuple):
@@ -54,9 +56,9 @@ class ScheduledChunk(NamedTuple):
         return self.end - self.start
 
 
-@dataclass(frozen=True)
-class SchedulerOutput:
-    """The scheduler's decision for one step, handed to the model runner.
+class SchedulerOutput(NamedTuple):
+    """The scheduler's decision for one step, handed to the model runner (a named tuple: one is
+    made per step, and a frozen dataclass costs ~1.5 us to build here).
 
     ``decode``: one-token chunks that complete their window, in increasing slot order.
     ``prefill``: longer chunks (and one-token chunks that do not sample), in admission order.
@@ -116,6 +118,19 @@ class Scheduler:
                 break
             prefill.append(chunk)
             budget -= chunk.num_tokens
+        if self.num_waiting and self.slots.num_free:
+            admitted, copies = self._admit_waiting(decode, prefill, budget, now)
+        else:  # the usual decode step: nobody to admit
+            admitted, copies = (), ()
+        if len(decode) > 1:
+            decode.sort(key=_slot_of)
+        return SchedulerOutput(tuple(decode), tuple(prefill), tuple(admitted), tuple(copies))
+
+    def _admit_waiting(self, decode: list[ScheduledChunk], prefill: list[ScheduledChunk],
+                       budget: int, now: float | None
+                       ) -> tuple[list[Sequence], list[SlotCopy]]:
+        """Admit waiting sequences into free slots while their first chunk fits ``budget``
+        (their chunks join ``decode`` or ``prefill``); returns them and their prefix copies."""
         admitted: list[Sequence] = []
         copies: list[SlotCopy] = []
         deferred: set[str] = set()
@@ -140,8 +155,7 @@ class Scheduler:
             else:
                 prefill.append(chunk)
             budget -= chunk.num_tokens
-        decode.sort(key=lambda c: c.seq.slot)
-        return SchedulerOutput(tuple(decode), tuple(prefill), tuple(admitted), tuple(copies))
+        return admitted, copies
 
     def _reusable(self, seq: Sequence) -> PrefixHit | None:
         """The longest prefix ``seq`` may start from, if prefix caching is on and one exists."""
