@@ -92,3 +92,26 @@ def test_seeded_rows_draw_the_same_tokens_in_any_batch_position():
 
     ab, ba = run("ab"), run("ba")
     assert ab == ba and ab["a"] != ab["b"]
+
+
+def test_plain_greedy_rows_pick_what_torch_argmax_picks_over_the_tokenizer_ids():
+    # the all-greedy path reads the logits through NumPy on the CPU: the same first maximum on
+    # ties, a NaN counted as the maximum, padding ids never chosen, bf16 logits read as float32
+    sampler = _sampler()
+    seqs = _seqs(sampler, *[dict(temperature=0.0)] * 4)
+    logits = torch.randn(4, V_MODEL)
+    logits[0, 10:] = 100.0  # padding holds the largest logit
+    logits[1, [2, 5, 7]] = 50.0  # a tie: the first wins
+    logits[2, [4, 8]] = float("nan")  # NaNs: the first NaN wins, as in torch
+    logits[3] = float("-inf")  # nothing finite: id 0, as in torch
+    want = logits[:, :V_TOKENIZER].argmax(dim=-1).tolist()
+    assert want[:3] == [logits[0, :10].argmax().item(), 2, 4], want
+    for dtype in (torch.float32, torch.bfloat16):
+        got = sampler(logits.to(dtype), seqs).token_ids
+        assert got == logits.to(dtype)[:, :V_TOKENIZER].float().argmax(dim=-1).tolist(), (
+            f"{dtype}: {got}")
+    assert sampler(logits, seqs).token_ids == want
+    with torch.inference_mode():  # as the engine calls it
+        assert sampler(logits.clone(), seqs).token_ids == want
+    grad = logits.clone().requires_grad_()  # a caller outside no-grad: torch's own argmax
+    assert sampler(grad, seqs).token_ids == want
