@@ -146,8 +146,8 @@ class EngineCore:
 
     def step(self) -> StepResult:
         """Schedule, run the model, sample, and update every sequence from the output, in
-        inference mode (a loop that runs in it already saves entering it per step: ~8 us of a
-        ~60 us one-row step on the CPU, docs/BENCHMARKS.md)."""
+        inference mode (a loop that runs in it already saves entering it per step: ~5 us of a
+        ~27 us one-row step on the CPU, docs/BENCHMARKS.md)."""
         if torch.is_inference_mode_enabled():
             return self._step()
         with self._inference_mode:  # made once: a new one per step costs ~1.6 us more
