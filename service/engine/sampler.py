@@ -1,7 +1,7 @@
 """The vectorised sampler: one call turns a batch of logits into one token per row, on the device.
 
-Per-slot sampling parameters live in device tensors, written once when a sequence joins (never
-rebuilt from Python lists per step). Per row: padded vocabulary masked, repetition / frequency /
+Per-slot sampling parameters live in device tensors, written when a sequence joins and only where
+they differ from what its slot holds (never rebuilt from Python lists per step). Per row: padded vocabulary masked, repetition / frequency /
 presence penalties, logit_bias, then greedy (temperature 0) or temperature + top-k + top-p + min-p
 and an inverse-CDF draw whose uniform is a counter-based hash of (the choice's seed, its draw
 count) (``model.sampling.counter_uniforms``). Which operations run is decided from host-side
@@ -52,6 +52,8 @@ class Sampler:
         self._in_prompt: torch.Tensor | None = None  # (n_slots, V) prompt token mask
         self._bias: torch.Tensor | None = None  # (n_slots, V) logit_bias
         self._params: dict[int, SamplingParams] = {}  # slot -> params of its sequence
+        # slot -> the parameters its device rows above hold (None: never written)
+        self._loaded: list[tuple | None] = [None] * n_slots
         self._special: set[int] = set()  # slots whose rows need more than a plain argmax
 
     def start(self, seq: Sequence) -> None:
@@ -60,14 +62,17 @@ class Sampler:
         self._params[slot] = p
         if _special(p):
             self._special.add(slot)
-        values = torch.tensor(
-            [p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-             p.frequency_penalty], dtype=torch.float32)
-        for tensor, value in zip((self.temperature, self.top_p, self.min_p, self.repetition,
-                                  self.presence, self.frequency), values, strict=True):
-            tensor[slot] = value
-        self.top_k[slot] = p.top_k
-        self.seed[slot] = seq.seed
+        row = (p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+               p.frequency_penalty, p.top_k)
+        if self._loaded[slot] != row:  # ~30 us of small writes: skipped when the slot has them
+            values = torch.tensor(row[:6], dtype=torch.float32)
+            for tensor, value in zip((self.temperature, self.top_p, self.min_p, self.repetition,
+                                      self.presence, self.frequency), values, strict=True):
+                tensor[slot] = value
+            self.top_k[slot] = p.top_k
+            self._loaded[slot] = row
+        if p.temperature != 0:  # a greedy row's draw is never used: its seed is never read
+            self.seed[slot] = seq.seed
         if _penalised(p):
             counts, in_prompt = self._penalty_state()
             counts[slot].zero_()
