@@ -1,8 +1,8 @@
 """The vectorised sampler: one call turns a batch of logits into one token per row, on the device.
 
 Per-slot sampling parameters live in device tensors, written when a sequence joins and only where
-they differ from what its slot holds (never rebuilt from Python lists per step). Per row: padded vocabulary masked, repetition / frequency /
-presence penalties, logit_bias, then greedy (temperature 0) or temperature + top-k + top-p + min-p
+they differ from what its slot holds (never rebuilt from Python lists per step). Per row: padded
+vocabulary masked, repetition / frequency / presence penalties, logit_bias, then greedy (temperature 0) or temperature + top-k + top-p + min-p
 and an inverse-CDF draw whose uniform is a counter-based hash of (the choice's seed, its draw
 count) (``model.sampling.counter_uniforms``). Which operations run is decided from host-side
 knowledge of the rows' parameters, so a step never waits on the device until the single
