@@ -2,12 +2,13 @@
 
 Per-slot sampling parameters live in device tensors, written when a sequence joins and only where
 they differ from what its slot holds (never rebuilt from Python lists per step). Per row: padded
-vocabulary masked, repetition / frequency / presence penalties, logit_bias, then greedy (temperature 0) or temperature + top-k + top-p + min-p
-and an inverse-CDF draw whose uniform is a counter-based hash of (the choice's seed, its draw
-count) (``model.sampling.counter_uniforms``). Which operations run is decided from host-side
-knowledge of the rows' parameters, so a step never waits on the device until the single
-device-to-host copy of its results. Every operation is row-wise and a filter a row did not ask for
-leaves it bit-for-bit untouched, so a seeded row samples the same token alone or in any batch.
+vocabulary masked, repetition / frequency / presence penalties, logit_bias, then greedy
+(temperature 0) or temperature + top-k + top-p + min-p and an inverse-CDF draw whose uniform is a
+counter-based hash of (the choice's seed, its draw count) (``model.sampling.counter_uniforms``).
+Which operations run is decided from host-side knowledge of the rows' parameters, so a step never
+waits on the device until the single device-to-host copy of its results. Every operation is
+row-wise and a filter a row did not ask for leaves it bit-for-bit untouched, so a seeded row
+samples the same token alone or in any batch.
 
 Logprobs: for sampled rows, the log of the distribution actually sampled from (after penalties,
 bias, temperature and filters); for greedy rows, the log-softmax of the logits after penalties
