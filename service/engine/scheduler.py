@@ -36,6 +36,8 @@ from service.engine.types import FinishReason
 __all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput", "SlotAllocator"]
 
 _slot_of = attrgetter("seq.slot")  # a decode chunk's sort key (in C: no lambda call per row)
+# a named tuple's own __new__ is Python (~0.4 us); tuple.__new__ builds the same one in ~0.2
+_new_tuple = tuple.__new__
 
 
 class ScheduledChunk(NamedTuple):
@@ -107,9 +109,10 @@ class Scheduler:
         catching_up: list[Sequence] = []
         for seq in self.running:  # Sequence.num_to_compute, inlined: this loop runs per row
             window_len = len(seq.tokens) - seq.window_start
-            if window_len - seq.num_computed == 1:
-                decode.append(ScheduledChunk(seq, seq.num_computed, window_len))
-            elif window_len - seq.num_computed > 1:
+            left = window_len - seq.num_computed
+            if left == 1:  # ScheduledChunk(seq, window_len - 1, window_len), built in C
+                decode.append(_new_tuple(ScheduledChunk, (seq, window_len - 1, window_len)))
+            elif left > 1:
                 catching_up.append(seq)
         budget -= len(decode)
         for seq in catching_up:
