@@ -7,10 +7,9 @@ copy, a split into six tensors). Here they live in one ``(4, n_slots)`` int64 bu
 engine's lifetime, written through a NumPy view of its memory (a NumPy write costs ~0.2 us, a
 torch one ~3 us). The batch the model reads holds only views (of these buffers, of the cache's
 slots and of the mask below), so one is made per shape (width, keys read, masked) and a later step
-of that shape reuses it: a one-row batch costs ~4 us here against ~29 us packed
-(``bench/step_ops.py``). On CUDA the host buffer is
-pinned and copied into a twin buffer on the device with one asynchronous copy per step; on CPU
-the model reads the host buffer itself. Rows at different positions need an attention mask; it is
+of that shape reuses it: a one-row batch costs ~2 us here against ~26 us packed
+(``bench/step_ops.py``). On CUDA the host buffer is pinned and copied into a twin buffer on the
+device with one asynchronous copy per step; on CPU the model reads the host buffer itself. Rows at different positions need an attention mask; it is
 kept across steps as well (a decode step turns on one key per row, in one fill) instead of being
 built from the lengths every step: 39 us against 56-130 us for 32 such rows here.
 

@@ -138,7 +138,7 @@ class Sampler:
 
     def _greedy(self, logits: torch.Tensor) -> list[int]:
         """Each row's argmax over the tokenizer's ids (padding ids never win). On the CPU through
-        NumPy: its argmax is vectorised, torch's CPU argmax is not (~7x faster over 32 rows of
+        NumPy: its argmax is vectorised, torch's CPU argmax is not (~11x faster over 32 rows of
         GPT-2's 50,304 logits here, docs/BENCHMARKS.md); the first maximum wins in both, a NaN
         counting as the maximum."""
         if self._cpu and not logits.requires_grad:
