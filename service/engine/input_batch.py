@@ -9,9 +9,10 @@ torch one ~3 us). The batch the model reads holds only views (of these buffers, 
 slots and of the mask below), so one is made per shape (width, keys read, masked) and a later step
 of that shape reuses it: a one-row batch costs ~2 us here against ~26 us packed
 (``bench/step_ops.py``). On CUDA the host buffer is pinned and copied into a twin buffer on the
-device with one asynchronous copy per step; on CPU the model reads the host buffer itself. Rows at different positions need an attention mask; it is
-kept across steps as well (a decode step turns on one key per row, in one fill) instead of being
-built from the lengths every step: 39 us against 56-130 us for 32 such rows here.
+device with one asynchronous copy per step; on CPU the model reads the host buffer itself. Rows
+at different positions need an attention mask; it is kept across steps as well (a decode step
+turns on one key per row, in one fill) instead of being built from the lengths every step: 39 us
+against 56-130 us for 32 such rows here.
 
 vLLM v1 keeps its ``InputBatch`` the same way (``*_cpu`` tensors, pinned, sharing memory with
 ``*_np`` arrays, copied into persistent device tensors); nano-vllm's ``prepare_decode`` rebuilds
