@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1, help="sequences decoding together")
     n_rows = parser.parse_args(argv).rows
-    engine = stand_in_engine(n_rows, threads=1)
+    engine = stand_in_engine(n_rows)
     core = engine._core
     core.apply_threads()
     core.runner.warm_up()
@@ -71,10 +71,12 @@ def main(argv: list[str] | None = None) -> None:
              per_call(lambda: kv.slots_view(n_rows, position + 1))),
             ("    KVCache.pack of the same rows (the path before)",
              per_call(lambda: kv.pack(packed_rows))),
-            ("    stand-in forward_packed (a slice)",
+            ("    stand-in forward_packed (a view per row count)",
              per_call(lambda: runner.model.forward_packed(batch, kv))),
             ("  Sampler (all greedy)", per_call(lambda: sampler(run.logits, run.rows))),
-            ("    argmax", per_call(lambda: run.logits.argmax(dim=-1))),
+            ("    argmax and tolist through NumPy (the sampler's)",
+             per_call(lambda: sampler._greedy(run.logits))),
+            ("    torch argmax (the sampler's before)", per_call(lambda: run.logits.argmax(dim=-1))),
             ("    tolist", per_call(argmax.tolist)),
             ("  EngineStats(...)",
              per_call(lambda: EngineStats(1, 0, 0.1, 0.1, 1, 0, 1, 0, 5, 0, 0, 0))),

@@ -43,6 +43,27 @@ def test_the_persistent_batch_equals_a_fresh_pack_as_rows_join_advance_and_leave
         _assert_same_batch(got, want, f"step {i}")
 
 
+def test_a_step_of_a_shape_seen_before_reuses_its_batch_and_reads_this_steps_inputs():
+    kv = KVCache(n_layer=2, n_slots=4, n_head=2, max_len=16, head_dim=4)
+    inputs = DecodeInputs(kv)
+    inputs.MAX_BATCHES = 3  # the kept shapes overflow below: every batch is made again
+    # shapes (width, keys read, masked) repeat with other tokens and positions: a reused batch
+    # must show this step's, not the step's that made it
+    steps = [([5], [3]), ([6], [3]), ([7, 2], [4, 4]), ([8, 3], [4, 4]), ([1, 2], [1, 4]),
+             ([3, 4], [4, 2]), ([9], [3]), ([1, 1, 1], [5, 5, 5]), ([2], [7]), ([4], [3]),
+             ([5, 6], [0, 4])]
+    made = {}
+    for i, (tokens, positions) in enumerate(steps):
+        want = kv.pack(list(zip(range(len(tokens)), positions, tokens, strict=True)))
+        got = inputs.batch(tokens, positions)
+        _assert_same_batch(got, want, f"step {i}")
+        shape = (len(tokens), max(positions) + 1, len(set(positions)) > 1)
+        if i in (1, 3, 5):  # the shape of the step before: the same batch object
+            assert got is made[shape], f"step {i}: shape {shape} was made again"
+        made[shape] = got
+    assert len(inputs._batches) <= inputs.MAX_BATCHES, "kept more shapes than allowed"
+
+
 @pytest.mark.parametrize("positions", [[16], [2, -1]])
 def test_the_persistent_batch_refuses_a_position_outside_the_cache(positions):
     kv = KVCache(n_layer=1, n_slots=2, n_head=1, max_len=16, head_dim=4)

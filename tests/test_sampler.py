@@ -92,3 +92,59 @@ def test_seeded_rows_draw_the_same_tokens_in_any_batch_position():
 
     ab, ba = run("ab"), run("ba")
     assert ab == ba and ab["a"] != ab["b"]
+
+
+def test_plain_greedy_rows_pick_what_torch_argmax_picks_over_the_tokenizer_ids():
+    # the all-greedy path reads the logits through NumPy on the CPU: the same first maximum on
+    # ties, a NaN counted as the maximum, padding ids never chosen, bf16 logits read as float32
+    sampler = _sampler()
+    seqs = _seqs(sampler, *[dict(temperature=0.0)] * 4)
+    logits = torch.randn(4, V_MODEL)
+    logits[0, 10:] = 100.0  # padding holds the largest logit
+    logits[1, [2, 5, 7]] = 50.0  # a tie: the first wins
+    logits[2, [4, 8]] = float("nan")  # NaNs: the first NaN wins, as in torch
+    logits[3] = float("-inf")  # nothing finite: id 0, as in torch
+    want = logits[:, :V_TOKENIZER].argmax(dim=-1).tolist()
+    assert want[:3] == [logits[0, :10].argmax().item(), 2, 4], want
+    for dtype in (torch.float32, torch.bfloat16):
+        got = sampler(logits.to(dtype), seqs).token_ids
+        assert got == logits.to(dtype)[:, :V_TOKENIZER].float().argmax(dim=-1).tolist(), (
+            f"{dtype}: {got}")
+    assert sampler(logits, seqs).token_ids == want
+    with torch.inference_mode():  # as the engine calls it
+        assert sampler(logits.clone(), seqs).token_ids == want
+    grad = logits.clone().requires_grad_()  # a caller outside no-grad: torch's own argmax
+    assert sampler(grad, seqs).token_ids == want
+
+
+def test_a_reused_slot_draws_what_a_fresh_sampler_draws_whatever_it_held_before():
+    # a slot's parameter rows are written only when they change, and a greedy row's seed not at
+    # all: slot 0 serves one request after another beside a sampled row in slot 1 (so every
+    # step takes the per-row path, which reads each row's slot), against a fresh sampler each
+    history = [dict(temperature=0.9, top_k=4, seed=3), dict(temperature=0.0),
+               dict(temperature=0.0, repetition_penalty=1.5, presence_penalty=0.4),
+               dict(temperature=0.0), dict(temperature=0.7, top_p=0.8, seed=9),
+               dict(temperature=0.7, top_p=0.8, seed=11), dict(temperature=0.0, logprobs=1)]
+    reused = _sampler()
+    g = torch.Generator().manual_seed(0)
+    for n, params in enumerate(history):
+        fresh = _sampler()
+        got, want = [], []
+        for sampler, out in ((reused, got), (fresh, want)):
+            seqs = []
+            for slot, p in enumerate((params, dict(temperature=1.0, seed=5))):
+                request = Request(f"r{n}-{slot}", (1, 2), SamplingParams(**p))
+                seq = Sequence(slot, request, 0, 64, 1, seed=request.params.seed or 0)
+                seq.admit(slot)
+                sampler.start(seq)
+                seqs.append(seq)
+            state = g.get_state()
+            for _ in range(4):
+                sampled = sampler(torch.randn(2, V_MODEL, generator=g), seqs)
+                out.append((sampled.token_ids, sampled.logprobs))
+                for seq, t in zip(seqs, sampled.token_ids, strict=True):
+                    seq.append_token(t)
+            g.set_state(state)  # the same logits for the fresh sampler
+            for seq in seqs:
+                sampler.release(seq)
+        assert got == want, f"request {n} ({params}) in a reused slot: {got} != {want}"

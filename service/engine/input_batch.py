@@ -5,12 +5,14 @@ packed low) needs, per slot, the token to compute, its position, its cache row a
 it reads. ``KVCache.pack`` builds those from Python lists every step (columns, a host tensor, a
 copy, a split into six tensors). Here they live in one ``(4, n_slots)`` int64 buffer for the
 engine's lifetime, written through a NumPy view of its memory (a NumPy write costs ~0.2 us, a
-torch one ~3 us), and the per-width tensor views the model reads are made once: a one-row batch
-costs ~10 us here against ~29 us packed (``bench/step_ops.py``). On CUDA the host buffer is
-pinned and copied into a twin buffer on the device with one asynchronous copy per step; on CPU
-the model reads the host buffer itself. Rows at different positions need an attention mask; it is
-kept across steps as well (a decode step turns on one key per row, in one fill) instead of being
-built from the lengths every step: 39 us against 56-130 us for 32 such rows here.
+torch one ~3 us). The batch the model reads holds only views (of these buffers, of the cache's
+slots and of the mask below), so one is made per shape (width, keys read, masked) and a later step
+of that shape reuses it: a one-row batch costs ~2 us here against ~26 us packed
+(``bench/step_ops.py``). On CUDA the host buffer is pinned and copied into a twin buffer on the
+device with one asynchronous copy per step; on CPU the model reads the host buffer itself. Rows
+at different positions need an attention mask; it is kept across steps as well (a decode step
+turns on one key per row, in one fill) instead of being built from the lengths every step: 39 us
+against 56-130 us for 32 such rows here.
 
 vLLM v1 keeps its ``InputBatch`` the same way (``*_cpu`` tensors, pinned, sharing memory with
 ``*_np`` arrays, copied into persistent device tensors); nano-vllm's ``prepare_decode`` rebuilds
@@ -30,6 +32,8 @@ class DecodeInputs:
     and context lengths, one column per slot, on the host (a NumPy view writes them) and, on
     CUDA, their device copy."""
 
+    MAX_BATCHES = 4096  # batch shapes kept (a few KB each: tensor views, no data)
+
     def __init__(self, kv: KVCache) -> None:
         self.kv = kv
         n, device = kv.n_slots, kv.data.device
@@ -40,6 +44,8 @@ class DecodeInputs:
             self._host)
         self._row0 = np.arange(n, dtype=np.int64) * kv.max_len  # slot s's first cache row
         self._views: dict[int, tuple] = {}  # width -> its rows' NumPy and tensor views
+        # (width, keys read, masked) -> the batch of that shape: views only, made once
+        self._batches: dict[tuple[int, int, bool], PackedBatch] = {}
         # the attention mask of rows at different positions, kept across steps too: row s is
         # 0 for the ``_visible[s]`` keys slot s's last masked step read and -inf after them; a
         # step turns on the keys its rows gained (one per decode row) and turns off the keys of
@@ -59,22 +65,35 @@ class DecodeInputs:
             bad = first if first < 0 else last
             raise ValueError(f"position {bad} is past the KV cache's {self.kv.max_len}")
         views = self._views.get(width) or self._make_views(width)
-        tok, pos, write, lens, row0, t, p, w, lengths = views
+        tok, pos, write, lens, row0 = views[:5]
         tok[:] = tokens
         pos[:] = positions
         np.add(row0, pos, out=write)  # slot * max_len + position
-        np.add(pos, 1, out=lens)  # keys 0..position
         if self._cuda:
             # one asynchronous copy from pinned memory; the host buffer is next written after
             # this step's sampled tokens were read back, so the copy has finished by then
             self._dev.copy_(self._host, non_blocking=True)
-        length = last + 1
-        mask = None
-        if first != last:  # rows at different positions: each reads its own keys only
+        masked = first != last  # rows at different positions: each reads its own keys only
+        if masked:
+            np.add(pos, 1, out=lens)  # keys 0..position
             self._update_mask(lens)
-            mask = self._mask[:width].narrow(3, 0, length)  # (width, 1, 1, length)
+        key = (width, last + 1, masked)
+        return self._batches.get(key) or self._make_batch(key, views[5:])
+
+    def _make_batch(self, key: tuple[int, int, bool], views: tuple) -> PackedBatch:
+        """The batch of ``width`` rows reading ``length`` keys (through the mask when
+        ``masked``): views of the persistent buffers, the mask and the cache only, so a later
+        step of the same shape reuses it as it is (the buffers' contents are the step's). Up to
+        ``MAX_BATCHES`` are kept (then all are dropped and made again as steps need them)."""
+        width, length, masked = key
+        if len(self._batches) >= self.MAX_BATCHES:
+            self._batches.clear()
+        t, p, w, rows_mask = views
+        mask = rows_mask.narrow(3, 0, length) if masked else None  # (width, 1, 1, length)
         keys, values = self.kv.slots_view(width, length)
-        return PackedBatch(t, p, w, None, DecodeGroup(width, length, mask, keys, values), ())
+        batch = self._batches[key] = PackedBatch(
+            t, p, w, None, DecodeGroup(width, length, mask, keys, values), ())
+        return batch
 
     def _update_mask(self, lens: np.ndarray) -> None:
         """Make mask rows ``0..len(lens)-1`` show keys ``0..lens[s]-1`` (and no others): the keys
@@ -107,7 +126,8 @@ class DecodeInputs:
 
     def _make_views(self, width: int) -> tuple:
         """The first ``width`` columns of each row, as NumPy views (written) and tensor views
-        (read by the model), and the slots' first cache rows: made once per width."""
+        (read by the model), the slots' first cache rows and the mask's rows: made once per
+        width."""
         views = self._views[width] = (*self.host[:, :width], self._row0[:width],
-                                      *self._dev[:, :width])
+                                      *self._dev[:3, :width], self._mask[:width])
         return views

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -31,9 +31,9 @@ from service.engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RunnerOutput:
-    """The sequences that sample this step and their next-token logits (R, V), row by row."""
+class RunnerOutput(NamedTuple):
+    """The sequences that sample this step and their next-token logits (R, V), row by row (a
+    named tuple: one is made per step)."""
 
     rows: tuple[Sequence, ...]
     logits: torch.Tensor | None

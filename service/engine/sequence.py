@@ -28,8 +28,15 @@ class Sequence:
 
     ``seed`` is the seed of this choice's draws (``model.sampling.choice_seed`` of the request's
     seed and the choice index, or a random one); the t-th token it samples uses draw counter t
-    (``num_generated``).
+    (``num_generated``). Slotted: the step reads and writes these attributes per row.
     """
+
+    __slots__ = (
+        "seq_id", "request", "request_id", "group", "index", "params", "seed", "block_size",
+        "window_shift", "tokens", "num_prompt_tokens", "status", "slot", "num_computed",
+        "num_cached_tokens", "crops", "window_start", "prompt_cropped", "finish_reason", "matcher",
+        "admitted_at", "token_times", "finished_at",
+    )
 
     def __init__(
         self, seq_id: int, request: Request, index: int, block_size: int, window_shift: int,

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
+import msgspec
+
 
 class EngineError(Exception):
     """Base class for errors the engine reports to its callers."""
@@ -199,9 +201,13 @@ class RequestMetrics:
     e2e_latency: float
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine after a step; the metrics module turns it into series."""
+class EngineStats(msgspec.Struct, frozen=True):
+    """A snapshot of the engine after a step; the metrics module turns it into series.
+
+    A frozen msgspec struct rather than a frozen dataclass: one is built every step, and a frozen
+    dataclass of these twelve fields costs ~4 us to build here (~0.4 us as a struct: a tenth of
+    a one-row step); it is also what goes on the wire to the front ends (``wire.OutputCodec``).
+    ``msgspec.structs.replace`` copies one with fields changed."""
 
     num_running: int
     num_waiting: int
