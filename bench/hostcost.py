@@ -23,6 +23,9 @@ this one side by side, each measured in fresh processes that import only that tr
    tokens the clients received. Below each figure: the engine's steps and mean rows a step
    (from /metrics), the tokens per SSE event, and each busy thread's CPU per token (from
    /proc/<pid>/task/<tid>/stat); ``--profile FILE`` adds a cProfile of the event loop.
+   ``--step-ms MS`` makes each stand-in step sleep that long (no CPU): with the real model's
+   tens of ms a step every client keeps up, so each token is its own SSE event, the regime of
+   ``bench/serve.py`` at 256 streams, with the model's CPU taken out.
 It prints both trees' figures and the ratio new / baseline (the target is at most 1/3).
 """
 
@@ -44,6 +47,7 @@ HERE = Path(__file__).resolve().parent.parent
 TOKEN = 262  # " the" in GPT-2's BPE: the stand-in's argmax, never eos
 PROMPT = "The quick brown fox jumps over the lazy dog"
 THREAD_NAMES = "/tmp/hostcost-threads-{pid}.json"
+STEP_MS = "GPTSERVE_BENCH_STEP_MS"  # --step-ms, handed to the workers (and the core) by env
 
 
 # ---- the stand-in engine (runs inside a worker process, importing the tree under test) --------
@@ -65,8 +69,11 @@ def stand_in_checkpoint():
             super().__init__(config)
             self._fixed = torch.zeros(1, config.vocab_size)
             self._fixed[0, TOKEN] = 1.0
+            self._sleep = float(os.environ.get(STEP_MS, "0")) / 1000
 
         def forward_packed(self, batch, kv_cache):
+            if self._sleep:  # a paced step: the model's time without its CPU (--step-ms)
+                time.sleep(self._sleep)
             rows = batch.logit_rows.numel() if batch.logit_rows is not None else len(batch.tokens)
             if len(self._fixed) < rows:  # contiguous rows: argmax over a stride-0 view is slow
                 self._fixed = self._fixed[:1].expand(rows, -1).contiguous()
@@ -429,6 +436,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--only-new", action="store_true", help="skip the baseline tree")
     parser.add_argument("--repeat", type=int, default=1, help="keep the best of this many runs")
+    parser.add_argument("--step-ms", type=float, default=0.0,
+                        help="each stand-in step sleeps this long (0: steps cost ~0 CPU and "
+                             "time; 40: one token per SSE event, like the shipped model)")
     # worker mode (internal)
     parser.add_argument("--worker", choices=("engine", "server", "client"))
     parser.add_argument("--tree", type=Path)
@@ -445,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker == "client":
         worker_client(args.port, args.n, args.requests, args.max_tokens)
         return
+    os.environ[STEP_MS] = str(args.step_ms)  # the workers and their engine cores inherit it
     trees = [baseline_tree(args.baseline_commit), HERE]
     if args.only_new:
         trees = [HERE, HERE]
