@@ -429,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cores", nargs="+", choices=("thread", "process"),
                         default=["thread", "process"],
                         help="this tree's server engine cores (the baseline has only a thread)")
+    parser.add_argument("--baseline-core", choices=("thread", "process"), default="thread",
+                        help="the baseline server's engine core (1446e4f has only a thread)")
     parser.add_argument("--profile", type=Path,
                         help="cProfile the server's event loop; stats to this file (the "
                              "profiler's overhead inflates that run's figure)")
@@ -459,8 +461,9 @@ def main(argv: list[str] | None = None) -> None:
     trees = [baseline_tree(args.baseline_commit), HERE]
     if args.only_new:
         trees = [HERE, HERE]
-    # the baseline's server (a thread engine), then this tree's with each core asked for
-    servers = list(dict.fromkeys([(trees[0], "thread")] + [(HERE, core) for core in args.cores]))
+    # the baseline's server, then this tree's with each core asked for
+    servers = list(dict.fromkeys([(trees[0], args.baseline_core)]
+                                 + [(HERE, core) for core in args.cores]))
     runs: dict[Path, list] = {tree: [] for tree in trees}
     server_runs: dict[tuple[Path, str], list] = {server: [] for server in servers}
     for _ in range(args.repeat):  # the trees alternate, so a burst of load hits both alike
