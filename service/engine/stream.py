@@ -82,17 +82,23 @@ class RequestStream:
 
     async def __anext__(self) -> RequestOutput:
         while not self._outs:
-            if self._remaining <= 0:
+            events = await self.next_batch()
+            if events is None:
                 raise StopAsyncIteration
-            self._outs.extend((await self._next_batch()).events())
+            self._outs.extend(events.events())
         return self._outs.popleft()
 
     async def batches(self) -> AsyncIterator[TokenEvents]:
         """Every event waiting since the last read, as one ``TokenEvents`` per read."""
-        while self._remaining > 0:
-            yield await self._next_batch()
+        while (events := await self.next_batch()) is not None:
+            yield events
 
-    async def _next_batch(self) -> TokenEvents:
+    async def next_batch(self) -> TokenEvents | None:
+        """Every event waiting since the last read, as one ``TokenEvents`` (waits for one);
+        None once every choice's finishing event has been read. The server's per-token read:
+        one coroutine, no async generator between it and the consumer."""
+        if self._remaining <= 0:
+            return None
         while not self._waiting:
             self._waiter = self._loop.create_future()
             try:
