@@ -93,8 +93,8 @@ def create_app(settings: Settings, engine=None, api_servers=None, follower=None)
             # lives as long as the server: keep it out of the cyclic collector's generations,
             # so a full pass walks only what requests made (an engine-core front end's full
             # pass over all of it paused its event loop ~0.5 s at 256 streams); vLLM's API
-            # server does the same after start-up
-            gc.collect()
+            # server does the same after start-up (with a full collection first: not here, where
+            # the loop may be answering already)
             gc.freeze()
             log.info(
                 "serving %s as %r on %s",

@@ -251,28 +251,33 @@ class Serving:
                     first = await offload(len(c.entries) + len(c.prefix), shape.opening, c)
                     if first is not None:
                         yield frame.choice(first)
+                tail: list[bytes] = []  # the last read's chunks: they go out with the end
                 while (events := await reader.next_batch()) is not None:
                     # every token that arrived since the last read: one event per choice
+                    chunks = []
                     for update in self._apply(job, events, engine):
                         choice, text = update.choice, update.text
                         if (choice.done or choice.want_logprobs or choice.window_moved
                                 or not shape.plain_text):
                             if (text or choice.done or choice.has_unsent_logprobs
                                     or choice.window_moved):
-                                yield frame.choice(shape.chunk(choice, text))
+                                chunks.append(frame.choice(shape.chunk(choice, text)))
                         elif text:  # the hot path
-                            yield frame.text(choice.index, text)
+                            chunks.append(frame.text(choice.index, text))
                     if job.all_done:
+                        tail = chunks
                         break
+                    if chunks:
+                        yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if include_usage:
-                yield frame.usage(asdict(job.usage()))
-            yield sse.DONE
-            completed = True
+                tail.append(frame.usage(asdict(job.usage())))
+            tail.append(sse.DONE)
+            completed = True  # before the yield: the response closes this generator there
+            yield b"".join(tail)  # the last token, usage and [DONE]: one write with the end
         except TimeoutError:
             err = APIError(504, "the completion took too long", code="timeout")
-            yield sse.event(err.envelope())
-            yield sse.DONE
             completed = True
+            yield sse.event(err.envelope()) + sse.DONE
         finally:
             _close(reader)
             if not completed:  # cancelled by a client disconnect

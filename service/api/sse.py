@@ -76,7 +76,8 @@ class EventStreamResponse(Response):
     app (the access log, CORS, the gate, Starlette's and FastAPI's error handling) looks only at
     a response's start and end, and with one event per token the chain of wrappers was a
     per-token cost; a middleware that rewrites bodies (compression) would have to sit outside the
-    access log. A disconnect cancels the writing task, which closes ``events`` at its ``await``
+    access log. An item that ends with ``DONE`` ends the stream: it goes out with the
+    response's end, in one write (``events`` is closed there). A disconnect cancels the writing task, which closes ``events`` at its ``await``
     (its ``finally`` frees the engine's work at once). Starlette's ``StreamingResponse`` does the
     same with an anyio task group and sends every event through every wrapper.
     """
@@ -107,12 +108,16 @@ class EventStreamResponse(Response):
                     "headers": self.raw_headers})
         direct = scope.get(DIRECT_SEND, send)
         events = self.events
+        last = b""
         try:
             async for chunk in events:
+                if chunk.endswith(DONE):  # the stream's end: sent with the response's end
+                    last = chunk
+                    break
                 await direct({"type": "http.response.body", "body": chunk, "more_body": True})
         finally:
             await events.aclose()  # at once, not when collected (a no-op once it has ended)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": last, "more_body": False})
 
 
 async def _disconnected(receive: Receive) -> None:
