@@ -19,9 +19,9 @@ class RequestStream:
     ``TokenEvents``, and ends after the last choice's finishing event.
 
     ``async for out in stream`` yields the same events one ``RequestOutput`` at a time (tests and
-    simple callers); the server reads ``batches()``. A consumer that keeps up gets one step's
-    events per read; one that falls behind (a slow
-    client, a busy event loop) gets everything that piled up in one read, so its per-read work
+    simple callers); the server reads ``next_batch()`` (``batches()`` is it as an async
+    iterator). A consumer that keeps up gets one step's events per read; one that falls behind
+    (a slow client, a busy event loop) gets everything that piled up in one read, so its per-read work
     (one SSE event per choice) does not grow with the lag (vLLM's output collector merges deltas
     the same way). The engine thread hands a step's events to the event loop with one
     ``loop.call_soon_threadsafe`` per loop (``put_all``). The backlog is bounded: a consumer that
