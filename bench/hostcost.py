@@ -28,6 +28,9 @@ this one side by side, each measured in fresh processes that import only that tr
    (from /metrics), the tokens per SSE event, and each busy thread's CPU per token (from
    /proc/<pid>/task/<tid>/stat); ``--profile FILE`` adds a cProfile of the event loop (and
    one of a process core's loop, in FILE with the suffix ``.core``).
+   ``--step-ms MS`` makes each stand-in step sleep that long (no CPU): with the real model's
+   tens of ms a step every client keeps up, so each token is its own SSE event, the regime of
+   ``bench/serve.py`` at 256 streams, with the model's CPU taken out.
 It prints both trees' figures and the ratio new / baseline (the target is at most 1/3).
 """
 
@@ -49,6 +52,7 @@ HERE = Path(__file__).resolve().parent.parent
 TOKEN = 262  # " the" in GPT-2's BPE: the stand-in's argmax, never eos
 PROMPT = "The quick brown fox jumps over the lazy dog"
 THREAD_NAMES = "/tmp/hostcost-threads-{pid}.json"
+STEP_MS = "GPTSERVE_BENCH_STEP_MS"  # --step-ms, handed to the workers (and the core) by env
 
 
 # ---- the stand-in engine (runs inside a worker process, importing the tree under test) --------
@@ -72,7 +76,11 @@ def stand_in_checkpoint():
             self._fixed[0, TOKEN] = 1.0
             self._views: dict[int, torch.Tensor] = {}  # row count -> the first rows of _fixed
 
+            self._sleep = float(os.environ.get(STEP_MS, "0")) / 1000
+
         def forward_packed(self, batch, kv_cache):
+            if self._sleep:  # a paced step: the model's time without its CPU (--step-ms)
+                time.sleep(self._sleep)
             # the row count from shapes and the logits a view made once per count: a tensor's
             # len() and a slice per step cost ~3 us here, as much as the engine's own step work
             rows = (batch.tokens if batch.logit_rows is None else batch.logit_rows).shape[0]
@@ -451,6 +459,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--only-new", action="store_true", help="skip the baseline tree")
     parser.add_argument("--repeat", type=int, default=1, help="keep the best of this many runs")
+    parser.add_argument("--step-ms", type=float, default=0.0,
+                        help="each stand-in step sleeps this long (0: steps cost ~0 CPU and "
+                             "time; 40: one token per SSE event, like the shipped model)")
     # worker mode (internal)
     parser.add_argument("--worker", choices=("engine", "server", "client"))
     parser.add_argument("--tree", type=Path)
@@ -467,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker == "client":
         worker_client(args.port, args.n, args.requests, args.max_tokens)
         return
+    os.environ[STEP_MS] = str(args.step_ms)  # the workers and their engine cores inherit it
     trees = [baseline_tree(args.baseline_commit), HERE]
     if args.only_new:
         trees = [HERE, HERE]
@@ -496,6 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  server over HTTP, {args.http_streams:5d} streams, {args.baseline_core:>7} -> "
               f"{core:>7} core: {base * 1e6:8.1f} -> {figure * 1e6:8.1f} us/token  "
               f"({figure / base:.2f}x)")
+
 
 if __name__ == "__main__":
     main()

@@ -225,6 +225,9 @@ class Job:
     def apply(self, events: TokenEvents) -> list[Update]:
         """Feed events of this job's requests (any number of steps, any of their choices) to
         their choices: one ``Update`` per choice that changed, in the order they appear."""
+        if len(events.token_ids) == 1:  # one token of one choice: a client that keeps up
+            update = self._apply_choice(events.request_ids[0], events.indices[0], events, [0])
+            return [] if update is None else [update]
         rows_of: dict[tuple[str, int], list[int]] = {}
         for row, key in enumerate(zip(events.request_ids, events.indices, strict=True)):
             rows = rows_of.get(key)
@@ -254,17 +257,25 @@ class Job:
                                                                 if token_ids[r] is not None]
         text, reason, added = "", None, 0
         if token_rows:
-            delta = choice.stream.push_many([token_ids[r] for r in token_rows])
+            ids = [token_ids[r] for r in token_rows]
+            delta = choice.stream.push_many(ids)
             added = delta.num_consumed
             choice.num_tokens += added
             logprobs, tops = events.logprobs, events.top_logprobs
-            for r in token_rows[:added]:
-                logprob = None if logprobs is None else _finite(logprobs[r])
-                if logprob is not None:
-                    choice.cumulative_logprob += logprob
-                choice.pending.append((token_ids[r], logprob,
-                                       None if tops is None else tops[r]))
-            text = self._take(choice, delta)
+            if (logprobs is None and not choice.want_logprobs and not choice.pending
+                    and delta.num_tokens == added and not delta.num_dropped):
+                # every token released at once, no logprobs (no stop string held text back):
+                # what ``_take`` does, without the round trip through ``pending``
+                choice.token_ids.extend(ids if added == len(ids) else ids[:added])
+                text = delta.text
+            else:
+                for r in token_rows[:added]:
+                    logprob = None if logprobs is None else _finite(logprobs[r])
+                    if logprob is not None:
+                        choice.cumulative_logprob += logprob
+                    choice.pending.append((token_ids[r], logprob,
+                                           None if tops is None else tops[r]))
+                text = self._take(choice, delta)
             if delta.stopped:
                 reason = "stop"
         if reason is None and finish is not None:

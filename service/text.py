@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from model.tokenizer import IncrementalDecoder, Tokenizer, TokenizerError
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one is made per read of every stream (frozen init is slow)
 class TextDelta:
     """Text released by one ``push``/``finish``, and how many pushed tokens it completes.
 

@@ -103,3 +103,26 @@ def test_gathering_a_reads_worth_of_steps_equals_taking_them_one_at_a_time():
     assert gathered == taken, f"gather differs from take:\n{gathered}\n{taken}"
     assert gathered.token_ids == [5, 7, 8, 9, 10] and list(gathered.finishes) == [3], gathered
     assert gathered.logprobs == [None, None, -0.5, -1.5, None], gathered.logprobs
+
+
+def test_gathering_one_row_of_a_step_equals_taking_it():
+    step = _events("r", [5, 6, 7], finish=True)
+    step.request_ids[:2] = ["a", "b"]  # other streams' rows of the same step
+    step.logprobs, step.top_logprobs = [-0.5, -1.0, -1.5], [None, None, ()]
+    for row in (0, 2):
+        taken = TokenEvents()
+        taken.take(step, [row])
+        gathered = TokenEvents.gather([(step, [row])])
+        assert gathered == taken, f"row {row}: gather differs from take:\n{gathered}\n{taken}"
+    assert list(TokenEvents.gather([(step, [2])]).finishes) == [0], "the finish lost its row"
+
+
+def test_next_batch_is_none_once_every_choice_has_finished():
+    async def main():
+        stream = RequestStream("r", 1, asyncio.get_running_loop(), lambda _: None)
+        stream.put(_events("r", [5, 6], finish=True))
+        first = await stream.next_batch()
+        return first, await stream.next_batch()
+
+    first, after = asyncio.run(main())
+    assert first.token_ids == [5, 6] and after is None, (first, after)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.sse import DIRECT_SEND
+
 log = logging.getLogger("service.access")
 
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -50,6 +52,9 @@ class AccessLogMiddleware:
         started = time.perf_counter()
         record = AccessRecord(_request_id(scope))
         scope.setdefault("state", {})["access"] = record  # the handler's request.state.access
+        # the send below every middleware: an SSE stream writes its events there (they pass
+        # every wrapper unchanged; see service.api.sse.EventStreamResponse)
+        scope[DIRECT_SEND] = send
         header = (b"x-request-id", record.request_id.encode())
         status = 0
 

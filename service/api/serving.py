@@ -31,7 +31,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from model.tokenizer import TokenizerError
 from service.api import sse
@@ -226,22 +226,23 @@ class Serving:
         return Response(body, media_type="application/json")
 
     async def _collect(self, job: Job, engine) -> None:
-        async for events in _events(job):
-            self._apply(job, events, engine)
-            if job.all_done:
-                break
+        reader = _reader(job)
+        try:
+            while (events := await reader.next_batch()) is not None:
+                self._apply(job, events, engine)
+                if job.all_done:
+                    break
+        finally:
+            _close(reader)
 
     def stream(self, job: Job, engine, shape: ChunkShape, include_usage: bool) -> Response:
-        return StreamingResponse(
-            self._stream(job, engine, shape, include_usage),
-            media_type=sse.MEDIA_TYPE,
-            headers=sse.HEADERS,
-        )
+        return sse.EventStreamResponse(self._stream(job, engine, shape, include_usage))
 
     async def _stream(
         self, job: Job, engine, shape: ChunkShape, include_usage: bool
     ) -> AsyncIterator[bytes]:
         frame = shape.framer
+        reader = _reader(job)
         completed = False
         try:
             timeout = self.state.settings.request_timeout or None
@@ -250,29 +251,35 @@ class Serving:
                     first = await offload(len(c.entries) + len(c.prefix), shape.opening, c)
                     if first is not None:
                         yield frame.choice(first)
-                async for events in _events(job):
+                tail: list[bytes] = []  # the last read's chunks: they go out with the end
+                while (events := await reader.next_batch()) is not None:
                     # every token that arrived since the last read: one event per choice
+                    chunks = []
                     for update in self._apply(job, events, engine):
                         choice, text = update.choice, update.text
                         if (choice.done or choice.want_logprobs or choice.window_moved
                                 or not shape.plain_text):
                             if (text or choice.done or choice.has_unsent_logprobs
                                     or choice.window_moved):
-                                yield frame.choice(shape.chunk(choice, text))
+                                chunks.append(frame.choice(shape.chunk(choice, text)))
                         elif text:  # the hot path
-                            yield frame.text(choice.index, text)
+                            chunks.append(frame.text(choice.index, text))
                     if job.all_done:
+                        tail = chunks
                         break
+                    if chunks:
+                        yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if include_usage:
-                yield frame.usage(asdict(job.usage()))
-            yield sse.DONE
-            completed = True
+                tail.append(frame.usage(asdict(job.usage())))
+            tail.append(sse.DONE)
+            completed = True  # before the yield: the response closes this generator there
+            yield b"".join(tail)  # the last token, usage and [DONE]: one write with the end
         except TimeoutError:
             err = APIError(504, "the completion took too long", code="timeout")
-            yield sse.event(err.envelope())
-            yield sse.DONE
             completed = True
+            yield sse.event(err.envelope()) + sse.DONE
         finally:
+            _close(reader)
             if not completed:  # cancelled by a client disconnect
                 self.state.metrics.disconnect()
             self._release(job, engine)
@@ -323,36 +330,47 @@ async def _wait_disconnect(http: HTTPRequest) -> None:
             return
 
 
-def _events(job: Job) -> AsyncIterator[TokenEvents]:
-    """All engine events of the job's requests, each read as one batch of a request's events,
-    interleaved as they arrive."""
-    streams = [s.batches() for s in job.streams]
-    return streams[0] if len(streams) == 1 else _merged(streams)
+def _reader(job: Job):
+    """What reads the job's engine events: ``next_batch()`` gives every event waiting on one of
+    its requests' streams (None once all have ended). A one-prompt job reads its stream itself
+    (the per-token path: no task or queue between); several prompts' streams are merged."""
+    return job.streams[0] if len(job.streams) == 1 else _Merged(job.streams)
 
 
-async def _merged(streams: list[AsyncIterator[TokenEvents]]) -> AsyncIterator[TokenEvents]:
-    queue: asyncio.Queue = asyncio.Queue()
+def _close(reader) -> None:
+    if isinstance(reader, _Merged):
+        reader.close()
 
-    async def pump(stream: AsyncIterator[TokenEvents]) -> None:
+
+class _Merged:
+    """The events of several streams (a job of several prompts), interleaved as they arrive:
+    one pump task per stream into one queue."""
+
+    def __init__(self, streams) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._left = len(streams)
+        self._tasks = [asyncio.create_task(self._pump(s)) for s in streams]
+
+    async def _pump(self, stream) -> None:
         try:
-            async for item in stream:
-                queue.put_nowait(item)
+            while (events := await stream.next_batch()) is not None:
+                self._queue.put_nowait(events)
         except Exception as err:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait(err)
+            self._queue.put_nowait(err)
         finally:
-            queue.put_nowait(_END)
+            self._queue.put_nowait(_END)
 
-    tasks = [asyncio.create_task(pump(s)) for s in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
+    async def next_batch(self) -> TokenEvents | None:
+        while self._left:
+            item = await self._queue.get()
             if item is _END:
-                remaining -= 1
+                self._left -= 1
             elif isinstance(item, Exception):
                 raise item
             else:
-                yield item
-    finally:
-        for task in tasks:
+                return item
+        return None
+
+    def close(self) -> None:
+        for task in self._tasks:
             task.cancel()

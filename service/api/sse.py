@@ -1,14 +1,23 @@
-"""Server-sent events framing for streamed completions and chat (OpenAI's ``data: {...}`` lines)."""
+"""Server-sent events for streamed completions and chat: framing (OpenAI's ``data: {...}``
+lines) and the response that writes them (``EventStreamResponse``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 MEDIA_TYPE = "text/event-stream"
 # No caching, and tell nginx-style proxies not to buffer the stream.
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
+# The scope key under which the outermost middleware (service.api.access) leaves the ``send`` it
+# was given: the server's, below every middleware of the app.
+DIRECT_SEND = "gptserve.direct_send"
 
 
 _string = json.encoder.encode_basestring  # a JSON string literal; non-ASCII kept (UTF-8)
@@ -55,3 +64,64 @@ class ChunkFramer:
     def usage(self, usage: dict[str, Any]) -> bytes:
         """The final usage chunk: ``choices`` is empty."""
         return event({**self._head, "choices": [], "usage": usage})
+
+
+class EventStreamResponse(Response):
+    """Owns writing one SSE stream: ``events`` (each item one or more whole events) as they
+    come, and the watch for a client that goes away.
+
+    The response's start (status, headers) and its end go through every middleware's ``send``;
+    the events between go straight to the ``send`` the outermost middleware was given
+    (``DIRECT_SEND`` in the scope), skipping the wrappers in between. Every middleware of this
+    app (the access log, CORS, the gate, Starlette's and FastAPI's error handling) looks only at
+    a response's start and end, and with one event per token the chain of wrappers was a
+    per-token cost; a middleware that rewrites bodies (compression) would have to sit outside the
+    access log. An item that ends with ``DONE`` ends the stream: it goes out with the
+    response's end, in one write (``events`` is closed there). A disconnect cancels the writing task, which closes ``events`` at its ``await``
+    (its ``finally`` frees the engine's work at once). Starlette's ``StreamingResponse`` does the
+    same with an anyio task group and sends every event through every wrapper.
+    """
+
+    media_type = MEDIA_TYPE
+
+    def __init__(self, events: AsyncIterator[bytes]) -> None:
+        self.events = events
+        self.status_code = 200
+        self.background = None
+        self.init_headers(HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        writer = asyncio.ensure_future(self._write(scope, send))
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((writer, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not writer.done():  # the client went away (or this request was cancelled)
+                writer.cancel()
+                await asyncio.wait((writer,))  # its finally blocks have run when this returns
+        if not writer.cancelled():
+            writer.result()  # an error while streaming reaches the error middleware
+
+    async def _write(self, scope: Scope, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        direct = scope.get(DIRECT_SEND, send)
+        events = self.events
+        last = b""
+        try:
+            async for chunk in events:
+                if chunk.endswith(DONE):  # the stream's end: sent with the response's end
+                    last = chunk
+                    break
+                await direct({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            await events.aclose()  # at once, not when collected (a no-op once it has ended)
+        await send({"type": "http.response.body", "body": last, "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client has gone (or the response has ended: the server then answers
+    ``http.disconnect`` too). The request body was read before the response started."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

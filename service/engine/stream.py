@@ -19,9 +19,9 @@ class RequestStream:
     ``TokenEvents``, and ends after the last choice's finishing event.
 
     ``async for out in stream`` yields the same events one ``RequestOutput`` at a time (tests and
-    simple callers); the server reads ``batches()``. A consumer that keeps up gets one step's
-    events per read; one that falls behind (a slow
-    client, a busy event loop) gets everything that piled up in one read, so its per-read work
+    simple callers); the server reads ``next_batch()`` (``batches()`` is it as an async
+    iterator). A consumer that keeps up gets one step's events per read; one that falls behind
+    (a slow client, a busy event loop) gets everything that piled up in one read, so its per-read work
     (one SSE event per choice) does not grow with the lag (vLLM's output collector merges deltas
     the same way). The engine thread hands a step's events to the event loop with one
     ``loop.call_soon_threadsafe`` per loop (``put_all``); an engine-core client that reads its
@@ -84,17 +84,23 @@ class RequestStream:
 
     async def __anext__(self) -> RequestOutput:
         while not self._outs:
-            if self._remaining <= 0:
+            events = await self.next_batch()
+            if events is None:
                 raise StopAsyncIteration
-            self._outs.extend((await self._next_batch()).events())
+            self._outs.extend(events.events())
         return self._outs.popleft()
 
     async def batches(self) -> AsyncIterator[TokenEvents]:
         """Every event waiting since the last read, as one ``TokenEvents`` per read."""
-        while self._remaining > 0:
-            yield await self._next_batch()
+        while (events := await self.next_batch()) is not None:
+            yield events
 
-    async def _next_batch(self) -> TokenEvents:
+    async def next_batch(self) -> TokenEvents | None:
+        """Every event waiting since the last read, as one ``TokenEvents`` (waits for one);
+        None once every choice's finishing event has been read. The server's per-token read:
+        one coroutine, no async generator between it and the consumer."""
+        if self._remaining <= 0:
+            return None
         while not self._waiting:
             self._waiter = self._loop.create_future()
             try:

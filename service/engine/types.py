@@ -304,8 +304,12 @@ class TokenEvents:
         """Rows ``rows`` of each ``(events, rows)`` in turn, as one (what ``take`` would build
         one part at a time, a column at a time: a stream's read of every step since its last
         read, where each step gave it a row or two)."""
-        if len(parts) == 1 and len(parts[0][1]) == len(parts[0][0]):
-            return parts[0][0]  # one step, all of it this stream's (rows are in order)
+        if len(parts) == 1:
+            events, rows = parts[0]
+            if len(rows) == len(events):
+                return events  # one step, all of it this stream's (rows are in order)
+            if len(rows) == 1:  # one step's token of a one-choice request: a client keeping up
+                return events._row(rows[0])
         pairs = [(events, r) for events, rows in parts for r in rows]
         out = cls(
             request_ids=[e.request_ids[r] for e, r in pairs],
@@ -323,6 +327,19 @@ class TokenEvents:
         if any(events.finishes for events, _ in parts):
             out.finishes = {i: e.finishes[r] for i, (e, r) in enumerate(pairs)
                             if r in e.finishes}
+        return out
+
+    def _row(self, r: int) -> TokenEvents:
+        """Event ``r`` alone (what ``gather`` builds for one row, without its generic loops)."""
+        out = TokenEvents([self.request_ids[r]], [self.indices[r]], [self.token_ids[r]],
+                          [self.crops[r]], [self.prompt_cropped[r]], [self.num_generated[r]],
+                          cached_tokens=[self.cached_tokens[r]])
+        if self.logprobs is not None:
+            out.logprobs = [self.logprobs[r]]
+            out.top_logprobs = [None if self.top_logprobs is None else self.top_logprobs[r]]
+        finish = self.finishes.get(r) if self.finishes else None
+        if finish is not None:
+            out.finishes = {0: finish}
         return out
 
     def events(self) -> list[RequestOutput]:
