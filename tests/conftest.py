@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -102,6 +105,28 @@ def save_tiny_bpe_checkpoint(path, *, block_size: int = 32):
     tokenizer = TiktokenTokenizer.by_name("gpt2")
     config = GPTConfig(block_size=block_size, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)
     return save_checkpoint(path, GPT(config), tokenizer.spec())
+
+
+def pytest_collection_modifyitems(items):
+    """Give every test its own node id. Schemathesis names each operation's test
+    ``test_x[POST /v1/completions]`` but, with no callspec, pytest 9 gives them all the function's
+    node id; pytest-xdist's ``--dist loadfile`` (the README's test command) keys its queue by node
+    id, so it ran one of the nine and left the rest out, without an error."""
+    for item in items:
+        label = getattr(item, "operation_label", None)  # schemathesis' items: "POST /v1/completions"
+        if label is not None and item.id.params is None:
+            item._id = item.id.with_params(label)  # pytest 9 keeps a node's id in ``_id``
+
+
+@pytest.fixture
+def short_tmp_path():
+    """An empty folder with a short path, removed after the test: the TMPDIR of a server process,
+    whose engine core makes its Unix sockets there (at most 107 bytes a path; pytest's
+    ``tmp_path`` under pytest-xdist, /tmp/pytest-of-USER/pytest-N/popen-gwK/TEST-NAME/, leaves
+    too few for the core's folder and socket names)."""
+    path = Path(tempfile.mkdtemp(prefix="gptserve-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

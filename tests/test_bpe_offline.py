@@ -7,6 +7,7 @@ import hashlib
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,14 +28,13 @@ def test_the_shipped_ranks_are_gpt2s_by_tiktokens_published_hash_and_mit_license
     assert bpe.encode("Hello world") == [15496, 995]  # GPT-2's ids, as every GPT-2 port has them
 
 
-def _offline_env(tmp_path) -> dict[str, str]:
-    """No tiktoken cache (TIKTOKEN_CACHE_DIR unset, TMPDIR an empty folder) and no network (every
-    proxy a closed port)."""
+def _offline_env(tmpdir: Path) -> dict[str, str]:
+    """No tiktoken cache (TIKTOKEN_CACHE_DIR unset, TMPDIR the empty folder ``tmpdir``) and no
+    network (every proxy a closed port)."""
     cache_vars = ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")
     env = {k: v for k, v in child_env().items() if k not in cache_vars}
-    (tmp_path / "tmp").mkdir()
     dead = "http://127.0.0.1:9"
-    env.update(TMPDIR=str(tmp_path / "tmp"), HTTP_PROXY=dead, HTTPS_PROXY=dead,
+    env.update(TMPDIR=str(tmpdir), HTTP_PROXY=dead, HTTPS_PROXY=dead,
                http_proxy=dead, https_proxy=dead, NO_PROXY="", no_proxy="")  # fmt: skip
     return env
 
@@ -61,8 +61,9 @@ def _run(env, *args: str) -> None:
 
 
 @pytest.mark.timeout(400)
-def test_prepare_train_and_serve_a_tokenizerless_hf_folder_with_no_cache_and_no_network(tmp_path):
-    env = _offline_env(tmp_path)
+def test_prepare_train_and_serve_a_tokenizerless_hf_folder_with_no_cache_and_no_network(
+        tmp_path, short_tmp_path):
+    env = _offline_env(short_tmp_path)  # short: the engine core's sockets go there
     corpus = write_corpus(tmp_path)
     data, run, hf = tmp_path / "data", tmp_path / "run", tmp_path / "hf"
     _run(env, "-m", "trainer", "prepare", "--input", str(corpus), "--tokenizer", "r50k_base",
@@ -84,4 +85,4 @@ def test_prepare_train_and_serve_a_tokenizerless_hf_folder_with_no_cache_and_no_
         assert done.status_code == 200, done.text
     finally:
         server.stop()
-    assert not (tmp_path / "tmp" / "data-gym-cache").exists(), "tiktoken made a cache after all"
+    assert not (short_tmp_path / "data-gym-cache").exists(), "tiktoken made a cache after all"

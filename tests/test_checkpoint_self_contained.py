@@ -95,11 +95,12 @@ class CachelessServer(ServerProcess):
 
 
 @pytest.mark.timeout(180)
-def test_a_bpe_checkpoint_serves_with_no_tiktoken_cache_under_its_run_name(gpt2_bpe, tmp_path):
+def test_a_bpe_checkpoint_serves_with_no_tiktoken_cache_under_its_run_name(
+        gpt2_bpe, tmp_path, short_tmp_path):
     best = save_checkpoint(tmp_path / "shakespeare-bpe" / "best", _bpe_model(), gpt2_bpe.spec(),
                            {"iterations": 3})  # fmt: skip
-    (tmp_path / "empty").mkdir()
-    server = CachelessServer(best, tmp_path / "server.log", tmpdir=tmp_path / "empty")
+    empty = short_tmp_path  # short: the engine core's sockets go there
+    server = CachelessServer(best, tmp_path / "server.log", tmpdir=empty)
     server.start()
     try:
         server.wait_ready()
@@ -112,13 +113,13 @@ def test_a_bpe_checkpoint_serves_with_no_tiktoken_cache_under_its_run_name(gpt2_
         assert done.status_code == 200, done.text
         # tiktoken's fallback cache is TMPDIR/data-gym-cache; the server's own private folder
         # (the engine core's sockets, gptserve-core-*) may be there
-        written = [p.name for p in (tmp_path / "empty").iterdir()
+        written = [p.name for p in empty.iterdir()
                    if not p.name.startswith("gptserve-core-")]
         assert not written, f"tiktoken wrote a cache after all: {written}"
     finally:
         server.stop()
     hf = export_huggingface(load_checkpoint(best).model, tmp_path / "hf", tokenizer=gpt2_bpe)
-    env = {k: v for k, v in child_env(TMPDIR=str(tmp_path / "empty")).items()
+    env = {k: v for k, v in child_env(TMPDIR=str(empty)).items()
            if k != "TIKTOKEN_CACHE_DIR"}  # fmt: skip
     code = ("import sys; from model.checkpoint import load_checkpoint; "
             "t = load_checkpoint(sys.argv[1]).tokenizer; print(t.spec(), t.encode(sys.argv[2]))")

@@ -261,8 +261,9 @@ def test_while_the_checkpoint_loads_health_answers_and_ready_and_work_get_503(
         assert work.status_code == 503 and work.headers["Retry-After"].isdigit()
         assert httpx.get(srv.url + "/v1/models").status_code == 503
         release.set()
-        wait_until(
+        wait_until(  # the engine-core process starts now: imports, load and warm-up
             lambda: httpx.get(srv.url + "/ready").status_code == 200,
+            timeout=90,
             what="the engine to load and step",
         )
         ok = httpx.post(

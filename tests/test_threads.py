@@ -168,6 +168,11 @@ class CpuCgroup:
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
     def remove(self) -> None:
+        """Remove the group once it is empty: the server's engine core exits just after its
+        front end, which is all ``proc.wait`` waited for (rmdir of a busy group: EBUSY)."""
+        deadline = time.monotonic() + 30
+        while (self.path / "cgroup.procs").read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.path.rmdir()
 
 
