@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -201,6 +202,22 @@ def test_a_model_factory_that_is_not_module_colon_function_fails_the_start(tmp_p
                                               tiny_checkpoint().tokenizer.spec()))
     with pytest.raises(CoreStartError, match="model_factory must be 'module:function'"):
         CoreClient(on_disk, EngineConfig(device="cpu"), model_factory="engine_support")
+
+
+def test_a_tmpdir_too_long_for_a_socket_path_still_serves(tiny_checkpoint, tmp_path, monkeypatch):
+    # a UNIX socket's path holds 107 bytes: under a TMPDIR this deep the core's sockets cannot
+    # live there, so they go to a short folder (before: the core failed to bind, and the server
+    # said "cannot load checkpoint: File name too long")
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setenv("TMPDIR", str(deep))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile caches the folder it chose
+    assert tempfile.gettempdir() == str(deep)
+    eng = CoreClient(load_checkpoint(tiny_checkpoint), EngineConfig(device="cpu", max_batch_size=2))
+    folder = eng.core_folder
+    assert len(os.fsencode(folder)) + len("/outputs-0") <= 107, folder
+    assert len(_greedy(eng, "Hello")) == 12
+    assert not os.path.exists(folder), "the socket folder outlived the shutdown"
 
 
 def test_a_core_steps_ahead_of_the_loop_that_reads_it_waits_and_resumes(tiny_checkpoint):

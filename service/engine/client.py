@@ -80,7 +80,7 @@ class CoreClient(EngineFront):
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         check_quantization(config.quantization, device)  # refused here, before any spawn
-        self._dir = tempfile.mkdtemp(prefix="gptserve-core-")  # 0700: ours alone
+        self._dir = _socket_folder(fronts)  # 0700: ours alone
         self.front = 0
         self.fronts = fronts
         ConsumedSteps.create(_consumed_path(self._dir), fronts).close()
@@ -542,6 +542,25 @@ class Seat:
     checkpoint: Checkpoint
     live: SharedCount
     leader: int
+
+
+SOCKET_PATH_MAX = 107  # bytes in a UNIX socket's path on Linux (sun_path, less its NUL)
+
+
+def _socket_folder(fronts: int) -> str:
+    """A new private folder for the core's sockets and shared files: under TMPDIR like any
+    temporary file, or under /tmp when TMPDIR is too deep for a socket's path to fit."""
+    # the longest socket path: the parent, mkdtemp's name (the prefix and 8 characters), the
+    # last front end's output socket (_addresses)
+    tail = len(f"/gptserve-core-XXXXXXXX/outputs-{fronts - 1}")
+    tried = []
+    for parent in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+        if len(os.fsencode(parent)) + tail <= SOCKET_PATH_MAX:
+            return tempfile.mkdtemp(prefix="gptserve-core-", dir=parent)
+        tried.append(parent)
+    raise CoreStartError(
+        f"no folder short enough for the engine core's sockets (a UNIX socket's path holds "
+        f"{SOCKET_PATH_MAX} bytes): tried {', '.join(tried)}; set TMPDIR to a shorter folder")
 
 
 def _addresses(directory: str, fronts: int) -> tuple[str, tuple[str, ...]]:
