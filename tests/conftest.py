@@ -121,9 +121,9 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def short_tmp_path():
     """An empty folder with a short path, removed after the test: the TMPDIR of a server process,
-    whose engine core makes its Unix sockets there (at most 107 bytes a path; pytest's
-    ``tmp_path`` under pytest-xdist, /tmp/pytest-of-USER/pytest-N/popen-gwK/TEST-NAME/, leaves
-    too few for the core's folder and socket names)."""
+    whose engine core makes its Unix sockets there when the path fits (at most 107 bytes a path;
+    pytest's ``tmp_path`` under pytest-xdist, /tmp/pytest-of-USER/pytest-N/popen-gwK/TEST-NAME/,
+    leaves too few, and the core would fall back to /tmp)."""
     path = Path(tempfile.mkdtemp(prefix="gptserve-test-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)

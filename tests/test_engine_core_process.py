@@ -220,6 +220,28 @@ def test_a_tmpdir_too_long_for_a_socket_path_still_serves(tiny_checkpoint, tmp_p
     assert not os.path.exists(folder), "the socket folder outlived the shutdown"
 
 
+def test_a_core_whose_front_end_was_killed_exits_and_removes_its_socket_folder(
+        tmp_path, short_tmp_path, monkeypatch):
+    # SIGKILL gives the front end no chance to clean up: the core sees its parent gone, exits,
+    # and removes the folder of its sockets (before: one gptserve-core-* folder left per crash)
+    monkeypatch.setenv("TMPDIR", str(short_tmp_path))  # the server's temporary files go here
+    server = ServerProcess(make_tiny_checkpoint(tmp_path / "ck"), tmp_path / "server.log")
+    server.start()
+    try:
+        server.wait_ready()
+        core = core_pid(server)
+        assert [p.name for p in short_tmp_path.iterdir() if p.name.startswith("gptserve-core-")]
+        server.kill()
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{core}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{core}"), "the core outlived its front end"
+        left = [p.name for p in short_tmp_path.iterdir() if p.name.startswith("gptserve-core-")]
+        assert not left, f"the killed server's core left {left}"
+    finally:
+        server.stop()
+
+
 def test_a_core_steps_ahead_of_the_loop_that_reads_it_waits_and_resumes(tiny_checkpoint):
     # started on the event loop, the client reads the core's socket there: while the loop is
     # blocked the core may send STEPS_AHEAD step messages, then it waits; the loop's first read

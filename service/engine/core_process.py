@@ -12,8 +12,9 @@ request (one ``error`` finish each), sends ``FAILED`` and exits 1: the front end
 
 The core ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process group; the front end
 drains and then tells the core to stop) and exits when its front end is gone (its parent pid
-changes; checked before every step and every idle second). ``PR_SET_PDEATHSIG`` would not do: it
-fires when the *thread* that spawned the core exits, and a loading thread spawns it.
+changes; checked before every step and every idle second), removing the folder of its sockets
+that the dead front end could not. ``PR_SET_PDEATHSIG`` would not do: it fires when the *thread*
+that spawned the core exits, and a loading thread spawns it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import gc
 import importlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -87,6 +89,8 @@ def run_core(spec: CoreSpec) -> None:
         inputs.close(0)
         outputs.close()  # lingers until the last messages are out
         context.term()
+        if os.getppid() != parent:  # the front end died without cleaning up: its folder is ours
+            shutil.rmtree(os.path.dirname(spec.inputs.removeprefix("ipc://")), ignore_errors=True)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)  # no interpreter teardown (torch's threads, atexit): the work is done
