@@ -119,8 +119,7 @@ def put_all(loop: asyncio.AbstractEventLoop, events: TokenEvents,
     """Hand a step's events (``rows`` of ``events`` to each stream) to the streams of one event
     loop with one wake-up of that loop (one ``call_soon_threadsafe`` per step, not one per
     stream: at 32 streams the per-stream wake-ups cost the loop more than the events)."""
-    for stream, rows in items:
-        stream._check_backlog(len(rows))
+    _check_backlogs(items)
     try:
         loop.call_soon_threadsafe(_deliver, events, items)
     except RuntimeError:  # the loop is closed: nobody is listening any more
@@ -130,9 +129,13 @@ def put_all(loop: asyncio.AbstractEventLoop, events: TokenEvents,
 
 def deliver(events: TokenEvents, items: list[tuple[RequestStream, list[int]]]) -> None:
     """``put_all`` called on the streams' own event loop: hand the events over at once."""
+    _check_backlogs(items)
+    _deliver(events, items)
+
+
+def _check_backlogs(items: list[tuple[RequestStream, list[int]]]) -> None:
     for stream, rows in items:
         stream._check_backlog(len(rows))
-    _deliver(events, items)
 
 
 def _deliver(events: TokenEvents, items: list[tuple[RequestStream, list[int]]]) -> None:
