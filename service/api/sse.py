@@ -77,8 +77,9 @@ class EventStreamResponse(Response):
     a response's start and end, and with one event per token the chain of wrappers was a
     per-token cost; a middleware that rewrites bodies (compression) would have to sit outside the
     access log. An item that ends with ``DONE`` ends the stream: it goes out with the
-    response's end, in one write (``events`` is closed there). A disconnect cancels the writing task, which closes ``events`` at its ``await``
-    (its ``finally`` frees the engine's work at once). Starlette's ``StreamingResponse`` does the
+    response's end, in one write (``events`` is closed there). A disconnect cancels the writing
+    task, which closes ``events`` at its ``await`` (its ``finally`` frees the engine's work at
+    once). Starlette's ``StreamingResponse`` does the
     same with an anyio task group and sends every event through every wrapper.
     """
 
