@@ -21,7 +21,10 @@ def _assert_same_batch(got, want, note: str) -> None:
     assert got.logit_rows is None and want.logit_rows is None, f"{note}: logit rows"
     assert got.chunks == want.chunks == (), note
     g, w = got.decode, want.decode
-    assert (g.width, g.length, g.slots) == (w.width, w.length, w.slots), note
+    assert (g.width, g.length) == (w.width, w.length), note
+    assert (g.slots is None) == (w.slots is None), f"{note}: slots {g.slots} vs {w.slots}"
+    if g.slots is not None:
+        assert torch.equal(g.slots, w.slots), f"{note}: slots differ"
     assert (g.mask is None) == (w.mask is None), f"{note}: mask {g.mask} vs {w.mask}"
     if g.mask is not None:
         assert torch.equal(g.mask, w.mask), f"{note}: masks differ"
@@ -64,6 +67,41 @@ def test_a_step_of_a_shape_seen_before_reuses_its_batch_and_reads_this_steps_inp
     assert len(inputs._batches) <= inputs.MAX_BATCHES, "kept more shapes than allowed"
 
 
+def test_a_batch_with_holes_equals_a_fresh_pack_and_reads_each_rows_own_slot():
+    kv = KVCache(n_layer=2, n_slots=8, n_head=2, max_len=16, head_dim=4)
+    inputs = DecodeInputs(kv)
+    # (slots, tokens, positions) per step: holes open below the busy width (finished
+    # sequences), close again, move, and alternate with steps whose row i is slot i; a shape
+    # seen before is reused with this step's slots
+    steps = [([0, 1, 2], [5, 6, 7], [3, 4, 5]), ([0, 2], [1, 2], [4, 6]),
+             ([1, 2], [3, 4], [5, 7]), ([0, 1, 2], [1, 1, 1], [0, 6, 8]),
+             ([0, 3, 7], [4, 5, 6], [2, 2, 2]), ([1, 5], [8, 9], [9, 15]),
+             ([0, 4], [3, 3], [10, 1]), ([0, 2], [7, 7], [5, 7])]
+    for i, (slots, tokens, positions) in enumerate(steps):
+        want = kv.pack(list(zip(slots, positions, tokens, strict=True)))
+        identity = slots == list(range(len(slots)))
+        got = inputs.batch(tokens, positions, None if identity else slots)
+        _assert_same_batch(got, want, f"step {i}")
+
+
+def test_attention_over_a_batch_with_holes_matches_packing():
+    torch.manual_seed(0)
+    from model.config import GPTConfig
+    from model.gpt import GPT
+
+    config = GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=8)
+    model = GPT(config).eval()
+    kv = KVCache.for_model(config, 6)
+    kv.data.normal_()  # every slot holds keys and values already (earlier positions)
+    inputs = DecodeInputs(kv)
+    slots, tokens, positions = [0, 2, 5], [3, 9, 4], [7, 2, 11]
+    with torch.inference_mode():
+        want = model.forward_packed(kv.pack(list(zip(slots, positions, tokens))), kv).clone()
+        got = model.forward_packed(inputs.batch(tokens, positions, slots), kv)
+    assert got.shape == (3, config.vocab_size)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("positions", [[16], [2, -1]])
 def test_the_persistent_batch_refuses_a_position_outside_the_cache(positions):
     kv = KVCache(n_layer=1, n_slots=2, n_head=1, max_len=16, head_dim=4)
@@ -81,9 +119,9 @@ def _served(persistent: bool):
     if persistent:
         real = runner.inputs.batch
 
-        def spy(tokens, positions):
-            used.append(len(tokens))
-            return real(tokens, positions)
+        def spy(tokens, positions, slots=None):
+            used.append((len(tokens), slots is not None))
+            return real(tokens, positions, slots)
 
         runner.inputs.batch = spy
     else:
@@ -104,11 +142,13 @@ def test_an_engine_on_the_persistent_batch_serves_what_packing_every_step_serves
     want, _ = _served(persistent=False)
     got, used = _served(persistent=True)
     assert got == want, "the persistent decode batch changed what the engine served"
-    assert len(used) > 20 and len(set(used)) > 1, f"persistent batch widths per step: {used}"
+    assert len(used) > 20 and len({rows for rows, _ in used}) > 1, (
+        f"persistent batch rows per step: {used}")
+    assert any(holes for _, holes in used), f"no step with holes below its width: {used}"
     assert any(o[5] for outs in want.values() for o in outs), "no window crop was exercised"
 
 
-def test_the_persistent_mask_follows_rows_that_advance_jump_restart_and_idle():
+def test_the_persistent_mask_follows_rows_that_advance_jump_restart_idle_and_leave_holes():
     kv = KVCache(n_layer=1, n_slots=8, n_head=1, max_len=32, head_dim=4)
     inputs = DecodeInputs(kv)
     g = torch.Generator().manual_seed(0)
@@ -121,6 +161,11 @@ def test_the_persistent_mask_follows_rows_that_advance_jump_restart_and_idle():
             # position) or a jump (a row that decoded while the mask was not built)
             positions[s] = (int(torch.randint(0, 32, (1,), generator=g)) if move == 0
                             else min(31, positions[s] + (1 if move > 1 else 7)))
-        tokens = [step % 5] * width
-        want = kv.pack(list(zip(range(width), positions[:width], tokens, strict=True)))
-        _assert_same_batch(inputs.batch(tokens, positions[:width]), want, f"step {step}")
+        # every other step, some slots below the last have no row (holes)
+        slots = [s for s in range(width) if s == width - 1 or step % 2 or
+                 int(torch.randint(0, 3, (1,), generator=g))]
+        tokens = [step % 5] * len(slots)
+        rows = [positions[s] for s in slots]
+        want = kv.pack(list(zip(slots, rows, tokens, strict=True)))
+        got = inputs.batch(tokens, rows, None if len(slots) == width else slots)
+        _assert_same_batch(got, want, f"step {step}")

@@ -38,9 +38,11 @@ class DecodeInputs:
         self.kv = kv
         n, device = kv.n_slots, kv.data.device
         self._cuda = device.type == "cuda"
-        self._host = torch.zeros((4, n), dtype=torch.long, pin_memory=self._cuda)
-        self.host = self._host.numpy()  # (4, n_slots), the same memory as ``_host``
-        self._dev = torch.zeros((4, n), dtype=torch.long, device=device) if self._cuda else (
+        # rows: tokens, positions, cache rows and slots of the step's rows (row i is slot
+        # ``slots[i]``), then context lengths per slot
+        self._host = torch.zeros((5, n), dtype=torch.long, pin_memory=self._cuda)
+        self.host = self._host.numpy()  # (5, n_slots), the same memory as ``_host``
+        self._dev = torch.zeros((5, n), dtype=torch.long, device=device) if self._cuda else (
             self._host)
         self._row0 = np.arange(n, dtype=np.int64) * kv.max_len  # slot s's first cache row
         self._views: dict[int, tuple] = {}  # width -> its rows' NumPy and tensor views
@@ -55,44 +57,63 @@ class DecodeInputs:
         self._visible = np.zeros(n, dtype=np.int64)
         self._flat = self._mask.view(-1)
 
-    def batch(self, tokens: list[int], positions: list[int]) -> PackedBatch:
-        """The packed batch of a decode step whose row i is slot i (``len(tokens)`` slots from
-        0): ``tokens[i]`` at window position ``positions[i]``. The same batch as
-        ``kv.pack(list(zip(range(W), positions, tokens)))`` builds."""
-        width = len(tokens)
+    def batch(self, tokens: list[int], positions: list[int],
+              slots: list[int] | None = None) -> PackedBatch:
+        """The packed batch of a decode step: ``tokens[i]`` at window position ``positions[i]``
+        in slot ``slots[i]`` (increasing; None: row i is slot i). The same batch as
+        ``kv.pack(list(zip(slots, positions, tokens)))`` builds. Slots below the last one that
+        have no row (holes: sequences that finished) cost no row of the matmuls: attention runs
+        over slots ``0..W-1`` and scatters the rows' queries by slot, as ``pack`` does."""
+        rows = len(tokens)
         first, last = min(positions), max(positions)
         if first < 0 or last >= self.kv.max_len:
             bad = first if first < 0 else last
             raise ValueError(f"position {bad} is past the KV cache's {self.kv.max_len}")
+        width = rows if slots is None or slots[-1] == rows - 1 else slots[-1] + 1
         views = self._views.get(width) or self._make_views(width)
-        tok, pos, write, lens, row0 = views[:5]
-        tok[:] = tokens
-        pos[:] = positions
-        np.add(row0, pos, out=write)  # slot * max_len + position
+        tok, pos, write, slot_of, lens, row0 = views[:6]
+        if width == rows:  # row i is slot i (the allocator keeps busy slots packed low)
+            tok[:] = tokens
+            pos[:] = positions
+            np.add(row0, pos, out=write)  # slot * max_len + position
+            masked = first != last  # rows at different positions: each reads its own keys
+            if masked:
+                np.add(pos, 1, out=lens)  # keys 0..position
+        else:  # holes: row i is slot slots[i]; a hole reads key 0 only (its output unused)
+            tok, pos, write, slot_of = tok[:rows], pos[:rows], write[:rows], slot_of[:rows]
+            tok[:] = tokens
+            pos[:] = positions
+            slot_of[:] = slots
+            np.add(row0[slot_of], pos, out=write)
+            lens.fill(1)
+            lens[slot_of] = pos + 1
+            masked = True
         if self._cuda:
             # one asynchronous copy from pinned memory; the host buffer is next written after
             # this step's sampled tokens were read back, so the copy has finished by then
             self._dev.copy_(self._host, non_blocking=True)
-        masked = first != last  # rows at different positions: each reads its own keys only
         if masked:
-            np.add(pos, 1, out=lens)  # keys 0..position
             self._update_mask(lens)
-        key = (width, last + 1, masked)
-        return self._batches.get(key) or self._make_batch(key, views[5:])
+        key = (width, last + 1, masked, rows)
+        return self._batches.get(key) or self._make_batch(key, views[6:])
 
-    def _make_batch(self, key: tuple[int, int, bool], views: tuple) -> PackedBatch:
-        """The batch of ``width`` rows reading ``length`` keys (through the mask when
-        ``masked``): views of the persistent buffers, the mask and the cache only, so a later
-        step of the same shape reuses it as it is (the buffers' contents are the step's). Up to
-        ``MAX_BATCHES`` are kept (then all are dropped and made again as steps need them)."""
-        width, length, masked = key
+    def _make_batch(self, key: tuple[int, int, bool, int], views: tuple) -> PackedBatch:
+        """The batch of ``rows`` rows over slots ``0..width-1`` reading ``length`` keys (through
+        the mask when ``masked``): views of the persistent buffers, the mask and the cache only,
+        so a later step of the same shape reuses it as it is (the buffers' contents are the
+        step's). Up to ``MAX_BATCHES`` are kept (then all are dropped and made again as steps
+        need them)."""
+        width, length, masked, rows = key
         if len(self._batches) >= self.MAX_BATCHES:
             self._batches.clear()
-        t, p, w, rows_mask = views
+        t, p, w, s, rows_mask = views
+        if rows < width:
+            t, p, w, s = t[:rows], p[:rows], w[:rows], s[:rows]
         mask = rows_mask.narrow(3, 0, length) if masked else None  # (width, 1, 1, length)
         keys, values = self.kv.slots_view(width, length)
         batch = self._batches[key] = PackedBatch(
-            t, p, w, None, DecodeGroup(width, length, mask, keys, values), ())
+            t, p, w, None, DecodeGroup(width, length, mask, keys, values,
+                                       None if rows == width else s), ())
         return batch
 
     def _update_mask(self, lens: np.ndarray) -> None:
@@ -128,6 +149,7 @@ class DecodeInputs:
         """The first ``width`` columns of each row, as NumPy views (written) and tensor views
         (read by the model), the slots' first cache rows and the mask's rows: made once per
         width."""
-        views = self._views[width] = (*self.host[:, :width], self._row0[:width],
-                                      *self._dev[:3, :width], self._mask[:width])
+        host, dev = self.host, self._dev
+        views = self._views[width] = (*host[:4, :width], host[4, :width], self._row0[:width],
+                                      *dev[:4, :width], self._mask[:width])
         return views

@@ -72,13 +72,13 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         for copy in plan.copies:  # reused prefixes, in admission order, before anything reads them
             self.kv.copy_slot(copy.source, copy.target, 0, copy.length)
-        if self.inputs is not None and not plan.prefill and plan.decode and (
-                plan.decode[-1].seq.slot == len(plan.decode) - 1):
-            # decode only, row i is slot i (increasing distinct slots ending at D - 1): the
-            # persistent batch (a decode chunk is its window's last position: the token sampled
-            # last step)
+        if self.inputs is not None and not plan.prefill and plan.decode:
+            # decode only (in increasing slot order): the persistent batch (a decode chunk is
+            # its window's last position: the token sampled last step)
             seqs = tuple([c.seq for c in plan.decode])
-            batch = self.inputs.batch([s.tokens[-1] for s in seqs], [c.start for c in plan.decode])
+            slots = None if seqs[-1].slot == len(seqs) - 1 else [s.slot for s in seqs]
+            batch = self.inputs.batch([s.tokens[-1] for s in seqs],
+                                      [c.start for c in plan.decode], slots)
             return RunnerOutput(seqs, self.model.forward_packed(batch, self.kv))
         leaders, followers = _share_prompts(plan.prefill)
         # a decode chunk is its window's last position: the token sampled last step
