@@ -96,7 +96,7 @@ def test_attention_over_a_batch_with_holes_matches_packing():
     inputs = DecodeInputs(kv)
     slots, tokens, positions = [0, 2, 5], [3, 9, 4], [7, 2, 11]
     with torch.inference_mode():
-        want = model.forward_packed(kv.pack(list(zip(slots, positions, tokens))), kv).clone()
+        want = model.forward_packed(kv.pack(list(zip(slots, positions, tokens, strict=True))), kv).clone()
         got = model.forward_packed(inputs.batch(tokens, positions, slots), kv)
     assert got.shape == (3, config.vocab_size)
     assert torch.equal(got, want)
