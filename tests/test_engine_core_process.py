@@ -242,6 +242,47 @@ def test_a_core_whose_front_end_was_killed_exits_and_removes_its_socket_folder(
         server.stop()
 
 
+def test_a_core_whose_front_end_died_while_it_was_starting_exits(tmp_path, short_tmp_path,
+                                                                  monkeypatch):
+    # the front end is SIGKILLed as soon as its core process exists, while that core is still
+    # importing: the core must still see that its front end is gone (before: it took the pid
+    # it then found as its parent, init's, and idled for ever, one orphan per crash)
+    monkeypatch.setenv("TMPDIR", str(short_tmp_path))
+    server = ServerProcess(make_tiny_checkpoint(tmp_path / "ck"), tmp_path / "server.log")
+    server.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (core := _child_core(server.proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert core, "the server never spawned its engine core"
+        server.kill()
+        deadline = time.monotonic() + 60
+        while not process_gone(core) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process_gone(core), "the core outlived a front end that died while it started"
+    finally:
+        server.stop()
+        if core and not process_gone(core):
+            os.kill(core, signal.SIGKILL)
+
+
+def _child_core(parent: int) -> int | None:
+    """The pid of ``parent``'s spawned engine-core child, once it exists."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"spawn_main" in cmdline:
+            return int(entry.name)
+    return None
+
+
 def test_a_core_steps_ahead_of_the_loop_that_reads_it_waits_and_resumes(tiny_checkpoint):
     # started on the event loop, the client reads the core's socket there: while the loop is
     # blocked the core may send STEPS_AHEAD step messages, then it waits; the loop's first read

@@ -87,7 +87,7 @@ class CoreClient(EngineFront):
         self._open_sockets(0)
         spec = CoreSpec(checkpoint.path, config, *_addresses(self._dir, fronts),
                         _consumed_path(self._dir), log_level, log_format, model_factory,
-                        profile)
+                        parent=os.getpid(), profile=profile)
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_core, args=(spec,), name="gptserve-engine-core", daemon=True)
         self._process.start()

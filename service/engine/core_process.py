@@ -58,13 +58,17 @@ class CoreSpec:
     # ``Checkpoint`` to serve instead of loading ``checkpoint`` (bench/hostcost.py's stand-in
     # whose forward costs nothing); imported and called in the core process
     model_factory: str | None = None
+    # the pid of the front end that spawns the core (its parent): the core exits once its parent
+    # is another process. Read by the core itself, it would be init's when the front end died
+    # while the core was still importing, and the core would then idle for ever.
+    parent: int = 0
     # bench only: cProfile the core's loop in its own thread CPU time, stats written here at exit
     profile: str | None = None
 
 
 def run_core(spec: CoreSpec) -> None:
     """The core process's entry point (``multiprocessing`` spawn target)."""
-    parent = os.getppid()
+    parent = spec.parent or os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(spec.log_level, spec.log_format)
