@@ -193,12 +193,13 @@ class RequestOutput:
 
 @dataclass(frozen=True)
 class RequestMetrics:
-    """Per-request timings (seconds), reported once when a choice finishes."""
+    """A choice's timings (seconds), reported once when it finishes: nothing per token (the
+    core counts the inter-token gaps into ``/metrics`` itself: ``service.engine.counters``)."""
 
     queue_time: float
-    time_to_first_token: float | None
-    inter_token_times: tuple[float, ...]
+    time_to_first_token: float | None  # None: it generated no token
     e2e_latency: float
+    num_tokens: int  # tokens it generated
 
 
 class EngineStats(msgspec.Struct, frozen=True):
