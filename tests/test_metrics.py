@@ -138,10 +138,10 @@ def test_the_cores_bucketing_equals_observing_one_value_at_a_time():
              [5.0, 5.3]]
     latencies = [0.0, 0.001, 0.0031, 0.5, 7.5, 1e9]
     counters = CoreCounters.in_memory()
-    counters._observe_gaps(spans[:1])  # one choice alone (its own path), then two together
-    counters._observe_gaps(spans[1:])
-    for value in latencies:
-        counters._observe("e2e_latency", value)
+    for finished in (spans[:1], spans[1:]):  # one choice alone, then two in one step
+        counters.add_finished([_finished(times) for times in finished], now=1e6)
+    for value in latencies:  # a choice that never got a token: its end-to-end latency alone
+        counters.add_finished([_finished([], arrival=0.0, finished=value)], now=value)
     one = CollectorRegistry()
     itl = Histogram("gptserve_inter_token_latency_seconds", "Time between consecutive "
                     "generated tokens of one choice.", buckets=LATENCY_BUCKETS, registry=one)
@@ -150,6 +150,7 @@ def test_the_cores_bucketing_equals_observing_one_value_at_a_time():
     for span in spans:
         for a, b in itertools.pairwise(span):
             itl.observe(b - a)
+        e2e.observe(span[-1] - span[0])
     for value in latencies:
         e2e.observe(value)
     core = CollectorRegistry()
@@ -166,3 +167,15 @@ def test_the_cores_bucketing_equals_observing_one_value_at_a_time():
     for name in ("gptserve_inter_token_latency_seconds", "gptserve_e2e_request_latency_seconds"):
         want = series(one, name)
         assert want and series(core, name) == want, f"{name}: bucket counts or sum differ"
+
+
+def _finished(token_times: list[float], arrival: float | None = None,
+              finished: float | None = None):
+    """A finished choice as the core's counts read it (arrival, admission, token and finish
+    times): admitted at once; by default it arrived with its first token, ended with its last."""
+    from types import SimpleNamespace
+
+    arrival = token_times[0] if arrival is None else arrival
+    return SimpleNamespace(request=SimpleNamespace(arrival_time=arrival), admitted_at=arrival,
+                           token_times=token_times,
+                           finished_at=token_times[-1] if finished is None else finished)

@@ -19,7 +19,6 @@ a value lands in the first bucket whose upper bound is >= it, as ``prometheus_cl
 from __future__ import annotations
 
 import bisect
-import itertools
 import mmap
 import os
 
@@ -56,6 +55,16 @@ def _layout() -> tuple[dict[str, int], int]:
 
 
 AT, SIZE = _layout()
+
+
+def _histogram(name: str) -> tuple[int, tuple, int]:
+    """Where a histogram's buckets begin, its bounds, and where its sum is."""
+    return AT[name], HISTOGRAMS[name], AT[name] + len(HISTOGRAMS[name]) + 1
+
+
+_STEP, _BATCH = _histogram("step_time"), _histogram("batch_size")
+_QUEUE, _TTFT, _E2E = (_histogram("queue_time"), _histogram("time_to_first_token"),
+                       _histogram("e2e_latency"))
 _ITL = AT["inter_token_latency"]
 _ITL_BOUNDS = np.array(LATENCY_BUCKETS)
 _ITL_BUCKETS = len(LATENCY_BUCKETS) + 1
@@ -116,46 +125,47 @@ class CoreCounters:
             v[2] += recomputed_tokens
         if crops:
             v[5] += crops
-        self._observe("step_time", step_time)
+        self._observe(_STEP, step_time)
         if batch_size:
-            self._observe("batch_size", batch_size)
+            self._observe(_BATCH, batch_size)
 
     def add_finished(self, seqs, now: float) -> None:
         """Count the latencies of choices the core finished (``Sequence``: its arrival, admission,
         token and finish times), every inter-token gap of all of them in one NumPy pass."""
         observe = self._observe
-        spans = []
+        times: list[float] = []  # every choice's token times, one after another
+        seams = []  # where one choice's times end and the next one's begin (a gap to drop)
+        total = 0.0  # the gaps' sum: each choice's first-to-last token time
         for seq in seqs:
             arrival = seq.request.arrival_time
             admitted = seq.admitted_at
-            observe("queue_time", (admitted if admitted is not None else now) - arrival)
-            times = seq.token_times
-            if times:
-                observe("time_to_first_token", times[0] - arrival)
-                if len(times) > 1:
-                    spans.append(times)
-            observe("e2e_latency", (seq.finished_at or now) - arrival)
-        if spans:
-            self._observe_gaps(spans)
+            observe(_QUEUE, (admitted if admitted is not None else now) - arrival)
+            own = seq.token_times
+            if own:
+                observe(_TTFT, own[0] - arrival)
+                if len(own) > 1:
+                    if times:
+                        seams.append(len(times) - 1)
+                    times += own
+                    total += own[-1] - own[0]
+            observe(_E2E, (seq.finished_at or now) - arrival)
+        if times:
+            self._observe_gaps(times, seams, total)
 
-    def _observe(self, name: str, value: float) -> None:
-        at = AT[name]
-        bounds = HISTOGRAMS[name]
-        self.values[at + bisect.bisect_left(bounds, value)] += 1
-        self.values[at + len(bounds) + 1] += value
+    def _observe(self, histogram: tuple[int, tuple, int], value: float) -> None:
+        at, bounds, sum_at = histogram
+        values = self.values
+        values[at + bisect.bisect_left(bounds, value)] += 1
+        values[sum_at] += value
 
-    def _observe_gaps(self, spans: list[list[float]]) -> None:
-        """Bucket the gaps between consecutive times of each span (each at least two long)."""
-        if len(spans) == 1:
-            times = np.array(spans[0])
-            gaps = times[1:] - times[:-1]
-            total = times[-1] - times[0]
-        else:
-            lengths = [len(s) for s in spans]
-            times = np.fromiter(itertools.chain.from_iterable(spans), np.float64, sum(lengths))
-            gaps = np.delete(np.diff(times), np.cumsum(lengths[:-1]) - 1)  # not across spans
-            total = sum(s[-1] - s[0] for s in spans)
+    def _observe_gaps(self, times: list[float], seams: list[int], total: float) -> None:
+        """Bucket the gaps between consecutive ``times`` but those at ``seams``."""
+        t = np.array(times)
+        gaps = t[1:] - t[:-1]
+        if seams:
+            gaps[seams] = -1.0  # into the first bucket, and taken out of it below
         counts = np.bincount(np.searchsorted(_ITL_BOUNDS, gaps), minlength=_ITL_BUCKETS)
+        counts[0] -= len(seams)
         self.array[_ITL:_ITL + _ITL_BUCKETS] += counts
         self.values[_ITL + _ITL_BUCKETS] += total
 
