@@ -203,7 +203,8 @@ class EngineFront(ABC):
         return self._stats
 
     def add_stats_listener(self, fn: Callable[[EngineStats], None]) -> None:
-        """``fn(stats)`` is called (on the core's side of this object) after every step."""
+        """``fn(stats)`` is called (on the core's side of this object) after every step (the
+        server adds none: its metrics read the core's counts when scraped)."""
         self._listeners.append(fn)
 
     def _publish(self, stats: EngineStats) -> None:
