@@ -7,7 +7,8 @@ accepting on the same sockets, with an engine that joins the running core
 (``CoreClient.attach``): its requests go to the core, the core sends each its own tokens and every
 front end the step's stats, and one shared count keeps admission exact across them
 (``service/engine/admission.py``). Metrics are summed over the processes (prometheus_client's
-multiprocess files); step metrics are counted by front end 0 alone.
+multiprocess files); the engine cores' own counts lie in one file per core in the same folder,
+read by whichever process a scrape reaches (``service/metrics.py``).
 
 Lifecycle: a SIGTERM (or Ctrl-C) to the first process drains it and is passed on to the others,
 which drain too; the first process waits for them to exit before it stops the core. A front end
@@ -252,12 +253,11 @@ class Follower:
         self._send_lock = threading.Lock()
         self.state = None
         self.reloader = None
-        self.metrics_listener = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self, state, reloader, metrics_listener) -> None:
+    def start(self, state, reloader) -> None:
         """Listen on the pipe (called on the event loop once the app has its engine)."""
-        self.state, self.reloader, self.metrics_listener = state, reloader, metrics_listener
+        self.state, self.reloader = state, reloader
         self._loop = asyncio.get_running_loop()
         threading.Thread(target=self._listen, name="api-server-link", daemon=True).start()
 
@@ -306,7 +306,6 @@ class Follower:
 
         try:
             engine = CoreClient.attach(seat)
-            engine.add_stats_listener(self.metrics_listener)
             engine.start(self._loop)  # its step messages are read on this front end's loop
         except Exception:  # noqa: BLE001 - cannot follow the reload: stop (the server exits 4)
             log.exception("API server could not join the new engine core; exiting")

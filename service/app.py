@@ -26,7 +26,7 @@ from service.api.middleware import GateMiddleware
 from service.api.routes import router
 from service.api.state import ServerState
 from service.chat_template import ChatTemplates
-from service.metrics import Metrics
+from service.metrics import Metrics, shared_folder
 from service.reload import server_reloader
 from service.reload.loading import in_daemon_thread
 from service.settings import Settings
@@ -46,8 +46,10 @@ def build_engine(settings: Settings, checkpoint):
     if settings.engine_core == "process":
         from service.engine.client import CoreClient
 
+        # several API-server processes find each core's counts in the folder they share
         return CoreClient(checkpoint, engine_config(settings), log_level=settings.log_level,
-                          log_format=settings.log_format, fronts=settings.api_servers)
+                          log_format=settings.log_format, fronts=settings.api_servers,
+                          counters_dir=shared_folder() if settings.api_servers > 1 else None)
     from service.engine import Engine
 
     return Engine(checkpoint, engine_config(settings))
@@ -79,15 +81,13 @@ def create_app(settings: Settings, engine=None, api_servers=None, follower=None)
         app.state.reload = follower.reload if follower is not None else reloader.reload
 
         def start(engine) -> None:
-            # a step's metrics are counted once: by front end 0 (the others show its load)
-            engine.add_stats_listener(metrics.observe_step if engine.front == 0
-                                      else metrics.set_load)
+            metrics.attach(engine)  # its core's counts, read at every scrape
             engine.start()
             state.swap_engine(engine)
             if api_servers is not None:
                 api_servers.start(engine, reloader)
             if follower is not None:
-                follower.start(state, reloader, metrics.set_load)
+                follower.start(state, reloader)
             reloader.start(engine)  # live checkpoint reload: --watch and POST /admin/reload
             # what is alive now (the app, its libraries, the tokenizer, the engine's client)
             # lives as long as the server: keep it out of the cyclic collector's generations,

@@ -253,6 +253,71 @@ def test_two_front_ends_share_one_socket_one_core_one_capacity_and_reloads(tmp_p
         server.stop()
 
 
+def test_the_engine_cores_counts_are_the_same_whichever_front_end_a_scrape_reaches(tmp_path):
+    """The core's counts live in one file per core in the folder both front ends share: each
+    series is counted once (not once per front end), equal in both, exact (n requests of m
+    tokens: n*(m-1) inter-token gaps, as the old per-token path counted), and a reload keeps
+    the retired core's counts in the sums."""
+    a = make_tiny_checkpoint(tmp_path / "a", seed=0, provenance={"iterations": 100})
+    b = make_tiny_checkpoint(tmp_path / "b", seed=1, provenance={"iterations": 200})
+    server = ServerProcess(a, tmp_path / "server.log", args=(
+        "--api-servers", "2", "--log-format", "json", "--api-key", KEY))
+    server.start()
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    tokens = 5
+    try:
+        server.wait_ready(90)
+        second = _front_end_pid(server)
+        first = server.proc.pid
+
+        def ask(pid: int, method: str, path: str, body: dict | None = None) -> str:
+            conn = _connection_to(server, pid)
+            conn.request(method, path, None if body is None else json.dumps(body), auth)
+            reply = conn.getresponse()
+            text = reply.read().decode()
+            conn.close()
+            assert reply.status == 200, text
+            return text
+
+        def counts(pid: int) -> dict[str, float]:
+            samples = {}
+            for line in ask(pid, "GET", "/metrics").splitlines():
+                if line.startswith("gptserve_") and not line.startswith("gptserve_http"):
+                    key, _, value = line.rpartition(" ")
+                    samples[key] = float(value)
+            return samples
+
+        def check(requests: int) -> dict[str, float]:
+            seen = counts(first)
+            assert counts(second) == seen, "the front ends disagree"
+            assert seen["gptserve_inter_token_latency_seconds_count"] == requests * (tokens - 1)
+            for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
+                         "request_queue_time_seconds", "request_generation_tokens"):
+                assert seen[f"gptserve_{name}_count"] == requests, name
+            assert seen["gptserve_generation_tokens_total"] == requests * tokens
+            assert seen["gptserve_batch_size_sum"] == requests * tokens
+            return seen
+
+        def complete(pid: int) -> None:
+            ask(pid, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": tokens})
+
+        for pid in (first, second, second):
+            complete(pid)
+        before = check(3)
+        ask(second, "POST", "/admin/reload", {"checkpoint": str(b)})
+        for pid in (first, second):
+            complete(pid)
+        after = check(5)
+        assert after["gptserve_engine_step_seconds_count"] > before[
+            "gptserve_engine_step_seconds_count"]
+        text = ask(first, "GET", "/metrics")
+        check = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
+                               check=False, capture_output=True)
+        assert check.returncode == 0 and "error" not in check.stdout.lower(), check
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("victim", ["core", "front end"])
 def test_a_killed_core_or_front_end_stops_every_process_with_exit_4(tmp_path, victim):
     server = _start(tmp_path, "--max-batch-size", "8")

@@ -123,7 +123,7 @@ def test_one_message_per_step_round_trips_every_column():
         logprobs=[-0.5, None, -1.25],
         top_logprobs=[(TokenLogprob(5, -0.5), TokenLogprob(6, -1.0)), None, ()],
         finishes={1: Finish(FinishReason.ABORT, 4),
-                  2: Finish(FinishReason.LENGTH, 9, RequestMetrics(0.01, 0.2, (0.1, 0.3), 0.7))},
+                  2: Finish(FinishReason.LENGTH, 9, RequestMetrics(0.01, 0.2, 0.7, 3))},
     )
     stats = EngineStats(2, 1, 0.25, 0.004, 3, 12, 3, 1, 77, recomputed_tokens=16)
     codec = OutputCodec()

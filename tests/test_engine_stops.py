@@ -31,7 +31,7 @@ def test_max_tokens_finishes_with_length_and_metrics():
     assert [e.finish_reason for e in events] == [None] * 6 + [FinishReason.LENGTH]
     assert [e.num_generated_tokens for e in events] == list(range(1, 8))
     m = events[-1].metrics
-    assert m is not None and len(m.inter_token_times) == 6
+    assert m is not None and m.num_tokens == 7
     assert 0 <= m.queue_time <= m.time_to_first_token <= m.e2e_latency
 
 

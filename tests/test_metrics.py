@@ -120,21 +120,62 @@ def test_promtool_accepts_the_exposition(exposition, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_observing_many_values_at_once_equals_observing_them_one_by_one():
+def test_the_cores_bucketing_equals_observing_one_value_at_a_time():
+    """The core buckets a step's inter-token gaps with NumPy (several choices at once, never
+    across two of them) and its other latencies with bisect: the exposition must equal
+    prometheus_client's ``observe`` of every value, one by one."""
+    import itertools
+
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from service.metrics import observe_many
+    from service.engine.counters import LATENCY_BUCKETS, CoreCounters
+    from service.metrics import CoreSeries
 
-    values = [0.0, 1e-4, 0.005, 0.005, 0.02, 0.1, 0.5, 2.0, 7.5, 1e9, 0.3, 0.0031]
-    buckets = (0.001, 0.005, 0.01, 0.1, 1.0, 5.0)
-    one, many = CollectorRegistry(), CollectorRegistry()
-    by_one = Histogram("h", "h", buckets=buckets, registry=one)
-    by_many = Histogram("h", "h", buckets=buckets, registry=many)
-    for v in values:
-        by_one.observe(v)
-    observe_many(by_many, values)
-    observe_many(by_many, [])
-    def series(registry) -> list[bytes]:  # every sample but the creation time
-        return [line for line in generate_latest(registry).splitlines() if b"_created" not in line]
+    # token times of three choices; their gaps hit bucket bounds exactly, fall between them,
+    # and overflow the last one
+    spans = [[0.0, 1e-4, 0.0051, 0.0101, 0.0201, 0.1201, 0.6201, 2.6201],
+             [10.0, 10.005, 10.0075, 200.0],
+             [5.0, 5.3]]
+    latencies = [0.0, 0.001, 0.0031, 0.5, 7.5, 1e9]
+    counters = CoreCounters.in_memory()
+    for finished in (spans[:1], spans[1:]):  # one choice alone, then two in one step
+        counters.add_finished([_finished(times) for times in finished], now=1e6)
+    for value in latencies:  # a choice that never got a token: its end-to-end latency alone
+        counters.add_finished([_finished([], arrival=0.0, finished=value)], now=value)
+    one = CollectorRegistry()
+    itl = Histogram("gptserve_inter_token_latency_seconds", "Time between consecutive "
+                    "generated tokens of one choice.", buckets=LATENCY_BUCKETS, registry=one)
+    e2e = Histogram("gptserve_e2e_request_latency_seconds", "Time from arrival to the last "
+                    "token of a choice.", buckets=LATENCY_BUCKETS, registry=one)
+    for span in spans:
+        for a, b in itertools.pairwise(span):
+            itl.observe(b - a)
+        e2e.observe(span[-1] - span[0])
+    for value in latencies:
+        e2e.observe(value)
+    core = CollectorRegistry()
+    core.register(CoreSeries(lambda: [counters]))
 
-    assert series(many) == series(one), "bucket counts or sum differ"
+    def series(registry, name) -> list[str]:  # every sample of one histogram, sum rounded
+        lines = []
+        for line in generate_latest(registry).decode().splitlines():
+            if line.startswith(name) and "_created" not in line:
+                key, value = line.rsplit(" ", 1)
+                lines.append(f"{key} {round(float(value), 9)}")
+        return lines
+
+    for name in ("gptserve_inter_token_latency_seconds", "gptserve_e2e_request_latency_seconds"):
+        want = series(one, name)
+        assert want and series(core, name) == want, f"{name}: bucket counts or sum differ"
+
+
+def _finished(token_times: list[float], arrival: float | None = None,
+              finished: float | None = None):
+    """A finished choice as the core's counts read it (arrival, admission, token and finish
+    times): admitted at once; by default it arrived with its first token, ended with its last."""
+    from types import SimpleNamespace
+
+    arrival = token_times[0] if arrival is None else arrival
+    return SimpleNamespace(request=SimpleNamespace(arrival_time=arrival), admitted_at=arrival,
+                           token_times=token_times,
+                           finished_at=token_times[-1] if finished is None else finished)

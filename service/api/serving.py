@@ -162,9 +162,7 @@ class Serving:
                 job.first_token_at = time.perf_counter()
             if update.finished:
                 choice = update.choice
-                self.state.metrics.observe_finished(
-                    choice.finish_reason, update.metrics, choice.num_tokens
-                )
+                self.state.metrics.observe_finished(choice.finish_reason, choice.num_tokens)
                 if update.stopped_early:  # a stop string ended it: free its slot now
                     engine.abort(update.request_id, update.engine_index)
             if update.request_done:
@@ -176,7 +174,7 @@ class Serving:
         for choice in job.choices:
             if count and not choice.done:  # nobody reads its abort event: count the finish here
                 job.finish(choice, "abort")
-                self.state.metrics.observe_finished("abort", None, choice.num_tokens)
+                self.state.metrics.observe_finished("abort", choice.num_tokens)
         for request_id in job.request_ids:
             if request_id not in job.finished_requests:
                 engine.abort(request_id)

@@ -36,6 +36,7 @@ from service.engine import wire
 from service.engine.admission import SharedCount
 from service.engine.config import EngineConfig
 from service.engine.core_process import CoreSpec, run_core
+from service.engine.counters import FILE_SUFFIX, CoreCounters
 from service.engine.engine import (
     JOIN_GRACE,
     check_quantization,
@@ -69,10 +70,14 @@ class CoreClient(EngineFront):
 
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, *,
                  log_level: str = "info", log_format: str = "text", fronts: int = 1,
-                 model_factory: str | None = None, profile: str | None = None) -> None:
+                 model_factory: str | None = None, profile: str | None = None,
+                 counters_dir: str | None = None) -> None:
         """Spawn the core for ``checkpoint`` and be its front end 0. ``fronts`` > 1: the core
         serves that many API-server processes; the others join with ``attach(self.seat(i))``,
         and admission counts every front end's sequences against one capacity.
+        ``counters_dir``: the folder for the core's ``CoreCounters`` file (every API-server
+        process finds it there: ``service.metrics``); None: the core's own folder, and this
+        front end reads it as ``counters``.
         ``model_factory`` (bench and tests only): "module:function" that the core calls for the
         checkpoint to serve instead of loading ``checkpoint.path``; ``profile`` (bench only): where
         the core writes a cProfile of its loop when it exits (``CoreSpec``)."""
@@ -84,10 +89,13 @@ class CoreClient(EngineFront):
         self.front = 0
         self.fronts = fronts
         ConsumedSteps.create(_consumed_path(self._dir), fronts).close()
+        counters = f"{counters_dir or self._dir}/{os.path.basename(self._dir)}{FILE_SUFFIX}"
+        CoreCounters.create(counters)
+        self.counters = CoreCounters.open(counters)  # (outlives the file: a retired core's)
         self._open_sockets(0)
         spec = CoreSpec(checkpoint.path, config, *_addresses(self._dir, fronts),
-                        _consumed_path(self._dir), log_level, log_format, model_factory,
-                        parent=os.getpid(), profile=profile)
+                        _consumed_path(self._dir), counters, log_level, log_format,
+                        model_factory, parent=os.getpid(), profile=profile)
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_core, args=(spec,), name="gptserve-engine-core", daemon=True)
         self._process.start()

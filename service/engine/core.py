@@ -19,6 +19,7 @@ from model.sampling import choice_seed, random_seed
 from model.threads import ThreadPlan
 from model.tuner import ThreadTuner
 from service.engine.config import EngineConfig
+from service.engine.counters import CoreCounters
 from service.engine.grammar import GrammarCompiler, StepMasks
 from service.engine.memory import prepacks
 from service.engine.runner import ModelRunner
@@ -47,12 +48,14 @@ class EngineCore:
 
     ``grammars`` compiles structured-output constraints (None: a request with one is refused);
     a constrained sequence holds its own matcher, and ``masks`` masks its rows each step.
+    ``counters``: the cumulative counts ``/metrics`` shows (in memory unless given: a core
+    process writes them into a file its front ends read).
     """
 
     def __init__(
         self, model: GPT, vocab_size: int, eos_token_id: int | None, config: EngineConfig,
         n_slots: int, device: torch.device, dtype: torch.dtype, threads: ThreadPlan | None = None,
-        grammars: GrammarCompiler | None = None,
+        grammars: GrammarCompiler | None = None, counters: CoreCounters | None = None,
     ) -> None:
         block_size = model.config.block_size
         self.window_shift = config.window_shift_for(block_size)
@@ -72,6 +75,7 @@ class EngineCore:
         self._n_slots, self._device = n_slots, device
         self._seq_ids = itertools.count()
         self.total_steps = 0
+        self.counters = counters or CoreCounters.in_memory()
         # entered by ``step`` when its caller is not in inference mode (one thread steps a core;
         # the mode is never already on when it is entered, so the object is never nested)
         self._inference_mode = torch.inference_mode()
@@ -117,16 +121,21 @@ class EngineCore:
 
     def abort(self, request_id: str, index: int | None = None) -> TokenEvents:
         """Finish the live choices of a request (choice ``index`` only, when given) with
-        ``abort``; their slots are free at once."""
-        return self._end(self.scheduler.find(request_id, index), FinishReason.ABORT)
+        ``abort``; their slots are free at once. Their latencies are not counted: whoever asked
+        ended them (a stop string, a client gone) and counts that end."""
+        return self._end(self.scheduler.find(request_id, index), FinishReason.ABORT, False)
 
     def abort_all(self, reason: FinishReason) -> TokenEvents:
-        return self._end(self.scheduler.live(), reason)
+        """Finish every live choice with ``reason`` (a drain's deadline, a failed step): the
+        core ends them, so their latencies count."""
+        return self._end(self.scheduler.live(), reason, True)
 
-    def _end(self, seqs: list[Sequence], reason: FinishReason) -> TokenEvents:
+    def _end(self, seqs: list[Sequence], reason: FinishReason, counted: bool) -> TokenEvents:
         now = time.monotonic()
         for seq in seqs:
             self._finish(seq, reason, now)
+        if counted and seqs:
+            self.counters.add_finished(seqs, now)
         return _events(seqs, [None] * len(seqs),
                        {r: _finish_info(seq, now) for r, seq in enumerate(seqs)})
 
@@ -174,21 +183,26 @@ class EngineCore:
         elapsed = time.perf_counter() - t0
         if self.tuner is not None:
             self.tuner.observe(_shape(len(plan.decode), plan.num_prefill_tokens), elapsed)
+        batch_size = len(plan.decode) + len(plan.prefill)
+        recomputed = (sum(c.num_tokens for c in plan.prefill if c.seq.num_generated)
+                      if plan.prefill else 0)
+        queries = prompt_tokens if self.scheduler.prefix_caching else 0
+        hits = sum(seq.num_cached_tokens for seq in plan.admitted) if plan.admitted else 0
+        self.counters.add_step(elapsed, batch_size, prompt_tokens, len(run.rows), recomputed,
+                               queries, hits, crops)
         stats = EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.scheduler.slots.usage,
             step_time=elapsed,
-            batch_size=len(plan.decode) + len(plan.prefill),
+            batch_size=batch_size,
             prompt_tokens=prompt_tokens,
             generation_tokens=len(run.rows),
             crops=crops,
             total_steps=self.total_steps,
-            recomputed_tokens=sum(c.num_tokens for c in plan.prefill if c.seq.num_generated)
-            if plan.prefill else 0,
-            prefix_cache_queries=prompt_tokens if self.scheduler.prefix_caching else 0,
-            prefix_cache_hits=sum(seq.num_cached_tokens for seq in plan.admitted)
-            if plan.admitted else 0,
+            recomputed_tokens=recomputed,
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
         )
         return StepResult(outputs, stats)
 
@@ -196,7 +210,8 @@ class EngineCore:
                            sampled: Samples) -> tuple[TokenEvents, int]:
         """A step's bookkeeping, in one place: the computed chunks advance their sequences, each
         sampled token is appended, stopped sequences finish (freeing their slots for the next
-        step), full windows are cropped. Returns the step's events and how many crops it made."""
+        step, their latencies counted), full windows are cropped. Returns the step's events and
+        how many crops it made."""
         for chunk in plan.decode:
             chunk.seq.num_computed = chunk.end
         for chunk in plan.prefill:
@@ -204,6 +219,7 @@ class EngineCore:
         now = time.monotonic()
         eos = self.eos_token_id
         finishes: dict[int, Finish] = {}
+        finished: list[Sequence] = []
         crops = sum(seq.prompt_cropped for seq in plan.admitted) if plan.admitted else 0
         for r, (seq, token) in enumerate(zip(rows, sampled.token_ids, strict=True)):
             tokens, params = seq.tokens, seq.params
@@ -213,6 +229,7 @@ class EngineCore:
             if ended is not None:  # the grammar is complete (or stuck): nothing may follow
                 self._finish(seq, ended, now)
                 finishes[r] = _finish_info(seq, now)
+                finished.append(seq)
             # Sequence.check_stop's three tests, inlined (this loop runs per row); it names
             # the reason when one holds
             elif (len(tokens) - seq.num_prompt_tokens >= params.max_tokens
@@ -220,8 +237,11 @@ class EngineCore:
                     or token in params.stop_token_ids):
                 self._finish(seq, seq.check_stop(eos), now)
                 finishes[r] = _finish_info(seq, now)
+                finished.append(seq)
             elif len(tokens) - seq.window_start > seq.block_size:
                 crops += seq.crop_if_full()
+        if finished:
+            self.counters.add_finished(finished, now)
         events = _events(rows, sampled.token_ids, finishes)
         events.logprobs, events.top_logprobs = sampled.logprobs, sampled.top_logprobs
         return events, crops
@@ -278,11 +298,12 @@ def _finish_info(seq: Sequence, now: float) -> Finish:
 
 
 def _metrics(seq: Sequence, now: float) -> RequestMetrics:
+    """The choice's timings (its inter-token gaps go to the core's counters, not here)."""
     arrival = seq.request.arrival_time
     times = seq.token_times
     return RequestMetrics(
         queue_time=(seq.admitted_at if seq.admitted_at is not None else now) - arrival,
         time_to_first_token=times[0] - arrival if times else None,
-        inter_token_times=tuple(b - a for a, b in itertools.pairwise(times)),
         e2e_latency=(seq.finished_at or now) - arrival,
+        num_tokens=len(times),
     )

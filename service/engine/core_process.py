@@ -52,6 +52,7 @@ class CoreSpec:
     inputs: str  # the ZMQ address the core binds; every front end pushes its inputs to it
     outputs: tuple[str, ...]  # per front end (API-server process): where it pulls step messages
     consumed: str  # the ``ConsumedSteps`` file: step messages each front end has consumed
+    counters: str  # the ``CoreCounters`` file the core counts into (its front ends read it)
     log_level: str = "info"
     log_format: str = "text"
     # bench and tests only: "module:function", a function of no arguments returning the
@@ -103,6 +104,7 @@ def run_core(spec: CoreSpec) -> None:
 def _build(spec: CoreSpec):
     from model.checkpoint import load_checkpoint
     from service.engine.core import EngineCore
+    from service.engine.counters import CoreCounters
     from service.engine.engine import resolve_device, resolve_dtype, thread_plan
     from service.engine.grammar import GrammarCompiler
     from service.engine.memory import plan_slots
@@ -124,7 +126,7 @@ def _build(spec: CoreSpec):
     grammars.tokenizer  # noqa: B018 (built eagerly)
     core = EngineCore(checkpoint.model, checkpoint.tokenizer.vocab_size,
                       checkpoint.tokenizer.eot_id, config, n_slots, device, dtype, threads,
-                      grammars)
+                      grammars, CoreCounters.open(spec.counters, writable=True))
     core.apply_threads()
     with torch.inference_mode():
         core.runner.warm_up()

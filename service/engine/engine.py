@@ -104,6 +104,7 @@ class Engine(EngineFront):
                          dtype=dtype, n_slots=n_slots, threads=threads,
                          window_shift=self._core.window_shift, grammars=grammars)
         self.checkpoint = checkpoint
+        self.counters = self._core.counters
         self._deadline: float | None = None
         self._inbox: list[Request] = []
         self._aborts: list[tuple[str, int | None]] = []

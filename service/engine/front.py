@@ -21,6 +21,7 @@ from model.threads import ThreadPlan
 from model.tokenizer import Tokenizer
 from service.engine.admission import LiveCount, LocalCount
 from service.engine.config import EngineConfig
+from service.engine.counters import CoreCounters
 from service.engine.grammar import GrammarCompiler
 from service.engine.stream import RequestStream, deliver, put_all
 from service.engine.types import (
@@ -52,7 +53,10 @@ class EngineFront(ABC):
     """
 
     fatal_on_failure = False  # True: the core's death ends the server (a process core)
-    front = 0  # which API-server process this is (``--api-servers N``); step metrics count in 0
+    front = 0  # which API-server process this is (``--api-servers N``)
+    # the core's cumulative counts for /metrics (service.engine.counters), when this process
+    # reads them through its engine (None: it finds them by their folder, or has none)
+    counters: CoreCounters | None = None
 
     def __init__(
         self, tokenizer: Tokenizer, model_config: GPTConfig, config: EngineConfig, *,
@@ -199,7 +203,8 @@ class EngineFront(ABC):
         return self._stats
 
     def add_stats_listener(self, fn: Callable[[EngineStats], None]) -> None:
-        """``fn(stats)`` is called (on the core's side of this object) after every step."""
+        """``fn(stats)`` is called (on the core's side of this object) after every step (the
+        server adds none: its metrics read the core's counts when scraped)."""
         self._listeners.append(fn)
 
     def _publish(self, stats: EngineStats) -> None:

@@ -6,7 +6,9 @@ grow with features, so the standard pickle keeps them whole.
 
 Core -> front end: one message per engine step, never one per token: the step's ``TokenEvents``
 (columns: request ids, choice indices, token ids, ...; finishes and logprobs when there are any)
-and its ``EngineStats``, encoded as MessagePack by msgspec against those dataclasses' own types.
+and its ``EngineStats`` (nothing per token: the core counts its metrics into a file
+the front ends read, ``service.engine.counters``), encoded as MessagePack by msgspec against those
+dataclasses' own types.
 msgspec round-trips a 256-row step in ~60 us here, half of pickle's time (docs/BENCHMARKS.md, "The
 engine core in its own process").
 Besides steps the core sends ``READY`` once (what it planned: slots, threads, window), and

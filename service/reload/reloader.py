@@ -340,7 +340,7 @@ def server_reloader(state: ServerState, engine_config: Callable[[Any], Any],
 
     def build_engine(checkpoint: Checkpoint) -> Engine:
         engine = make_engine(settings, checkpoint)
-        engine.add_stats_listener(state.metrics.observe_step)
+        state.metrics.attach(engine)
         engine.start(loop)
         return engine
 
