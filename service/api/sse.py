@@ -14,6 +14,12 @@ from starlette.types import Receive, Scope, Send
 MEDIA_TYPE = "text/event-stream"
 # No caching, and tell nginx-style proxies not to buffer the stream.
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# ...as a response's raw header list (what Starlette's ``init_headers`` makes of them, built
+# once: the same for every stream)
+RAW_HEADERS = (
+    *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in HEADERS.items()),
+    (b"content-type", f"{MEDIA_TYPE}; charset=utf-8".encode("latin-1")),
+)
 DONE = b"data: [DONE]\n\n"
 # The scope key under which the outermost middleware (service.api.access) leaves the ``send`` it
 # was given: the server's, below every middleware of the app.
@@ -21,10 +27,12 @@ DIRECT_SEND = "gptserve.direct_send"
 
 
 _string = json.encoder.encode_basestring  # a JSON string literal; non-ASCII kept (UTF-8)
+# compact JSON, non-ASCII kept; one encoder for every event (json.dumps builds one per call)
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def _json(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    return _encode(data).encode()
 
 
 def event(data: Any) -> bytes:
@@ -89,7 +97,7 @@ class EventStreamResponse(Response):
         self.events = events
         self.status_code = 200
         self.background = None
-        self.init_headers(HEADERS)
+        self.raw_headers = list(RAW_HEADERS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # the events are written by this task; one more watches for a disconnect and cancels
