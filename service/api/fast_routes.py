@@ -78,9 +78,8 @@ class FastRoutes:
 def _handler(handlers: Mapping, err: Exception):
     """The exception handler for ``err`` among the app's (None: the server-error middleware's,
     or none)."""
-    if isinstance(err, HTTPException) and err.status_code in handlers:
-        if err.status_code != 500:
-            return handlers[err.status_code]
+    if isinstance(err, HTTPException) and err.status_code != 500 and err.status_code in handlers:
+        return handlers[err.status_code]
     for cls in type(err).__mro__:
         if cls is Exception:
             return None
