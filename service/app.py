@@ -22,8 +22,9 @@ from starlette.middleware.cors import CORSMiddleware
 from service.api.access import AccessLogMiddleware
 from service.api.admin import router as admin_router
 from service.api.errors import install_error_handlers
+from service.api.fast_routes import FastRoutes
 from service.api.middleware import GateMiddleware
-from service.api.routes import router
+from service.api.routes import FAST_ROUTES, router
 from service.api.state import ServerState
 from service.chat_template import ChatTemplates
 from service.metrics import Metrics, shared_folder
@@ -145,6 +146,8 @@ def create_app(settings: Settings, engine=None, api_servers=None, follower=None)
     app.include_router(router)
     app.include_router(admin_router)
     install_error_handlers(app)
+    # innermost: a valid generation request goes from here to its handler (past FastAPI's router)
+    app.add_middleware(FastRoutes, routes=FAST_ROUTES)
     app.add_middleware(
         GateMiddleware,
         api_key=settings.api_key,

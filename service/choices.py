@@ -20,14 +20,6 @@ from service.text import TextDelta, TextStream
 
 
 @dataclass(frozen=True)
-class Window:
-    """Whether the sliding window cropped a choice's context (the API's ``context_window``)."""
-
-    prompt_cropped: bool = False  # the prompt was longer than the window: its start was dropped
-    crops: int = 0  # window slides during generation (0: the model always saw everything)
-
-
-@dataclass(frozen=True)
 class PromptTokensDetails:
     """OpenAI's ``usage.prompt_tokens_details``: prompt tokens served from the prefix cache."""
 
@@ -42,6 +34,16 @@ class TokenUsage:
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+
+    def to_dict(self) -> dict:
+        """The API's ``usage`` object (``dataclasses.asdict``'s answer, without its deep walk:
+        every streamed request ends with one)."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.prompt_tokens_details.cached_tokens},
+        }
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,6 @@ class ChoiceState:
     @property
     def generated_text(self) -> str:
         return "".join(self.parts)
-
-    @property
-    def window(self) -> Window:
-        return Window(prompt_cropped=self.prompt_cropped, crops=self.crops)
 
     @property
     def window_moved(self) -> bool:
@@ -208,10 +206,14 @@ class Job:
     def all_done(self) -> bool:
         return self.num_done == len(self.choices)
 
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
     def usage(self) -> TokenUsage:
         """Counts over every prompt (once each) and every choice. A prompt's cached tokens are
         those its choices all reused: its first choice computes the rest, its siblings copy it."""
-        completion = sum(c.num_tokens for c in self.choices)
+        completion = self.completion_tokens
         n = self.n
         cached = sum(min(c.cached_tokens for c in self.choices[i : i + n])
                      for i in range(0, len(self.choices), n))

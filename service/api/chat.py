@@ -10,8 +10,6 @@ open with the assistant's role, and chat-style logprobs.
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
@@ -120,7 +118,7 @@ def _response(job: Job, plan: ToolPlan | None) -> ChatCompletionResponse:
             message=_message(c, plan),
             logprobs=_chat_logprobs(c, c.entries, job.tokenizer),
             finish_reason=_finish_reason(c, plan),
-            context_window=ContextWindow(**asdict(c.window)),
+            context_window=ContextWindow(prompt_cropped=c.prompt_cropped, crops=c.crops),
         )
         for c in job.choices
     ]
@@ -129,7 +127,7 @@ def _response(job: Job, plan: ToolPlan | None) -> ChatCompletionResponse:
         created=job.created,
         model=job.model,
         choices=choices,
-        usage=Usage(**asdict(job.usage())),
+        usage=Usage(**job.usage().to_dict()),
         system_fingerprint=job.system_fingerprint,
     )
 

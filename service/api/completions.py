@@ -9,8 +9,6 @@ describes it; ``suffix`` (insertion) is refused.
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
@@ -111,7 +109,7 @@ def _response(job: Job, n: int) -> CompletionResponse:
             text=c.text,
             logprobs=logprobs.legacy(c.entries, job.tokenizer) if c.want_logprobs else None,
             finish_reason=c.finish_reason,
-            context_window=ContextWindow(**asdict(c.window)),
+            context_window=ContextWindow(prompt_cropped=c.prompt_cropped, crops=c.crops),
         )
         for i, c in enumerate(_best(job, n))
     ]
@@ -120,7 +118,7 @@ def _response(job: Job, n: int) -> CompletionResponse:
         created=job.created,
         model=job.model,
         choices=choices,
-        usage=Usage(**asdict(job.usage())),  # every candidate's tokens, as OpenAI bills best_of
+        usage=Usage(**job.usage().to_dict()),  # every candidate's tokens, as OpenAI bills best_of
         system_fingerprint=job.system_fingerprint,
     )
 

@@ -88,7 +88,7 @@ class GateMiddleware:
                 code="invalid_json",
             ).response()(scope, receive, send)
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay(body, receive), send)
 
     def _authorized(self, scope: Scope) -> bool:
         header = _header(scope, b"authorization") or ""
@@ -121,19 +121,19 @@ class GateMiddleware:
                 return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that yields the buffered body once, then waits on the real one (so the app
     still hears ``http.disconnect``)."""
     sent = False
 
-    async def replay() -> Message:
+    async def replayed() -> Message:
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
 
-    return replay
+    return replayed
 
 
 def _is_json(scope: Scope) -> bool:

@@ -10,8 +10,8 @@ docs/API.md (``context_window`` on each choice, ``chat_template`` on the model c
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -210,7 +210,9 @@ class Usage(BaseModel):
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """A fresh object id: ``prefix``, then 128 random bits as 32 hex digits (a uuid4's shape;
+    ``os.urandom`` directly: a quarter of ``uuid.uuid4``'s cost, and every request makes one)."""
+    return f"{prefix}-{os.urandom(16).hex()}"
 
 
 class CompletionResponse(BaseModel):

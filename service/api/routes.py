@@ -13,6 +13,7 @@ from service.api.chat import ChatServing
 from service.api.chat_protocol import ChatCompletionRequest, ChatCompletionResponse
 from service.api.completions import CompletionServing
 from service.api.errors import APIError, not_ready
+from service.api.fast_routes import FastRoute
 from service.api.protocol import (
     ChatTemplateCard,
     CompletionRequest,
@@ -67,8 +68,8 @@ def _check_model(state: ServerState, model: str | None) -> None:
     responses=_ERRORS,
     summary="Create a completion (OpenAI-compatible; SSE when stream is true)",
 )
-async def create_completion(body: CompletionRequest, request: Request, state: StateDep) -> Response:
-    return await CompletionServing(state).create(body, request)
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    return await CompletionServing(request.app.state.server).create(body, request)
 
 
 @router.post(
@@ -77,10 +78,17 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     responses=_ERRORS,
     summary="Create a chat completion (OpenAI-compatible; SSE when stream is true)",
 )
-async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, state: StateDep, templates: TemplatesDep
-) -> Response:
-    return await ChatServing(state, templates).create(body, request)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    app = request.app.state
+    return await ChatServing(app.server, app.chat_templates).create(body, request)
+
+
+# the routes a valid body reaches past FastAPI's router and dependencies (the handlers above,
+# called by service.api.fast_routes with the body it validated)
+FAST_ROUTES = {
+    "/v1/completions": FastRoute(CompletionRequest, create_completion),
+    "/v1/chat/completions": FastRoute(ChatCompletionRequest, create_chat_completion),
+}
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)

@@ -26,7 +26,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import asdict
 from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
@@ -182,7 +181,7 @@ class Serving:
                 self.state.untrack(request_id)
         if count and self._access is not None:
             self._access.prompt_tokens = job.prompt_tokens
-            self._access.completion_tokens = job.usage().completion_tokens
+            self._access.completion_tokens = job.completion_tokens
             if job.first_token_at is not None:
                 self._access.time_to_first_token = job.first_token_at - self.started
 
@@ -268,7 +267,7 @@ class Serving:
                     if chunks:
                         yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if include_usage:
-                tail.append(frame.usage(asdict(job.usage())))
+                tail.append(frame.usage(job.usage().to_dict()))
             tail.append(sse.DONE)
             completed = True  # before the yield: the response closes this generator there
             yield b"".join(tail)  # the last token, usage and [DONE]: one write with the end

@@ -14,6 +14,12 @@ from starlette.types import Receive, Scope, Send
 MEDIA_TYPE = "text/event-stream"
 # No caching, and tell nginx-style proxies not to buffer the stream.
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# ...as a response's raw header list (what Starlette's ``init_headers`` makes of them, built
+# once: the same for every stream)
+RAW_HEADERS = (
+    *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in HEADERS.items()),
+    (b"content-type", f"{MEDIA_TYPE}; charset=utf-8".encode("latin-1")),
+)
 DONE = b"data: [DONE]\n\n"
 # The scope key under which the outermost middleware (service.api.access) leaves the ``send`` it
 # was given: the server's, below every middleware of the app.
@@ -21,10 +27,12 @@ DIRECT_SEND = "gptserve.direct_send"
 
 
 _string = json.encoder.encode_basestring  # a JSON string literal; non-ASCII kept (UTF-8)
+# compact JSON, non-ASCII kept; one encoder for every event (json.dumps builds one per call)
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def _json(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    return _encode(data).encode()
 
 
 def event(data: Any) -> bytes:
@@ -78,9 +86,9 @@ class EventStreamResponse(Response):
     per-token cost; a middleware that rewrites bodies (compression) would have to sit outside the
     access log. An item that ends with ``DONE`` ends the stream: it goes out with the
     response's end, in one write (``events`` is closed there). A disconnect cancels the writing
-    task, which closes ``events`` at its ``await`` (its ``finally`` frees the engine's work at
-    once). Starlette's ``StreamingResponse`` does the
-    same with an anyio task group and sends every event through every wrapper.
+    (the request's own task), which closes ``events`` at its ``await`` (its ``finally`` frees
+    the engine's work at once). Starlette's ``StreamingResponse`` does the same with an anyio
+    task group of two tasks and sends every event through every wrapper.
     """
 
     media_type = MEDIA_TYPE
@@ -89,20 +97,32 @@ class EventStreamResponse(Response):
         self.events = events
         self.status_code = 200
         self.background = None
-        self.init_headers(HEADERS)
+        self.raw_headers = list(RAW_HEADERS)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        writer = asyncio.ensure_future(self._write(scope, send))
+        # the events are written by this task; one more watches for a disconnect and cancels
+        # this one when it comes (asyncio.timeout's pattern: the cancel is told apart from any
+        # other by ``uncancel``), so a stream costs one task, not a writer and a watcher
+        task = asyncio.current_task()
+        left = False  # the client went away while the events were being written
+        writing = True
+
+        def on_disconnect(_: asyncio.Future) -> None:
+            nonlocal left
+            if writing:  # a disconnect (or the response's end) after the writing is ignored
+                left = True
+                task.cancel()
+
         watcher = asyncio.ensure_future(_disconnected(receive))
+        watcher.add_done_callback(on_disconnect)
         try:
-            await asyncio.wait((writer, watcher), return_when=asyncio.FIRST_COMPLETED)
+            await self._write(scope, send)
+        except asyncio.CancelledError:
+            if not left or task.uncancel():  # not (only) ours: this request was cancelled
+                raise
         finally:
+            writing = False
             watcher.cancel()
-            if not writer.done():  # the client went away (or this request was cancelled)
-                writer.cancel()
-                await asyncio.wait((writer,))  # its finally blocks have run when this returns
-        if not writer.cancelled():
-            writer.result()  # an error while streaming reaches the error middleware
 
     async def _write(self, scope: Scope, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
