@@ -15,7 +15,7 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from service.engine.types import RequestMetrics, TokenEvents, TokenLogprob
+from service.engine.types import TokenEvents, TokenLogprob
 from service.text import TextDelta, TextStream
 
 
@@ -151,7 +151,6 @@ class Update:
     finished: bool = False  # this read ended the choice
     request_done: bool = False  # ...and with it every choice of its engine request
     stopped_early: bool = False  # a stop string ended it: the engine has not finished it yet
-    metrics: RequestMetrics | None = None  # the engine's timings, when the engine finished it
     num_tokens: int = 0  # tokens this read added
 
 
@@ -292,8 +291,7 @@ class Job:
         if done:
             self.finished_requests.add(request_id)
         return Update(choice, text, request_id, index, finished=True, request_done=done,
-                      stopped_early=finish is None,
-                      metrics=None if finish is None else finish.metrics, num_tokens=added)
+                      stopped_early=finish is None, num_tokens=added)
 
     def finish(self, choice: ChoiceState, reason: str) -> None:
         choice.finish_reason = reason

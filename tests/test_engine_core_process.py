@@ -108,10 +108,7 @@ def test_a_killed_front_end_takes_its_core_with_it(tmp_path):
         core = core_pid(server)
         assert not process_gone(core)
         server.kill()
-        deadline = time.monotonic() + 15
-        while not process_gone(core) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert process_gone(core), "the engine core outlived its front end"
+        assert _gone_within(core, 15), "the engine core outlived its front end"
     finally:
         server.stop()
 
@@ -232,10 +229,7 @@ def test_a_core_whose_front_end_was_killed_exits_and_removes_its_socket_folder(
         core = core_pid(server)
         assert [p.name for p in short_tmp_path.iterdir() if p.name.startswith("gptserve-core-")]
         server.kill()
-        deadline = time.monotonic() + 30
-        while not process_gone(core) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert process_gone(core), "the core outlived its front end"
+        assert _gone_within(core, 30), "the core outlived its front end"
         left = [p.name for p in short_tmp_path.iterdir() if p.name.startswith("gptserve-core-")]
         assert not left, f"the killed server's core left {left}"
     finally:
@@ -256,14 +250,19 @@ def test_a_core_whose_front_end_died_while_it_was_starting_exits(tmp_path, short
             time.sleep(0.01)
         assert core, "the server never spawned its engine core"
         server.kill()
-        deadline = time.monotonic() + 60
-        while not process_gone(core) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert process_gone(core), "the core outlived a front end that died while it started"
+        assert _gone_within(core, 60), "the core outlived a front end that died while it started"
     finally:
         server.stop()
         if core and not process_gone(core):
             os.kill(core, signal.SIGKILL)
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` is gone within ``seconds`` (polled)."""
+    deadline = time.monotonic() + seconds
+    while not process_gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return process_gone(pid)
 
 
 def _child_core(parent: int) -> int | None:
