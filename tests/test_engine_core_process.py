@@ -350,3 +350,4 @@ def test_a_front_end_that_is_not_reading_does_not_hold_the_core_back(tmp_path):
                                               tiny_checkpoint().tokenizer.spec()))
     served = _greedy(CoreClient(on_disk, config, fronts=2), "Hello", max_tokens=50)
     assert len(served) == 50, served
+

@@ -156,6 +156,11 @@ class CoreClient(EngineFront):
         self._stopping = threading.Event()
         self._closed = False  # the sockets are closed (``_close``)
         self._inputs_lock = threading.Lock()
+        # one shutdown at a time, and once: a reload's retiring engine can be shut down by its
+        # retire task's thread and again by the reloader's stop (the first call may still be
+        # running), and two threads closing one ZMQ socket abort the process in libzmq
+        self._shutdown_lock = threading.Lock()
+        self._shut = False
         # output pacing (service/engine/pacing.py): the step messages this front end's event
         # loop has handed to its streams, for the core to read; written while ``_reading``
         self._consumed = ConsumedSteps(_consumed_path(self._dir))
@@ -285,7 +290,15 @@ class CoreClient(EngineFront):
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting requests; the core lets in-flight ones finish for up to ``timeout``
         seconds (None: aborts them at once), aborts the rest and exits; its process is killed
-        if it has not exited ``JOIN_GRACE`` s after that."""
+        if it has not exited ``JOIN_GRACE`` s after that. Thread-safe; a second call waits for
+        the first and then returns."""
+        with self._shutdown_lock:
+            if self._shut:
+                return
+            self._shut = True
+            self._shutdown(timeout)
+
+    def _shutdown(self, timeout: float | None) -> None:
         if self._process is None:
             self._detach()
             return
