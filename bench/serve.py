@@ -102,12 +102,78 @@ def pct(values: list[float], q: float) -> float:
 # -- the two ways of serving one request ----------------------------------------------------
 
 
-async def http_request(base: tuple[str, int], prompt: list[int], cfg: BenchConfig) -> Trace:
-    """One streamed completion over a fresh HTTP/1.1 connection, with a lean SSE reader.
+class _SSEReader(asyncio.Protocol):
+    """One streamed completion on its own connection, read as the bytes arrive: de-chunks the
+    body and counts SSE events in ``data_received`` (no stream reader, no task wake-up per line),
+    parsing JSON only for the final usage chunk. The client shares this machine's CPU with the
+    server, so it does as little per event as it can."""
 
-    The client shares this machine's CPU with the server, so it does as little as it can: it
-    de-chunks the body and looks for SSE events, parsing JSON only for the final usage chunk.
-    """
+    def __init__(self, trace: Trace, done: asyncio.Future) -> None:
+        self.trace, self.done = trace, done
+        self.buffer = b""
+        self.head = True  # still reading the status line and headers
+        self.body = b""  # de-chunked bytes not yet split into events
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        buffer = self.buffer + data
+        if self.head:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                self.buffer = buffer
+                return
+            status = buffer[: buffer.find(b"\r\n")]
+            if b" 200 " not in status:
+                self._end(RuntimeError(f"server answered {status!r}"))
+                return
+            self.head, buffer = False, buffer[end + 4 :]
+        body, pos, finished = self.body, 0, False
+        while True:  # the whole chunks in the buffer
+            line_end = buffer.find(b"\r\n", pos)
+            if line_end < 0:
+                break
+            size = int(buffer[pos:line_end], 16)
+            if size == 0:
+                finished = True
+                break
+            if len(buffer) < line_end + 2 + size + 2:
+                break
+            body += buffer[line_end + 2 : line_end + 2 + size]
+            pos = line_end + 2 + size + 2
+        self.buffer = buffer[pos:]
+        *events, self.body = body.split(b"\n\n")
+        trace = self.trace
+        for event in events:
+            if event == b"data: [DONE]":
+                continue
+            if event.startswith(b"data: {") and b'"choices":[]' in event:
+                trace.tokens = json.loads(event[6:])["usage"]["completion_tokens"]
+            elif b'"text":""' not in event:
+                trace.arrivals.append(now)
+        if finished:
+            self._end(None)
+
+    def connection_lost(self, exc) -> None:
+        self._end(exc or (None if self.trace.done else EOFError("the server closed early")))
+
+    def _end(self, error: BaseException | None) -> None:
+        if not self.trace.done:
+            self.trace.done = time.perf_counter()
+        if self.transport is not None:
+            self.transport.close()
+        if not self.done.done():
+            if error is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(error)
+
+
+async def http_request(base: tuple[str, int], prompt: list[int], cfg: BenchConfig) -> Trace:
+    """One streamed completion over a fresh HTTP/1.1 connection (``_SSEReader`` reads it)."""
     body = json.dumps(
         {
             "prompt": prompt,
@@ -118,38 +184,16 @@ async def http_request(base: tuple[str, int], prompt: list[int], cfg: BenchConfi
             "stream_options": {"include_usage": True},
         }
     ).encode()
+    loop = asyncio.get_running_loop()
     trace = Trace(sent=time.perf_counter())
-    reader, writer = await asyncio.open_connection(*base)
-    try:
-        writer.write(
-            b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\n"
-            b"Content-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        status = await reader.readline()
-        if b" 200 " not in status:
-            raise RuntimeError(f"server answered {status!r}")
-        while (await reader.readline()) not in (b"\r\n", b""):
-            pass  # headers (the body is chunked)
-        pending = b""
-        while True:
-            size = int((await reader.readline()).strip() or b"0", 16)
-            if size == 0:
-                break
-            pending += await reader.readexactly(size + 2)
-            pending = pending[:-2]
-            *events, pending = pending.split(b"\n\n")
-            now = time.perf_counter()
-            for event in events:
-                if event == b"data: [DONE]":
-                    continue
-                if event.startswith(b"data: {") and b'"choices":[]' in event:
-                    trace.tokens = json.loads(event[6:])["usage"]["completion_tokens"]
-                elif b'"text":""' not in event:
-                    trace.arrivals.append(now)
-    finally:
-        writer.close()
-    trace.done = time.perf_counter()
+    done = loop.create_future()
+    transport, _ = await loop.create_connection(lambda: _SSEReader(trace, done), *base)
+    transport.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await done
     return trace
 
 
@@ -202,6 +246,17 @@ async def drive_traces(serve_one, prompts: list[list[int]], cfg: BenchConfig) ->
 # -- the load processes ---------------------------------------------------------------------
 
 
+def _event_loop_runner() -> Callable:
+    """uvloop's ``run`` where it is installed (it is in the server's lock: uvicorn's standard
+    extra), else asyncio's: the load processes' event-loop cost per event is CPU taken from the
+    server on a shared machine."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
 def load_process(base: tuple[str, int], prompts: list[list[int]], cfg: BenchConfig, conn,
                  go) -> None:
     """One load process (a ``spawn`` target): wait for ``go``, drive its share of the streams,
@@ -209,7 +264,8 @@ def load_process(base: tuple[str, int], prompts: list[list[int]], cfg: BenchConf
     conn.send("ready")
     go.wait()
     before = resource.getrusage(resource.RUSAGE_SELF)
-    traces = asyncio.run(drive_traces(lambda pr, c: http_request(base, pr, c), prompts, cfg))
+    run = _event_loop_runner()
+    traces = run(drive_traces(lambda pr, c: http_request(base, pr, c), prompts, cfg))
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     conn.send(([(t.sent, t.arrivals, t.tokens, t.done) for t in traces], cpu))
