@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -257,6 +259,39 @@ def test_a_core_whose_front_end_died_while_it_was_starting_exits(tmp_path, short
             os.kill(core, signal.SIGKILL)
 
 
+def test_a_program_that_exits_without_shutting_its_client_down_exits(tiny_checkpoint, tmp_path,
+                                                                     short_tmp_path):
+    # a script that starts a CoreClient and returns without ``shutdown``: at interpreter exit
+    # multiprocessing joins its children after a SIGTERM, which the core ignores (its front end
+    # drains it), so the program hung for ever (before); now it exits and takes its core along
+    script = tmp_path / "forgets.py"
+    script.write_text(
+        "import os, sys\n"
+        "from model import load_checkpoint\n"
+        "from service.engine.client import CoreClient\n"
+        "from service.engine.config import EngineConfig\n"
+        "if __name__ == '__main__':\n"
+        f"    eng = CoreClient(load_checkpoint({str(tiny_checkpoint)!r}), "
+        "EngineConfig(device='cpu', max_batch_size=2))\n"
+        "    eng.start()\n"
+        "    print(eng._process.pid, flush=True)\n")
+    env = {**os.environ, "TMPDIR": str(short_tmp_path),
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        core = int(proc.stdout.readline())
+        assert proc.wait(60) == 0, "the program failed"
+    except subprocess.TimeoutExpired:
+        pytest.fail("the program hung at exit: its engine core was never stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _gone_within(core, 10), "the core outlived its program"
+    left = [p.name for p in short_tmp_path.iterdir() if p.name.startswith("gptserve-core-")]
+    assert not left, f"the program's core left {left}"
+
+
 def _gone_within(pid: int, seconds: float) -> bool:
     """Whether process ``pid`` is gone within ``seconds`` (polled)."""
     deadline = time.monotonic() + seconds
@@ -351,3 +386,50 @@ def test_a_front_end_that_is_not_reading_does_not_hold_the_core_back(tmp_path):
     served = _greedy(CoreClient(on_disk, config, fronts=2), "Hello", max_tokens=50)
     assert len(served) == 50, served
 
+
+
+def test_two_threads_shutting_down_one_client_at_once_both_return_and_the_core_exits(
+        tiny_checkpoint):
+    # a reload retires an engine on one thread while the reloader's stop shuts it down on
+    # another: both calls must return, the core must exit and the stream end, and the client's
+    # sockets be closed once (two threads closing one ZMQ socket abort the whole process inside
+    # libzmq: the ``pfd.revents & POLLIN`` assertion)
+    eng = CoreClient(load_checkpoint(tiny_checkpoint), EngineConfig(device="cpu", max_batch_size=2))
+    eng.start()
+    assert eng._receiver is not None, "started with no loop, the client reads on a thread"
+    core = eng._process
+    outs: list = []
+    streaming = threading.Event()
+
+    async def consume() -> None:
+        stream = eng.add_request(request("r", "ab", max_tokens=1_000_000, temperature=1.0))
+        async for out in stream:
+            outs.append(out)
+            streaming.set()
+
+    consumer = threading.Thread(target=asyncio.run, args=(consume(),))
+    consumer.start()
+    assert streaming.wait(60), "the request never produced a token"
+    start = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def shut() -> None:
+        start.wait()
+        try:
+            eng.shutdown(None)
+        except BaseException as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    callers = [threading.Thread(target=shut) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    start.wait()
+    for caller in callers:
+        caller.join(30)
+    consumer.join(30)
+    assert not any(c.is_alive() for c in callers), "a shutdown call never returned"
+    assert not errors, errors
+    assert not consumer.is_alive(), "the stream never ended"
+    assert outs[-1].finish_reason == FinishReason.ABORT
+    core.join(10)
+    assert not core.is_alive(), "the core did not exit"

@@ -20,7 +20,9 @@ server then exits non-zero so its supervisor restarts it (``fatal_on_failure``).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import os
@@ -99,6 +101,11 @@ class CoreClient(EngineFront):
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_core, args=(spec,), name="gptserve-engine-core", daemon=True)
         self._process.start()
+        # a program that exits without ``shutdown``: multiprocessing's exit handler would
+        # SIGTERM the core (which ignores it: its front end drains it) and then wait for it for
+        # ever; this handler, registered after that one, runs before it and kills the core
+        self._at_exit = functools.partial(_kill_at_exit, self._process, self._dir)
+        atexit.register(self._at_exit)
         self._leader = os.getpid()
         try:
             info = self._wait_ready(checkpoint)
@@ -119,6 +126,7 @@ class CoreClient(EngineFront):
         self.front = seat.front
         self.fronts = seat.fronts
         self._process = None
+        self._at_exit = None
         self._leader = seat.leader
         self._open_sockets(seat.front)
         try:
@@ -375,6 +383,9 @@ class CoreClient(EngineFront):
         self._context.term()
         if process is not None:  # the folder is the spawning front end's
             shutil.rmtree(self._dir, ignore_errors=True)
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
 
     def fail(self, reason: str) -> None:
         """End every live request with an error and turn this engine failed (the server then
@@ -594,6 +605,15 @@ def _addresses(directory: str, fronts: int) -> tuple[str, tuple[str, ...]]:
 def _consumed_path(directory: str) -> str:
     """The core's ``ConsumedSteps`` file (output pacing)."""
     return f"{directory}/consumed"
+
+
+def _kill_at_exit(process: multiprocessing.process.BaseProcess, directory: str) -> None:
+    """At interpreter exit, for a client never shut down: kill its core, remove its folder."""
+    if process.is_alive():
+        log.warning("the engine core (pid %s) was not shut down; killing it at exit", process.pid)
+        process.kill()
+        process.join(KILL_GRACE)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
