@@ -16,7 +16,8 @@
 # rows), PREFIX_REQUESTS (256 concurrent shared-prefix requests for bench/prefix.py; empty: skip
 # it), NEW_TOKENS (128), PYTHON (python3),
 # INSTALL (auto: only when an import fails | yes | no), WORKDIR (/tmp/gptserve-peers-gpu),
-# DEVICE (cuda; cpu runs the same steps in bf16 on the CPU, a dry run of this script).
+# DEVICE (cuda; cpu runs the same steps on the CPU, a dry run of this script), DTYPE (bfloat16;
+# float32 for a CPU dry run where bf16 has no fast kernels: there a bf16 matmul takes minutes).
 # Offline machines: TIKTOKEN_CACHE_DIR must hold GPT-2's BPE ranks (tiktoken's cache).
 set -euo pipefail
 
@@ -34,6 +35,7 @@ PYTHON="${PYTHON:-python3}"
 INSTALL="${INSTALL:-auto}"
 WORKDIR="${WORKDIR:-/tmp/gptserve-peers-gpu}"
 DEVICE="${DEVICE:-cuda}"
+DTYPE="${DTYPE:-bfloat16}"
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${OUT:-$WORKDIR/results}"
@@ -81,17 +83,17 @@ else
 fi
 
 status=0
-"$PYTHON" bench/peers.py --device "$DEVICE" --dtype bfloat16 "${servers[@]}" \
+"$PYTHON" bench/peers.py --device "$DEVICE" --dtype "$DTYPE" "${servers[@]}" \
     --workloads "$STREAMS" --rounds "$ROUNDS" --new-tokens "$NEW_TOKENS" \
     --workdir "$WORKDIR" --json "$out/gpu.json" 2>&1 | tee "$out/gpu.txt" || status=$?
 if [ -n "$XL_STREAMS" ]; then  # GPT-2-XL shape: the rows that read ~3 GB of weights per step
-    "$PYTHON" bench/peers.py --device "$DEVICE" --dtype bfloat16 --shape xl \
+    "$PYTHON" bench/peers.py --device "$DEVICE" --dtype "$DTYPE" --shape xl \
         --systems gptserve,gptserve-inproc --workloads "$XL_STREAMS" --rounds 1 \
         --new-tokens "$NEW_TOKENS" --workdir "$WORKDIR" --json "$out/gpu-xl.json" 2>&1 |
         tee "$out/gpu-xl.txt" || status=$?
 fi
 if [ -n "$PREFIX_REQUESTS" ]; then  # prefix reuse on vs off (docs/BENCHMARKS.md, "Prefix reuse")
-    "$PYTHON" bench/prefix.py --device "$DEVICE" --dtype bfloat16 --requests "$PREFIX_REQUESTS" \
+    "$PYTHON" bench/prefix.py --device "$DEVICE" --dtype "$DTYPE" --requests "$PREFIX_REQUESTS" \
         2>&1 | tee "$out/gpu-prefix.txt" || status=$?
 fi
 if [ -d "$WORKDIR/logs" ]; then
