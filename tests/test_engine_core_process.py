@@ -20,6 +20,7 @@ import pytest
 from deploy_support import (
     ServerProcess,
     StreamResult,
+    child_env,
     core_pid,
     make_tiny_checkpoint,
     metric_value,
@@ -275,10 +276,8 @@ def test_a_program_that_exits_without_shutting_its_client_down_exits(tiny_checkp
         "EngineConfig(device='cpu', max_batch_size=2))\n"
         "    eng.start()\n"
         "    print(eng._process.pid, flush=True)\n")
-    env = {**os.environ, "TMPDIR": str(short_tmp_path),
-           "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                            env=env)
+                            env=child_env(TMPDIR=str(short_tmp_path)))
     try:
         core = int(proc.stdout.readline())
         assert proc.wait(60) == 0, "the program failed"
