@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import GPTConfig
+from model.cpu_gemv import CpuGemv
 from model.kv_cache import KVCache, PackedBatch
 from model.quantize import Int8Linear, int8_linear
 
@@ -131,16 +132,22 @@ class _InferenceWeights:
     lm_head_packed: torch.Tensor | torch.ScriptObject | None = None
     # whether a product of (one row, several rows) uses them
     packed_for: tuple[bool, bool] = (False, True)
+    # the project's one-row kernel (``model.cpu_gemv``), when ``GPT.use_cpu_gemv`` set it: one-row
+    # products then use it instead of the above
+    gemv: CpuGemv | None = None
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
-            packed: torch.Tensor | torch.ScriptObject | None, use: tuple[bool, bool]
-            ) -> torch.Tensor:
-    """``F.linear``, or oneDNN's matmul over a prepacked weight when there is one and ``use``
-    says so for this row count (one row, several): in fp32 prepacking pays at many rows and MKL's
-    GEMV wins at one, in bf16 oneDNN wins at both (figures: docs/BENCHMARKS.md, "Where a step's
-    time goes" and "Choices (measured)"); or, in an int8 model, fbgemm's int8 product over the
-    packed int8 weight and its bias (``model.quantize``)."""
+            packed: torch.Tensor | torch.ScriptObject | None, use: tuple[bool, bool],
+            gemv: CpuGemv | None = None) -> torch.Tensor:
+    """``F.linear``; or for one row the project's own kernel (``gemv``, ``model.cpu_gemv``) when
+    there is one; or oneDNN's matmul over a prepacked weight when there is one and ``use`` says so
+    for this row count (one row, several): which wins depends on the CPU, the width and the dtype,
+    so the engine's warm-up measures them (figures: docs/BENCHMARKS.md, "One-row kernel", "Where a
+    step's time goes" and "Choices (measured)"); or, in an int8 model, fbgemm's int8 product over
+    the packed int8 weight and its bias (``model.quantize``)."""
+    if gemv is not None and x.shape[0] == 1 and w is not None and gemv.accepts(x, w, b):
+        return gemv.multiply(x, w, b)
     if packed is not None and use[x.shape[0] > 1]:
         if isinstance(packed, torch.Tensor):
             return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
@@ -199,6 +206,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self._weights: _InferenceWeights | None = None
         self._prepack = False  # see prepack_cpu_weights
+        self._gemv: CpuGemv | None = None  # see use_cpu_gemv
         self._prepack_rows = (False, True)
         self.quantization = "none"  # "int8" in the copies ``quantize_int8`` returns
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (GPT-2; nanoGPT)
@@ -265,17 +273,17 @@ class GPT(nn.Module):
             enumerate(w.layers)
         ):
             p_attn, p_proj, p_fc, p_fc2 = (None,) * 4 if w.packed is None else w.packed[i]
-            use = w.packed_for
-            qkv = _linear(F.layer_norm(x, (C,), ln1, ln1_b, eps), attn, attn_b, p_attn, use)
+            use, gemv = w.packed_for, w.gemv
+            qkv = _linear(F.layer_norm(x, (C,), ln1, ln1_b, eps), attn, attn_b, p_attn, use, gemv)
             kv_cache.write(i, batch, qkv[:, C:])  # qkv: (N, 3C)
             x += _linear(packed_attention(qkv[:, :C], i, kv_cache, batch), proj, proj_b, p_proj,
-                         use)
-            h = _linear(F.layer_norm(x, (C,), ln2, ln2_b, eps), fc, fc_b, p_fc, use)
-            x += _linear(_gelu(h, w.gelu), fc2, fc2_b, p_fc2, use)
+                         use, gemv)
+            h = _linear(F.layer_norm(x, (C,), ln2, ln2_b, eps), fc, fc_b, p_fc, use, gemv)
+            x += _linear(_gelu(h, w.gelu), fc2, fc2_b, p_fc2, use, gemv)
         if batch.logit_rows is not None:
             x = x.index_select(0, batch.logit_rows)  # (R, C)
         x = F.layer_norm(x, (C,), w.ln_f, w.ln_f_bias, eps)
-        return _linear(x, w.wte, None, w.lm_head_packed, w.packed_for)
+        return _linear(x, w.wte, None, w.lm_head_packed, w.packed_for, w.gemv)
 
     def prepack_cpu_weights(self, on: bool = True, rows: tuple[bool, bool] = (False, True)
                             ) -> bool:
@@ -296,6 +304,20 @@ class GPT(nn.Module):
         if self._weights is not None:
             self._weights = replace(self._weights, packed_for=rows)
         return on and any(rows)
+
+    def use_cpu_gemv(self, kernel: CpuGemv | None) -> bool:
+        """Make ``forward_packed`` multiply one-row products with ``kernel`` (``model.cpu_gemv``;
+        None: stop). fp32 CPU weights only (the kernel's one dtype; an int8 model has its own
+        products); returns whether the kernel is now in use. Like prepacking, it makes a row's
+        results depend on the step's row count (use it only when batch invariance is off)."""
+        if kernel is not None and (self.quantization != "none"
+                                   or self.lm_head.weight.dtype != torch.float32
+                                   or self.lm_head.weight.device.type != "cpu"):
+            kernel = None
+        self._gemv = kernel
+        if self._weights is not None:
+            self._weights = replace(self._weights, gemv=kernel)
+        return kernel is not None
 
     def quantize_int8(self) -> GPT:
         """A copy for inference with every matrix product's weight in int8, one scale per output
@@ -343,7 +365,7 @@ class GPT(nn.Module):
                 wte=t.wte.weight.detach(), wpe=t.wpe.weight.detach(), layers=layers,
                 ln_f=t.ln_f.weight.detach(), ln_f_bias=bias(t.ln_f),
                 gelu="tanh" if self.config.activation == "gelu_tanh" else "none",
-                packed=packed, lm_head_packed=lm_head_packed, packed_for=rows,
+                packed=packed, lm_head_packed=lm_head_packed, packed_for=rows, gemv=self._gemv,
             )
         return self._weights
 

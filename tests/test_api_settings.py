@@ -39,6 +39,7 @@ FLAGS = {
     "--max-tokens-per-step": ("300", 300),
     "--compile": ("1", True),
     "--cuda-graphs": ("off", False),
+    "--cpu-kernels": ("off", False),
     "--threads": ("3", 3),
     "--grammar-cache": ("8", 8),
     "--grammar-timeout": ("2.5", 2.5),

@@ -16,6 +16,7 @@ from engine_support import (
 )
 
 from model import load_checkpoint
+from model.cpu_gemv import CpuGemv
 from model.generate import reference_steps
 from service.engine.runner import ModelRunner
 
@@ -40,13 +41,25 @@ def _reference(checkpoint, req):
     return [step.token_id for step in _reference_steps(checkpoint, req)]
 
 
-@pytest.mark.parametrize("prepack", ["timed", "forced"])
+@pytest.mark.parametrize("prepack", ["timed", "forced", "kernel"])
 @pytest.mark.parametrize("prefill_chunk", [8, 32])
 def test_greedy_mixed_batch_matches_reference_past_block_size(prefill_chunk, prepack, monkeypatch):
+    calls = []
     if prepack == "forced":  # the oneDNN prepacked path for every row count, whatever the
         # warm-up's timing says
-        monkeypatch.setattr(ModelRunner, "_prepacking_pays",
+        monkeypatch.setattr(ModelRunner, "_choose_products",
                             lambda self, width: self.model.prepack_cpu_weights(True, (True, True)))
+    elif prepack == "kernel":  # the project's one-row kernel (model.cpu_gemv) for every one-row
+        # product, oneDNN for the others
+        def force(self, width):
+            if self.gemv is None:
+                pytest.skip("the one-row kernel is not built here (see the runner's log)")
+            self.model.prepack_cpu_weights(True, (False, True))
+            self.model.use_cpu_gemv(self.gemv)
+        monkeypatch.setattr(ModelRunner, "_choose_products", force)
+        multiply = CpuGemv.multiply
+        monkeypatch.setattr(CpuGemv, "multiply",
+                            lambda self, x, w, b: calls.append(1) or multiply(self, x, w, b))
     ck = tiny_checkpoint()
     eng = engine(ck, max_batch_size=4, window_shift=1, prefill_chunk=prefill_chunk,
                  max_tokens_per_step=prefill_chunk + 8)
@@ -59,6 +72,7 @@ def test_greedy_mixed_batch_matches_reference_past_block_size(prefill_chunk, pre
             f"{req.request_id} (prompt {len(req.prompt_token_ids)}, max_tokens "
             f"{req.params.max_tokens}): engine {tokens} != reference {want}"
         )
+    assert (prepack == "kernel") == bool(calls), "the one-row kernel ran only if forced"
 
 
 def test_seeded_sampling_matches_reference_token_for_token():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, KVCache
+from model.cpu_gemv import KernelUnavailable, load_cpu_gemv
 
 
 def _tiny(bias: bool = True, n_layer: int = 2) -> GPT:
@@ -65,11 +66,16 @@ def _run_packed(model, seqs, slots, chunk, n_slots, *, fixed: bool = False, seed
 @pytest.mark.parametrize("chunk", [1, 3, 32])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("fixed", [False, True], ids=["tight", "fixed-shape"])
-@pytest.mark.parametrize("prepack", [False, True], ids=["mkl", "onednn-prepacked"])
+@pytest.mark.parametrize("prepack", ["mkl", "onednn-prepacked", "kernel"])
 def test_packed_forward_equals_full_forward_for_ragged_mixed_steps(chunk, bias, fixed, prepack):
     model = _tiny(bias)
-    if prepack and not model.prepack_cpu_weights(True, (True, True)):  # one row and several
-        pytest.skip("no oneDNN in this torch build")
+    if prepack == "onednn-prepacked" and not model.prepack_cpu_weights(True, (True, True)):
+        pytest.skip("no oneDNN in this torch build")  # (one row and several)
+    if prepack == "kernel":  # the project's one-row kernel for every one-row product
+        try:
+            model.use_cpu_gemv(load_cpu_gemv())
+        except KernelUnavailable as e:
+            pytest.skip(f"the one-row kernel is not built here: {e}")
     g = torch.Generator().manual_seed(1)
     lengths = [32, 17, 5, 1, 9]
     seqs = [torch.randint(0, 53, (n,), generator=g).tolist() for n in lengths]
@@ -117,6 +123,18 @@ def test_full_forward_rejects_sequences_longer_than_block_size():
     model = _tiny()
     with pytest.raises(ValueError, match="block_size is 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_the_one_row_kernel_is_set_and_dropped_and_refused_outside_fp32():
+    model = _tiny()
+    try:
+        kernel = load_cpu_gemv()
+    except KernelUnavailable as e:
+        pytest.skip(f"the one-row kernel is not built here: {e}")
+    assert model.use_cpu_gemv(kernel) and model._inference_weights().gemv is kernel
+    assert not model.use_cpu_gemv(None) and model._inference_weights().gemv is None
+    assert not model.to(torch.float64).use_cpu_gemv(kernel), "fp32 only"
+    assert not _tiny().quantize_int8().use_cpu_gemv(kernel), "an int8 model has its own products"
 
 
 def test_prepacked_weights_are_dropped_on_request_and_after_a_move():

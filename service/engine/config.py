@@ -67,6 +67,10 @@ class EngineConfig:
         "output channel; activations quantized per step by fbgemm's dynamic int8 GEMM), about 4x "
         "fewer weight bytes per token; CPU only, not with batch_invariant or compile (see "
         "docs/API.md); none: the weights as --dtype", choices=QUANTIZATIONS)
+    cpu_kernels: bool = _knob(
+        True, "on CPU in fp32, try the project's own one-row matrix product (built at start with "
+        "the system C compiler; kept only where the warm-up measures it faster than PyTorch's; "
+        "see docs/BENCHMARKS.md)")
     threads: int | None = _knob(
         None, "intra-op CPU threads of the engine (fixed); unset: OMP_NUM_THREADS if set, else "
         "every CPU the process may use (its affinity, capped by its cgroup CPU quota), moved "
@@ -79,7 +83,7 @@ class EngineConfig:
         for name in ("kv_memory", "window_shift", "max_tokens_per_step", "threads"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        for name in ("batch_invariant", "prefix_caching", "compile", "cuda_graphs"):
+        for name in ("batch_invariant", "prefix_caching", "compile", "cuda_graphs", "cpu_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be a boolean, got "
                                  f"{getattr(self, name)!r}")

@@ -64,6 +64,7 @@ class EngineCore:
         self.runner = ModelRunner(model, n_slots, device, dtype, config.batch_invariant,
                                   cuda_graphs=config.cuda_graphs, compile=config.compile,
                                   prepack=prepacks(config, device, dtype),
+                                  cpu_gemv=config.cpu_kernels and prepacks(config, device, dtype),
                                   quantization=config.quantization)
         # batch invariance wants a chunk's boundaries to depend on its own sequence alone: a
         # reused prefix would move them (siblings still share a prompt chunk computed together)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from model.cpu_gemv import CpuGemv, KernelUnavailable, load_cpu_gemv
 from model.gpt import GPT
 from model.kv_cache import KVCache
 from service.engine.graphs import StaticDecode
@@ -47,7 +48,7 @@ class ModelRunner:
     def __init__(
         self, model: GPT, n_slots: int, device: torch.device, dtype: torch.dtype,
         batch_invariant: bool = False, *, cuda_graphs: bool = False, compile: bool = False,
-        prepack: bool = False, quantization: str = "none",
+        prepack: bool = False, cpu_gemv: bool = False, quantization: str = "none",
     ) -> None:
         if quantization == "int8":  # from the checkpoint's own weights, before any cast
             model = model.quantize_int8()
@@ -55,6 +56,8 @@ class ModelRunner:
         # oneDNN over prepacked weights (``memory.prepacks`` decides when to try; the warm-up keeps
         # them only for the row counts where they pay)
         self.prepacked = prepack and self.model.prepack_cpu_weights()
+        # the project's one-row kernel (``model.cpu_gemv``), tried by the warm-up the same way
+        self.gemv = _load_gemv() if cpu_gemv and dtype == torch.float32 else None
         self.config = model.config
         self.device = device
         self.n_slots = n_slots
@@ -133,38 +136,58 @@ class ModelRunner:
         self._warm = True
         batch = self.kv.pack([], decode_width=self.n_slots)
         self.model.forward_packed(batch, self.kv)
-        if self.prepacked:
-            self.prepacked = self._prepacking_pays(min(self.n_slots, 32))
+        if self.prepacked or self.gemv is not None:
+            self._choose_products(min(self.n_slots, 32))
         if self.static is not None and self.static.cuda_graphs:
             t0 = time.perf_counter()
             n = self.static.capture_all()
             log.info("captured %d CUDA graphs for decode steps in %.1f s", n,
                      time.perf_counter() - t0)
 
-    def _prepacking_pays(self, width: int, reps: int = 3) -> bool:
-        """Time a one-row and a ``width``-row decode step with and without the prepacked weights
-        and keep them for each row count where they are at least 5% faster (which wins depends
-        on the model's width, the dtype and the CPU: docs/BENCHMARKS.md, "Where a step's time
-        goes", has the figures)."""
-        use = []
+    def _choose_products(self, width: int, reps: int = 3) -> None:
+        """Time a one-row and a ``width``-row decode step with each matrix product this engine
+        may use (PyTorch's ``F.linear``; oneDNN over the prepacked weights; for one row, the
+        project's kernel) and keep the fastest for each row count, where it is at least 5%
+        faster than ``F.linear`` (which wins depends on the model's width, the dtype and the CPU:
+        docs/BENCHMARKS.md, "One-row kernel" and "Where a step's time goes", has the figures)."""
+        model, chosen = self.model, {}
         for rows in sorted({1, width}):
+            options = {"F.linear": (None, False)}
+            if self.prepacked:
+                options["oneDNN"] = (None, True)
+            if rows == 1 and self.gemv is not None:
+                options["kernel"] = (self.gemv, False)
             batch = self.kv.pack([], decode_width=rows)
             best = {}
-            for packed in (True, False):
-                self.model.prepack_cpu_weights(True, (packed, packed))
-                self.model.forward_packed(batch, self.kv)
+            for name, (gemv, packed) in options.items():
+                model.use_cpu_gemv(gemv)
+                if self.prepacked:
+                    model.prepack_cpu_weights(True, (packed, packed))
+                model.forward_packed(batch, self.kv)
                 times = []
                 for _ in range(reps):
                     t0 = time.perf_counter()
-                    self.model.forward_packed(batch, self.kv)
+                    model.forward_packed(batch, self.kv)
                     times.append(time.perf_counter() - t0)
-                best[packed] = min(times)
-            keep = best[True] < 0.95 * best[False]
-            log.info("prepacked CPU weights: %.2f ms vs %.2f ms per %d-row step: %s",
-                     best[True] * 1e3, best[False] * 1e3, rows, "kept" if keep else "dropped")
-            use.append(keep)
-        one, several = use[0], use[-1]
-        return self.model.prepack_cpu_weights(one or several, (one, several))
+                best[name] = min(times)
+            fastest = min(best, key=best.get)
+            chosen[rows] = fastest if best[fastest] < 0.95 * best["F.linear"] else "F.linear"
+            log.info("matrix products of a %d-row step: %s; kept %s", rows,
+                     ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in best.items()), chosen[rows])
+        one, several = chosen[1] == "oneDNN", chosen[width] == "oneDNN"
+        if self.prepacked:
+            self.prepacked = model.prepack_cpu_weights(one or several, (one, several))
+        self.gemv = self.gemv if chosen[1] == "kernel" else None
+        model.use_cpu_gemv(self.gemv)
+
+
+def _load_gemv() -> CpuGemv | None:
+    """The one-row kernel, or None (logged) where it cannot be built or loaded here."""
+    try:
+        return load_cpu_gemv()
+    except KernelUnavailable as e:
+        log.info("one-row CPU kernel not used: %s", e)
+        return None
 
 
 def _share_prompts(
