@@ -38,6 +38,16 @@ COPY trainer ./trainer
 COPY service ./service
 # Every dependency is installed above at its locked version: --no-deps keeps it that way.
 RUN pip install --no-deps .
+# The one-row CPU kernel (model/cpu_gemv.py), built here so the runtime image needs no compiler:
+# -mavx2 -mfma, never -march=native, so it runs on any x86-64 CPU with AVX2 and FMA (checked at
+# load). A builder where it cannot be built (another architecture) leaves it out: the server then
+# logs why and uses PyTorch's products.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+ENV GPTSERVE_KERNEL_CACHE=/opt/venv/share/gptserve/kernels
+RUN python -m model.cpu_gemv || echo "one-row CPU kernel not built; PyTorch's products will run"
 
 # ---- runtime: the venv, the shipped weights, a non-root user ----
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
@@ -52,7 +62,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GPTSERVE_HOST=0.0.0.0 \
     GPTSERVE_PORT=8000 \
-    GPTSERVE_CHECKPOINT=/app/weights/shakespeare-char
+    GPTSERVE_CHECKPOINT=/app/weights/shakespeare-char \
+    GPTSERVE_KERNEL_CACHE=/opt/venv/share/gptserve/kernels
 USER 10001:10001
 EXPOSE 8000
 # Liveness only (the process answers); readiness (/ready) is for load balancers and Kubernetes.

@@ -11,7 +11,10 @@ For ``--rows`` sequences at position ``--position`` it times, median of interlea
    argmax at the end: what any eager-PyTorch engine pays at least;
 4. ``weight products``: the minimal forward's matrix products alone, and ``prepacked products``:
    the same through oneDNN over weights reordered once (what the engine's warm-up keeps on CPU
-   where it is faster);
+   where it is faster), and at one row ``kernel products``: the same through the project's own
+   one-row kernel (``model.cpu_gemv``), where it builds;
+   at one row also the packed forward with each product forced (``packed forward, F.linear`` /
+   ``oneDNN`` / ``kernel``): what the engine's warm-up chooses between;
 5. ``read every weight``: one ``sum`` over each weight tensor, the bandwidth floor of a one-row
    step (every weight byte read once);
 6. with ``--compile``, the minimal forward through ``torch.compile`` (Inductor, static shapes;
@@ -35,9 +38,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.checkpoint import load_checkpoint  # noqa: E402
+from model.cpu_gemv import CpuGemv, KernelUnavailable, load_cpu_gemv  # noqa: E402
 from model.kv_cache import KVCache  # noqa: E402
 from service.engine import EngineConfig, Request, SamplingParams  # noqa: E402
 from service.engine.core import EngineCore  # noqa: E402
+from service.engine.runner import ModelRunner  # noqa: E402
 
 
 def median_us(fn: Callable[[], object], reps: int, rounds: int) -> float:
@@ -53,7 +58,7 @@ def median_us(fn: Callable[[], object], reps: int, rounds: int) -> float:
 
 
 def minimal_forward(model, rows: int, length: int, products_only: bool = False,
-                    prepacked: bool = False):
+                    prepacked: bool = False, kernel: CpuGemv | None = None):
     """The network as the fewest eager calls (tied LM head, pre-LayerNorm, exact or tanh GELU),
     attending over random keys/values of ``length`` positions; returns a zero-argument step."""
     cfg = model.config
@@ -73,6 +78,9 @@ def minimal_forward(model, rows: int, length: int, products_only: bool = False,
 
         def linear(x, weight, bias=None):
             return torch.ops.mkldnn._linear_pointwise(x, packs[id(weight)], bias, "none", [], "")
+    elif kernel is not None:
+        def linear(x, weight, bias=None):
+            return kernel.multiply(x, weight, bias)
 
     def step(tokens=tokens, positions=positions):
         x = F.embedding(tokens, w.wte) + F.embedding(positions, w.wpe)
@@ -93,9 +101,10 @@ def minimal_forward(model, rows: int, length: int, products_only: bool = False,
     return step
 
 
-def engine_step(checkpoint, rows: int, position: int) -> tuple[Callable[[], object], Callable]:
+def engine_step(checkpoint, rows: int, position: int
+                ) -> tuple[Callable[[], object], Callable, ModelRunner]:
     """A default-settings engine with ``rows`` greedy sequences decoding near ``position``, and a
-    packed forward of the same batch shape; returns (engine step, packed forward)."""
+    packed forward of the same batch shape; returns (engine step, packed forward, its runner)."""
     config = EngineConfig(device="cpu", max_batch_size=rows)
     core = EngineCore(checkpoint.model, checkpoint.tokenizer.vocab_size, None, config, rows,
                       torch.device("cpu"), torch.float32)
@@ -109,7 +118,29 @@ def engine_step(checkpoint, rows: int, position: int) -> tuple[Callable[[], obje
     kv: KVCache = core.runner.kv
     batch = kv.pack([(s, position, 1) for s in range(rows)])
     model = core.runner.model
-    return core.step, lambda: model.forward_packed(batch, kv)
+    return core.step, lambda: model.forward_packed(batch, kv), core.runner
+
+
+def _forced_products(runner: ModelRunner, kernel: CpuGemv, packed: Callable, reps: int,
+                     rounds: int) -> dict[str, float]:
+    """The one-row packed forward with each matrix product forced, in interleaved rounds (the
+    engine's own choice restored after)."""
+    model = runner.model
+    chosen = (runner.gemv, model._inference_weights().packed_for)
+    options = {"F.linear": (None, (False, False)), "kernel": (kernel, (False, False))}
+    if runner.prepacked:
+        options["oneDNN"] = (None, (True, True))
+    times: dict[str, list[float]] = {name: [] for name in options}
+    for _ in range(rounds):
+        for name, (gemv, rows) in options.items():
+            model.use_cpu_gemv(gemv)
+            if runner.prepacked:
+                model.prepack_cpu_weights(True, rows)
+            times[name].append(median_us(packed, reps, 1))
+    model.use_cpu_gemv(chosen[0])
+    if runner.prepacked:
+        model.prepack_cpu_weights(True, chosen[1])
+    return {f"packed forward, {name}": statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -133,9 +164,14 @@ def main() -> None:
         for t in weights:
             t.sum()
 
+    try:
+        kernel = load_cpu_gemv()
+    except KernelUnavailable as e:
+        kernel = None
+        print(f"one-row kernel not built: {e}")
     with torch.inference_mode():
         for rows in a.rows:
-            step, packed = engine_step(checkpoint, rows, a.position)
+            step, packed, runner = engine_step(checkpoint, rows, a.position)
             minimal = minimal_forward(model, rows, a.position + 1)
             products = minimal_forward(model, rows, a.position + 1, products_only=True)
             # the engine's step generates tokens: keep it inside the window by timing few reps
@@ -147,6 +183,11 @@ def main() -> None:
             if torch.backends.mkldnn.is_available():
                 found["prepacked products"] = median_us(
                     minimal_forward(model, rows, a.position + 1, True, True), a.reps, a.rounds)
+            if rows == 1 and kernel is not None:
+                found["kernel products"] = median_us(
+                    minimal_forward(model, rows, a.position + 1, True, kernel=kernel), a.reps,
+                    a.rounds)
+                found.update(_forced_products(runner, kernel, packed, a.reps, a.rounds))
             found["read every weight"] = median_us(read_weights, a.reps, a.rounds)
             if a.compile:
                 import torch._inductor.config as inductor

@@ -15,6 +15,7 @@ from torch import nn
 
 from model.config import GPTConfig
 from model.cpu_gemv import CpuGemv
+from model.huge_pages import HugePageArena, move_to_huge_pages
 from model.kv_cache import KVCache, PackedBatch
 from model.quantize import Int8Linear, int8_linear
 
@@ -304,6 +305,13 @@ class GPT(nn.Module):
         if self._weights is not None:
             self._weights = replace(self._weights, packed_for=rows)
         return on and any(rows)
+
+    def move_weights_to_huge_pages(self) -> HugePageArena | None:
+        """Move the CPU parameters into one arena of 2 MiB pages (``model.huge_pages``: fewer TLB
+        misses when a one-row step streams every weight); the values are unchanged."""
+        arena = move_to_huge_pages(self)
+        self._weights = None  # the gathered views point at the old storage
+        return arena
 
     def use_cpu_gemv(self, kernel: CpuGemv | None) -> bool:
         """Make ``forward_packed`` multiply one-row products with ``kernel`` (``model.cpu_gemv``;

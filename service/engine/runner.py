@@ -53,6 +53,10 @@ class ModelRunner:
         if quantization == "int8":  # from the checkpoint's own weights, before any cast
             model = model.quantize_int8()
         self.model = model.to(device=device, dtype=dtype).eval()
+        if device.type == "cpu":  # before prepacking: its copies are oneDNN's own allocations
+            arena = self.model.move_weights_to_huge_pages()
+            if arena is not None:
+                log.info("%s", arena.describe())
         # oneDNN over prepacked weights (``memory.prepacks`` decides when to try; the warm-up keeps
         # them only for the row counts where they pay)
         self.prepacked = prepack and self.model.prepack_cpu_weights()
