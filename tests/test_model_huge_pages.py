@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.huge_pages import HUGE_PAGE, move_to_huge_pages
+from model.huge_pages import HUGE_PAGE, huge_page_zeros, move_to_huge_pages
+from model.kv_cache import KVCache
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages: Linux")
 
@@ -77,3 +78,19 @@ def test_the_packed_forward_reads_the_moved_weights():
 
 def test_a_model_without_cpu_parameters_is_left_alone():
     assert move_to_huge_pages(torch.nn.ReLU()) is None
+
+
+def test_the_cpu_kv_cache_is_zeroed_and_marked_for_huge_pages():
+    cache = KVCache(n_layer=2, n_slots=3, n_head=4, max_len=64, head_dim=32)
+    assert cache.data.shape == (2, 4, 64, 2, 128) and cache.data.dtype == torch.float32
+    assert not cache.data.any(), "a new cache must be zeros"
+    assert cache.data.data_ptr() % HUGE_PAGE == 0
+    assert "hg" in _vm_flags(cache.data.data_ptr()), "the cache is not marked MADV_HUGEPAGE"
+    cache.data[1, 2, 3, 1, 5] = 7.0  # writable, and its own memory
+    assert cache.data.sum().item() == 7.0
+
+
+def test_huge_page_zeros_of_any_size_and_dtype():
+    for shape, dtype in (((1,), torch.float32), ((3, 5, 7), torch.bfloat16), ((0, 4), torch.float16)):
+        t = huge_page_zeros(shape, dtype)
+        assert t.shape == shape and t.dtype == dtype and not t.any()
