@@ -40,6 +40,7 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 _SYMBOL = "gptserve_gemv_f32"
+CACHE_VARIABLE = "GPTSERVE_KERNEL_CACHE"  # not a server flag: the library reads it (see above)
 
 
 class KernelUnavailable(RuntimeError):
@@ -91,8 +92,8 @@ class CpuGemv:
 def kernel_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
     """Where built kernels are kept (see the module docstring)."""
     env = os.environ if environ is None else environ
-    if env.get("GPTSERVE_KERNEL_CACHE"):
-        return Path(env["GPTSERVE_KERNEL_CACHE"])
+    if env.get(CACHE_VARIABLE):
+        return Path(env[CACHE_VARIABLE])
     base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
     return base / "gptserve" / "kernels"
 
