@@ -2,10 +2,11 @@
 time with the system's C compiler and called through ctypes.
 
 Why: a decode step of one sequence is bound by reading the weights, once each. On this project's
-AMD EPYC VM, oneDNN's one-row product read GPT-2-small's 494 MB in 25.5 ms, MKL's (``F.linear``)
-in 36.6 ms, and this kernel in 15.8-16.5 ms; a one-sequence engine step went from 26-28 ms to
-22-23 ms (docs/BENCHMARKS.md, "One-row kernel"). OpenBLAS's GEMV (numpy's) read the weights in
-21.5 ms alone but lost inside a step: its thread pool and torch's fought for the cores. This
+AMD EPYC VM (``bench/floor.py``, GPT-2-small's 494 MB of matrices, one row, 2 threads), oneDNN's
+prepacked products took 26.3-26.5 ms, MKL's (``F.linear``) 36.8-37.4 ms, and this kernel
+18.1-21.0 ms, about a plain read of every weight (16.8-17.2 ms) (docs/BENCHMARKS.md, "One-row
+kernel and huge pages"). OpenBLAS's GEMV (numpy's) was fast alone but lost inside a step: its
+thread pool and torch's fought for the cores. This
 kernel runs on torch's own OpenMP pool instead: it is linked with ``-fopenmp``, so it needs
 ``libgomp.so.1``, which the dynamic loader resolves to the copy torch has already loaded
 (``load_cpu_gemv`` refuses the kernel if a second OpenMP runtime appears).

@@ -144,7 +144,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
     """``F.linear``; or for one row the project's own kernel (``gemv``, ``model.cpu_gemv``) when
     there is one; or oneDNN's matmul over a prepacked weight when there is one and ``use`` says so
     for this row count (one row, several): which wins depends on the CPU, the width and the dtype,
-    so the engine's warm-up measures them (figures: docs/BENCHMARKS.md, "One-row kernel", "Where a
+    so the engine's warm-up measures them (figures: docs/BENCHMARKS.md, "One-row kernel and huge pages", "Where a
     step's time goes" and "Choices (measured)"); or, in an int8 model, fbgemm's int8 product over
     the packed int8 weight and its bias (``model.quantize``)."""
     if gemv is not None and x.shape[0] == 1 and w is not None and gemv.accepts(x, w, b):

@@ -3,8 +3,9 @@ the CPU KV cache allocated in such pages.
 
 Why: a decode step of one sequence reads every weight once, and at 4 KiB pages GPT-2-small's
 494 MB are ~120,000 pages a token, each a TLB miss; in a virtual machine each miss walks two page
-tables (the guest's and the host's). The same products over the same matrices ran 8-12% faster
-from huge pages on this project's VM (docs/BENCHMARKS.md, "One-row kernel"). PyTorch's CPU
+tables (the guest's and the host's). A one-row GPT-2-small forward took 22.9 ms from huge pages
+against 24.2 ms from PyTorch's own allocations on this project's VM (``bench/floor.py``;
+docs/BENCHMARKS.md, "One-row kernel and huge pages"). PyTorch's CPU
 allocator takes large tensors from ``malloc``, which maps them at 4 KiB pages unless the system
 turns transparent huge pages on for everything (``/sys/kernel/mm/transparent_hugepage/enabled``
 is ``always``); with the common ``madvise`` setting only memory a program marks gets them. So

@@ -10,7 +10,7 @@
  * already loaded, so the kernel runs on torch's own thread pool (model/cpu_gemv.py checks that).
  *
  * Built at run time by model/cpu_gemv.py with -O3 -mavx2 -mfma (loaded only on a CPU with both).
- * Measured against oneDNN's and MKL's one-row products in docs/BENCHMARKS.md ("One-row kernel").
+ * Measured against oneDNN's and MKL's one-row products in docs/BENCHMARKS.md ("One-row kernel and huge pages").
  */
 #include <immintrin.h>
 #include <stdint.h>

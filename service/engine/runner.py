@@ -153,7 +153,7 @@ class ModelRunner:
         may use (PyTorch's ``F.linear``; oneDNN over the prepacked weights; for one row, the
         project's kernel) and keep the fastest for each row count, where it is at least 5%
         faster than ``F.linear`` (which wins depends on the model's width, the dtype and the CPU:
-        docs/BENCHMARKS.md, "One-row kernel" and "Where a step's time goes", has the figures)."""
+        docs/BENCHMARKS.md, "One-row kernel and huge pages" and "Where a step's time goes", has the figures)."""
         model, chosen = self.model, {}
         for rows in sorted({1, width}):
             options = {"F.linear": (None, False)}
