@@ -150,3 +150,11 @@ def test_the_cache_folder_follows_the_environment(tmp_path):
     assert cpu_gemv.kernel_cache_dir({"GPTSERVE_KERNEL_CACHE": str(tmp_path)}) == tmp_path
     assert cpu_gemv.kernel_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == (
         tmp_path / "gptserve" / "kernels")
+
+
+def test_a_cache_folder_that_cannot_be_made_is_a_clear_reason(tmp_path):
+    _skip_unless_buildable()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(KernelUnavailable, match="cannot write the kernel cache"):
+        cpu_gemv.build(blocker / "kernels")
