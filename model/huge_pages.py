@@ -98,19 +98,29 @@ def _arena(nbytes: int) -> torch.Tensor:
     return whole[start:start + size]
 
 
-def _huge_bytes(address: int, size: int) -> int:
-    """Bytes of [address, address + size) that the kernel backs with huge pages (its
-    ``AnonHugePages`` count for the mappings in that range)."""
-    total, inside = 0, False
+def mapping_fields(address: int) -> dict[str, str]:
+    """The ``/proc/self/smaps`` fields of the mapping that holds ``address`` (``AnonHugePages``:
+    its bytes in huge pages, ``VmFlags``: ``hg`` where it is marked ``MADV_HUGEPAGE``); empty
+    where no mapping holds it or smaps cannot be read."""
+    fields: dict[str, str] = {}
+    inside = False
     try:
         with open("/proc/self/smaps") as smaps:
             for line in smaps:
-                first = line.split(maxsplit=1)[0]
-                if "-" in first and not first.endswith(":"):
+                first, _, rest = line.partition(" ")
+                if not first.endswith(":"):  # a mapping's header: "lo-hi perms offset ..."
+                    if inside:
+                        break
                     lo, hi = (int(x, 16) for x in first.split("-"))
-                    inside = lo < address + size and hi > address
-                elif inside and first == "AnonHugePages:":
-                    total += int(line.split()[1]) * 1024
+                    inside = lo <= address < hi
+                elif inside:
+                    fields[first[:-1]] = rest.strip()
     except OSError:
-        return 0
-    return min(total, size)
+        return {}
+    return fields
+
+
+def _huge_bytes(address: int, size: int) -> int:
+    """Bytes of the arena at ``address`` that the kernel backs with huge pages."""
+    kib = mapping_fields(address).get("AnonHugePages", "0 kB").split()[0]
+    return min(int(kib) * 1024, size)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.huge_pages import HUGE_PAGE, huge_page_zeros, move_to_huge_pages
+from model.huge_pages import HUGE_PAGE, huge_page_zeros, mapping_fields, move_to_huge_pages
 from model.kv_cache import KVCache
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages: Linux")
@@ -23,16 +23,9 @@ def _model() -> GPT:
 
 def _vm_flags(address: int) -> list[str]:
     """The VmFlags of the mapping holding ``address`` (``hg``: marked MADV_HUGEPAGE)."""
-    inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            first = line.split(maxsplit=1)[0]
-            if "-" in first and not first.endswith(":"):
-                lo, hi = (int(x, 16) for x in first.split("-"))
-                inside = lo <= address < hi
-            elif inside and first == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
+    fields = mapping_fields(address)
+    assert fields, f"no mapping holds {address:#x}"
+    return fields["VmFlags"].split()
 
 
 def test_moved_weights_give_the_same_logits_and_keep_the_tie():
