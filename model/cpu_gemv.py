@@ -6,10 +6,10 @@ AMD EPYC VM (``bench/floor.py``, GPT-2-small's 494 MB of matrices, one row, 2 th
 prepacked products took 26.3-26.5 ms, MKL's (``F.linear``) 36.8-37.4 ms, and this kernel
 18.1-21.0 ms, about a plain read of every weight (16.8-17.2 ms) (docs/BENCHMARKS.md, "One-row
 kernel and huge pages"). OpenBLAS's GEMV (numpy's) was fast alone but lost inside a step: its
-thread pool and torch's fought for the cores. This
-kernel runs on torch's own OpenMP pool instead: it is linked with ``-fopenmp``, so it needs
-``libgomp.so.1``, which the dynamic loader resolves to the copy torch has already loaded
-(``load_cpu_gemv`` refuses the kernel if a second OpenMP runtime appears).
+thread pool and torch's fought for the cores. This kernel runs on torch's own OpenMP pool
+instead: it is linked with ``-fopenmp``, so it needs ``libgomp.so.1``, which the dynamic loader
+resolves to the copy torch has already loaded (``load_cpu_gemv`` refuses the kernel if a second
+OpenMP runtime appears).
 
 The engine does not take it on faith: its warm-up times a one-row step with each product and
 keeps the fastest (``service.engine.runner``). Where the kernel cannot be built (no C compiler,
@@ -19,8 +19,8 @@ with the reason, and the engine uses PyTorch's products.
 The compiled library is cached in ``GPTSERVE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/gptserve/
 kernels``, else ``~/.cache/gptserve/kernels``, under a name that hashes the source and the
 flags, written atomically (a temporary file renamed into place), so concurrent engines never load
-a half-written library. ``python -m model.cpu_gemv`` builds it ahead of time
-(the Dockerfile does, so its runtime image needs no compiler).
+a half-written library. ``python -m model.cpu_gemv`` builds it ahead of time (the Dockerfile
+does, so its runtime image needs no compiler).
 """
 
 from __future__ import annotations
@@ -64,15 +64,26 @@ class CpuGemv:
         return f"CpuGemv({str(self.path)!r})"
 
     def accepts(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
-        """Whether the kernel can multiply these exactly as given: it reads raw memory, so
-        every shape, dtype, device and layout is checked before each call."""
+        """Whether the kernel can multiply these exactly as given: it reads raw memory, so every
+        shape, dtype, device and layout is checked before it runs."""
+        return self.accepts_weight(w, b) and self.accepts_row(x, w.shape[1])
+
+    @staticmethod
+    def accepts_weight(w: torch.Tensor, b: torch.Tensor | None) -> bool:
+        """The weight's half of ``accepts``: a contiguous fp32 CPU (out, in) matrix and bias. A
+        model checks its weights once (``GPT._inference_weights``), not at every product."""
         f32 = torch.float32
-        return (x.dtype == f32 and w.dtype == f32 and x.device.type == "cpu"
-                and w.device.type == "cpu" and w.dim() == 2 and x.dim() == 2 and x.shape[0] == 1
-                and x.shape[1] == w.shape[1] and x.is_contiguous() and w.is_contiguous()
-                and not x.requires_grad
+        return (w.dtype == f32 and w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous()
                 and (b is None or (b.dtype == f32 and b.device.type == "cpu" and b.dim() == 1
                                    and b.shape[0] == w.shape[0] and b.is_contiguous())))
+
+    @staticmethod
+    def accepts_row(x: torch.Tensor, cols: int) -> bool:
+        """The input's half of ``accepts``, checked at every product: one contiguous fp32 CPU
+        row of ``cols`` values, outside autograd."""
+        return (x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] == 1
+                and x.shape[1] == cols and x.is_contiguous() and x.device.type == "cpu"
+                and not x.requires_grad)
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if not self.accepts(x, w, b):

@@ -141,19 +141,32 @@ class _InferenceWeights:
 def _linear(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
             packed: torch.Tensor | torch.ScriptObject | None, use: tuple[bool, bool],
             gemv: CpuGemv | None = None) -> torch.Tensor:
-    """``F.linear``; or for one row the project's own kernel (``gemv``, ``model.cpu_gemv``) when
-    there is one; or oneDNN's matmul over a prepacked weight when there is one and ``use`` says so
-    for this row count (one row, several): which wins depends on the CPU, the width and the dtype,
-    so the engine's warm-up measures them (figures: docs/BENCHMARKS.md, "One-row kernel and huge pages", "Where a
-    step's time goes" and "Choices (measured)"); or, in an int8 model, fbgemm's int8 product over
-    the packed int8 weight and its bias (``model.quantize``)."""
-    if gemv is not None and x.shape[0] == 1 and w is not None and gemv.accepts(x, w, b):
+    """``F.linear``; or for one row the project's own kernel (``gemv``, ``model.cpu_gemv``: set
+    only when every weight suits it, so only the row is checked here); or oneDNN's matmul over a
+    prepacked weight when there is one and ``use`` says so for this row count (one row, several):
+    which wins depends on the CPU, the width and the dtype, so the engine's warm-up measures them
+    (figures: docs/BENCHMARKS.md, "One-row kernel and huge pages", "Where a step's time goes" and
+    "Choices (measured)"); or, in an int8 model, fbgemm's int8 product over the packed int8
+    weight and its bias (``model.quantize``)."""
+    if gemv is not None and x.shape[0] == 1 and gemv.accepts_row(x, w.shape[1]):
         return gemv.multiply(x, w, b)
     if packed is not None and use[x.shape[0] > 1]:
         if isinstance(packed, torch.Tensor):
             return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         return int8_linear(x, packed)
     return F.linear(x, w, b)
+
+
+def _kernel_for(kernel: CpuGemv | None, layers: tuple[tuple[torch.Tensor | None, ...], ...],
+                wte: torch.Tensor) -> CpuGemv | None:
+    """``kernel`` if it can multiply by every weight of ``layers`` and the LM head ``wte`` (it
+    reads raw memory: the weights are checked here, once, and only the row at each product), else
+    None (another dtype or device, a non-contiguous weight, an int8 model's missing matrices)."""
+    if kernel is None:
+        return None
+    pairs = [(layer[j], layer[j + 1]) for layer in layers for j in (2, 4, 8, 10)] + [(wte, None)]
+    ok = all(w is not None and kernel.accepts_weight(w, b) for w, b in pairs)
+    return kernel if ok else None
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -315,17 +328,14 @@ class GPT(nn.Module):
 
     def use_cpu_gemv(self, kernel: CpuGemv | None) -> bool:
         """Make ``forward_packed`` multiply one-row products with ``kernel`` (``model.cpu_gemv``;
-        None: stop). fp32 CPU weights only (the kernel's one dtype; an int8 model has its own
-        products); returns whether the kernel is now in use. Like prepacking, it makes a row's
+        None: stop). Contiguous fp32 CPU weights only (the kernel's one dtype; an int8 model has
+        its own products): returns whether the kernel is now in use. Like prepacking, it makes a row's
         results depend on the step's row count (use it only when batch invariance is off)."""
-        if kernel is not None and (self.quantization != "none"
-                                   or self.lm_head.weight.dtype != torch.float32
-                                   or self.lm_head.weight.device.type != "cpu"):
-            kernel = None
         self._gemv = kernel
         if self._weights is not None:
-            self._weights = replace(self._weights, gemv=kernel)
-        return kernel is not None
+            w = self._weights
+            self._weights = replace(w, gemv=_kernel_for(kernel, w.layers, w.wte))
+        return self._inference_weights().gemv is not None
 
     def quantize_int8(self) -> GPT:
         """A copy for inference with every matrix product's weight in int8, one scale per output
@@ -373,7 +383,8 @@ class GPT(nn.Module):
                 wte=t.wte.weight.detach(), wpe=t.wpe.weight.detach(), layers=layers,
                 ln_f=t.ln_f.weight.detach(), ln_f_bias=bias(t.ln_f),
                 gelu="tanh" if self.config.activation == "gelu_tanh" else "none",
-                packed=packed, lm_head_packed=lm_head_packed, packed_for=rows, gemv=self._gemv,
+                packed=packed, lm_head_packed=lm_head_packed, packed_for=rows,
+                gemv=_kernel_for(self._gemv, layers, t.wte.weight),
             )
         return self._weights
 

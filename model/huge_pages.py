@@ -22,6 +22,7 @@ nothing is lost but the copy.
 
 from __future__ import annotations
 
+import math
 import mmap
 import sys
 from dataclasses import dataclass
@@ -56,21 +57,18 @@ def move_to_huge_pages(module: nn.Module) -> HugePageArena | None:
     params = [p for p in module.parameters() if p.device.type == "cpu" and p.numel() > 0]
     if not params or sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
-    offsets, end = [], 0
-    for p in params:
-        offsets.append(end)
-        end += -(-p.numel() * p.element_size() // _ALIGN) * _ALIGN
-    arena = _arena(end)
-    size = arena.numel()
+    sizes = [p.numel() * p.element_size() for p in params]
+    offsets = [0]
+    for nbytes in sizes[:-1]:
+        offsets.append(offsets[-1] + -(-nbytes // _ALIGN) * _ALIGN)
+    arena = _arena(offsets[-1] + sizes[-1])
     with torch.no_grad():
-        for p, offset in zip(params, offsets, strict=True):
-            nbytes = p.numel() * p.element_size()
+        for p, offset, nbytes in zip(params, offsets, sizes, strict=True):
             home = arena[offset:offset + nbytes].view(p.dtype).view(p.shape)
             home.copy_(p.data)
             p.data = home
-    address = arena.data_ptr()
-    return HugePageArena(address, size, sum(p.numel() * p.element_size() for p in params),
-                         _huge_bytes(address, size))
+    address, size = arena.data_ptr(), arena.numel()
+    return HugePageArena(address, size, sum(sizes), _huge_bytes(address, size))
 
 
 def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -78,10 +76,7 @@ def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     ``torch.zeros``). The pages are the kernel's zero-filled ones, touched only when written."""
     if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(shape, dtype=dtype)
-    count = 1
-    for n in shape:
-        count *= n
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return _arena(nbytes)[:nbytes].view(dtype).view(shape)
 
 
