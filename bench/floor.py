@@ -14,7 +14,8 @@ For ``--rows`` sequences at position ``--position`` it times, median of interlea
    where it is faster), and at one row ``kernel products``: the same through the project's own
    one-row kernel (``model.cpu_gemv``), where it builds;
    at one row also the packed forward with each product forced (``packed forward, F.linear`` /
-   ``oneDNN`` / ``kernel``): what the engine's warm-up chooses between; and ``kernel, 4 KiB
+   ``oneDNN`` / ``kernel`` / ``fused kernel``, the whole network in one call of the kernel
+   library): what the engine's warm-up chooses between; and ``kernel, 4 KiB
    pages``: the kernel over copies of the weights in PyTorch's own allocations, against the
    runner's huge-page arena (``model.huge_pages``);
 5. ``read every weight``: one ``sum`` over each weight tensor, the bandwidth floor of a one-row
@@ -128,27 +129,30 @@ def _forced_products(runner: ModelRunner, kernel: CpuGemv, packed: Callable, rep
     """The one-row packed forward with each matrix product forced, in interleaved rounds (the
     engine's own choice restored after)."""
     model = runner.model
-    chosen = (runner.gemv, model._inference_weights().packed_for)
-    options = {"F.linear": (None, (False, False)), "kernel": (kernel, (False, False)),
-               "kernel, 4 KiB pages": (kernel, (False, False))}
+    chosen = (runner.gemv, model._inference_weights().packed_for,
+              model._inference_weights().one_token is not None)
+    options = {"F.linear": (None, (False, False), False),
+               "kernel": (kernel, (False, False), False),
+               "kernel, 4 KiB pages": (kernel, (False, False), False),
+               "fused kernel": (kernel, (False, False), True)}
     if runner.prepacked:
-        options["oneDNN"] = (None, (True, True))
+        options["oneDNN"] = (None, (True, True), False)
     times: dict[str, list[float]] = {name: [] for name in options}
     arena = [(p, p.data) for p in model.parameters()]  # the runner put them in huge pages
     small = [p.data.clone() for p, _ in arena]  # PyTorch's own allocations: 4 KiB pages
     for _ in range(rounds):
-        for name, (gemv, rows) in options.items():
+        for name, (gemv, rows, fused) in options.items():
             for (p, data), copy in zip(arena, small, strict=True):
                 p.data = copy if "4 KiB" in name else data
             model._weights = None  # the forward's cached views of the parameters
-            model.use_cpu_gemv(gemv)
+            model.use_cpu_gemv(gemv, fused)
             if runner.prepacked:
                 model.prepack_cpu_weights(True, rows)
             times[name].append(median_us(packed, reps, 1))
     for p, data in arena:
         p.data = data
     model._weights = None
-    model.use_cpu_gemv(chosen[0])
+    model.use_cpu_gemv(chosen[0], chosen[2])
     if runner.prepacked:
         model.prepack_cpu_weights(True, chosen[1])
     return {f"packed forward, {name}": statistics.median(t) for name, t in times.items()}

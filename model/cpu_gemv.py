@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-_SYMBOL = "gptserve_gemv_f32"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
+_SYMBOL, _FORWARD1 = "gptserve_gemv_f32", "gptserve_forward1_f32"
 CACHE_VARIABLE = "GPTSERVE_KERNEL_CACHE"  # not a server flag: the library reads it (see above)
 
 
@@ -57,6 +57,12 @@ class CpuGemv:
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         self._fn = fn
+        forward1 = getattr(library, _FORWARD1)
+        forward1.restype = None
+        forward1.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+                             + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+                             + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+        self._forward1 = forward1
         self._library = library  # keeps the library loaded while this object lives
         self.path = path
 
@@ -99,6 +105,73 @@ class CpuGemv:
         self._fn(w.data_ptr(), x.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
                  rows, cols, torch.get_num_threads())
         return y
+
+    def one_token(self, wte: torch.Tensor, wpe: torch.Tensor, ln_f: torch.Tensor,
+                  ln_f_bias: torch.Tensor | None, layers: tuple[tuple[torch.Tensor | None, ...], ...],
+                  n_head: int, gelu_tanh: bool) -> OneTokenForward | None:
+        """The whole network for one decode token in one call (``OneTokenForward``), over these
+        weights (a GPT's, as ``GPT._inference_weights`` gathers them: per layer ln_1 weight and
+        bias, c_attn weight and bias, attn c_proj, ln_2, c_fc, mlp c_proj), or None if any of them
+        does not suit it (it reads raw memory: every shape, dtype and layout is checked here)."""
+        V, C = wte.shape
+        vectors = [ln_f, ln_f_bias] + [layer[j] for layer in layers for j in (0, 1, 6, 7)]
+        mats = [(layer[j], layer[j + 1], shape) for layer in layers
+                for j, shape in ((2, (3 * C, C)), (4, (C, C)), (8, (4 * C, C)), (10, (C, 4 * C)))]
+        f32 = torch.float32
+        ok = (C % n_head == 0 and self.accepts_weight(wte, None) and self.accepts_weight(wpe, None)
+              and wpe.shape[1] == C
+              and all(v is None or (v.dtype == f32 and v.device.type == "cpu"
+                                    and v.shape == (C,) and v.is_contiguous()) for v in vectors)
+              and ln_f is not None and all(layer[0] is not None and layer[6] is not None
+                                          for layer in layers)
+              and all(w is not None and self.accepts_weight(w, b) and w.shape == shape
+                      for w, b, shape in mats))
+        if not ok:
+            return None
+        return OneTokenForward(self._forward1, (wte, wpe, ln_f, ln_f_bias,
+                                                *[t for layer in layers for t in layer]),
+                               len(layers), n_head, gelu_tanh)
+
+
+class OneTokenForward:
+    """The logits of one decoding token, the whole network in one call of the kernel library
+    (``gptserve_forward1_f32``: embedding, every block, the final LayerNorm and the tied LM head
+    in one OpenMP parallel region, the token's keys and values written into its cache rows). The
+    same arithmetic as ``GPT.forward_packed`` on one decode row, in another order (results agree
+    to float rounding). Built by ``CpuGemv.one_token`` over checked weights; the cache is checked
+    at each call (cheap: its dtype and geometry)."""
+
+    def __init__(self, fn, tensors: tuple[torch.Tensor | None, ...], n_layer: int, n_head: int,
+                 gelu_tanh: bool) -> None:
+        self._fn = fn
+        self._tensors = tensors  # keeps every weight alive while the pointers below are used
+        self._pointers = (ctypes.c_void_p * len(tensors))(
+            *(None if t is None else t.data_ptr() for t in tensors))
+        self.vocab_size, self.n_embd = tensors[0].shape
+        self.block_size = tensors[1].shape[0]
+        self.n_layer, self.n_head, self.gelu_tanh = n_layer, n_head, int(gelu_tanh)
+
+    def accepts_cache(self, kv) -> bool:
+        """Whether ``kv`` (a ``model.kv_cache.KVCache``) is this network's fp32 CPU cache."""
+        d = kv.data
+        return (d.dtype == torch.float32 and d.device.type == "cpu" and d.is_contiguous()
+                and kv.n_layer == self.n_layer and kv.n_head == self.n_head
+                and kv.n_embd == self.n_embd and kv.max_len <= self.block_size)
+
+    def __call__(self, token: int, position: int, slot: int, kv) -> torch.Tensor:
+        """Logits (1, V) of ``token`` at ``position`` of the sequence in cache slot ``slot``
+        (which reads its keys 0..position-1 and gets this token's at ``position``)."""
+        if not (0 <= token < self.vocab_size and 0 <= position < kv.max_len
+                and 0 <= slot <= kv.n_slots and self.accepts_cache(kv)):
+            raise ValueError(f"one-token forward: token {token}, position {position}, slot "
+                             f"{slot} out of range, or a cache it cannot read")
+        C, row = self.n_embd, 2 * self.n_embd * kv.max_len  # floats of one slot's layer
+        logits = torch.empty((1, self.vocab_size), dtype=torch.float32)
+        scratch = torch.empty(10 * C + self.n_head * (position + 1), dtype=torch.float32)
+        self._fn(self._pointers, self.n_layer, C, self.n_head, self.vocab_size, self.gelu_tanh,
+                 kv.data.data_ptr() + slot * row * 4, (kv.n_slots + 1) * row, token, position,
+                 scratch.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+        return logits
 
 
 def kernel_cache_dir(environ: Mapping[str, str] | None = None) -> Path:

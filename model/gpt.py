@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import GPTConfig
-from model.cpu_gemv import CpuGemv
+from model.cpu_gemv import CpuGemv, OneTokenForward
 from model.huge_pages import HugePageArena, move_to_huge_pages
 from model.kv_cache import KVCache, PackedBatch
 from model.quantize import Int8Linear, int8_linear
@@ -136,6 +136,8 @@ class _InferenceWeights:
     # the project's one-row kernel (``model.cpu_gemv``), when ``GPT.use_cpu_gemv`` set it: one-row
     # products then use it instead of the above
     gemv: CpuGemv | None = None
+    # with it, the whole network for one decode token in one call (``CpuGemv.one_token``)
+    one_token: OneTokenForward | None = None
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
@@ -221,6 +223,7 @@ class GPT(nn.Module):
         self._weights: _InferenceWeights | None = None
         self._prepack = False  # see prepack_cpu_weights
         self._gemv: CpuGemv | None = None  # see use_cpu_gemv
+        self._fuse_one_token = True
         self._prepack_rows = (False, True)
         self.quantization = "none"  # "int8" in the copies ``quantize_int8`` returns
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (GPT-2; nanoGPT)
@@ -281,6 +284,10 @@ class GPT(nn.Module):
         module dispatch, attribute lookups and no-op dropouts would cost as much as the math.
         """
         w = self._inference_weights()
+        if w.one_token is not None and batch.decode is not None and not batch.chunks and \
+                batch.tokens.shape[0] == 1 and w.one_token.accepts_cache(kv_cache):
+            slot, position = divmod(int(batch.write_index[0]), kv_cache.max_len)
+            return w.one_token(int(batch.tokens[0]), position, slot, kv_cache)
         C, eps = self.config.n_embd, 1e-5
         x = F.embedding(batch.tokens, w.wte) + F.embedding(batch.positions, w.wpe)  # (N, C)
         for i, (ln1, ln1_b, attn, attn_b, proj, proj_b, ln2, ln2_b, fc, fc_b, fc2, fc2_b) in (
@@ -326,16 +333,25 @@ class GPT(nn.Module):
         self._weights = None  # the gathered views point at the old storage
         return arena
 
-    def use_cpu_gemv(self, kernel: CpuGemv | None) -> bool:
+    def use_cpu_gemv(self, kernel: CpuGemv | None, fused: bool = True) -> bool:
         """Make ``forward_packed`` multiply one-row products with ``kernel`` (``model.cpu_gemv``;
-        None: stop). Contiguous fp32 CPU weights only (the kernel's one dtype; an int8 model has
-        its own products): returns whether the kernel is now in use. Like prepacking, it makes a row's
-        results depend on the step's row count (use it only when batch invariance is off)."""
-        self._gemv = kernel
+        None: stop) and, with ``fused``, run a step of one decode token as one call of it
+        (``CpuGemv.one_token``). Contiguous fp32 CPU weights only (the kernel's one dtype; an
+        int8 model has its own products): returns whether the kernel is now in use. Like
+        prepacking, it makes a row's results depend on the step's row count (use it only when
+        batch invariance is off)."""
+        self._gemv, self._fuse_one_token = kernel, fused
         if self._weights is not None:
             w = self._weights
-            self._weights = replace(w, gemv=_kernel_for(kernel, w.layers, w.wte))
+            gemv = _kernel_for(kernel, w.layers, w.wte)
+            self._weights = replace(w, gemv=gemv, one_token=self._one_token(gemv, w))
         return self._inference_weights().gemv is not None
+
+    def _one_token(self, gemv: CpuGemv | None, w: _InferenceWeights) -> OneTokenForward | None:
+        if gemv is None or not self._fuse_one_token:
+            return None
+        return gemv.one_token(w.wte, w.wpe, w.ln_f, w.ln_f_bias, w.layers, self.config.n_head,
+                              w.gelu == "tanh")
 
     def quantize_int8(self) -> GPT:
         """A copy for inference with every matrix product's weight in int8, one scale per output
@@ -379,13 +395,14 @@ class GPT(nn.Module):
                 pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 32)  # noqa: E731
                 packed = tuple(tuple(pack(layer[j]) for j in (2, 4, 8, 10)) for layer in layers)
                 lm_head_packed = pack(t.wte.weight.detach())
-            self._weights = _InferenceWeights(
+            w = _InferenceWeights(
                 wte=t.wte.weight.detach(), wpe=t.wpe.weight.detach(), layers=layers,
                 ln_f=t.ln_f.weight.detach(), ln_f_bias=bias(t.ln_f),
                 gelu="tanh" if self.config.activation == "gelu_tanh" else "none",
                 packed=packed, lm_head_packed=lm_head_packed, packed_for=rows,
                 gemv=_kernel_for(self._gemv, layers, t.wte.weight),
             )
+            self._weights = replace(w, one_token=self._one_token(w.gemv, w))
         return self._weights
 
     def _apply(self, fn, recurse: bool = True):

@@ -16,7 +16,7 @@ from engine_support import (
 )
 
 from model import load_checkpoint
-from model.cpu_gemv import CpuGemv
+from model.cpu_gemv import CpuGemv, OneTokenForward
 from model.generate import reference_steps
 from service.engine.runner import ModelRunner
 
@@ -41,25 +41,33 @@ def _reference(checkpoint, req):
     return [step.token_id for step in _reference_steps(checkpoint, req)]
 
 
-@pytest.mark.parametrize("prepack", ["timed", "forced", "kernel"])
-@pytest.mark.parametrize("prefill_chunk", [8, 32])
-def test_greedy_mixed_batch_matches_reference_past_block_size(prefill_chunk, prepack, monkeypatch):
+def _force_products(monkeypatch, prepack: str) -> list[int]:
+    """Make the engine's warm-up keep the products ``prepack`` names; returns a list that grows
+    by one at each call of the forced kernel."""
     calls = []
     if prepack == "forced":  # the oneDNN prepacked path for every row count, whatever the
         # warm-up's timing says
         monkeypatch.setattr(ModelRunner, "_choose_products",
                             lambda self, width: self.model.prepack_cpu_weights(True, (True, True)))
-    elif prepack == "kernel":  # the project's one-row kernel (model.cpu_gemv) for every one-row
-        # product, oneDNN for the others
+    elif prepack in ("kernel", "fused"):  # the project's one-row kernel (model.cpu_gemv) for
+        # every one-row product (or, fused, each one-token step in one call), oneDNN for the
+        # others
         def force(self, width):
             if self.gemv is None:
                 pytest.skip("the one-row kernel is not built here (see the runner's log)")
             self.model.prepack_cpu_weights(True, (False, True))
-            self.model.use_cpu_gemv(self.gemv)
+            self.model.use_cpu_gemv(self.gemv, fused=prepack == "fused")
         monkeypatch.setattr(ModelRunner, "_choose_products", force)
-        multiply = CpuGemv.multiply
-        monkeypatch.setattr(CpuGemv, "multiply",
-                            lambda self, x, w, b: calls.append(1) or multiply(self, x, w, b))
+        spied = (CpuGemv, "multiply") if prepack == "kernel" else (OneTokenForward, "__call__")
+        original = getattr(*spied)
+        monkeypatch.setattr(*spied, lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("prepack", ["timed", "forced", "kernel"])
+@pytest.mark.parametrize("prefill_chunk", [8, 32])
+def test_greedy_mixed_batch_matches_reference_past_block_size(prefill_chunk, prepack, monkeypatch):
+    calls = _force_products(monkeypatch, prepack)
     ck = tiny_checkpoint()
     eng = engine(ck, max_batch_size=4, window_shift=1, prefill_chunk=prefill_chunk,
                  max_tokens_per_step=prefill_chunk + 8)
@@ -73,6 +81,18 @@ def test_greedy_mixed_batch_matches_reference_past_block_size(prefill_chunk, pre
             f"{req.params.max_tokens}): engine {tokens} != reference {want}"
         )
     assert (prepack == "kernel") == bool(calls), "the one-row kernel ran only if forced"
+
+
+@pytest.mark.parametrize("prepack", ["timed", "fused"])
+def test_a_lone_sequence_matches_reference(prepack, monkeypatch):
+    # one sequence decoding alone inside its window: one-token steps, the fused kernel's case
+    # (past the window every step of the reference's crop re-encodes it: a chunk, not fused)
+    calls = _force_products(monkeypatch, prepack)
+    ck = tiny_checkpoint()
+    eng = engine(ck, max_batch_size=2, window_shift=1)
+    req = request("lone", prompt_of(5, 3), max_tokens=26, temperature=0.0)
+    assert eng.generate([req])[0] == _reference(ck, req)
+    assert (prepack == "fused") == (len(calls) == 25), f"{len(calls)} fused steps"
 
 
 def test_seeded_sampling_matches_reference_token_for_token():

@@ -141,7 +141,8 @@ def test_a_cached_library_that_computes_wrong_products_is_refused(kernel, tmp_pa
         "void gptserve_gemv_f32(const float *W, const float *x, const float *b, float *y,\n"
         "                       int64_t rows, int64_t cols, int threads) {\n"
         "    for (int64_t r = 0; r < rows; r++) y[r] = 0.0f;\n"
-        "}\n"))
+        "}\n"
+        "void gptserve_forward1_f32(void) {}\n"))
     with pytest.raises(KernelUnavailable, match="wrong products"):
         load_cpu_gemv(tmp_path)
 

@@ -151,28 +151,34 @@ class ModelRunner:
     def _choose_products(self, width: int, reps: int = 4) -> None:
         """Time a one-row and a ``width``-row decode step with each matrix product this engine
         may use (PyTorch's ``F.linear``; oneDNN over the prepacked weights; for one row, the
-        project's kernel) and keep the fastest for each row count, where it is at least 5%
-        faster than ``F.linear`` (which wins depends on the model's width, the dtype and the CPU:
-        docs/BENCHMARKS.md, "One-row kernel and huge pages" and "Where a step's time goes", has the figures)."""
+        project's kernel, product by product or the whole network in one call) and keep the
+        fastest for each row count, where it is at least 5% faster than ``F.linear`` (which wins
+        depends on the model's width, the dtype and the CPU: docs/BENCHMARKS.md, "One-row kernel
+        and huge pages" and "Where a step's time goes", has the figures)."""
         model, chosen = self.model, {}
         for rows in sorted({1, width}):
-            options = {"F.linear": (None, False)}
+            options = {"F.linear": (None, False, False)}  # (kernel, oneDNN, fused)
             if self.prepacked:
-                options["oneDNN"] = (None, True)
+                options["oneDNN"] = (None, True, False)
             if rows == 1 and self.gemv is not None:
-                options["kernel"] = (self.gemv, False)
+                options["kernel"] = (self.gemv, False, False)
+                options["fused kernel"] = (self.gemv, False, True)
             batch = self.kv.pack([], decode_width=rows)
-            best = dict.fromkeys(options, float("inf"))
+            best, logits = dict.fromkeys(options, float("inf")), {}
             # interleaved (A B C A B C ...): a slow spell of a shared machine hits every option
             for rep in range(reps + 1):  # the first round warms each option up, untimed
-                for name, (gemv, packed) in options.items():
-                    model.use_cpu_gemv(gemv)
+                for name, (gemv, packed, fused) in options.items():
+                    model.use_cpu_gemv(gemv, fused)
                     if self.prepacked:
                         model.prepack_cpu_weights(True, (packed, packed))
                     t0 = time.perf_counter()
-                    model.forward_packed(batch, self.kv)
+                    logits[name] = model.forward_packed(batch, self.kv)
                     if rep:
                         best[name] = min(best[name], time.perf_counter() - t0)
+            for name in _disagreeing(logits):  # a bad build must never reach a user's tokens
+                log.warning("matrix products of a %d-row step: %s gave other logits than "
+                            "F.linear; not used", rows, name)
+                del best[name]
             fastest = min(best, key=best.get)
             chosen[rows] = fastest if best[fastest] < 0.95 * best["F.linear"] else "F.linear"
             log.info("matrix products of a %d-row step: %s; kept %s", rows,
@@ -180,8 +186,17 @@ class ModelRunner:
         one, several = chosen[1] == "oneDNN", chosen[width] == "oneDNN"
         if self.prepacked:
             self.prepacked = model.prepack_cpu_weights(one or several, (one, several))
-        self.gemv = self.gemv if chosen[1] == "kernel" else None
-        model.use_cpu_gemv(self.gemv)
+        self.gemv = self.gemv if chosen[1] in ("kernel", "fused kernel") else None
+        model.use_cpu_gemv(self.gemv, fused=chosen[1] == "fused kernel")
+
+
+def _disagreeing(logits: dict[str, torch.Tensor]) -> list[str]:
+    """The options whose logits differ from ``F.linear``'s by more than float rounding (1e-3 of
+    the largest logit: another summation order moves them by ~1e-6 of it)."""
+    want = logits["F.linear"]
+    tol = 1e-3 * max(1.0, want.abs().max().item())
+    return [name for name, got in logits.items()
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=0.0, atol=tol)]
 
 
 def _load_gemv() -> CpuGemv | None:

@@ -1,0 +1,151 @@
+"""The whole network for one decode token in one call of the kernel library
+(``CpuGemv.one_token``, ``gptserve_forward1_f32``): its logits and cache writes against the
+PyTorch packed forward, the weights and caches it refuses, and the engine's warm-up refusing a
+build whose logits are wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.cpu_gemv import KernelUnavailable, OneTokenForward, load_cpu_gemv
+from model.gpt import GPT, GPTConfig
+from model.kv_cache import KVCache
+from service.engine import EngineConfig
+from service.engine.runner import ModelRunner
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    try:
+        return load_cpu_gemv(tmp_path_factory.mktemp("kernels"))
+    except KernelUnavailable as e:
+        from tests.test_model_cpu_gemv import _skip_unless_buildable
+
+        _skip_unless_buildable()  # skips where the kernel is not meant to build; else a failure
+        raise AssertionError(f"the kernel should build here: {e}") from e
+
+
+def _model(n_embd: int, n_head: int, bias: bool, activation: str, block_size: int = 24) -> GPT:
+    torch.manual_seed(n_embd * 10 + n_head)
+    cfg = GPTConfig(block_size=block_size, vocab_size=61, n_layer=3, n_head=n_head,
+                    n_embd=n_embd, bias=bias, activation=activation)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # LayerNorms that are not the identity: their weights are read too
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+# head sizes 8, 9 (every tail of the vector dot products) and 16; both GELUs; with and without
+# biases
+CONFIGS = [(16, 2, True, "gelu"), (36, 4, False, "gelu_tanh"), (48, 3, True, "gelu_tanh"),
+           (40, 5, False, "gelu")]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n_embd,n_head,bias,activation", CONFIGS)
+def test_logits_and_cache_writes_equal_the_packed_forward(kernel, monkeypatch, n_embd, n_head,
+                                                          bias, activation, threads):
+    model = _model(n_embd, n_head, bias, activation)
+    calls = []
+    call = OneTokenForward.__call__
+    monkeypatch.setattr(OneTokenForward, "__call__",
+                        lambda self, *a: calls.append(a) or call(self, *a))
+    g = torch.Generator().manual_seed(3)
+    want_kv, got_kv = (KVCache.for_model(model.config, 3) for _ in range(2))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            # prompts of 1, 7 and 12 tokens in slots 2, 0, 1 (PyTorch's forward, both caches)
+            lengths = {2: 1, 0: 7, 1: 12}
+            for slot, n in lengths.items():
+                prompt = torch.randint(0, 61, (n,), generator=g).tolist()
+                for kv in (want_kv, got_kv):
+                    model.use_cpu_gemv(None)
+                    model.forward_packed(kv.pack([], [(slot, 0, prompt, True)]), kv)
+            # one-token steps to the last position of the window, and one in the scratch slot
+            steps = [(slot, pos) for slot, n in lengths.items() for pos in range(n, 24)]
+            steps.append((want_kv.scratch_slot, 0))
+            for slot, pos in steps:
+                token = int(torch.randint(0, 61, (1,), generator=g))
+                model.use_cpu_gemv(None)
+                want = model.forward_packed(want_kv.pack([(slot, pos, token)]), want_kv)
+                assert model.use_cpu_gemv(kernel, fused=True)
+                got = model.forward_packed(got_kv.pack([(slot, pos, token)]), got_kv)
+                assert got.shape == want.shape == (1, 61)
+                err = (got - want).abs().max().item()
+                assert err < 1e-5, f"slot {slot} position {pos}: |fused - packed| = {err}"
+                kv_err = (got_kv.data - want_kv.data).abs().max().item()
+                assert kv_err < 1e-5, f"slot {slot} position {pos}: cache differs by {kv_err}"
+    finally:
+        torch.set_num_threads(before)
+    assert [(slot, pos) for _, pos, slot, _ in calls] == steps, "every step ran fused, once"
+
+
+def test_several_rows_and_chunks_keep_the_pytorch_forward(kernel, monkeypatch):
+    model = _model(16, 2, True, "gelu")
+    model.use_cpu_gemv(kernel, fused=True)
+    monkeypatch.setattr(OneTokenForward, "__call__", lambda *a: pytest.fail("ran fused"))
+    kv = KVCache.for_model(model.config, 2)
+    with torch.inference_mode():
+        model.forward_packed(kv.pack([], [(0, 0, [1, 2, 3], True)]), kv)  # a chunk
+        model.forward_packed(kv.pack([], [(1, 0, [4], True)]), kv)  # a one-token chunk
+        model.forward_packed(kv.pack([(0, 3, 5), (1, 1, 6)]), kv)  # two decode rows
+
+
+def test_the_fused_path_is_only_set_where_every_weight_suits_it(kernel):
+    model = _model(16, 2, True, "gelu")
+    assert model.use_cpu_gemv(kernel) and model._inference_weights().one_token is not None
+    assert model.use_cpu_gemv(kernel, fused=False)
+    assert model._inference_weights().one_token is None, "per-product kernel only"
+    model.use_cpu_gemv(kernel)
+    model.use_cpu_gemv(None)
+    assert model._inference_weights().one_token is None
+    assert not model.to(torch.bfloat16).use_cpu_gemv(kernel)
+    assert model._inference_weights().one_token is None, "fp32 only"
+    int8 = _model(16, 2, True, "gelu").quantize_int8()
+    assert not int8.use_cpu_gemv(kernel) and int8._inference_weights().one_token is None
+    w = _model(16, 2, False, "gelu")._inference_weights()
+    args = dict(wte=w.wte, wpe=w.wpe, ln_f=w.ln_f, ln_f_bias=w.ln_f_bias, layers=w.layers,
+                n_head=2, gelu_tanh=False)
+    assert kernel.one_token(**args) is not None
+    bad_layer = list(w.layers[0])
+    bad_layer[8] = w.layers[0][8].t().contiguous().t()  # the right shape, not row-major
+    assert kernel.one_token(**{**args, "layers": (tuple(bad_layer), *w.layers[1:])}) is None
+    bad_layer[8] = w.layers[0][8][:, :8].contiguous()  # a wrong shape
+    assert kernel.one_token(**{**args, "layers": (tuple(bad_layer), *w.layers[1:])}) is None
+    assert kernel.one_token(**{**args, "ln_f": w.ln_f.double()}) is None
+    assert kernel.one_token(**{**args, "n_head": 3}) is None, "16 is not 3 heads"
+
+
+def test_a_token_position_slot_or_cache_it_cannot_read_is_refused_before_it_runs(kernel):
+    model = _model(16, 2, True, "gelu")
+    model.use_cpu_gemv(kernel)
+    fused = model._inference_weights().one_token
+    kv = KVCache.for_model(model.config, 2)
+    for token, position, slot in ((61, 0, 0), (-1, 0, 0), (1, 24, 0), (1, -1, 0), (1, 0, 3),
+                                  (1, 0, -1)):
+        with pytest.raises(ValueError, match="out of range"):
+            fused(token, position, slot, kv)
+    assert fused(1, 0, 2, kv).shape == (1, 61), "slot 2 is the scratch slot"
+    other = KVCache.for_model(_model(48, 3, True, "gelu").config, 2)
+    wide = KVCache(3, 2, 2, 48, 8)  # longer than the model's 24 positions
+    for cache in (other, wide, KVCache.for_model(model.config, 2, dtype=torch.float64)):
+        assert not fused.accepts_cache(cache)
+        with pytest.raises(ValueError, match="cannot read"):
+            fused(1, 0, 0, cache)
+
+
+def test_the_warm_up_refuses_a_build_whose_logits_are_wrong(kernel, monkeypatch, caplog):
+    monkeypatch.setattr(OneTokenForward, "__call__",
+                        lambda self, token, pos, slot, kv: torch.zeros(1, self.vocab_size))
+    monkeypatch.setattr("service.engine.runner.load_cpu_gemv", lambda: kernel)
+    runner = ModelRunner(_model(16, 2, True, "gelu"), 2, torch.device("cpu"), torch.float32,
+                         cpu_gemv=True)
+    runner.warm_up()
+    assert "fused kernel gave other logits than F.linear; not used" in caplog.text
+    assert runner.model._inference_weights().one_token is None
+    assert EngineConfig().cpu_kernels  # (on by default: what this guards)
