@@ -287,7 +287,8 @@ class GPT(nn.Module):
         if w.one_token is not None and batch.decode is not None and not batch.chunks and \
                 batch.tokens.shape[0] == 1 and w.one_token.accepts_cache(kv_cache):
             slot, position = divmod(int(batch.write_index[0]), kv_cache.max_len)
-            return w.one_token(int(batch.tokens[0]), position, slot, kv_cache)
+            if slot != kv_cache.scratch_slot:  # (a padding row attends slot 0: see pack)
+                return w.one_token(int(batch.tokens[0]), position, slot, kv_cache)
         C, eps = self.config.n_embd, 1e-5
         x = F.embedding(batch.tokens, w.wte) + F.embedding(batch.positions, w.wpe)  # (N, C)
         for i, (ln1, ln1_b, attn, attn_b, proj, proj_b, ln2, ln2_b, fc, fc_b, fc2, fc2_b) in (

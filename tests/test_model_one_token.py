@@ -66,9 +66,8 @@ def test_logits_and_cache_writes_equal_the_packed_forward(kernel, monkeypatch, n
                 for kv in (want_kv, got_kv):
                     model.use_cpu_gemv(None)
                     model.forward_packed(kv.pack([], [(slot, 0, prompt, True)]), kv)
-            # one-token steps to the last position of the window, and one in the scratch slot
+            # one-token steps to the last position of the window
             steps = [(slot, pos) for slot, n in lengths.items() for pos in range(n, 24)]
-            steps.append((want_kv.scratch_slot, 0))
             for slot, pos in steps:
                 token = int(torch.randint(0, 61, (1,), generator=g))
                 model.use_cpu_gemv(None)
@@ -85,12 +84,14 @@ def test_logits_and_cache_writes_equal_the_packed_forward(kernel, monkeypatch, n
     assert [(slot, pos) for _, pos, slot, _ in calls] == steps, "every step ran fused, once"
 
 
-def test_several_rows_and_chunks_keep_the_pytorch_forward(kernel, monkeypatch):
+def test_several_rows_chunks_and_padding_keep_the_pytorch_forward(kernel, monkeypatch):
     model = _model(16, 2, True, "gelu")
     model.use_cpu_gemv(kernel, fused=True)
     monkeypatch.setattr(OneTokenForward, "__call__", lambda *a: pytest.fail("ran fused"))
     kv = KVCache.for_model(model.config, 2)
     with torch.inference_mode():
+        # a padding row writes into the scratch slot but attends slot 0 (its output unused)
+        model.forward_packed(kv.pack([], decode_width=1), kv)
         model.forward_packed(kv.pack([], [(0, 0, [1, 2, 3], True)]), kv)  # a chunk
         model.forward_packed(kv.pack([], [(1, 0, [4], True)]), kv)  # a one-token chunk
         model.forward_packed(kv.pack([(0, 3, 5), (1, 1, 6)]), kv)  # two decode rows
@@ -137,6 +138,20 @@ def test_a_token_position_slot_or_cache_it_cannot_read_is_refused_before_it_runs
         assert not fused.accepts_cache(cache)
         with pytest.raises(ValueError, match="cannot read"):
             fused(1, 0, 0, cache)
+
+
+def test_the_warm_up_times_the_fused_kernel_and_keeps_its_cache_clean(kernel, monkeypatch,
+                                                                       caplog):
+    caplog.set_level("INFO", logger="service.engine.runner")
+    monkeypatch.setattr("service.engine.runner.load_cpu_gemv", lambda: kernel)
+    runner = ModelRunner(_model(16, 2, True, "gelu"), 2, torch.device("cpu"), torch.float32,
+                         cpu_gemv=True)
+    runner.warm_up()
+    assert "not used" not in caplog.text
+    assert "1-row step: F.linear" in caplog.text and "fused kernel" in caplog.text
+    # the one-row timing wrote slot 0's position 0 only; the scratch slot takes the padding
+    written = runner.kv.data.abs().sum(dim=(0, 3, 4)).nonzero().tolist()
+    assert all(slot == 2 or (slot, pos) == (0, 0) for slot, pos in written), written
 
 
 def test_the_warm_up_refuses_a_build_whose_logits_are_wrong(kernel, monkeypatch, caplog):

@@ -163,7 +163,12 @@ class ModelRunner:
             if rows == 1 and self.gemv is not None:
                 options["kernel"] = (self.gemv, False, False)
                 options["fused kernel"] = (self.gemv, False, True)
-            batch = self.kv.pack([], decode_width=rows)
+            # one row: a real one (slot 0, position 0: no sequence holds a slot before the
+            # warm-up, and a sequence writes a position before it reads it), as padding rows
+            # attend another slot than the one they write (``KVCache.pack``) and never take
+            # the fused kernel; several: padding rows, writing only into the scratch slot
+            batch = self.kv.pack([(0, 0, 0)]) if rows == 1 else self.kv.pack(
+                [], decode_width=rows)
             best, logits = dict.fromkeys(options, float("inf")), {}
             # interleaved (A B C A B C ...): a slow spell of a shared machine hits every option
             for rep in range(reps + 1):  # the first round warms each option up, untimed
