@@ -293,6 +293,8 @@ def drive_http(base: tuple[str, int], prompts: list[list[int]], cfg: BenchConfig
     the server's busy threads (CPU s of each, by process)."""
     context = multiprocessing.get_context("spawn")  # no fork of a process with an engine thread
     go = context.Event()
+    if cfg.rate is None:  # closed loop: a load process without a stream would drop its prompts
+        clients = max(1, min(clients, cfg.concurrency))
     shares = []
     for i in range(clients):
         concurrency = cfg.concurrency // clients + (i < cfg.concurrency % clients)
@@ -470,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         engine = Engine(load_checkpoint(checkpoint), engine_config(settings))
         prompts = make_prompts(engine.tokenizer, cfg)
+        loaders = args.clients if cfg.rate else max(1, min(args.clients, cfg.concurrency))
         mode = (
             f"Poisson {cfg.rate}/s"
             if cfg.rate
@@ -480,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{cfg.prompt_tokens[0]}-{cfg.prompt_tokens[1]} tokens, {cfg.max_tokens} new "
             f"tokens, temperature {cfg.temperature}; torch threads "
             f"{os.environ.get('OMP_NUM_THREADS', 'default')}; {cfg.rounds} round(s), best "
-            f"of each reported; HTTP load from {args.clients} processes\n"
+            f"of each reported; HTTP load from {loaders} processes\n"
         )
         extra = args.server_args.split()
         proc, url = (None, cfg.url) if cfg.url else start_server(checkpoint, settings, extra)
