@@ -10,13 +10,15 @@ One workload (``--requests`` prompts of mixed length, ``--max-tokens`` new token
 by default) is served twice in the same run, alternating ``--rounds`` times:
 1. over HTTP: ``--concurrency`` streaming clients (closed loop: each sends its next request when
    the previous stream ends), or Poisson arrivals at ``--rate`` requests/s (open loop), spread
-   over ``--clients`` load processes (each its share of the streams and prompts, on raw sockets)
+   over ``--clients`` load processes (no more than streams; each its share of the streams and prompts, on raw sockets)
    so that one client process is never the limit; their CPU seconds are printed beside the
    server's (every process of its tree: the front end and its engine core, from /proc);
 2. in-process: the same ``Engine`` API the server uses, driven by the same client pattern in
    this process (its CPU seconds printed too).
-It prints TTFT and inter-token latency (p50/p99), output tokens/s and requests/s for both, and
-the ratio HTTP tokens/s / in-process tokens/s (target at 32 and 256 streams: >= 0.9).
+The two take turns within each round, in-process first in odd rounds and HTTP first in even
+ones. It prints TTFT and inter-token latency (p50/p99), output tokens/s and requests/s for both,
+and the ratio HTTP tokens/s / in-process tokens/s (target at 32 and 256 streams: >= 0.9) of the
+best rounds and, steadier on a shared machine whose speed drifts, the median of the rounds'.
 """
 
 from __future__ import annotations
@@ -503,11 +505,17 @@ def main(argv: list[str] | None = None) -> int:
                 await drive(serve_local, prompts[:4], warm)
                 server_pid = proc.pid if proc is not None else None
                 for r in range(cfg.rounds):
+                    # the order alternates (local, HTTP; HTTP, local; ...): a machine that speeds
+                    # up or slows down over the run favours neither side
+                    if r % 2:
+                        http, load_cpu, server_cpu = await asyncio.to_thread(
+                            drive_http, base, prompts, cfg, args.clients, server_pid)
                     cpu0 = time.process_time()
                     local = await drive(serve_local, prompts, cfg)
                     local_cpu = time.process_time() - cpu0
-                    http, load_cpu, server_cpu = await asyncio.to_thread(
-                        drive_http, base, prompts, cfg, args.clients, server_pid)
+                    if not r % 2:
+                        http, load_cpu, server_cpu = await asyncio.to_thread(
+                            drive_http, base, prompts, cfg, args.clients, server_pid)
                     ratios.append(http.tokens_per_s / local.tokens_per_s)
                     server = "" if server_cpu is None else f"server {server_cpu:.1f} CPU s, "
                     loads = ", ".join(f"{c:.1f}" for c in load_cpu)
