@@ -118,33 +118,100 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return hsum(acc) + dot_tail(a, b, vec8, n);
 }
 
+/* exp of eight floats (Cephes' single-precision polynomial, ~1 ulp), for softmax weights: x <= 0 */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)),
+                      _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                                     _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                         _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 /* One head's attention for the token at ``pos``: its key and value (from qkv) written into the
  * slot's cache rows (``cache``: (max_len, 2, C), keys then values), then softmax(q K^T / sqrt(hs))
- * over keys 0..pos, times V, into att. ``s``: pos + 1 floats of scratch. */
+ * over keys 0..pos, times V, into att. ``s``: pos + 1 floats of scratch. Scores four keys at a
+ * time (four independent accumulators), exponentials eight at a time, and the weighted sum of
+ * values 32 outputs at a time held in registers while the keys stream past. */
 static void attend(int64_t hd, int64_t hs, int64_t C, int64_t pos, const float *qkv,
                    float *cache, float *s, float *att) {
-    const int64_t off = hd * hs, row = 2 * C;
+    const int64_t off = hd * hs, row = 2 * C, n = pos + 1, hv = hs / 8 * 8;
     float *mine = cache + pos * row;
     memcpy(mine + off, qkv + C + off, hs * sizeof(float));
     memcpy(mine + C + off, qkv + 2 * C + off, hs * sizeof(float));
-    const float *q = qkv + off, scale = 1.0f / sqrtf((float)hs);
-    float top = -INFINITY, sum = 0.0f;
-    for (int64_t t = 0; t <= pos; t++) {
-        s[t] = dot(q, cache + t * row + off, hs) * scale;
-        top = s[t] > top ? s[t] : top;
+    const float *q = qkv + off, *keys = cache + off, *values = cache + C + off;
+    const float scale = 1.0f / sqrtf((float)hs);
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+        const float *k0 = keys + t * row, *k1 = k0 + row, *k2 = k1 + row, *k3 = k2 + row;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < hv; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(q + d);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + d), qd, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k1 + d), qd, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(k2 + d), qd, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(k3 + d), qd, a3);
+        }
+        s[t] = (hsum(a0) + dot_tail(k0, q, hv, hs)) * scale;
+        s[t + 1] = (hsum(a1) + dot_tail(k1, q, hv, hs)) * scale;
+        s[t + 2] = (hsum(a2) + dot_tail(k2, q, hv, hs)) * scale;
+        s[t + 3] = (hsum(a3) + dot_tail(k3, q, hv, hs)) * scale;
     }
-    for (int64_t t = 0; t <= pos; t++) {
+    for (; t < n; t++) s[t] = dot(q, keys + t * row, hs) * scale;
+    float top = s[0], sum = 0.0f;
+    for (t = 1; t < n; t++) top = s[t] > top ? s[t] : top;
+    __m256 sums = _mm256_setzero_ps();
+    const __m256 tops = _mm256_set1_ps(top);
+    for (t = 0; t + 8 <= n; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), tops));
+        _mm256_storeu_ps(s + t, e);
+        sums = _mm256_add_ps(sums, e);
+    }
+    sum = hsum(sums);
+    for (; t < n; t++) {
         s[t] = expf(s[t] - top);
         sum += s[t];
     }
-    float *o = att + off;
-    for (int64_t d = 0; d < hs; d++) o[d] = 0.0f;
-    for (int64_t t = 0; t <= pos; t++) {
-        const float *v = cache + t * row + C + off, p = s[t];
-        for (int64_t d = 0; d < hs; d++) o[d] += p * v[d];
-    }
     const float inv = 1.0f / sum;
-    for (int64_t d = 0; d < hs; d++) o[d] *= inv;
+    float *o = att + off;
+    int64_t d = 0;
+    for (; d + 32 <= hv; d += 32) {
+        __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+        for (t = 0; t < n; t++) {
+            const float *v = values + t * row + d;
+            const __m256 p = _mm256_set1_ps(s[t]);
+            o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), o0);
+            o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), o1);
+            o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 16), o2);
+            o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 24), o3);
+        }
+        const __m256 k = _mm256_set1_ps(inv);
+        _mm256_storeu_ps(o + d, _mm256_mul_ps(o0, k));
+        _mm256_storeu_ps(o + d + 8, _mm256_mul_ps(o1, k));
+        _mm256_storeu_ps(o + d + 16, _mm256_mul_ps(o2, k));
+        _mm256_storeu_ps(o + d + 24, _mm256_mul_ps(o3, k));
+    }
+    for (; d + 8 <= hv; d += 8) {
+        __m256 o0 = _mm256_setzero_ps();
+        for (t = 0; t < n; t++)
+            o0 = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), _mm256_loadu_ps(values + t * row + d), o0);
+        _mm256_storeu_ps(o + d, _mm256_mul_ps(o0, _mm256_set1_ps(inv)));
+    }
+    for (; d < hs; d++) {
+        float acc = 0.0f;
+        for (t = 0; t < n; t++) acc += s[t] * values[t * row + d];
+        o[d] = acc * inv;
+    }
 }
 
 /* The logits (V) of one token at position ``pos`` of a sequence whose cache rows start at ``kv``
