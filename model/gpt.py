@@ -223,7 +223,7 @@ class GPT(nn.Module):
         self._weights: _InferenceWeights | None = None
         self._prepack = False  # see prepack_cpu_weights
         self._gemv: CpuGemv | None = None  # see use_cpu_gemv
-        self._fuse_one_token = True
+        self._fuse_one_token = True  # see use_cpu_gemv
         self._prepack_rows = (False, True)
         self.quantization = "none"  # "int8" in the copies ``quantize_int8`` returns
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (GPT-2; nanoGPT)
