@@ -42,7 +42,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
-_SYMBOL, _FORWARD1 = "gptserve_gemv_f32", "gptserve_forward1_f32"
+_SYMBOL, _FORWARD1, _ATTEND = "gptserve_gemv_f32", "gptserve_forward1_f32", "gptserve_attend_rows_f32"
 CACHE_VARIABLE = "GPTSERVE_KERNEL_CACHE"  # not a server flag: the library reads it (see above)
 
 
@@ -65,6 +65,12 @@ class CpuGemv:
                              + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
                              + [ctypes.c_void_p] * 2 + [ctypes.c_int])
         self._forward1 = forward1
+        attend = getattr(library, _ATTEND)
+        attend.restype = None
+        attend.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+                           + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4
+                           + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+        self._attend = attend
         self._library = library  # keeps the library loaded while this object lives
         self.path = path
 
@@ -107,6 +113,42 @@ class CpuGemv:
         self._fn(w.data_ptr(), x.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
                  rows, cols, torch.get_num_threads())
         return y
+
+    def attend_rows(self, q: torch.Tensor, kv, layer: int, slots: torch.Tensor | None,
+                    lengths: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        """Decode attention (one query per row) over layer ``layer`` of ``kv`` (a
+        ``model.kv_cache.KVCache``): row r of ``q`` (R, C) reads slot ``slots[r]`` (None: slot
+        r) and that slot's first ``lengths[slot]`` keys (None: ``length`` each); returns (R, C),
+        or None where the inputs do not suit it (fp32 CPU rows with unit stride, an fp32 CPU
+        cache, int64 index tensors whose values the cache holds)."""
+        rows, C = q.shape
+        d = kv.data
+        f32, i64 = torch.float32, torch.int64
+        if not (q.dtype == f32 and q.device.type == "cpu" and q.stride(1) == 1 and C == kv.n_embd
+                and d.dtype == f32 and d.device.type == "cpu" and d.is_contiguous()
+                and 0 <= layer < kv.n_layer and 1 <= length <= kv.max_len and not q.requires_grad):
+            return None
+        width = rows if slots is None else slots.shape[0]
+        for index, top, size in ((slots, kv.n_slots + 1, rows), (lengths, kv.max_len + 1, None)):
+            if index is None:
+                continue
+            if not (index.dtype == i64 and index.device.type == "cpu" and index.dim() == 1
+                    and index.is_contiguous() and (size is None or index.shape[0] == size)):
+                return None
+            if index.numel() and not (0 <= int(index.min()) and int(index.max()) < top):
+                return None
+        if lengths is not None and (lengths.shape[0] < (width if slots is None else
+                                                        int(slots.max()) + 1)
+                                    or int(lengths.min()) < 1):
+            return None
+        out = torch.empty((rows, C), dtype=f32)
+        threads = torch.get_num_threads()
+        scratch = torch.empty(threads * kv.max_len, dtype=f32)
+        self._attend(q.data_ptr(), q.stride(0), d[layer].data_ptr(), kv.max_len,
+                     None if slots is None else slots.data_ptr(),
+                     None if lengths is None else lengths.data_ptr(), length, rows, C, kv.n_head,
+                     out.data_ptr(), scratch.data_ptr(), threads)
+        return out
 
     def one_token(self, wte: torch.Tensor, wpe: torch.Tensor, ln_f: torch.Tensor,
                   ln_f_bias: torch.Tensor | None, layers: tuple[tuple[torch.Tensor | None, ...], ...],

@@ -58,12 +58,23 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def packed_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch) -> torch.Tensor:
+def packed_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch,
+                     kernel: CpuGemv | None = None) -> torch.Tensor:
     """Attention of packed queries ``q`` (N, C) over the cache: the decode group in one batched
-    call over a view of slots ``0..width-1``, then each chunk over its own slot."""
+    call over a view of slots ``0..width-1`` (with ``kernel``, the project's CPU kernel reading
+    each row's own slot and keys: ``CpuGemv.attend_rows``), then each chunk over its own slot."""
     N, C = q.shape
     nh, hs = kv.n_head, kv.head_dim
     dec = batch.decode
+    if kernel is not None and dec is not None:
+        n_dec = dec.width if dec.slots is None else dec.slots.shape[0]
+        y = kernel.attend_rows(q[:n_dec], kv, layer, dec.slots, dec.lengths, dec.length)
+        if y is not None and not batch.chunks and N == n_dec:
+            return y
+        if y is not None:
+            out = torch.empty_like(q)
+            out[:n_dec] = y
+            return _chunk_attention(q, layer, kv, batch, out)
     if dec is not None and dec.slots is None and not batch.chunks and N == dec.width:
         # decode only, row i is slot i: no scatter, no gather (the common step)
         y = F.scaled_dot_product_attention(
@@ -79,6 +90,13 @@ def packed_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatc
             qd.view(W, nh, 1, hs), dec.keys[layer], dec.values[layer], dec.mask
         ).view(W, C)
         out[:n_dec] = y if dec.slots is None else y.index_select(0, dec.slots)
+    return _chunk_attention(q, layer, kv, batch, out)
+
+
+def _chunk_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch,
+                     out: torch.Tensor) -> torch.Tensor:
+    """Each chunk of ``batch`` over its own slot, into ``out``'s rows (returned)."""
+    C, nh, hs = q.shape[1], kv.n_head, kv.head_dim
     for c in batch.chunks:
         T = c.num_tokens
         qc = q[c.row : c.row + T].view(1, T, nh, hs).transpose(1, 2)  # (1, nh, T, hs)
@@ -298,8 +316,8 @@ class GPT(nn.Module):
             use, gemv = w.packed_for, w.gemv
             qkv = _linear(F.layer_norm(x, (C,), ln1, ln1_b, eps), attn, attn_b, p_attn, use, gemv)
             kv_cache.write(i, batch, qkv[:, C:])  # qkv: (N, 3C)
-            x += _linear(packed_attention(qkv[:, :C], i, kv_cache, batch), proj, proj_b, p_proj,
-                         use, gemv)
+            x += _linear(packed_attention(qkv[:, :C], i, kv_cache, batch, gemv), proj, proj_b,
+                         p_proj, use, gemv)
             h = _linear(F.layer_norm(x, (C,), ln2, ln2_b, eps), fc, fc_b, p_fc, use, gemv)
             x += _linear(_gelu(h, w.gelu), fc2, fc2_b, p_fc2, use, gemv)
         if batch.logit_rows is not None:

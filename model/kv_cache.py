@@ -42,6 +42,8 @@ class DecodeGroup(NamedTuple):
     keys: torch.Tensor  # (n_layer, width, n_head, length, head_dim) view of the cache
     values: torch.Tensor
     slots: torch.Tensor | None = None
+    # (width,): how many keys each slot reads (what ``mask`` shows); None when ``mask`` is
+    lengths: torch.Tensor | None = None
 
 
 class Chunk(NamedTuple):
@@ -242,7 +244,8 @@ class KVCache:
                 mask.masked_fill_(~visible, float("-inf"))
             keys, values = self.slots_view(width, length)
             group = DecodeGroup(width=width, length=length, mask=mask, keys=keys, values=values,
-                                slots=None if identity else d)
+                                slots=None if identity else d,
+                                lengths=None if mask is None else lens)
         packed_chunks = []
         for row, T, slot, start in spans:
             mask = None

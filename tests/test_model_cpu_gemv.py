@@ -142,7 +142,8 @@ def test_a_cached_library_that_computes_wrong_products_is_refused(kernel, tmp_pa
         "                       int64_t rows, int64_t cols, int threads) {\n"
         "    for (int64_t r = 0; r < rows; r++) y[r] = 0.0f;\n"
         "}\n"
-        "void gptserve_forward1_f32(void) {}\n"))
+        "void gptserve_forward1_f32(void) {}\n"
+        "void gptserve_attend_rows_f32(void) {}\n"))
     with pytest.raises(KernelUnavailable, match="wrong products"):
         load_cpu_gemv(tmp_path)
 

@@ -187,3 +187,57 @@ def test_the_warm_up_refuses_a_build_whose_logits_are_wrong(kernel, monkeypatch,
     assert "fused kernel gave other logits than F.linear; not used" in caplog.text
     assert runner.model._inference_weights().one_token is None
     assert EngineConfig().cpu_kernels  # (on by default: what this guards)
+
+
+def _sdpa_rows(q, kv, layer, slots, lengths, length):
+    """What attend_rows computes, by PyTorch: row r over slot slots[r]'s first keys."""
+    out = []
+    for r in range(q.shape[0]):
+        slot = r if slots is None else int(slots[r])
+        n = length if lengths is None else int(lengths[slot])
+        k, v = kv.slot_view(layer, slot, n)
+        qr = q[r].view(1, kv.n_head, 1, kv.head_dim)
+        out.append(torch.nn.functional.scaled_dot_product_attention(qr, k, v).reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n_head,head_dim", [(2, 8), (3, 9), (2, 40), (1, 66)])
+def test_decode_rows_attend_their_own_slots_and_keys(kernel, n_head, head_dim, threads):
+    g = torch.Generator().manual_seed(n_head * 100 + head_dim)
+    kv = KVCache(2, 6, n_head, 37, head_dim)
+    kv.data.copy_(torch.randn(kv.data.shape, generator=g) * 3)
+    C = n_head * head_dim
+    qkv = torch.randn(5, 3 * C, generator=g) * 3
+    q = qkv[:, :C]  # a strided view, as the model passes it
+    cases = [(None, None, 37), (None, torch.tensor([1, 37, 5, 12, 30, 2, 9]), 37),
+             (torch.tensor([0, 2, 3, 5, 6]), torch.tensor([4, 1, 33, 7, 1, 20, 11]), 33)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for slots, lengths, length in cases:
+            got = kernel.attend_rows(q, kv, 1, slots, lengths, length)
+            want = _sdpa_rows(q, kv, 1, slots, lengths, length)
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            assert err < 1e-5, f"slots {slots} lengths {lengths}: {err}"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_rows_the_kernel_cannot_read_are_left_to_pytorch(kernel):
+    kv = KVCache(2, 3, 2, 16, 8)
+    q = torch.randn(3, 16)
+    ok = dict(kv=kv, layer=0, slots=None, lengths=None, length=16)
+    assert kernel.attend_rows(q, **ok) is not None
+    for bad in (dict(layer=2), dict(length=17), dict(length=0),
+                dict(slots=torch.tensor([0, 1, 4])),  # slot 4: past the scratch slot
+                dict(slots=torch.tensor([0, 1])),  # not one per row
+                dict(slots=torch.tensor([0, 1, 2], dtype=torch.int32)),
+                dict(lengths=torch.tensor([1, 17, 3, 1])),  # more keys than the cache holds
+                dict(lengths=torch.tensor([1, 0, 3, 1])),  # none at all
+                dict(lengths=torch.tensor([1, 2]))):  # fewer slots than rows
+        assert kernel.attend_rows(q, **{**ok, **bad}) is None, bad
+    assert kernel.attend_rows(q.double(), **ok) is None
+    assert kernel.attend_rows(q.t().contiguous().t(), **ok) is None, "columns must be contiguous"
+    assert kernel.attend_rows(q, **{**ok, "kv": KVCache(2, 3, 2, 16, 8, dtype=torch.float64)}) \
+        is None

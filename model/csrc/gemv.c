@@ -22,6 +22,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -138,18 +139,14 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-/* One head's attention for the token at ``pos``: its key and value (from qkv) written into the
- * slot's cache rows (``cache``: (max_len, 2, C), keys then values), then softmax(q K^T / sqrt(hs))
- * over keys 0..pos, times V, into att. ``s``: pos + 1 floats of scratch. Scores four keys at a
- * time (four independent accumulators), exponentials eight at a time, and the weighted sum of
- * values 32 outputs at a time held in registers while the keys stream past. */
-static void attend(int64_t hd, int64_t hs, int64_t C, int64_t pos, const float *qkv,
-                   float *cache, float *s, float *att) {
-    const int64_t off = hd * hs, row = 2 * C, n = pos + 1, hv = hs / 8 * 8;
-    float *mine = cache + pos * row;
-    memcpy(mine + off, qkv + C + off, hs * sizeof(float));
-    memcpy(mine + C + off, qkv + 2 * C + off, hs * sizeof(float));
-    const float *q = qkv + off, *keys = cache + off, *values = cache + C + off;
+/* One query's attention over ``n`` keys of one head: softmax(q K^T / sqrt(hs)) V into o. The
+ * keys and values are ``hs`` floats at ``keys + t * row`` and ``values + t * row``. ``s``: n
+ * floats of scratch. Scores four keys at a time (four independent accumulators), exponentials
+ * eight at a time, and the weighted sum of values 32 outputs at a time held in registers while
+ * the keys stream past. */
+static void attend_keys(const float *q, const float *keys, const float *values, int64_t row,
+                        int64_t n, int64_t hs, float *s, float *o) {
+    const int64_t hv = hs / 8 * 8;
     const float scale = 1.0f / sqrtf((float)hs);
     int64_t t = 0;
     for (; t + 4 <= n; t += 4) {
@@ -183,7 +180,6 @@ static void attend(int64_t hd, int64_t hs, int64_t C, int64_t pos, const float *
         sum += s[t];
     }
     const float inv = 1.0f / sum;
-    float *o = att + off;
     int64_t d = 0;
     for (; d + 32 <= hv; d += 32) {
         __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
@@ -211,6 +207,40 @@ static void attend(int64_t hd, int64_t hs, int64_t C, int64_t pos, const float *
         float acc = 0.0f;
         for (t = 0; t < n; t++) acc += s[t] * values[t * row + d];
         o[d] = acc * inv;
+    }
+}
+
+/* One head's attention for the token at ``pos``: its key and value (from qkv) written into the
+ * slot's cache rows (``cache``: (max_len, 2, C), keys then values), then attend_keys over keys
+ * 0..pos into att. ``s``: pos + 1 floats of scratch. */
+static void attend(int64_t hd, int64_t hs, int64_t C, int64_t pos, const float *qkv,
+                   float *cache, float *s, float *att) {
+    const int64_t off = hd * hs, row = 2 * C;
+    float *mine = cache + pos * row;
+    memcpy(mine + off, qkv + C + off, hs * sizeof(float));
+    memcpy(mine + C + off, qkv + 2 * C + off, hs * sizeof(float));
+    attend_keys(qkv + off, cache + off, cache + C + off, row, pos + 1, hs, s, att + off);
+}
+
+/* Decode attention of ``rows`` queries (row r at q + r * q_stride, C floats) over one layer of
+ * the cache (``kv``: (slots, max_len, 2, C)), row r reading slot ``slots[r]`` (NULL: slot r) and
+ * its first ``lengths[slot]`` keys (NULL: ``length`` keys each), into out (rows, C). The
+ * (row, head) pairs are split over the threads; ``scratch``: threads * max_len floats. */
+void gptserve_attend_rows_f32(const float *q, int64_t q_stride, const float *kv, int64_t max_len,
+                              const int64_t *slots, const int64_t *lengths, int64_t length,
+                              int64_t rows, int64_t C, int64_t n_head, float *out,
+                              float *scratch, int threads) {
+    const int64_t hs = C / n_head, row = 2 * C;
+#pragma omp parallel num_threads(threads)
+    {
+        float *s = scratch + (int64_t)omp_get_thread_num() * max_len;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows * n_head; i++) {
+            const int64_t r = i / n_head, hd = i % n_head, slot = slots ? slots[r] : r;
+            const float *base = kv + slot * max_len * row + hd * hs;
+            attend_keys(q + r * q_stride + hd * hs, base, base + C, row,
+                        lengths ? lengths[slot] : length, hs, s, out + r * C + hd * hs);
+        }
     }
 }
 

@@ -106,14 +106,15 @@ class DecodeInputs:
         width, length, masked, rows = key
         if len(self._batches) >= self.MAX_BATCHES:
             self._batches.clear()
-        t, p, w, s, rows_mask = views
+        t, p, w, s, rows_mask, lens = views
         if rows < width:
             t, p, w, s = t[:rows], p[:rows], w[:rows], s[:rows]
         mask = rows_mask.narrow(3, 0, length) if masked else None  # (width, 1, 1, length)
         keys, values = self.kv.slots_view(width, length)
         batch = self._batches[key] = PackedBatch(
             t, p, w, None, DecodeGroup(width, length, mask, keys, values,
-                                       None if rows == width else s), ())
+                                       None if rows == width else s,
+                                       lens if masked else None), ())
         return batch
 
     def _update_mask(self, lens: np.ndarray) -> None:
@@ -151,5 +152,5 @@ class DecodeInputs:
         width."""
         host, dev = self.host, self._dev
         views = self._views[width] = (*host[:4, :width], host[4, :width], self._row0[:width],
-                                      *dev[:4, :width], self._mask[:width])
+                                      *dev[:4, :width], self._mask[:width], dev[4, :width])
         return views
