@@ -68,9 +68,10 @@ class EngineConfig:
         "fewer weight bytes per token; CPU only, not with batch_invariant or compile (see "
         "docs/API.md); none: the weights as --dtype", choices=QUANTIZATIONS)
     cpu_kernels: bool = _knob(
-        True, "on CPU in fp32, try the project's own one-row kernels (a matrix product, and a "
-        "one-sequence step in one call; built at start with the system C compiler; kept only "
-        "where the warm-up measures them faster than PyTorch's; see docs/BENCHMARKS.md)")
+        True, "on CPU in fp32, try the project's own kernels (a one-row matrix product, a "
+        "one-sequence step in one call, decode attention; built at start with the system C "
+        "compiler; kept only where the warm-up measures them faster than PyTorch's; see "
+        "docs/BENCHMARKS.md)")
     threads: int | None = _knob(
         None, "intra-op CPU threads of the engine (fixed); unset: OMP_NUM_THREADS if set, else "
         "every CPU the process may use (its affinity, capped by its cgroup CPU quota), moved "
