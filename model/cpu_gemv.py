@@ -119,32 +119,50 @@ class CpuGemv:
         """Decode attention (one query per row) over layer ``layer`` of ``kv`` (a
         ``model.kv_cache.KVCache``): row r of ``q`` (R, C) reads slot ``slots[r]`` (None: slot
         r) and that slot's first ``lengths[slot]`` keys (None: ``length`` each); returns (R, C),
-        or None where the inputs do not suit it (fp32 CPU rows with unit stride, an fp32 CPU
-        cache, int64 index tensors whose values the cache holds)."""
-        rows, C = q.shape
-        d = kv.data
-        f32, i64 = torch.float32, torch.int64
-        if not (q.dtype == f32 and q.device.type == "cpu" and q.stride(1) == 1 and C == kv.n_embd
-                and d.dtype == f32 and d.device.type == "cpu" and d.is_contiguous()
-                and 0 <= layer < kv.n_layer and 1 <= length <= kv.max_len and not q.requires_grad):
+        or None where the inputs do not suit it (``rows_readable`` and ``row_queries``)."""
+        if not (self.rows_readable(kv, q.shape[0], slots, lengths, length)
+                and self.row_queries(q, kv, layer)):
             return None
+        return self.attend_checked(q, kv, layer, slots, lengths, length)
+
+    @staticmethod
+    def rows_readable(kv, rows: int, slots: torch.Tensor | None, lengths: torch.Tensor | None,
+                      length: int) -> bool:
+        """The step's half of ``attend_rows``' checks (the same for every layer: a model checks
+        them once a step): an fp32 CPU cache, int64 index tensors whose values the cache holds."""
+        d = kv.data
+        if not (d.dtype == torch.float32 and d.device.type == "cpu" and d.is_contiguous()
+                and 1 <= length <= kv.max_len):
+            return False
         width = rows if slots is None else slots.shape[0]
         for index, top, size in ((slots, kv.n_slots + 1, rows), (lengths, kv.max_len + 1, None)):
             if index is None:
                 continue
-            if not (index.dtype == i64 and index.device.type == "cpu" and index.dim() == 1
-                    and index.is_contiguous() and (size is None or index.shape[0] == size)):
-                return None
+            if not (index.dtype == torch.int64 and index.device.type == "cpu"
+                    and index.dim() == 1 and index.is_contiguous()
+                    and (size is None or index.shape[0] == size)):
+                return False
             if index.numel() and not (0 <= int(index.min()) and int(index.max()) < top):
-                return None
-        if lengths is not None and (lengths.shape[0] < (width if slots is None else
-                                                        int(slots.max()) + 1)
-                                    or int(lengths.min()) < 1):
-            return None
-        out = torch.empty((rows, C), dtype=f32)
+                return False
+        return lengths is None or (
+            lengths.shape[0] >= (width if slots is None else int(slots.max()) + 1)
+            and int(lengths.min()) >= 1)
+
+    @staticmethod
+    def row_queries(q: torch.Tensor, kv, layer: int) -> bool:
+        """The layer's half: fp32 CPU query rows of the cache's width with unit stride."""
+        return (q.dtype == torch.float32 and q.device.type == "cpu" and q.dim() == 2
+                and q.stride(1) == 1 and q.shape[1] == kv.n_embd and 0 <= layer < kv.n_layer
+                and not q.requires_grad)
+
+    def attend_checked(self, q: torch.Tensor, kv, layer: int, slots: torch.Tensor | None,
+                       lengths: torch.Tensor | None, length: int) -> torch.Tensor:
+        """``attend_rows`` after both its checks said yes."""
+        rows, C = q.shape
+        out = torch.empty((rows, C), dtype=torch.float32)
         threads = torch.get_num_threads()
-        scratch = torch.empty(threads * kv.max_len, dtype=f32)
-        self._attend(q.data_ptr(), q.stride(0), d[layer].data_ptr(), kv.max_len,
+        scratch = torch.empty(threads * kv.max_len, dtype=torch.float32)
+        self._attend(q.data_ptr(), q.stride(0), kv.data[layer].data_ptr(), kv.max_len,
                      None if slots is None else slots.data_ptr(),
                      None if lengths is None else lengths.data_ptr(), length, rows, C, kv.n_head,
                      out.data_ptr(), scratch.data_ptr(), threads)

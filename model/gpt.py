@@ -62,19 +62,19 @@ def packed_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatc
                      kernel: CpuGemv | None = None) -> torch.Tensor:
     """Attention of packed queries ``q`` (N, C) over the cache: the decode group in one batched
     call over a view of slots ``0..width-1`` (with ``kernel``, the project's CPU kernel reading
-    each row's own slot and keys: ``CpuGemv.attend_rows``), then each chunk over its own slot."""
+    each row's own slot and keys: ``CpuGemv.attend_rows``, given only once the step's rows were
+    found readable, ``decode_kernel``), then each chunk over its own slot."""
     N, C = q.shape
     nh, hs = kv.n_head, kv.head_dim
     dec = batch.decode
-    if kernel is not None and dec is not None:
+    if kernel is not None and kernel.row_queries(q, kv, layer):
         n_dec = dec.width if dec.slots is None else dec.slots.shape[0]
-        y = kernel.attend_rows(q[:n_dec], kv, layer, dec.slots, dec.lengths, dec.length)
-        if y is not None and not batch.chunks and N == n_dec:
+        y = kernel.attend_checked(q[:n_dec], kv, layer, dec.slots, dec.lengths, dec.length)
+        if not batch.chunks and N == n_dec:
             return y
-        if y is not None:
-            out = torch.empty_like(q)
-            out[:n_dec] = y
-            return _chunk_attention(q, layer, kv, batch, out)
+        out = torch.empty_like(q)
+        out[:n_dec] = y
+        return _chunk_attention(q, layer, kv, batch, out)
     if dec is not None and dec.slots is None and not batch.chunks and N == dec.width:
         # decode only, row i is slot i: no scatter, no gather (the common step)
         y = F.scaled_dot_product_attention(
@@ -91,6 +91,16 @@ def packed_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatc
         ).view(W, C)
         out[:n_dec] = y if dec.slots is None else y.index_select(0, dec.slots)
     return _chunk_attention(q, layer, kv, batch, out)
+
+
+def decode_kernel(kernel: CpuGemv | None, kv: KVCache, batch: PackedBatch) -> CpuGemv | None:
+    """``kernel`` if it can read the attention of ``batch``'s decode rows (checked once a step:
+    every layer reads the same slots and key counts), else None."""
+    dec = batch.decode
+    if kernel is None or dec is None:
+        return None
+    rows = dec.width if dec.slots is None else dec.slots.shape[0]
+    return kernel if kernel.rows_readable(kv, rows, dec.slots, dec.lengths, dec.length) else None
 
 
 def _chunk_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch,
@@ -308,6 +318,7 @@ class GPT(nn.Module):
             if slot != kv_cache.scratch_slot:  # (a padding row attends slot 0: see pack)
                 return w.one_token(int(batch.tokens[0]), position, slot, kv_cache)
         C, eps = self.config.n_embd, 1e-5
+        attend = decode_kernel(w.gemv, kv_cache, batch)
         x = F.embedding(batch.tokens, w.wte) + F.embedding(batch.positions, w.wpe)  # (N, C)
         for i, (ln1, ln1_b, attn, attn_b, proj, proj_b, ln2, ln2_b, fc, fc_b, fc2, fc2_b) in (
             enumerate(w.layers)
@@ -316,7 +327,7 @@ class GPT(nn.Module):
             use, gemv = w.packed_for, w.gemv
             qkv = _linear(F.layer_norm(x, (C,), ln1, ln1_b, eps), attn, attn_b, p_attn, use, gemv)
             kv_cache.write(i, batch, qkv[:, C:])  # qkv: (N, 3C)
-            x += _linear(packed_attention(qkv[:, :C], i, kv_cache, batch, gemv), proj, proj_b,
+            x += _linear(packed_attention(qkv[:, :C], i, kv_cache, batch, attend), proj, proj_b,
                          p_proj, use, gemv)
             h = _linear(F.layer_norm(x, (C,), ln2, ln2_b, eps), fc, fc_b, p_fc, use, gemv)
             x += _linear(_gelu(h, w.gelu), fc2, fc2_b, p_fc2, use, gemv)
