@@ -223,22 +223,28 @@ class Job:
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
-    def apply(self, events: TokenEvents) -> list[Update]:
+    def apply(self, events: TokenEvents, rows: list[int] | None = None) -> list[Update]:
         """Feed events of this job's requests (any number of steps, any of their choices) to
-        their choices: one ``Update`` per choice that changed, in the order they appear."""
-        if len(events.token_ids) == 1:  # one token of one choice: a client that keeps up
-            update = self._apply_choice(events.request_ids[0], events.indices[0], events, [0])
+        their choices: one ``Update`` per choice that changed, in the order they appear.
+        ``rows``: only those events, in that order (a step's rows for this job); None: all."""
+        if rows is None:
+            rows = range(len(events.token_ids))
+        if len(rows) == 1:  # one token of one choice: a client that keeps up
+            r = rows[0]
+            update = self._apply_choice(events.request_ids[r], events.indices[r], events, [r])
             return [] if update is None else [update]
         rows_of: dict[tuple[str, int], list[int]] = {}
-        for row, key in enumerate(zip(events.request_ids, events.indices, strict=True)):
-            rows = rows_of.get(key)
-            if rows is None:
+        request_ids, indices = events.request_ids, events.indices
+        for row in rows:
+            key = request_ids[row], indices[row]
+            found = rows_of.get(key)
+            if found is None:
                 rows_of[key] = [row]
             else:
-                rows.append(row)
+                found.append(row)
         updates = []
-        for (request_id, index), rows in rows_of.items():
-            update = self._apply_choice(request_id, index, events, rows)
+        for (request_id, index), choice_rows in rows_of.items():
+            update = self._apply_choice(request_id, index, events, choice_rows)
             if update is not None:
                 updates.append(update)
         return updates

@@ -152,10 +152,12 @@ class Serving:
 
     # -- engine events -----------------------------------------------------------------------
 
-    def _apply(self, job: Job, events: TokenEvents, engine) -> list[Update]:
-        """Fold one read of a request's events into the job; record finishes, free engine work
-        at once (a stop string ends a choice here, before the engine knows)."""
-        updates = job.apply(events)
+    def _apply(self, job: Job, events: TokenEvents, engine, rows: list[int] | None = None
+               ) -> list[Update]:
+        """Fold one read of a request's events (``rows`` of them; None: all) into the job;
+        record finishes, free engine work at once (a stop string ends a choice here, before
+        the engine knows)."""
+        updates = job.apply(events, rows)
         for update in updates:
             if job.first_token_at is None and update.num_tokens:
                 job.first_token_at = time.perf_counter()
@@ -233,10 +235,31 @@ class Serving:
             _close(reader)
 
     def stream(self, job: Job, engine, shape: ChunkShape, include_usage: bool) -> Response:
-        return sse.EventStreamResponse(self._stream(job, engine, shape, include_usage))
+        lane = None
+        if len(job.streams) == 1:  # one prompt: its stream's tokens can be written at once
+            lane = sse.Lane(job.streams[0], lambda events, rows: self._chunks(
+                job, events, engine, shape, rows), lambda: job.all_done)
+        return sse.EventStreamResponse(self._stream(job, engine, shape, include_usage, lane),
+                                       lane)
+
+    def _chunks(self, job: Job, events: TokenEvents, engine, shape: ChunkShape,
+                rows: list[int] | None = None) -> list[bytes]:
+        """Fold one read of the job's events (``rows`` of them; None: all) into it: one SSE
+        event per choice that has something to say."""
+        frame = shape.framer
+        chunks = []
+        for update in self._apply(job, events, engine, rows):
+            choice, text = update.choice, update.text
+            if (choice.done or choice.want_logprobs or choice.window_moved
+                    or not shape.plain_text):
+                if text or choice.done or choice.has_unsent_logprobs or choice.window_moved:
+                    chunks.append(frame.choice(shape.chunk(choice, text)))
+            elif text:  # the hot path
+                chunks.append(frame.text(choice.index, text))
+        return chunks
 
     async def _stream(
-        self, job: Job, engine, shape: ChunkShape, include_usage: bool
+        self, job: Job, engine, shape: ChunkShape, include_usage: bool, lane: sse.Lane | None
     ) -> AsyncIterator[bytes]:
         frame = shape.framer
         reader = _reader(job)
@@ -249,18 +272,22 @@ class Serving:
                     if first is not None:
                         yield frame.choice(first)
                 tail: list[bytes] = []  # the last read's chunks: they go out with the end
-                while (events := await reader.next_batch()) is not None:
+                while True:
+                    if lane is None:
+                        events = await reader.next_batch()
+                        chunks = []
+                    else:  # while it waits here, the lane writes each token as it comes
+                        lane.parked = True
+                        try:
+                            events = await reader.next_batch()
+                        finally:
+                            lane.parked = False
+                        chunks = lane.take()  # what the lane made but could not write
+                    if events is None:
+                        tail = chunks
+                        break
                     # every token that arrived since the last read: one event per choice
-                    chunks = []
-                    for update in self._apply(job, events, engine):
-                        choice, text = update.choice, update.text
-                        if (choice.done or choice.want_logprobs or choice.window_moved
-                                or not shape.plain_text):
-                            if (text or choice.done or choice.has_unsent_logprobs
-                                    or choice.window_moved):
-                                chunks.append(frame.choice(shape.chunk(choice, text)))
-                        elif text:  # the hot path
-                            chunks.append(frame.text(choice.index, text))
+                    chunks += self._chunks(job, events, engine, shape)
                     if job.all_done:
                         tail = chunks
                         break
@@ -276,6 +303,8 @@ class Serving:
             completed = True
             yield sse.event(err.envelope()) + sse.DONE
         finally:
+            if lane is not None:
+                lane.close()
             _close(reader)
             if not completed:  # cancelled by a client disconnect
                 self.state.metrics.disconnect()

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+# the server's synchronous body write, where it offers one: write(body) -> bool (False: it cannot
+# go out at once, the client is not reading or has gone, and nothing was written)
+from service.transport.protocol import WRITE_BODY
 
 MEDIA_TYPE = "text/event-stream"
 # No caching, and tell nginx-style proxies not to buffer the stream.
@@ -74,6 +78,56 @@ class ChunkFramer:
         return event({**self._head, "choices": [], "usage": usage})
 
 
+class Lane:
+    """Writes a stream's tokens as the engine's steps hand them over, with no task woken.
+
+    With one event per token, what a token cost the event loop was mostly waking the request's
+    task: a future, the task's step, the resumption of every coroutine of the request's
+    middleware chain, the response's ``send``. The lane is the ``RequestStream``'s sink
+    (``service.engine.stream``): after a hand-over (after every hand-over queued on the loop, so
+    a loop that lags still merges a stream's tokens into one event), while the stream's writer
+    waits for events (``parked``: everything it wrote before has gone out), what waited is
+    folded into the job (``make(events, rows)``: the SSE events they make) and written at once
+    through the server's synchronous write (``write``, from the scope). What cannot go out now
+    (a client that is not reading) or ends the job is kept for the writer (``take``), which is
+    woken (``nudge``) and sends it before anything newer.
+    """
+
+    def __init__(self, stream, make: Callable[[Any, list[int] | None], list[bytes]],
+                 done: Callable[[], bool]) -> None:
+        self.stream = stream
+        self.make = make
+        self.done = done
+        self.write: Callable[[bytes], bool] | None = None  # set from the scope by the response
+        self.parked = False  # the writer waits on the stream, all it wrote written
+        self._kept: list[bytes] | None = None
+        stream.sink = self
+
+    def ready(self) -> bool:
+        return self.parked and self._kept is None and self.write is not None
+
+    def consume(self, events, rows: list[int] | None) -> None:
+        chunks = self.make(events, rows)
+        if self.done():  # the job's end: the writer sends it (usage, [DONE], the response's end)
+            self._keep(chunks)
+        elif chunks and not self.write(chunks[0] if len(chunks) == 1 else b"".join(chunks)):
+            self._keep(chunks)  # the client is not reading: the writer waits for it
+
+    def _keep(self, chunks: list[bytes]) -> None:
+        self._kept = chunks
+        self.stream.nudge()
+
+    def take(self) -> list[bytes]:
+        """What the lane made but did not write (the writer sends it before anything newer)."""
+        kept, self._kept = self._kept, None
+        return [] if kept is None else kept
+
+    def close(self) -> None:
+        """The writer is done: nothing more is taken."""
+        self.stream.sink = None
+        self.parked = False
+
+
 class EventStreamResponse(Response):
     """Owns writing one SSE stream: ``events`` (each item one or more whole events) as they
     come, and the watch for a client that goes away.
@@ -88,13 +142,16 @@ class EventStreamResponse(Response):
     response's end, in one write (``events`` is closed there). A disconnect cancels the writing
     (the request's own task), which closes ``events`` at its ``await`` (its ``finally`` frees
     the engine's work at once). Starlette's ``StreamingResponse`` does the same with an anyio
-    task group of two tasks and sends every event through every wrapper.
+    task group of two tasks and sends every event through every wrapper. With a ``lane``, most
+    tokens never reach ``events``: the lane writes them from the engine's hand-over through the
+    server's synchronous write (``WRITE_BODY`` in the scope), bypassing uvicorn's ``send`` too.
     """
 
     media_type = MEDIA_TYPE
 
-    def __init__(self, events: AsyncIterator[bytes]) -> None:
+    def __init__(self, events: AsyncIterator[bytes], lane: Lane | None = None) -> None:
         self.events = events
+        self.lane = lane
         self.status_code = 200
         self.background = None
         self.raw_headers = list(RAW_HEADERS)
@@ -128,6 +185,8 @@ class EventStreamResponse(Response):
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         direct = scope.get(DIRECT_SEND, send)
+        if self.lane is not None:
+            self.lane.write = scope.get(WRITE_BODY)
         events = self.events
         last = b""
         try:

@@ -6,11 +6,24 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from service.engine.types import RequestOutput, TokenEvents
 
 log = logging.getLogger(__name__)
 MAX_BACKLOG = 65536  # unread events before a request is cancelled (a few MB of columns)
+
+
+class StreamSink(Protocol):
+    """A consumer that takes a stream's events on the event loop as they are handed over, in
+    place of waking the stream's reader (the server's SSE writer: ``service.api.sse.Lane``)."""
+
+    def ready(self) -> bool:
+        """Whether it takes events now (False: they wait for the reader, who is woken)."""
+
+    def consume(self, events: TokenEvents, rows: list[int] | None) -> None:
+        """Take every event that waited, as one read would have: ``rows`` of ``events``
+        (None: all of them; one step's rows are not gathered into a new ``TokenEvents``)."""
 
 
 class RequestStream:
@@ -21,9 +34,10 @@ class RequestStream:
     ``async for out in stream`` yields the same events one ``RequestOutput`` at a time (tests and
     simple callers); the server reads ``next_batch()`` (``batches()`` is it as an async
     iterator). A consumer that keeps up gets one step's events per read; one that falls behind
-    (a slow client, a busy event loop) gets everything that piled up in one read, so its per-read work
-    (one SSE event per choice) does not grow with the lag (vLLM's output collector merges deltas
-    the same way). The engine thread hands a step's events to the event loop with one
+    (a slow client, a busy event loop) gets everything that piled up in one read, so its
+    per-read work (one SSE event per choice) does not grow with the lag (vLLM's output collector
+    merges deltas the same way). A ``sink`` (the server's SSE lane) takes the events in the
+    reader's place while it is ready, with the same merging (``flush``). The engine thread hands a step's events to the event loop with one
     ``loop.call_soon_threadsafe`` per loop (``put_all``); an engine-core client that reads its
     core on the streams' own loop hands them over directly (``deliver``). The backlog is
     bounded: a consumer that stops reading while the engine keeps producing gets its request
@@ -48,6 +62,9 @@ class RequestStream:
         self.max_backlog = max_backlog
         self.finished = False
         self.overflowed = False
+        self.sink: StreamSink | None = None  # takes events in place of the reader when ready
+        self._flush_due = False  # a ``flush`` is queued on the loop
+        self._nudged = False  # the reader is woken with nothing to read (``nudge``)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -67,13 +84,44 @@ class RequestStream:
                         self.request_id, waiting)
             self._on_abort(self.request_id)
 
-    def _collect(self, events: TokenEvents, rows: list[int]) -> None:
-        """On the event loop: add ``rows`` of a step's events and wake the consumer."""
+    def _collect(self, events: TokenEvents, rows: list[int]) -> bool:
+        """On the event loop: add ``rows`` of a step's events and wake the consumer. With a
+        ``sink``, no wake-up: True asks the caller to queue a ``flush`` (one for every stream of
+        a hand-over; hand-overs queued before it run first, so a loop that lags merges them)."""
         self._parts.append((events, rows))
         self._waiting += len(rows)
+        if self.sink is not None:
+            due, self._flush_due = self._flush_due, True
+            return not due
+        self._wake()
+        return False
+
+    def flush(self) -> None:
+        """Hand what waits to the sink if it is ready, else wake the reader."""
+        self._flush_due = False
+        if not self._waiting:
+            return
+        sink = self.sink
+        if sink is not None and sink.ready():
+            parts = self._parts
+            if len(parts) == 1 and not parts[0][0].finishes:  # a step's token or two: as is
+                self._parts, self._waiting = [], 0
+                sink.consume(*parts[0])
+            else:
+                sink.consume(self._read(), None)
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def nudge(self) -> None:
+        """Wake the reader with nothing to read: its ``next_batch`` returns an empty
+        ``TokenEvents`` (the sink left something for it)."""
+        self._nudged = True
+        self._wake()
 
     def abort(self) -> None:
         """Cancel the request (e.g. the client went away); a final ``abort`` event follows."""
@@ -102,11 +150,18 @@ class RequestStream:
         if self._remaining <= 0:
             return None
         while not self._waiting:
+            if self._nudged:
+                self._nudged = False
+                return TokenEvents()
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+        self._nudged = False
+        return self._read()
+
+    def _read(self) -> TokenEvents:
         events = TokenEvents.gather(self._parts)
         self._parts, self._waiting = [], 0
         self._remaining -= len(events.finishes)
@@ -139,5 +194,11 @@ def _check_backlogs(items: list[tuple[RequestStream, list[int]]]) -> None:
 
 
 def _deliver(events: TokenEvents, items: list[tuple[RequestStream, list[int]]]) -> None:
-    for stream, rows in items:
-        stream._collect(events, rows)
+    due = [stream for stream, rows in items if stream._collect(events, rows)]
+    if due:
+        due[0]._loop.call_soon(_flush, due)
+
+
+def _flush(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream.flush()

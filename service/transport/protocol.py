@@ -26,11 +26,16 @@ A refused connection is half-closed and its unread input drained for ``LINGER_SE
 the close, as nginx's lingering close does: closing a socket with unread input makes the kernel
 send a reset, which can destroy the answer before the client reads it. The idle keep-alive timeout
 is uvicorn's own (``timeout_keep_alive``); the connection cap is ``service.transport.listener``'s.
+
+Each request's scope also carries a synchronous body write (``WRITE_BODY``: ``_write_chunk`` for
+its response), which the SSE writer's lane (``service.api.sse.Lane``) uses to send a token from
+the engine's hand-over without an ASGI ``send`` (a coroutine, and a task woken to run it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -38,7 +43,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from service.transport.limits import TransportLimits
 
@@ -68,6 +77,23 @@ class Refusal:
         error = {"message": self.message, "type": _ERROR_TYPES.get(self.status, "error"),
                  "param": None, "code": self.code}  # fmt: skip
         return json.dumps({"error": error}).encode()
+
+
+# The scope key of ``_write_chunk`` for the request's response (what service.api.sse reads).
+WRITE_BODY = "gptserve.write_body"
+
+
+def _write_chunk(cycle: RequestResponseCycle, body: bytes) -> bool:
+    """Write ``body`` as one chunk of ``cycle``'s response now, as uvicorn's ``send`` would for a
+    ``http.response.body`` message with more to come, when that ``send`` would not wait: the
+    response has started, is chunked and not complete, the client is connected and reading (the
+    transport's buffer is under its high-water mark). False, and nothing written, otherwise.
+    A synchronous call: a stream's token goes out from the engine's hand-over, with no task."""
+    if (cycle.disconnected or cycle.flow.write_paused or not cycle.response_started
+            or cycle.response_complete or not cycle.chunked_encoding or not body):
+        return False
+    cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+    return True
 
 
 class _Refused(Exception):
@@ -191,6 +217,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._unparsed = 0
         self.idle_since = time.monotonic()  # now waiting on the body
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:
+            cycle.scope[WRITE_BODY] = functools.partial(_write_chunk, cycle)
         self._arm(self.limits.body_timeout, self._body_timed_out)
 
     def on_message_complete(self) -> None:
