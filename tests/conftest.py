@@ -107,6 +107,19 @@ def save_tiny_bpe_checkpoint(path, *, block_size: int = 32):
     return save_checkpoint(path, GPT(config), tokenizer.spec())
 
 
+def token_events(request_id: str, tokens: list[int], finish: bool = False):
+    """One step's ``TokenEvents`` for ``tokens``, all of choice 0 of ``request_id`` (the last one
+    finishing it by length when ``finish``)."""
+    from service.engine.types import Finish, FinishReason, TokenEvents
+
+    n = len(tokens)
+    events = TokenEvents([request_id] * n, [0] * n, list(tokens), [0] * n, [False] * n,
+                         list(range(1, n + 1)), cached_tokens=[0] * n)
+    if finish:
+        events.finishes[n - 1] = Finish(FinishReason.LENGTH, 3)
+    return events
+
+
 def pytest_collection_modifyitems(items):
     """Give every test its own node id. Schemathesis names each operation's test
     ``test_x[POST /v1/completions]`` but, with no callspec, pytest 9 gives them all the function's

@@ -18,20 +18,12 @@ from types import SimpleNamespace
 
 import httpx
 from conftest import live_server, wait_until
+from conftest import token_events as _events
 
 from service.api import sse
 from service.engine.stream import RequestStream, put_all
-from service.engine.types import Finish, FinishReason, TokenEvents
+from service.engine.types import TokenEvents
 from service.transport import protocol
-
-
-def _events(request_id: str, tokens: list[int], finish: bool = False) -> TokenEvents:
-    n = len(tokens)
-    events = TokenEvents([request_id] * n, [0] * n, list(tokens), [0] * n, [False] * n,
-                         list(range(1, n + 1)), cached_tokens=[0] * n)
-    if finish:
-        events.finishes[n - 1] = Finish(FinishReason.LENGTH, 3)
-    return events
 
 
 class _Sink:

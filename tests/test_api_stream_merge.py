@@ -15,18 +15,10 @@ import time
 
 import httpx
 from conftest import live_server
+from conftest import token_events as _events
 
 from service.engine.stream import RequestStream
-from service.engine.types import Finish, FinishReason, TokenEvents
-
-
-def _events(request_id: str, tokens: list[int], finish: bool = False) -> TokenEvents:
-    n = len(tokens)
-    events = TokenEvents([request_id] * n, [0] * n, list(tokens), [0] * n, [False] * n,
-                         list(range(1, n + 1)), cached_tokens=[0] * n)
-    if finish:
-        events.finishes[n - 1] = Finish(FinishReason.LENGTH, 3)
-    return events
+from service.engine.types import TokenEvents
 
 
 def test_a_reader_that_lags_takes_every_waiting_event_in_one_read_in_order():
