@@ -282,3 +282,46 @@ def test_a_client_that_stops_reading_gets_every_token_in_order_once_it_reads(
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
     assert counts[1] > 0, "the transport never refused a write: the client never fell behind"
     assert max(sizes) > 1, "what piled up while the client did not read was not merged"
+
+
+def test_what_folding_the_events_raises_reaches_the_writer_not_the_event_loop():
+    stream = SimpleNamespace(sink=None, nudged=0)
+    stream.nudge = lambda: setattr(stream, "nudged", stream.nudged + 1)
+
+    def broken(events, rows):
+        raise RuntimeError("the tokenizer broke")
+
+    lane = sse.Lane(stream, broken, lambda: False)
+    lane.write, lane.parked = (lambda body: True), True
+    lane.consume(_events("r", [1]), None)  # on the event loop: must not raise there
+    assert stream.nudged == 1 and not lane.ready()
+    try:
+        lane.take()
+    except RuntimeError as err:
+        assert "tokenizer" in str(err)
+    else:
+        raise AssertionError("the writer was not told what failed")
+    assert lane.take() == [] and lane.ready()
+
+
+def test_a_failing_stream_does_not_keep_the_others_of_its_hand_over_from_their_sinks():
+    class Failing(_Sink):
+        def consume(self, events, rows):
+            raise RuntimeError("boom")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        first = RequestStream("a", 1, loop, lambda _: None)
+        second = RequestStream("b", 1, loop, lambda _: None)
+        first.sink, second.sink = Failing(), _Sink()
+        step = _events("a", [1, 2])
+        step.request_ids[1] = "b"
+        put_all(loop, step, [(first, [0]), (second, [1])])
+        for _ in range(3):
+            await asyncio.sleep(0)
+        put_all(loop, _events("b", [3]), [(second, [0])])
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return second.sink.took
+
+    assert asyncio.run(main()) == [[2], [3]], "the second stream's events were stranded"

@@ -101,13 +101,19 @@ class Lane:
         self.write: Callable[[bytes], bool] | None = None  # set from the scope by the response
         self.parked = False  # the writer waits on the stream, all it wrote written
         self._kept: list[bytes] | None = None
+        self._error: Exception | None = None
         stream.sink = self
 
     def ready(self) -> bool:
         return self.parked and self._kept is None and self.write is not None
 
     def consume(self, events, rows: list[int] | None) -> None:
-        chunks = self.make(events, rows)
+        try:
+            chunks = self.make(events, rows)
+        except Exception as err:  # raised in the writer's task, as if it had read these events
+            self._error = err
+            self._keep([])
+            return
         if self.done():  # the job's end: the writer sends it (usage, [DONE], the response's end)
             self._keep(chunks)
         elif chunks and not self.write(chunks[0] if len(chunks) == 1 else b"".join(chunks)):
@@ -118,8 +124,12 @@ class Lane:
         self.stream.nudge()
 
     def take(self) -> list[bytes]:
-        """What the lane made but did not write (the writer sends it before anything newer)."""
+        """What the lane made but did not write (the writer sends it before anything newer);
+        raises what folding the events raised."""
         kept, self._kept = self._kept, None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
         return [] if kept is None else kept
 
     def close(self) -> None:

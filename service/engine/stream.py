@@ -37,7 +37,8 @@ class RequestStream:
     (a slow client, a busy event loop) gets everything that piled up in one read, so its
     per-read work (one SSE event per choice) does not grow with the lag (vLLM's output collector
     merges deltas the same way). A ``sink`` (the server's SSE lane) takes the events in the
-    reader's place while it is ready, with the same merging (``flush``). The engine thread hands a step's events to the event loop with one
+    reader's place while it is ready, with the same merging (``flush``). The engine thread hands
+    a step's events to the event loop with one
     ``loop.call_soon_threadsafe`` per loop (``put_all``); an engine-core client that reads its
     core on the streams' own loop hands them over directly (``deliver``). The backlog is
     bounded: a consumer that stops reading while the engine keeps producing gets its request
@@ -201,4 +202,7 @@ def _deliver(events: TokenEvents, items: list[tuple[RequestStream, list[int]]]) 
 
 def _flush(streams: list[RequestStream]) -> None:
     for stream in streams:
-        stream.flush()
+        try:
+            stream.flush()
+        except Exception:  # one stream's failure must not leave the others' events unread
+            log.exception("request %s: handing its events over failed", stream.request_id)
