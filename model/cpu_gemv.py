@@ -42,7 +42,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
-_SYMBOL, _FORWARD1, _ATTEND = "gptserve_gemv_f32", "gptserve_forward1_f32", "gptserve_attend_rows_f32"
+_SYMBOL, _FORWARD1 = "gptserve_gemv_f32", "gptserve_forward1_f32"
+_ATTEND = "gptserve_attend_rows_f32"
 CACHE_VARIABLE = "GPTSERVE_KERNEL_CACHE"  # not a server flag: the library reads it (see above)
 
 
@@ -169,8 +170,9 @@ class CpuGemv:
         return out
 
     def one_token(self, wte: torch.Tensor, wpe: torch.Tensor, ln_f: torch.Tensor,
-                  ln_f_bias: torch.Tensor | None, layers: tuple[tuple[torch.Tensor | None, ...], ...],
-                  n_head: int, gelu_tanh: bool) -> OneTokenForward | None:
+                  ln_f_bias: torch.Tensor | None,
+                  layers: tuple[tuple[torch.Tensor | None, ...], ...], n_head: int,
+                  gelu_tanh: bool) -> OneTokenForward | None:
         """The whole network for one decode token in one call (``OneTokenForward``), over these
         weights (a GPT's, as ``GPT._inference_weights`` gathers them: per layer ln_1 weight and
         bias, c_attn weight and bias, attn c_proj, ln_2, c_fc, mlp c_proj), or None if any of them

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.attention import decode_kernel, packed_attention
 from model.config import GPTConfig
 from model.cpu_gemv import CpuGemv, OneTokenForward
 from model.huge_pages import HugePageArena, move_to_huge_pages
@@ -56,64 +57,6 @@ class CausalSelfAttention(nn.Module):
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs
         return self.resid_dropout(self.c_proj(y))
-
-
-def packed_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch,
-                     kernel: CpuGemv | None = None) -> torch.Tensor:
-    """Attention of packed queries ``q`` (N, C) over the cache: the decode group in one batched
-    call over a view of slots ``0..width-1`` (with ``kernel``, the project's CPU kernel reading
-    each row's own slot and keys: ``CpuGemv.attend_rows``, given only once the step's rows were
-    found readable, ``decode_kernel``), then each chunk over its own slot."""
-    N, C = q.shape
-    nh, hs = kv.n_head, kv.head_dim
-    dec = batch.decode
-    if kernel is not None and kernel.row_queries(q, kv, layer):
-        n_dec = dec.width if dec.slots is None else dec.slots.shape[0]
-        y = kernel.attend_checked(q[:n_dec], kv, layer, dec.slots, dec.lengths, dec.length)
-        if not batch.chunks and N == n_dec:
-            return y
-        out = torch.empty_like(q)
-        out[:n_dec] = y
-        return _chunk_attention(q, layer, kv, batch, out)
-    if dec is not None and dec.slots is None and not batch.chunks and N == dec.width:
-        # decode only, row i is slot i: no scatter, no gather (the common step)
-        y = F.scaled_dot_product_attention(
-            q.view(N, nh, 1, hs), dec.keys[layer], dec.values[layer], dec.mask
-        )  # (W, nh, 1, hs): one query per slot, so (N, nh, 1, hs) is just (N, C) regrouped
-        return y.view(N, C)
-    out = torch.empty_like(q)
-    if dec is not None:
-        W = dec.width
-        n_dec = W if dec.slots is None else dec.slots.shape[0]
-        qd = q[:W] if dec.slots is None else q.new_zeros(W, C).index_copy_(0, dec.slots, q[:n_dec])
-        y = F.scaled_dot_product_attention(
-            qd.view(W, nh, 1, hs), dec.keys[layer], dec.values[layer], dec.mask
-        ).view(W, C)
-        out[:n_dec] = y if dec.slots is None else y.index_select(0, dec.slots)
-    return _chunk_attention(q, layer, kv, batch, out)
-
-
-def decode_kernel(kernel: CpuGemv | None, kv: KVCache, batch: PackedBatch) -> CpuGemv | None:
-    """``kernel`` if it can read the attention of ``batch``'s decode rows (checked once a step:
-    every layer reads the same slots and key counts), else None."""
-    dec = batch.decode
-    if kernel is None or dec is None:
-        return None
-    rows = dec.width if dec.slots is None else dec.slots.shape[0]
-    return kernel if kernel.rows_readable(kv, rows, dec.slots, dec.lengths, dec.length) else None
-
-
-def _chunk_attention(q: torch.Tensor, layer: int, kv: KVCache, batch: PackedBatch,
-                     out: torch.Tensor) -> torch.Tensor:
-    """Each chunk of ``batch`` over its own slot, into ``out``'s rows (returned)."""
-    C, nh, hs = q.shape[1], kv.n_head, kv.head_dim
-    for c in batch.chunks:
-        T = c.num_tokens
-        qc = q[c.row : c.row + T].view(1, T, nh, hs).transpose(1, 2)  # (1, nh, T, hs)
-        k, v = kv.slot_view(layer, c.slot, c.start + T)  # (1, nh, start + T, hs)
-        y = F.scaled_dot_product_attention(qc, k, v, attn_mask=c.mask, is_causal=c.mask is None)
-        out[c.row : c.row + T] = y.transpose(1, 2).reshape(T, C)
-    return out
 
 
 class MLP(nn.Module):

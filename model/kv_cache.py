@@ -42,8 +42,13 @@ class DecodeGroup(NamedTuple):
     keys: torch.Tensor  # (n_layer, width, n_head, length, head_dim) view of the cache
     values: torch.Tensor
     slots: torch.Tensor | None = None
-    # (width,): how many keys each slot reads (what ``mask`` shows); None when ``mask`` is
+    # (width,): how many keys each slot reads (what ``mask`` shows); None without a mask
     lengths: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        """The batch's decode rows: one per slot, or one per gathered slot (``slots``)."""
+        return self.width if self.slots is None else self.slots.shape[0]
 
 
 class Chunk(NamedTuple):

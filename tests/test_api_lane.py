@@ -112,7 +112,11 @@ def test_a_nudge_wakes_the_reader_with_an_empty_read_and_later_events_follow():
     assert then.token_ids == [9], then
 
 
-def _lane(write_ok: bool):
+def _tokens(events, rows):
+    return [b"tok%d;" % events.token_ids[r] for r in (rows or range(len(events)))]
+
+
+def _lane(write_ok: bool, make=_tokens):
     stream = SimpleNamespace(sink=None, nudged=0)
     stream.nudge = lambda: setattr(stream, "nudged", stream.nudged + 1)
     written: list[bytes] = []
@@ -123,9 +127,7 @@ def _lane(write_ok: bool):
             written.append(body)
         return write_ok
 
-    lane = sse.Lane(stream, lambda events, rows: [b"tok%d;" % events.token_ids[r]
-                                                  for r in (rows or range(len(events)))],
-                    lambda: done["now"])
+    lane = sse.Lane(stream, make, lambda: done["now"])
     lane.write = write
     return lane, stream, written, done
 
@@ -285,14 +287,11 @@ def test_a_client_that_stops_reading_gets_every_token_in_order_once_it_reads(
 
 
 def test_what_folding_the_events_raises_reaches_the_writer_not_the_event_loop():
-    stream = SimpleNamespace(sink=None, nudged=0)
-    stream.nudge = lambda: setattr(stream, "nudged", stream.nudged + 1)
-
     def broken(events, rows):
         raise RuntimeError("the tokenizer broke")
 
-    lane = sse.Lane(stream, broken, lambda: False)
-    lane.write, lane.parked = (lambda body: True), True
+    lane, stream, _, _ = _lane(write_ok=True, make=broken)
+    lane.parked = True
     lane.consume(_events("r", [1]), None)  # on the event loop: must not raise there
     assert stream.nudged == 1 and not lane.ready()
     try:

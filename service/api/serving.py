@@ -39,11 +39,11 @@ from service.api.protocol import GenerationRequest
 from service.api.state import ServerState
 from service.api.structured import compile_constraint
 from service.choices import ChoiceState, Echo, Job, Update
+from service.engine.stream import MergedStreams
 from service.engine.types import InvalidRequestError, Request, SamplingParams, TokenEvents
 from service.text import encode_text
 
 log = logging.getLogger("service.api")
-_END = object()
 OFFLOAD_SIZE = 16_384  # tokens or characters past which request work leaves the event loop
 T = TypeVar("T")
 
@@ -360,43 +360,9 @@ def _reader(job: Job):
     """What reads the job's engine events: ``next_batch()`` gives every event waiting on one of
     its requests' streams (None once all have ended). A one-prompt job reads its stream itself
     (the per-token path: no task or queue between); several prompts' streams are merged."""
-    return job.streams[0] if len(job.streams) == 1 else _Merged(job.streams)
+    return job.streams[0] if len(job.streams) == 1 else MergedStreams(job.streams)
 
 
 def _close(reader) -> None:
-    if isinstance(reader, _Merged):
+    if isinstance(reader, MergedStreams):
         reader.close()
-
-
-class _Merged:
-    """The events of several streams (a job of several prompts), interleaved as they arrive:
-    one pump task per stream into one queue."""
-
-    def __init__(self, streams) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._left = len(streams)
-        self._tasks = [asyncio.create_task(self._pump(s)) for s in streams]
-
-    async def _pump(self, stream) -> None:
-        try:
-            while (events := await stream.next_batch()) is not None:
-                self._queue.put_nowait(events)
-        except Exception as err:  # noqa: BLE001 - handed to the consumer
-            self._queue.put_nowait(err)
-        finally:
-            self._queue.put_nowait(_END)
-
-    async def next_batch(self) -> TokenEvents | None:
-        while self._left:
-            item = await self._queue.get()
-            if item is _END:
-                self._left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                return item
-        return None
-
-    def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()

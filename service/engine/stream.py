@@ -12,6 +12,7 @@ from service.engine.types import RequestOutput, TokenEvents
 
 log = logging.getLogger(__name__)
 MAX_BACKLOG = 65536  # unread events before a request is cancelled (a few MB of columns)
+_ENDED = object()  # a merged stream's end (MergedStreams)
 
 
 class StreamSink(Protocol):
@@ -206,3 +207,37 @@ def _flush(streams: list[RequestStream]) -> None:
             stream.flush()
         except Exception:  # one stream's failure must not leave the others' events unread
             log.exception("request %s: handing its events over failed", stream.request_id)
+
+
+class MergedStreams:
+    """The events of several streams (the server's job of several prompts), interleaved as they
+    arrive: one pump task per stream into one queue; ``next_batch`` as ``RequestStream``'s."""
+
+    def __init__(self, streams) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._left = len(streams)
+        self._tasks = [asyncio.create_task(self._pump(s)) for s in streams]
+
+    async def _pump(self, stream) -> None:
+        try:
+            while (events := await stream.next_batch()) is not None:
+                self._queue.put_nowait(events)
+        except Exception as err:  # noqa: BLE001 - handed to the consumer
+            self._queue.put_nowait(err)
+        finally:
+            self._queue.put_nowait(_ENDED)
+
+    async def next_batch(self) -> TokenEvents | None:
+        while self._left:
+            item = await self._queue.get()
+            if item is _ENDED:
+                self._left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                return item
+        return None
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
